@@ -1,0 +1,50 @@
+//! Data: datasets (random access to samples), the recipe's `data` block, and the loaders that
+//! prepare batches on a background thread while the current batch trains.
+
+mod idx;
+mod loader;
+mod synthetic;
+
+pub use idx::{read_idx, Idx, ImageSet};
+pub use loader::{Loader, LoaderConfig};
+pub use synthetic::{synthetic_splits, Synthetic, SyntheticConfig};
+
+use std::sync::Arc;
+
+/// Random access to labelled images.
+pub trait Dataset: Send + Sync {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Writes sample `index` (C*H*W values in [0, 1], channel-major) into `out`; returns its label.
+    fn get(&self, index: usize, out: &mut [f32]) -> u32;
+}
+
+/// What is known about a dataset without reading it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetInfo {
+    /// One sample: channels, height, width.
+    pub shape: [usize; 3],
+    pub num_classes: usize,
+    pub train_len: usize,
+    pub eval_len: usize,
+    /// Per-channel mean and standard deviation used to normalise.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// A dataset's train and eval splits.
+pub struct Splits {
+    pub train: Arc<dyn Dataset>,
+    pub eval: Option<Arc<dyn Dataset>>,
+    pub info: DatasetInfo,
+}
+
+/// What a dataset is built with.
+#[derive(Debug, Clone)]
+pub struct DataContext {
+    pub seed: u64,
+    /// The dataset block's place in the recipe (`data`), for error messages.
+    pub path: String,
+}

@@ -1,0 +1,38 @@
+//! `recipe-engine`: the core of the `recipe` training-recipe engine.
+//!
+//! - [`time`]: Time, units, resolution into batches.
+//! - [`event`], [`engine`]: training events and their dispatch rules.
+//! - [`state`]: what algorithms and callbacks see and change.
+//! - [`plugin`]: the six plugin kinds, their `inventory` registries, the time-parameter visitor.
+//! - [`recipe`]: the YAML schema, `--set` overrides, recipe transforms.
+//! - [`trainer`]: the training loop.
+//! - [`schedule`], [`optim`], [`data`], [`model`], [`models`], [`ops`]: the built-in parts.
+
+pub mod data;
+pub mod engine;
+pub mod error;
+pub mod event;
+pub mod model;
+pub mod models;
+pub mod ops;
+pub mod optim;
+pub mod plugin;
+pub mod recipe;
+pub mod rng;
+pub mod schedule;
+pub mod state;
+pub mod time;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use event::Event;
+pub use plugin::{Algorithm, Callback, Policy, TimeParams, TimeVisitor};
+pub use recipe::Recipe;
+pub use state::State;
+pub use time::{Time, TimeUnit};
+pub use trainer::Trainer;
+
+// Re-exported so plugin crates use the same versions as the engine.
+pub use candle_core;
+pub use inventory;
+pub use serde_yaml;

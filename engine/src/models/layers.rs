@@ -1,0 +1,153 @@
+//! Layers with named parameters: convolution, batch norm, linear.
+
+use crate::error::Result;
+use crate::model::{ParamBuilder, ParamKind};
+use crate::ops::{self, BatchNormStats, Conv2dParams};
+use candle_core::{Tensor, Var};
+
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    params: Conv2dParams,
+}
+
+impl Conv2d {
+    /// A k x k convolution, Kaiming-normal (fan-out, ReLU gain) initialised, as torchvision does.
+    pub fn new(
+        b: &mut ParamBuilder,
+        name: &str,
+        (c_in, c_out, k): (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let std = (2.0 / (c_out * k * k) as f64).sqrt();
+        let weight = b.normal(
+            format!("{name}.weight"),
+            &[c_out, c_in, k, k],
+            std,
+            ParamKind::Weight,
+        )?;
+        let bias = if bias {
+            Some(b.constant(format!("{name}.bias"), &[c_out], 0.0, ParamKind::Bias)?)
+        } else {
+            None
+        };
+        Ok(Conv2d {
+            weight,
+            bias,
+            params: Conv2dParams { stride, padding },
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.params,
+        )?)
+    }
+}
+
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl BatchNorm2d {
+    /// Batch norm with PyTorch's defaults (momentum 0.1, eps 1e-5); `zero_init` starts the scale
+    /// at 0 (used on the last norm of residual branches).
+    pub fn new(b: &mut ParamBuilder, name: &str, c: usize, zero_init: bool) -> Result<Self> {
+        let weight = b.constant(
+            format!("{name}.weight"),
+            &[c],
+            if zero_init { 0.0 } else { 1.0 },
+            ParamKind::Norm,
+        )?;
+        let bias = b.constant(format!("{name}.bias"), &[c], 0.0, ParamKind::Norm)?;
+        let running_mean = b.buffer(format!("{name}.running_mean"), &[c], 0.0)?;
+        let running_var = b.buffer(format!("{name}.running_var"), &[c], 1.0)?;
+        Ok(BatchNorm2d {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let stats = BatchNormStats {
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            momentum: self.momentum,
+        };
+        Ok(ops::batch_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            stats,
+            self.eps,
+            train,
+        )?)
+    }
+}
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    pub fn new(b: &mut ParamBuilder, name: &str, c_in: usize, c_out: usize) -> Result<Self> {
+        let bound = 1.0 / (c_in as f64).sqrt();
+        let weight = b.uniform(
+            format!("{name}.weight"),
+            &[c_out, c_in],
+            bound,
+            ParamKind::Weight,
+        )?;
+        let bias = b.uniform(format!("{name}.bias"), &[c_out], bound, ParamKind::Bias)?;
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Conv, batch norm, optional ReLU.
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
+}
+
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &mut ParamBuilder,
+        conv_name: &str,
+        bn_name: &str,
+        shape: (usize, usize, usize),
+        stride: usize,
+        padding: usize,
+        zero_init: bool,
+    ) -> Result<Self> {
+        Ok(ConvBn {
+            conv: Conv2d::new(b, conv_name, shape, stride, padding, false)?,
+            bn: BatchNorm2d::new(b, bn_name, shape.1, zero_init)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let y = self.bn.forward(&self.conv.forward(x)?, train)?;
+        Ok(if relu { y.relu()? } else { y })
+    }
+}

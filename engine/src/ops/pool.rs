@@ -1,0 +1,345 @@
+//! Max and average pooling of any kernel, stride and padding, with backward passes.
+
+use super::{contiguous_slice, out_size};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Max,
+    Avg,
+}
+
+/// Window geometry of a pooling op.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    mode: Mode,
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+/// Max pooling over k x k windows with stride `s` and padding `p` (padding never wins the max).
+pub fn max_pool2d(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
+    pool(
+        x,
+        Pool {
+            mode: Mode::Max,
+            k,
+            s,
+            p,
+        },
+    )
+}
+
+/// Average pooling over k x k windows; padded cells count in the divisor (PyTorch's default).
+pub fn avg_pool2d(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
+    pool(
+        x,
+        Pool {
+            mode: Mode::Avg,
+            k,
+            s,
+            p,
+        },
+    )
+}
+
+/// Mean over the spatial dimensions: [N, C, H, W] -> [N, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean((2, 3))
+}
+
+fn pool(x: &Tensor, op: Pool) -> Result<Tensor> {
+    if op.k == 0 || op.s == 0 {
+        candle_core::bail!("pooling needs a kernel and a stride of at least 1");
+    }
+    if op.p * 2 > op.k {
+        candle_core::bail!(
+            "pooling padding {} is more than half the kernel {}",
+            op.p,
+            op.k
+        );
+    }
+    let cpu_ok = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if cpu_ok {
+        return x.contiguous()?.apply_op1(op);
+    }
+    // Other devices: candle's ops, which need kernel == stride and no padding for a backward pass.
+    if op.k == op.s && op.p == 0 {
+        return match op.mode {
+            Mode::Max => x.max_pool2d(op.k),
+            Mode::Avg => x.avg_pool2d(op.k),
+        };
+    }
+    candle_core::bail!(
+        "pooling with kernel {} stride {} padding {} is implemented for CPU tensors only",
+        op.k,
+        op.s,
+        op.p
+    )
+}
+
+impl Pool {
+    fn geometry(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        Ok((
+            out_size(h, self.k, self.s, self.p)?,
+            out_size(w, self.k, self.s, self.p)?,
+        ))
+    }
+
+    /// Calls `f(out_index, input_index)` for every in-bounds cell of every window of one plane.
+    #[inline]
+    fn windows(&self, h: usize, w: usize, oh: usize, ow: usize, mut f: impl FnMut(usize, usize)) {
+        for oy in 0..oh {
+            let y0 = (oy * self.s) as isize - self.p as isize;
+            for ox in 0..ow {
+                let x0 = (ox * self.s) as isize - self.p as isize;
+                for ky in 0..self.k as isize {
+                    let iy = y0 + ky;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..self.k as isize {
+                        let ix = x0 + kx;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        f(oy * ow + ox, iy as usize * w + ix as usize);
+                    }
+                }
+            }
+        }
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], planes: usize, h: usize, w: usize) -> Result<Vec<T>> {
+        let (oh, ow) = self.geometry(h, w)?;
+        let init = match self.mode {
+            Mode::Max => T::from_f64(f64::NEG_INFINITY),
+            Mode::Avg => T::zero(),
+        };
+        let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
+        let mut out = vec![init; planes * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                self.windows(h, w, oh, ow, |oi, ii| match self.mode {
+                    Mode::Max => {
+                        if plane[ii] > o[oi] {
+                            o[oi] = plane[ii]
+                        }
+                    }
+                    Mode::Avg => o[oi] += plane[ii],
+                });
+                if self.mode == Mode::Avg {
+                    o.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok(out)
+    }
+
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        g: &[T],
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<T>> {
+        let (oh, ow) = self.geometry(h, w)?;
+        let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
+        let mut out = vec![T::zero(); planes * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
+            .for_each(|(dx, (plane, go))| match self.mode {
+                Mode::Avg => self.windows(h, w, oh, ow, |oi, ii| dx[ii] += go[oi] * inv),
+                Mode::Max => {
+                    // The gradient goes to the first maximum of each window.
+                    let mut best = vec![(T::from_f64(f64::NEG_INFINITY), usize::MAX); oh * ow];
+                    self.windows(h, w, oh, ow, |oi, ii| {
+                        if plane[ii] > best[oi].0 {
+                            best[oi] = (plane[ii], ii)
+                        }
+                    });
+                    for (oi, (_, ii)) in best.into_iter().enumerate() {
+                        if ii != usize::MAX {
+                            dx[ii] += go[oi];
+                        }
+                    }
+                }
+            });
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for Pool {
+    fn name(&self) -> &'static str {
+        match self.mode {
+            Mode::Max => "max_pool2d",
+            Mode::Avg => "avg_pool2d",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (oh, ow) = self.geometry(h, w)?;
+        let shape = Shape::from((n, c, oh, ow));
+        match s {
+            CpuStorage::F32(_) => Ok((
+                f32::to_cpu_storage_owned(self.forward(
+                    contiguous_slice::<f32>(s, l, "pool")?,
+                    n * c,
+                    h,
+                    w,
+                )?),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                f64::to_cpu_storage_owned(self.forward(
+                    contiguous_slice::<f64>(s, l, "pool")?,
+                    n * c,
+                    h,
+                    w,
+                )?),
+                shape,
+            )),
+            _ => candle_core::bail!("pool: only f32 and f64 are supported"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &PoolGrad(*self))?,
+        ))
+    }
+}
+
+/// Input gradient of a pooling op, from (input, output gradient).
+struct PoolGrad(Pool);
+
+impl CustomOp2 for PoolGrad {
+    fn name(&self) -> &'static str {
+        "pool2d_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let shape = l1.shape().clone();
+        match s1 {
+            CpuStorage::F32(_) => Ok((
+                f32::to_cpu_storage_owned(self.0.backward(
+                    contiguous_slice::<f32>(s1, l1, "pool_grad")?,
+                    contiguous_slice::<f32>(s2, l2, "pool_grad")?,
+                    n * c,
+                    h,
+                    w,
+                )?),
+                shape,
+            )),
+            CpuStorage::F64(_) => Ok((
+                f64::to_cpu_storage_owned(self.0.backward(
+                    contiguous_slice::<f64>(s1, l1, "pool_grad")?,
+                    contiguous_slice::<f64>(s2, l2, "pool_grad")?,
+                    n * c,
+                    h,
+                    w,
+                )?),
+                shape,
+            )),
+            _ => candle_core::bail!("pool_grad: only f32 and f64 are supported"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn ramp(shape: &[usize]) -> Tensor {
+        use rand::Rng;
+        let mut r = crate::rng::stream(5, "pool-test");
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn equals_candle_when_kernel_equals_stride() {
+        let x = ramp(&[2, 3, 8, 6]).to_dtype(DType::F32).unwrap();
+        let a = max_pool2d(&x, 2, 2, 0).unwrap();
+        let b = x.max_pool2d(2).unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let a = avg_pool2d(&x, 2, 2, 0).unwrap();
+        let b = x.avg_pool2d(2).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-6);
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_for_overlapping_windows() {
+        for (k, s, p) in [(3, 2, 1), (3, 1, 1), (2, 1, 0), (3, 2, 0)] {
+            for mode in [Mode::Max, Mode::Avg] {
+                let x = Var::from_tensor(&ramp(&[1, 2, 7, 6])).unwrap();
+                let up = ramp(pool(x.as_tensor(), Pool { mode, k, s, p }).unwrap().dims());
+                let f = |t: &Tensor| -> f64 {
+                    let y = pool(t, Pool { mode, k, s, p }).unwrap();
+                    (y * &up)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let y = pool(x.as_tensor(), Pool { mode, k, s, p }).unwrap();
+                let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let g = g
+                    .get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let base = x
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                let eps = 1e-6;
+                for i in (0..base.len()).step_by(5) {
+                    let mut plus = base.clone();
+                    plus[i] += eps;
+                    let mut minus = base.clone();
+                    minus[i] -= eps;
+                    let tp = Tensor::from_vec(plus, x.dims(), &Device::Cpu).unwrap();
+                    let tm = Tensor::from_vec(minus, x.dims(), &Device::Cpu).unwrap();
+                    let fd = (f(&tp) - f(&tm)) / (2.0 * eps);
+                    assert!(
+                        (fd - g[i]).abs() < 1e-6,
+                        "{mode:?} k{k} s{s} p{p} i{i}: {fd} vs {}",
+                        g[i]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,541 @@
+//! Optimizers of our own, with state that can be saved: SGD (momentum, Nesterov, dampening,
+//! coupled or decoupled weight decay) and Adam/AdamW (with AMSGrad). candle-nn's SGD has no
+//! momentum and no optimizer exposes its state, so exact resume needs these.
+//!
+//! Biases and normalisation parameters get no weight decay unless `decay_norm_and_bias: true`.
+
+use crate::error::{Error, Result};
+use crate::model::{ParamKind, ParamStore};
+use crate::plugin::{BindContext, OptimizerConfig, TimeParams};
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+pub trait Optimizer {
+    /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
+    fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()>;
+    /// Named state tensors (momentum buffers, moments), for checkpoints.
+    fn state_tensors(&self) -> Vec<(String, Tensor)>;
+}
+
+fn decays(kind: ParamKind, decay_norm_and_bias: bool) -> bool {
+    match kind {
+        ParamKind::Weight => true,
+        ParamKind::Bias | ParamKind::Norm => decay_norm_and_bias,
+        ParamKind::Buffer => false,
+    }
+}
+
+fn check_lr(lr: f64) -> Result<()> {
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(Error::recipe(
+            "optimizer.lr",
+            format!("{lr} is not a learning rate; give a finite number >= 0"),
+        ));
+    }
+    Ok(())
+}
+
+/// Warns once about trainable parameters that received no gradient (a silently cut graph).
+fn warn_missing_grads(params: &ParamStore, grads: &GradStore, warned: &mut bool) {
+    if *warned {
+        return;
+    }
+    *warned = true;
+    let missing: Vec<&str> = params
+        .trainable()
+        .filter(|p| grads.get(p.var.as_tensor()).is_none())
+        .map(|p| p.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(
+            "{} trainable parameters received no gradient: {}",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn default_sgd_lr() -> f64 {
+    0.1
+}
+
+/// SGD with momentum (PyTorch semantics).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfig {
+    #[serde(default = "default_sgd_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub dampening: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Composer's DecoupledSGDW: decay by `(lr / base_lr) * weight_decay`, apart from the gradient.
+    #[serde(default)]
+    pub decoupled_weight_decay: bool,
+    #[serde(default)]
+    pub decay_norm_and_bias: bool,
+}
+
+impl TimeParams for SgdConfig {}
+
+struct Sgd {
+    cfg: SgdConfig,
+    buffers: Vec<Option<Tensor>>,
+    names: Vec<String>,
+    warned: bool,
+}
+
+impl OptimizerConfig for SgdConfig {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn build(&self, _ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>> {
+        check_lr(self.lr)?;
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::recipe(
+                "optimizer.nesterov",
+                "Nesterov momentum needs momentum > 0 and dampening 0",
+            ));
+        }
+        let names: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
+        Ok(Box::new(Sgd {
+            cfg: self.clone(),
+            buffers: vec![None; names.len()],
+            names,
+            warned: false,
+        }))
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
+        warn_missing_grads(params, grads, &mut self.warned);
+        let c = &self.cfg;
+        for (i, p) in params.trainable().enumerate() {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let w = p.var.as_tensor().detach();
+            let wd = if decays(p.kind, c.decay_norm_and_bias) {
+                c.weight_decay
+            } else {
+                0.0
+            };
+            let mut g = g.detach();
+            if wd != 0.0 && !c.decoupled_weight_decay {
+                g = (g + (&w * wd)?)?;
+            }
+            if c.momentum != 0.0 {
+                let buf = match self.buffers[i].take() {
+                    None => g.clone(),
+                    Some(b) => ((b * c.momentum)? + (&g * (1.0 - c.dampening))?)?,
+                };
+                g = if c.nesterov {
+                    (g + (&buf * c.momentum)?)?
+                } else {
+                    buf.clone()
+                };
+                self.buffers[i] = Some(buf);
+            }
+            let mut w_new = (&w - (g * lr)?)?;
+            if wd != 0.0 && c.decoupled_weight_decay && c.lr > 0.0 {
+                w_new = (w_new - (&w * (lr / c.lr * wd))?)?;
+            }
+            p.var.set(&w_new)?;
+        }
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .zip(&self.buffers)
+            .filter_map(|(n, b)| b.as_ref().map(|b| (format!("momentum.{n}"), b.clone())))
+            .collect()
+    }
+}
+
+/// `sgd` with decoupled weight decay on by default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DecoupledSgdwConfig {
+    pub sgd: SgdConfig,
+}
+
+impl TimeParams for DecoupledSgdwConfig {}
+
+impl OptimizerConfig for DecoupledSgdwConfig {
+    fn lr(&self) -> f64 {
+        self.sgd.lr
+    }
+    fn build(&self, ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>> {
+        SgdConfig {
+            decoupled_weight_decay: true,
+            ..self.sgd.clone()
+        }
+        .build(ctx, params)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn default_adam_lr() -> f64 {
+    1e-3
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// Adam with L2 weight decay folded into the gradient (PyTorch's Adam); `adamw` decouples it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamConfig {
+    #[serde(default = "default_adam_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub amsgrad: bool,
+    #[serde(default)]
+    pub decay_norm_and_bias: bool,
+}
+
+impl TimeParams for AdamConfig {}
+
+struct Adam {
+    cfg: AdamConfig,
+    decoupled: bool,
+    step: u64,
+    names: Vec<String>,
+    m: Vec<Option<Tensor>>,
+    v: Vec<Option<Tensor>>,
+    v_max: Vec<Option<Tensor>>,
+    warned: bool,
+}
+
+impl AdamConfig {
+    fn build_adam(&self, params: &ParamStore, decoupled: bool) -> Result<Box<dyn Optimizer>> {
+        check_lr(self.lr)?;
+        if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(Error::recipe(
+                "optimizer.betas",
+                "each beta must be in [0, 1)",
+            ));
+        }
+        let names: Vec<String> = params.trainable().map(|p| p.name.clone()).collect();
+        let n = names.len();
+        Ok(Box::new(Adam {
+            cfg: self.clone(),
+            decoupled,
+            step: 0,
+            names,
+            m: vec![None; n],
+            v: vec![None; n],
+            v_max: vec![None; n],
+            warned: false,
+        }))
+    }
+}
+
+impl OptimizerConfig for AdamConfig {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn build(&self, _ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>> {
+        self.build_adam(params, false)
+    }
+}
+
+/// AdamW: Adam with decoupled weight decay `w <- w (1 - lr * weight_decay)` (PyTorch's AdamW).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AdamWConfig {
+    pub adam: AdamConfig,
+}
+
+impl TimeParams for AdamWConfig {}
+
+impl OptimizerConfig for AdamWConfig {
+    fn lr(&self) -> f64 {
+        self.adam.lr
+    }
+    fn build(&self, _ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>> {
+        self.adam.build_adam(params, true)
+    }
+}
+
+impl Optimizer for Adam {
+    fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
+        warn_missing_grads(params, grads, &mut self.warned);
+        self.step += 1;
+        let c = &self.cfg;
+        let [b1, b2] = c.betas;
+        let bc1 = 1.0 - b1.powi(self.step as i32);
+        let bc2 = 1.0 - b2.powi(self.step as i32);
+        for (i, p) in params.trainable().enumerate() {
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let w = p.var.as_tensor().detach();
+            let wd = if decays(p.kind, c.decay_norm_and_bias) {
+                c.weight_decay
+            } else {
+                0.0
+            };
+            let mut g = g.detach();
+            if wd != 0.0 && !self.decoupled {
+                g = (g + (&w * wd)?)?;
+            }
+            let m = match self.m[i].take() {
+                None => (&g * (1.0 - b1))?,
+                Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
+            };
+            let g2 = g.sqr()?;
+            let v = match self.v[i].take() {
+                None => (g2 * (1.0 - b2))?,
+                Some(v) => ((v * b2)? + (g2 * (1.0 - b2))?)?,
+            };
+            let v_used = if c.amsgrad {
+                let vm = match self.v_max[i].take() {
+                    None => v.clone(),
+                    Some(vm) => vm.maximum(&v)?,
+                };
+                self.v_max[i] = Some(vm.clone());
+                vm
+            } else {
+                v.clone()
+            };
+            let denom = ((v_used / bc2)?.sqrt()? + c.eps)?;
+            let update = ((&m / bc1)? / denom)?;
+            let mut w_new = w.clone();
+            if wd != 0.0 && self.decoupled {
+                w_new = (w_new * (1.0 - lr * wd))?;
+            }
+            w_new = (w_new - (update * lr)?)?;
+            p.var.set(&w_new)?;
+            self.m[i] = Some(m);
+            self.v[i] = Some(v);
+        }
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, n) in self.names.iter().enumerate() {
+            for (k, s) in [
+                ("exp_avg", &self.m[i]),
+                ("exp_avg_sq", &self.v[i]),
+                ("max_exp_avg_sq", &self.v_max[i]),
+            ] {
+                if let Some(t) = s {
+                    out.push((format!("{k}.{n}"), t.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+crate::register_optimizer!(
+    SgdConfig,
+    "sgd",
+    "SGD with momentum, Nesterov, dampening, coupled or decoupled weight decay.",
+    "lr: 0.1\nmomentum: 0.9\nnesterov: true\nweight_decay: 5.0e-4"
+);
+crate::register_optimizer!(DecoupledSgdwConfig, "decoupled_sgdw", "SGD with weight decay decoupled from the gradient, scaled by lr/base_lr (Composer's DecoupledSGDW).", "lr: 2.048\nmomentum: 0.875\nweight_decay: 5.0e-5");
+crate::register_optimizer!(
+    AdamConfig,
+    "adam",
+    "Adam (L2 weight decay in the gradient), optional AMSGrad.",
+    "lr: 1.0e-3\nbetas: [0.9, 0.999]\neps: 1.0e-8\namsgrad: false"
+);
+crate::register_optimizer!(
+    AdamWConfig,
+    "adamw",
+    "AdamW: Adam with decoupled weight decay, optional AMSGrad.",
+    "lr: 1.0e-3\nweight_decay: 0.01"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ParamBuilder;
+    use crate::time::Clock;
+    use candle_core::{Device, Var};
+
+    fn ctx() -> BindContext {
+        BindContext {
+            clock: Clock {
+                batches_per_epoch: 1,
+                samples_per_batch: 1,
+                tokens_per_sample: None,
+                max_batches: Some(1),
+            },
+            device: Device::Cpu,
+            seed: 0,
+            input_shape: [1, 1, 1],
+            num_classes: 1,
+            path: "optimizer".into(),
+        }
+    }
+
+    /// One weight w=[1, -2] and one bias b=[0.5]; loss = sum(w * [3, 4]) + 2 b, so grads are
+    /// constant: dw = [3, 4], db = [2].
+    fn run(cfg: &dyn OptimizerConfig, steps: usize, lr: f64) -> (Vec<f32>, Vec<f32>) {
+        let mut b = ParamBuilder::new(0, &Device::Cpu);
+        b.constant("w".into(), &[2], 0.0, ParamKind::Weight)
+            .unwrap();
+        b.constant("z.bias".into(), &[1], 0.0, ParamKind::Bias)
+            .unwrap();
+        let ps = b.finish();
+        let w: &Var = &ps.iter().next().unwrap().var;
+        let bias: &Var = &ps.iter().nth(1).unwrap().var;
+        w.set(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap())
+            .unwrap();
+        bias.set(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let mut opt = cfg.build(&ctx(), &ps).unwrap();
+        let k = Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        for _ in 0..steps {
+            let loss = ((w.as_tensor() * &k).unwrap().sum_all().unwrap()
+                + (bias.as_tensor() * 2.0).unwrap().sum_all().unwrap())
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            opt.step(&ps, &grads, lr).unwrap();
+        }
+        (
+            w.as_tensor().to_vec1().unwrap(),
+            bias.as_tensor().to_vec1().unwrap(),
+        )
+    }
+
+    fn close(a: &[f32], b: &[f64]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((*x as f64 - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn sgd_momentum_nesterov_and_weight_decay_by_hand() {
+        let base = SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            decoupled_weight_decay: false,
+            decay_norm_and_bias: false,
+        };
+        let (w, b) = run(&base, 1, 0.1);
+        close(&w, &[0.7, -2.4]);
+        close(&b, &[0.3]);
+        // momentum 0.9, two steps: buf1 = g, buf2 = 0.9 g + g = 1.9 g; total = 2.9 g * lr
+        let (w, _) = run(
+            &SgdConfig {
+                momentum: 0.9,
+                ..base.clone()
+            },
+            2,
+            0.1,
+        );
+        close(&w, &[1.0 - 0.29 * 3.0, -2.0 - 0.29 * 4.0]);
+        // nesterov: step1 uses g + 0.9 g = 1.9 g; step2 uses g + 0.9 * 1.9 g = 2.71 g; total 4.61 g
+        let (w, _) = run(
+            &SgdConfig {
+                momentum: 0.9,
+                nesterov: true,
+                ..base.clone()
+            },
+            2,
+            0.1,
+        );
+        close(&w, &[1.0 - 0.461 * 3.0, -2.0 - 0.461 * 4.0]);
+        // coupled weight decay 0.5 on the weight only: g = 3 + 0.5 * 1 = 3.5
+        let (w, b) = run(
+            &SgdConfig {
+                weight_decay: 0.5,
+                ..base.clone()
+            },
+            1,
+            0.1,
+        );
+        close(&w, &[1.0 - 0.35, -2.0 - 0.1 * (4.0 - 1.0)]);
+        close(&b, &[0.3]);
+        let (_, b) = run(
+            &SgdConfig {
+                weight_decay: 0.5,
+                decay_norm_and_bias: true,
+                ..base.clone()
+            },
+            1,
+            0.1,
+        );
+        close(&b, &[0.5 - 0.1 * (2.0 + 0.25)]);
+        // decoupled at lr = base lr / 2: w - lr g - (lr / base) wd w
+        let (w, _) = run(
+            &SgdConfig {
+                weight_decay: 0.5,
+                decoupled_weight_decay: true,
+                ..base.clone()
+            },
+            1,
+            0.05,
+        );
+        close(&w, &[1.0 - 0.15 - 0.25, -2.0 - 0.2 + 0.5]);
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_lr_in_the_sign_of_the_gradient() {
+        let cfg = AdamConfig {
+            lr: 0.01,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.0,
+            amsgrad: false,
+            decay_norm_and_bias: false,
+        };
+        let (w, _) = run(&cfg, 1, 0.01);
+        close(&w, &[0.99, -2.01]);
+        // constant gradient: every step moves by lr (bias correction makes m/sqrt(v) = 1)
+        let (w, _) = run(&cfg, 3, 0.01);
+        close(&w, &[0.97, -2.03]);
+        let (w, _) = run(
+            &AdamConfig {
+                amsgrad: true,
+                ..cfg.clone()
+            },
+            3,
+            0.01,
+        );
+        close(&w, &[0.97, -2.03]);
+        // AdamW: decoupled decay w (1 - lr wd) before the step
+        let (w, _) = run(
+            &AdamWConfig {
+                adam: AdamConfig {
+                    weight_decay: 0.1,
+                    ..cfg
+                },
+            },
+            1,
+            0.01,
+        );
+        close(
+            &w,
+            &[1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) - 0.01],
+        );
+    }
+}

@@ -1,0 +1,531 @@
+//! Plugins: the six kinds (algorithm, callback, schedule, optimizer, model, dataset), their
+//! registries through `inventory`, how each is built from its YAML block, and the visitor through
+//! which every plugin exposes its time parameters to ScaleSchedule.
+//!
+//! Adding a plugin never touches the engine: a crate defines a config struct (serde + `TimeParams`)
+//! and submits a registration with one of the `register_*!` macros.
+
+use crate::data::{DataContext, Splits};
+use crate::error::{join_key, Error, Result};
+use crate::event::Event;
+use crate::model::{Model, ParamStore};
+use crate::optim::Optimizer;
+use crate::schedule::Schedule;
+use crate::state::State;
+use crate::time::{Clock, Time};
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_yaml::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Time parameters and the ScaleSchedule visitor.
+
+/// How ScaleSchedule treats a time parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Describes a phase of training: multiplied by the scale ratio.
+    Scaled,
+    /// Describes the process (logging cadence, say): left as it is.
+    Fixed,
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Scaled => "scaled",
+            Policy::Fixed => "fixed",
+        })
+    }
+}
+
+/// Receives every time parameter of a plugin. `key` is the serde field name (`t_warmup`,
+/// `milestones[1]`); `policy` is the owner's declaration.
+pub trait TimeVisitor {
+    fn visit(&mut self, key: &str, time: &mut Time, policy: Policy);
+}
+
+impl<F: FnMut(&str, &mut Time, Policy)> TimeVisitor for F {
+    fn visit(&mut self, key: &str, time: &mut Time, policy: Policy) {
+        self(key, time, policy)
+    }
+}
+
+/// Implemented by every plugin config: hand each time-valued field to the visitor, with its policy.
+/// A config without time parameters implements it with an empty body.
+pub trait TimeParams {
+    fn visit_times(&mut self, _v: &mut dyn TimeVisitor) {}
+}
+
+/// Visits an optional time parameter.
+pub fn visit_opt(v: &mut dyn TimeVisitor, key: &str, t: &mut Option<Time>, policy: Policy) {
+    if let Some(t) = t {
+        v.visit(key, t, policy);
+    }
+}
+
+/// Visits a list of time parameters as `key[0]`, `key[1]`, ...
+pub fn visit_list(v: &mut dyn TimeVisitor, key: &str, ts: &mut [Time], policy: Policy) {
+    for (i, t) in ts.iter_mut().enumerate() {
+        v.visit(&format!("{key}[{i}]"), t, policy);
+    }
+}
+
+/// What every plugin config can do, whatever its kind: expose its times, and show itself
+/// (with defaults filled in) as YAML.
+pub trait PluginConfig: TimeParams + Send + Sync {
+    fn to_yaml(&self) -> Value;
+}
+
+impl<T: TimeParams + Serialize + Send + Sync> PluginConfig for T {
+    fn to_yaml(&self) -> Value {
+        serde_yaml::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binding: what a plugin knows when it is built.
+
+/// What a plugin is built against: the resolved clock, the device, the data's shape, the seed,
+/// and its own place in the recipe (for error messages and its random stream).
+#[derive(Debug, Clone)]
+pub struct BindContext {
+    pub clock: Clock,
+    pub device: Device,
+    pub seed: u64,
+    /// One input sample: channels, height, width.
+    pub input_shape: [usize; 3],
+    pub num_classes: usize,
+    /// The plugin's place in the recipe: `algorithms[1]`, `schedule`, ...
+    pub path: String,
+}
+
+impl BindContext {
+    /// Resolves a time parameter into batches, naming the key on error.
+    pub fn batches(&self, key: &str, t: &Time) -> Result<u64> {
+        t.to_batches(&self.clock)
+            .map_err(|e| e.at(&join_key(&self.path, key)))
+    }
+
+    /// The run length in batches.
+    pub fn max_batches(&self) -> u64 {
+        self.clock.max_batches.unwrap_or(0)
+    }
+
+    /// This plugin's own random stream, derived from the run seed and its place in the recipe.
+    pub fn rng(&self) -> crate::rng::Rng {
+        crate::rng::stream(self.seed, &self.path)
+    }
+
+    pub fn with_path(&self, path: &str) -> Self {
+        BindContext {
+            path: path.to_string(),
+            ..self.clone()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runtime traits.
+
+/// A training speed-up method: runs at the events it matches and changes the training state.
+///
+/// Dispatch: for one event every algorithm's `matches` is evaluated before any `apply`;
+/// algorithms run in recipe order, reversed on after/end events.
+pub trait Algorithm {
+    fn matches(&self, event: Event, state: &State) -> bool;
+    fn apply(&mut self, event: Event, state: &mut State) -> Result<()>;
+}
+
+/// Observes training (monitors, loggers, progress bar, stoppers). Runs after the algorithms.
+pub trait Callback {
+    fn run_event(&mut self, event: Event, state: &mut State) -> Result<()>;
+    /// Loggers run after every other callback (and first at INIT).
+    fn is_logger(&self) -> bool {
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The config traits, one per plugin kind: build the runtime object from the bound context.
+
+pub trait AlgorithmConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Algorithm>>;
+    /// An algorithm may also transform the whole recipe before it is bound (ScaleSchedule does).
+    /// The transforms run once, in recipe order, in [`crate::recipe::Recipe::prepare`].
+    fn recipe_transform(&self) -> Option<Box<dyn crate::recipe::RecipeTransform>> {
+        None
+    }
+}
+
+pub trait CallbackConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>>;
+}
+
+pub trait ScheduleConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Schedule>>;
+}
+
+pub trait OptimizerConfig: PluginConfig {
+    /// The base learning rate that the schedule multiplies.
+    fn lr(&self) -> f64;
+    fn build(&self, ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>>;
+}
+
+pub trait ModelConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Model>>;
+}
+
+pub trait DatasetConfig: PluginConfig {
+    /// Shape and sizes, known without reading any file (synthetic stand-ins use them).
+    fn info(&self) -> crate::data::DatasetInfo;
+    fn build(&self, ctx: &DataContext) -> Result<Splits>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Registries.
+
+/// One registered plugin: its name in recipes, a one-line description, an example YAML block
+/// (used by `recipe list` and by the tests that walk every plugin), and its parser.
+pub struct Registration<C: ?Sized + 'static> {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub example: &'static str,
+    pub parse: fn(&Value) -> Result<Box<C>>,
+}
+
+pub type AlgorithmRegistration = Registration<dyn AlgorithmConfig>;
+pub type CallbackRegistration = Registration<dyn CallbackConfig>;
+pub type ScheduleRegistration = Registration<dyn ScheduleConfig>;
+pub type OptimizerRegistration = Registration<dyn OptimizerConfig>;
+pub type ModelRegistration = Registration<dyn ModelConfig>;
+pub type DatasetRegistration = Registration<dyn DatasetConfig>;
+
+inventory::collect!(AlgorithmRegistration);
+inventory::collect!(CallbackRegistration);
+inventory::collect!(ScheduleRegistration);
+inventory::collect!(OptimizerRegistration);
+inventory::collect!(ModelRegistration);
+inventory::collect!(DatasetRegistration);
+
+/// The plugin kinds, as named in recipes and by `recipe list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Algorithm,
+    Callback,
+    Schedule,
+    Optimizer,
+    Model,
+    Dataset,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Algorithm,
+        Kind::Callback,
+        Kind::Schedule,
+        Kind::Optimizer,
+        Kind::Model,
+        Kind::Dataset,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Algorithm => "algorithm",
+            Kind::Callback => "callback",
+            Kind::Schedule => "schedule",
+            Kind::Optimizer => "optimizer",
+            Kind::Model => "model",
+            Kind::Dataset => "dataset",
+        }
+    }
+}
+
+/// Name, description and example of a registered plugin, whatever its kind.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginInfo {
+    pub kind: Kind,
+    pub name: &'static str,
+    pub description: &'static str,
+    pub example: &'static str,
+}
+
+fn infos<C: ?Sized + 'static>(kind: Kind) -> Vec<PluginInfo>
+where
+    Registration<C>: inventory::Collect,
+{
+    let mut v: Vec<PluginInfo> = inventory::iter::<Registration<C>>
+        .into_iter()
+        .map(|r| PluginInfo {
+            kind,
+            name: r.name,
+            description: r.description,
+            example: r.example,
+        })
+        .collect();
+    v.sort_by_key(|p| p.name);
+    v
+}
+
+/// Every registered plugin of one kind, sorted by name.
+pub fn registered(kind: Kind) -> Vec<PluginInfo> {
+    match kind {
+        Kind::Algorithm => infos::<dyn AlgorithmConfig>(kind),
+        Kind::Callback => infos::<dyn CallbackConfig>(kind),
+        Kind::Schedule => infos::<dyn ScheduleConfig>(kind),
+        Kind::Optimizer => infos::<dyn OptimizerConfig>(kind),
+        Kind::Model => infos::<dyn ModelConfig>(kind),
+        Kind::Dataset => infos::<dyn DatasetConfig>(kind),
+    }
+}
+
+/// Finds a registration by name, or says which names exist and which is nearest.
+pub fn lookup<C: ?Sized + 'static>(
+    kind: Kind,
+    name: &str,
+    key: &str,
+) -> Result<&'static Registration<C>>
+where
+    Registration<C>: inventory::Collect,
+{
+    if let Some(r) = inventory::iter::<Registration<C>>
+        .into_iter()
+        .find(|r| r.name == name)
+    {
+        return Ok(r);
+    }
+    let names: Vec<&str> = registered(kind).iter().map(|p| p.name).collect();
+    let mut hint = String::new();
+    if let Some(n) = nearest(name, &names) {
+        hint.push_str(&format!("did you mean `{n}`? "));
+    }
+    hint.push_str(&format!(
+        "registered {}s: {}. A plugin from another crate must be linked into the binary (`use my_plugin as _;`); `recipe list` shows what is registered",
+        kind.name(),
+        names.join(", ")
+    ));
+    Err(Error::recipe_hint(
+        key,
+        format!("unknown {} `{name}`", kind.name()),
+        hint,
+    ))
+}
+
+/// The candidate nearest to `word`, if any is reasonably close.
+pub fn nearest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (strsim::jaro_winkler(word, c), *c))
+        .filter(|(s, _)| *s > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing a plugin's YAML block.
+
+/// Deserializes a plugin's YAML block (without its `name` key) into its config. Unknown keys,
+/// missing keys and wrong types become recipe errors that name the key and, for a typo, the
+/// nearest valid key.
+pub fn parse_block<C: DeserializeOwned>(v: &Value) -> Result<C> {
+    let v = if v.is_null() {
+        Value::Mapping(Default::default())
+    } else {
+        v.clone()
+    };
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        serde_error_to_recipe(&path, &e.into_inner().to_string())
+    })
+}
+
+/// Turns a serde message into a recipe error at `path` (relative to the block).
+pub fn serde_error_to_recipe(path: &str, msg: &str) -> Error {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        let valid: Vec<&str> = rest
+            .split('`')
+            .skip(1)
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, s)| s)
+            .collect();
+        let mut hint = String::new();
+        if let Some(n) = nearest(field, &valid) {
+            hint.push_str(&format!("did you mean `{n}`? "));
+        }
+        if valid.is_empty() {
+            hint.push_str("this block takes no keys");
+        } else {
+            hint.push_str(&format!("valid keys: {}", valid.join(", ")));
+        }
+        let key = join_key(path.trim_end_matches(&format!(".{field}")), field);
+        // serde_path_to_error's path already ends at the parent; make sure we name the field once.
+        let key = if path.ends_with(field) {
+            path.to_string()
+        } else {
+            key
+        };
+        return Error::recipe_hint(key, format!("unknown key `{field}`"), hint);
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        return Error::recipe_hint(
+            join_key(path, field),
+            format!("missing required key `{field}`"),
+            "add it to this block",
+        );
+    }
+    // Messages from our own Deserialize impls (bad time) already explain themselves.
+    Error::recipe(path, msg.to_string())
+}
+
+/// Generates a parse function and submits a registration for one plugin kind.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __register {
+    ($reg:ident, $cfg_trait:ident, $config:ty, $name:expr, $desc:expr, $example:expr) => {
+        $crate::inventory::submit! {
+            $crate::plugin::$reg {
+                name: $name,
+                description: $desc,
+                example: $example,
+                parse: |v| {
+                    let c: $config = $crate::plugin::parse_block(v)?;
+                    Ok(Box::new(c) as Box<dyn $crate::plugin::$cfg_trait>)
+                },
+            }
+        }
+    };
+}
+
+/// Registers an algorithm: `register_algorithm!(MyConfig, "name", "one line", "example: 1");`
+#[macro_export]
+macro_rules! register_algorithm {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            AlgorithmRegistration,
+            AlgorithmConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+/// Registers a callback.
+#[macro_export]
+macro_rules! register_callback {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            CallbackRegistration,
+            CallbackConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+/// Registers a learning-rate schedule.
+#[macro_export]
+macro_rules! register_schedule {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            ScheduleRegistration,
+            ScheduleConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+/// Registers an optimizer.
+#[macro_export]
+macro_rules! register_optimizer {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            OptimizerRegistration,
+            OptimizerConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+/// Registers a model.
+#[macro_export]
+macro_rules! register_model {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            ModelRegistration,
+            ModelConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+/// Registers a dataset.
+#[macro_export]
+macro_rules! register_dataset {
+    ($config:ty, $name:expr, $desc:expr, $example:expr $(,)?) => {
+        $crate::__register!(
+            DatasetRegistration,
+            DatasetConfig,
+            $config,
+            $name,
+            $desc,
+            $example
+        );
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Demo {
+        smoothing: f64,
+        #[serde(default)]
+        interval: Option<Time>,
+    }
+
+    #[test]
+    fn unknown_key_names_the_nearest_valid_key() {
+        let v: Value = serde_yaml::from_str("smothing: 0.1").unwrap();
+        let e = parse_block::<Demo>(&v).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("`smothing`"), "{s}");
+        assert!(s.contains("did you mean `smoothing`"), "{s}");
+        assert!(s.contains("valid keys: smoothing, interval"), "{s}");
+    }
+
+    #[test]
+    fn missing_and_mistyped_keys_are_named() {
+        let e = parse_block::<Demo>(&Value::Null).unwrap_err().to_string();
+        assert!(e.contains("missing required key `smoothing`"), "{e}");
+        let v: Value = serde_yaml::from_str("smoothing: 0.1\ninterval: 5").unwrap();
+        let e = parse_block::<Demo>(&v).unwrap_err().to_string();
+        assert!(e.contains("key `interval`") && e.contains("no unit"), "{e}");
+        let v: Value = serde_yaml::from_str("smoothing: abc").unwrap();
+        let e = parse_block::<Demo>(&v).unwrap_err().to_string();
+        assert!(
+            e.contains("key `smoothing`") && e.contains("invalid type"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nearest_needs_some_similarity() {
+        assert_eq!(nearest("cosin", &["cosine", "linear"]), Some("cosine"));
+        assert_eq!(nearest("zzzz", &["cosine", "linear"]), None);
+    }
+}

@@ -1,0 +1,970 @@
+//! Recipes: the YAML schema, `--set` overrides, plugin blocks, the walk over every time parameter,
+//! and recipe transforms (ScaleSchedule). Errors name the file, line and key, and what to do.
+//!
+//! ```yaml
+//! name: quickstart
+//! seed: 17
+//! max_duration: 5ep
+//! eval_interval: 1ep
+//! data: {name: fashion_mnist_mini, batch_size: 128}
+//! model: {name: small_cnn}
+//! optimizer: {name: sgd, lr: 0.1, momentum: 0.9}
+//! schedule: {name: cosine, t_warmup: 0.5ep}
+//! algorithms:
+//!   - {name: label_smoothing, smoothing: 0.1}
+//! callbacks:
+//!   - lr_monitor
+//! ```
+
+use crate::data::{DatasetInfo, LoaderConfig};
+use crate::error::{join_key, Error, Result};
+use crate::plugin::{
+    lookup, nearest, parse_block, AlgorithmConfig, CallbackConfig, DatasetConfig, Kind,
+    ModelConfig, OptimizerConfig, Policy, Registration, ScheduleConfig,
+};
+use crate::time::{Clock, Time};
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where a recipe came from: its file and text (to locate keys), and the `--set` overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RecipeSource {
+    pub file: Option<PathBuf>,
+    pub text: String,
+    pub overrides: Vec<String>,
+}
+
+impl RecipeSource {
+    pub fn read(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::msg(format!(
+                "recipe file {} does not exist; the recipes that ship with the project are in recipes/",
+                path.display()
+            )),
+            _ => Error::io(path, e),
+        })?;
+        Ok(RecipeSource {
+            file: Some(path.to_path_buf()),
+            text,
+            overrides: overrides.to_vec(),
+        })
+    }
+
+    pub fn from_text(text: &str, overrides: &[String]) -> Self {
+        RecipeSource {
+            file: None,
+            text: text.to_string(),
+            overrides: overrides.to_vec(),
+        }
+    }
+
+    fn file_name(&self) -> String {
+        self.file
+            .as_ref()
+            .map_or("<recipe>".to_string(), |f| f.display().to_string())
+    }
+
+    /// The YAML tree with every override applied.
+    pub fn raw(&self) -> Result<Value> {
+        let mut v: Value = serde_yaml::from_str(&self.text).map_err(|e| {
+            let loc = e.location().map_or(String::new(), |l| format!(":{}:{}", l.line(), l.column()));
+            Error::msg(format!(
+                "{}{loc}: malformed YAML: {e}\n  hint: check the indentation and the `key: value` syntax near that line",
+                self.file_name()
+            ))
+        })?;
+        if v.is_null() {
+            v = Value::Mapping(Mapping::new());
+        }
+        if !v.is_mapping() {
+            return Err(Error::msg(format!(
+                "{}: a recipe is a YAML mapping of keys (name, max_duration, data, model, optimizer, ...)",
+                self.file_name()
+            )));
+        }
+        for o in &self.overrides {
+            apply_override(&mut v, o)?;
+        }
+        Ok(v)
+    }
+
+    /// Fills in where an error's key came from: the `--set` that set it, or the file and line.
+    pub fn locate(&self, e: Error) -> Error {
+        let Error::Recipe {
+            key,
+            message,
+            hint,
+            origin: None,
+        } = e
+        else {
+            return e;
+        };
+        let from_set = self.overrides.iter().rev().find(|o| {
+            let k = o.split('=').next().unwrap_or("");
+            let k = normalize_path(k);
+            key.starts_with(&k) || k.starts_with(&key)
+        });
+        let origin = match from_set {
+            Some(o) => Some(format!("--set {o}")),
+            None => match locate_line(&self.text, &key) {
+                Some(line) => Some(format!("{}:{line}", self.file_name())),
+                None => Some(self.file_name()),
+            },
+        };
+        Error::Recipe {
+            key,
+            message,
+            hint,
+            origin,
+        }
+    }
+}
+
+/// `algorithms.0.smoothing` and `algorithms[0].smoothing` name the same key.
+fn normalize_path(p: &str) -> String {
+    parse_path(p)
+        .map(|segs| render_path(&segs))
+        .unwrap_or_else(|_| p.to_string())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn parse_path(p: &str) -> Result<Vec<Seg>> {
+    let mut out = Vec::new();
+    for part in p.split('.') {
+        let (head, mut rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if head.is_empty() && rest.is_empty() {
+            return Err(Error::msg(format!("`{p}` has an empty key")));
+        }
+        if !head.is_empty() {
+            match head.parse::<usize>() {
+                Ok(i) => out.push(Seg::Index(i)),
+                Err(_) => out.push(Seg::Key(head.to_string())),
+            }
+        }
+        while let Some(r) = rest.strip_prefix('[') {
+            let end = r
+                .find(']')
+                .ok_or_else(|| Error::msg(format!("`{p}`: unclosed `[`")))?;
+            let i = r[..end]
+                .parse::<usize>()
+                .map_err(|_| Error::msg(format!("`{p}`: `{}` is not an index", &r[..end])))?;
+            out.push(Seg::Index(i));
+            rest = &r[end + 1..];
+        }
+    }
+    Ok(out)
+}
+
+fn render_path(segs: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in segs {
+        match seg {
+            Seg::Key(k) => s = join_key(&s, k),
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// Applies `key.path=value` to the tree. The value is read as YAML (`0.2` is a number, `3ep` a
+/// string, `[1, 2]` a list). In a list, a segment may be an index or a plugin's name.
+pub fn apply_override(root: &mut Value, o: &str) -> Result<()> {
+    let bad = |m: String| {
+        Error::msg(format!(
+            "--set {o}: {m}\n  hint: write --set key.path=value, e.g. --set optimizer.lr=0.2"
+        ))
+    };
+    let (path, value) = o.split_once('=').ok_or_else(|| bad("no `=`".into()))?;
+    let path = path.trim();
+    if path.is_empty() {
+        return Err(bad("no key before `=`".into()));
+    }
+    let segs = parse_path(path).map_err(|e| bad(e.to_string()))?;
+    let value: Value = if value.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_yaml::from_str(value)
+            .map_err(|e| bad(format!("the value is not valid YAML ({e})")))?
+    };
+    let mut cur = root;
+    for (i, seg) in segs.iter().enumerate() {
+        let last = i + 1 == segs.len();
+        let here = render_path(&segs[..i]);
+        cur = match (cur, seg) {
+            (Value::Mapping(m), Seg::Key(k)) => {
+                if last {
+                    m.insert(Value::String(k.clone()), value);
+                    return Ok(());
+                }
+                let e = m
+                    .entry(Value::String(k.clone()))
+                    .or_insert(Value::Mapping(Mapping::new()));
+                if let Value::String(name) = e.clone() {
+                    // A plugin given by name only (`schedule: cosine`) becomes a block.
+                    let mut b = Mapping::new();
+                    b.insert("name".into(), Value::String(name));
+                    *e = Value::Mapping(b);
+                }
+                if e.is_null() {
+                    *e = Value::Mapping(Mapping::new());
+                }
+                e
+            }
+            (Value::Sequence(s), seg) => {
+                let idx = match seg {
+                    Seg::Index(i) => *i,
+                    Seg::Key(name) => {
+                        let hits: Vec<usize> = s
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, v)| entry_name(v) == Some(name.as_str()))
+                            .map(|(i, _)| i)
+                            .collect();
+                        match hits.as_slice() {
+                            [i] => *i,
+                            [] => {
+                                let names: Vec<&str> = s.iter().filter_map(entry_name).collect();
+                                return Err(bad(format!(
+                                    "`{here}` has no entry named `{name}` (entries: {})",
+                                    names.join(", ")
+                                )));
+                            }
+                            _ => return Err(bad(format!(
+                                "`{here}` has several `{name}` entries; use an index: {here}[{}]",
+                                hits[0]
+                            ))),
+                        }
+                    }
+                };
+                let n = s.len();
+                let e = s.get_mut(idx).ok_or_else(|| {
+                    bad(format!(
+                        "`{here}` has {n} entries; index {idx} is out of range"
+                    ))
+                })?;
+                if last {
+                    *e = value;
+                    return Ok(());
+                }
+                if let Value::String(name) = e.clone() {
+                    let mut b = Mapping::new();
+                    b.insert("name".into(), Value::String(name));
+                    *e = Value::Mapping(b);
+                }
+                e
+            }
+            (other, _) => {
+                return Err(bad(format!(
+                    "`{here}` is {}, not a block with keys",
+                    describe(other)
+                )));
+            }
+        };
+    }
+    Err(bad("nothing to set".into()))
+}
+
+fn describe(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "empty",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+fn entry_name(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Mapping(m) => m.get("name").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+/// The 1-based line of a key path in block-style YAML (best effort: a key inside a flow-style
+/// block `{a: 1}` gives the line of the block).
+pub fn locate_line(text: &str, key: &str) -> Option<usize> {
+    let segs = parse_path(key).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    let is_content = |l: &str| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_item = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with("- ") || t == "-"
+    };
+    // Indent of the key on a line (`- key:` counts from after the dash).
+    let key_indent = |l: &str| if is_item(l) { indent(l) + 2 } else { indent(l) };
+    let (mut lo, mut hi) = (0usize, lines.len());
+    let mut found = None;
+    for seg in &segs {
+        let first = (lo..hi).find(|&i| is_content(lines[i]))?;
+        match seg {
+            Seg::Key(k) => {
+                let level = key_indent(lines[first]);
+                let i = (lo..hi).find(|&i| {
+                    let l = lines[i];
+                    if !is_content(l) || key_indent(l) != level {
+                        return false;
+                    }
+                    let t = l.trim_start();
+                    let t = t.strip_prefix("- ").unwrap_or(t);
+                    t.starts_with(&format!("{k}:")) || t.starts_with(&format!("\"{k}\":"))
+                })?;
+                found = Some(i + 1);
+                // The key's block: the following lines indented deeper (or list items at its level).
+                let end = (i + 1..hi)
+                    .find(|&j| {
+                        let l = lines[j];
+                        is_content(l)
+                            && (indent(l) < level
+                                || (indent(l) == level && !is_item(l))
+                                || (is_item(l) && indent(l) < level))
+                    })
+                    .unwrap_or(hi);
+                lo = i + 1;
+                hi = end;
+            }
+            Seg::Index(n) => {
+                if !is_item(lines[first]) {
+                    return found;
+                }
+                let d = indent(lines[first]);
+                let items: Vec<usize> = (lo..hi)
+                    .filter(|&i| is_item(lines[i]) && indent(lines[i]) == d)
+                    .collect();
+                let &i = items.get(*n)?;
+                found = Some(i + 1);
+                let end = items.get(n + 1).copied().unwrap_or(hi);
+                lo = i;
+                hi = end;
+            }
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// One plugin in a recipe: its registered name, its place (`algorithms[1]`), its parsed config,
+/// and any recipe-level override of its time parameters' policies.
+pub struct Spec<C: ?Sized> {
+    pub name: String,
+    pub path: String,
+    pub config: Box<C>,
+    pub scale_policy: BTreeMap<String, Policy>,
+}
+
+impl<C: ?Sized + crate::plugin::PluginConfig> Spec<C> {
+    fn visit(&mut self, f: &mut dyn FnMut(&str, &str, &mut Time, Policy)) {
+        let path = self.path.clone();
+        let name = self.name.clone();
+        let policies = &self.scale_policy;
+        self.config
+            .visit_times(&mut |key: &str, t: &mut Time, p: Policy| {
+                let base = key.split('[').next().unwrap_or(key);
+                let p = policies
+                    .get(key)
+                    .or_else(|| policies.get(base))
+                    .copied()
+                    .unwrap_or(p);
+                f(&join_key(&path, key), &name, t, p)
+            });
+    }
+
+    /// The block as YAML: `name` first, then every key with its default filled in.
+    pub fn to_yaml(&self) -> Value {
+        let mut m = Mapping::new();
+        m.insert("name".into(), Value::String(self.name.clone()));
+        if let Value::Mapping(c) = self.config.to_yaml() {
+            m.extend(c);
+        }
+        if !self.scale_policy.is_empty() {
+            m.insert(
+                "scale_policy".into(),
+                serde_yaml::to_value(&self.scale_policy).unwrap_or(Value::Null),
+            );
+        }
+        Value::Mapping(m)
+    }
+}
+
+/// The `data` block: a dataset plugin and the loader settings.
+pub struct DataSpec {
+    pub dataset: Spec<dyn DatasetConfig>,
+    pub loader: LoaderConfig,
+}
+
+/// A transform of the whole recipe before it is bound (ScaleSchedule is one).
+pub trait RecipeTransform {
+    fn apply(&self, recipe: &mut Recipe) -> Result<()>;
+}
+
+/// One time parameter of a recipe, as the table of `recipe show` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeRow {
+    /// Full key path: `schedule.t_warmup`, `algorithms[0].delay`.
+    pub key: String,
+    /// The plugin that owns it (`cosine`), or `recipe` for top-level keys.
+    pub owner: String,
+    pub time: Time,
+    pub policy: Policy,
+}
+
+pub struct Recipe {
+    pub source: RecipeSource,
+    /// The tree after overrides, before transforms: what reproduces the run.
+    pub raw: Value,
+    pub name: String,
+    pub seed: u64,
+    pub max_duration: Time,
+    pub eval_interval: Time,
+    /// Folder in which run folders are created.
+    pub runs_dir: PathBuf,
+    pub device: String,
+    pub data: DataSpec,
+    pub model: Spec<dyn ModelConfig>,
+    pub optimizer: Spec<dyn OptimizerConfig>,
+    pub schedule: Option<Spec<dyn ScheduleConfig>>,
+    pub algorithms: Vec<Spec<dyn AlgorithmConfig>>,
+    pub callbacks: Vec<Spec<dyn CallbackConfig>>,
+    /// Policy overrides for the top-level times (`max_duration`, `eval_interval`).
+    pub scale_policy: BTreeMap<String, Policy>,
+    /// The product of every scale ratio applied by transforms so far.
+    pub scale_ratio: f64,
+    prepared: bool,
+}
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "seed",
+    "max_duration",
+    "eval_interval",
+    "run_dir",
+    "device",
+    "data",
+    "model",
+    "optimizer",
+    "schedule",
+    "algorithms",
+    "callbacks",
+    "scale_policy",
+];
+
+fn get<'a>(m: &'a Mapping, k: &str) -> Option<&'a Value> {
+    m.get(k).filter(|v| !v.is_null())
+}
+
+fn parse_policies(v: Option<&Value>, key: &str) -> Result<BTreeMap<String, Policy>> {
+    match v {
+        None => Ok(BTreeMap::new()),
+        Some(v) => serde_yaml::from_value(v.clone()).map_err(|e| {
+            Error::recipe_hint(
+                key,
+                format!("not a map of key: scaled|fixed ({e})"),
+                "e.g. scale_policy: {interval: scaled}",
+            )
+        }),
+    }
+}
+
+/// Parses a plugin block (`{name: x, ...}` or just `x`) of one kind.
+fn parse_spec<C: ?Sized + crate::plugin::PluginConfig + 'static>(
+    kind: Kind,
+    v: &Value,
+    path: &str,
+) -> Result<Spec<C>>
+where
+    Registration<C>: inventory::Collect,
+{
+    parse_spec_with(kind, v, path, |reg, rest| (reg.parse)(rest))
+}
+
+fn parse_spec_with<C: ?Sized + crate::plugin::PluginConfig + 'static>(
+    kind: Kind,
+    v: &Value,
+    path: &str,
+    parse: impl FnOnce(&Registration<C>, &Value) -> Result<Box<C>>,
+) -> Result<Spec<C>>
+where
+    Registration<C>: inventory::Collect,
+{
+    let names = || {
+        crate::plugin::registered(kind)
+            .iter()
+            .map(|p| p.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (name, mut rest) = match v {
+        Value::String(s) => (s.clone(), Mapping::new()),
+        Value::Mapping(m) => {
+            let name = match m.get("name") {
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return Err(Error::recipe(join_key(path, "name"), "must be a string")),
+                None => {
+                    return Err(Error::recipe_hint(
+                        path,
+                        format!("this {} block has no `name`", kind.name()),
+                        format!("add `name:` with one of: {}", names()),
+                    ))
+                }
+            };
+            let mut rest = m.clone();
+            rest.remove("name");
+            (name, rest)
+        }
+        other => {
+            return Err(Error::recipe_hint(
+                path,
+                format!(
+                    "expected a {} block, found {}",
+                    kind.name(),
+                    describe(other)
+                ),
+                format!(
+                    "write `{{name: ..., key: value}}` with a name from: {}",
+                    names()
+                ),
+            ))
+        }
+    };
+    let policy_v = rest.remove("scale_policy");
+    let scale_policy = parse_policies(policy_v.as_ref(), &join_key(path, "scale_policy"))?;
+    let reg = lookup::<C>(kind, &name, &join_key(path, "name"))?;
+    let config = parse(reg, &Value::Mapping(rest)).map_err(|e| e.at(path))?;
+    let mut spec = Spec {
+        name,
+        path: path.to_string(),
+        config,
+        scale_policy,
+    };
+    // Every policy override must name a time parameter of this plugin.
+    let mut keys = Vec::new();
+    spec.visit(&mut |k, _, _, _| {
+        keys.push(
+            k.rsplit('.')
+                .next()
+                .unwrap_or(k)
+                .split('[')
+                .next()
+                .unwrap_or(k)
+                .to_string(),
+        )
+    });
+    for k in spec.scale_policy.keys() {
+        let base = k.split('[').next().unwrap_or(k);
+        if !keys.iter().any(|x| x == base) {
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            return Err(Error::recipe_hint(
+                join_key(&join_key(path, "scale_policy"), k),
+                format!("`{}` has no time parameter `{k}`", spec.name),
+                match nearest(k, &refs) {
+                    Some(n) => format!(
+                        "did you mean `{n}`? its time parameters: {}",
+                        refs.join(", ")
+                    ),
+                    None if refs.is_empty() => "this plugin has no time parameters".to_string(),
+                    None => format!("its time parameters: {}", refs.join(", ")),
+                },
+            ));
+        }
+    }
+    Ok(spec)
+}
+
+fn parse_time(m: &Mapping, key: &str) -> Result<Option<Time>> {
+    match get(m, key) {
+        None => Ok(None),
+        Some(v) => serde_yaml::from_value::<Time>(v.clone())
+            .map(Some)
+            .map_err(|e| {
+                Error::recipe_hint(
+                    key,
+                    e.to_string(),
+                    "a time is a number and a unit: 90ep, 1.5ep, 500ba, 2048sp, 0.3dur",
+                )
+            }),
+    }
+}
+
+impl Recipe {
+    /// Reads, overrides, parses and prepares (runs the transforms of) a recipe file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+        let src = RecipeSource::read(path, overrides)?;
+        let raw = src.raw()?;
+        Recipe::from_raw(raw, src, true)
+    }
+
+    /// Parses a tree (after overrides); `prepare` runs the transforms. Errors are located in the
+    /// source.
+    pub fn from_raw(raw: Value, source: RecipeSource, prepare: bool) -> Result<Recipe> {
+        let r = Recipe::parse(&raw, source.clone()).map_err(|e| source.locate(e));
+        let mut r = r?;
+        if prepare {
+            r.prepare().map_err(|e| source.locate(e))?;
+        }
+        Ok(r)
+    }
+
+    fn parse(raw: &Value, source: RecipeSource) -> Result<Recipe> {
+        let m = raw
+            .as_mapping()
+            .ok_or_else(|| Error::msg("a recipe is a YAML mapping"))?;
+        for k in m.keys() {
+            let k = k.as_str().unwrap_or("");
+            if !TOP_KEYS.contains(&k) {
+                let hint = match nearest(k, TOP_KEYS) {
+                    Some(n) => format!("did you mean `{n}`? valid keys: {}", TOP_KEYS.join(", ")),
+                    None => format!("valid keys: {}", TOP_KEYS.join(", ")),
+                };
+                return Err(Error::recipe_hint(k, format!("unknown key `{k}`"), hint));
+            }
+        }
+        let name = match get(m, "name") {
+            None => source
+                .file
+                .as_ref()
+                .and_then(|f| f.file_stem())
+                .map_or("recipe".to_string(), |s| s.to_string_lossy().into_owned()),
+            Some(Value::String(s)) if !s.is_empty() && !s.contains(['/', '\\']) => s.clone(),
+            Some(_) => {
+                return Err(Error::recipe(
+                    "name",
+                    "must be a non-empty string without slashes",
+                ))
+            }
+        };
+        let seed = match get(m, "seed") {
+            None => 17,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| Error::recipe("seed", "must be a whole number >= 0"))?,
+        };
+        let max_duration = parse_time(m, "max_duration")?.ok_or_else(|| {
+            Error::recipe_hint(
+                "max_duration",
+                "missing: how long to train",
+                "add e.g. `max_duration: 5ep`",
+            )
+        })?;
+        if max_duration.unit == crate::time::TimeUnit::Duration {
+            return Err(Error::recipe_hint(
+                "max_duration",
+                "the run length cannot be a fraction of itself",
+                "use ep, ba, sp or tok",
+            ));
+        }
+        if max_duration.value <= 0.0 {
+            return Err(Error::recipe("max_duration", "must be positive"));
+        }
+        let eval_interval = parse_time(m, "eval_interval")?.unwrap_or(Time::epochs(1.0));
+        let runs_dir = match get(m, "run_dir") {
+            None => PathBuf::from("runs"),
+            Some(Value::String(s)) => PathBuf::from(s),
+            Some(_) => return Err(Error::recipe("run_dir", "must be a path")),
+        };
+        let device = match get(m, "device") {
+            None => "cpu".to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(Error::recipe_hint(
+                    "device",
+                    "must be a string",
+                    "cpu, cuda or cuda:N",
+                ))
+            }
+        };
+        let data = Recipe::parse_data(get(m, "data"))?;
+        let model = parse_spec(
+            Kind::Model,
+            get(m, "model").ok_or_else(|| missing("model", Kind::Model))?,
+            "model",
+        )?;
+        let optimizer = parse_spec(
+            Kind::Optimizer,
+            get(m, "optimizer").ok_or_else(|| missing("optimizer", Kind::Optimizer))?,
+            "optimizer",
+        )?;
+        let schedule = get(m, "schedule")
+            .map(|v| parse_spec(Kind::Schedule, v, "schedule"))
+            .transpose()?;
+        let list = |key: &str| -> Result<Vec<Value>> {
+            match get(m, key) {
+                None => Ok(Vec::new()),
+                Some(Value::Sequence(s)) => Ok(s.clone()),
+                Some(_) => Err(Error::recipe_hint(
+                    key,
+                    "must be a list",
+                    format!("write `{key}:` followed by `- name: ...` entries"),
+                )),
+            }
+        };
+        let algorithms = list("algorithms")?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_spec(Kind::Algorithm, v, &format!("algorithms[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let callbacks = list("callbacks")?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_spec(Kind::Callback, v, &format!("callbacks[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let scale_policy = parse_policies(get(m, "scale_policy"), "scale_policy")?;
+        for k in scale_policy.keys() {
+            if k != "max_duration" && k != "eval_interval" {
+                return Err(Error::recipe_hint(
+                    join_key("scale_policy", k),
+                    "only max_duration and eval_interval are set here",
+                    "a plugin's policies go in its own block: `scale_policy: {key: scaled}`",
+                ));
+            }
+        }
+        Ok(Recipe {
+            source,
+            raw: raw.clone(),
+            name,
+            seed,
+            max_duration,
+            eval_interval,
+            runs_dir,
+            device,
+            data,
+            model,
+            optimizer,
+            schedule,
+            algorithms,
+            callbacks,
+            scale_policy,
+            scale_ratio: 1.0,
+            prepared: false,
+        })
+    }
+
+    fn parse_data(v: Option<&Value>) -> Result<DataSpec> {
+        let v = v.ok_or_else(|| missing("data", Kind::Dataset))?;
+        let (loader_part, dataset_part) = match v {
+            Value::Mapping(m) => {
+                let mut l = Mapping::new();
+                let mut d = Mapping::new();
+                for (k, val) in m {
+                    if LoaderConfig::KEYS.contains(&k.as_str().unwrap_or("")) {
+                        l.insert(k.clone(), val.clone());
+                    } else {
+                        d.insert(k.clone(), val.clone());
+                    }
+                }
+                (Value::Mapping(l), Value::Mapping(d))
+            }
+            other => (Value::Mapping(Mapping::new()), other.clone()),
+        };
+        let loader: LoaderConfig = parse_block(&loader_part).map_err(|e| e.at("data"))?;
+        loader.validate()?;
+        let dataset = parse_spec_with(Kind::Dataset, &dataset_part, "data", |reg, rest| {
+            (reg.parse)(rest).map_err(|e| match e {
+                // A typo may be meant for a loader key: widen the suggestion.
+                Error::Recipe { key, message, .. } if message.starts_with("unknown key") => {
+                    let field = key.rsplit('.').next().unwrap_or(&key).to_string();
+                    let mut valid: Vec<&str> = LoaderConfig::KEYS.to_vec();
+                    let ds_keys = reg
+                        .example
+                        .lines()
+                        .filter_map(|l| l.split(':').next())
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty() && *k != "{}")
+                        .collect::<Vec<_>>();
+                    valid.extend(ds_keys);
+                    let hint = match nearest(&field, &valid) {
+                        Some(n) => format!("did you mean `{n}`? valid keys: {}", valid.join(", ")),
+                        None => format!("valid keys: {}", valid.join(", ")),
+                    };
+                    Error::Recipe {
+                        key,
+                        message,
+                        hint: Some(hint),
+                        origin: None,
+                    }
+                }
+                e => e,
+            })
+        })?;
+        Ok(DataSpec { dataset, loader })
+    }
+
+    /// Runs every algorithm's recipe transform, once, in recipe order.
+    pub fn prepare(&mut self) -> Result<()> {
+        if self.prepared {
+            return Ok(());
+        }
+        self.prepared = true;
+        let transforms: Vec<Box<dyn RecipeTransform>> = self
+            .algorithms
+            .iter()
+            .filter_map(|a| a.config.recipe_transform())
+            .collect();
+        for t in transforms {
+            t.apply(self)?;
+        }
+        Ok(())
+    }
+
+    /// Walks every time parameter of the recipe: its full key, its owner, the value, and the
+    /// effective policy (the owner's, or the recipe's override).
+    pub fn visit_times(&mut self, f: &mut dyn FnMut(&str, &str, &mut Time, Policy)) {
+        let top = |k: &str, default: Policy, pols: &BTreeMap<String, Policy>| {
+            pols.get(k).copied().unwrap_or(default)
+        };
+        let p = top("max_duration", Policy::Scaled, &self.scale_policy);
+        f("max_duration", "recipe", &mut self.max_duration, p);
+        let p = top("eval_interval", Policy::Fixed, &self.scale_policy);
+        f("eval_interval", "recipe", &mut self.eval_interval, p);
+        self.data.dataset.visit(f);
+        self.model.visit(f);
+        self.optimizer.visit(f);
+        if let Some(s) = &mut self.schedule {
+            s.visit(f);
+        }
+        for a in &mut self.algorithms {
+            a.visit(f);
+        }
+        for c in &mut self.callbacks {
+            c.visit(f);
+        }
+    }
+
+    /// Every time parameter, in recipe order.
+    pub fn time_rows(&mut self) -> Vec<TimeRow> {
+        let mut rows = Vec::new();
+        self.visit_times(&mut |key, owner, t, policy| {
+            rows.push(TimeRow {
+                key: key.to_string(),
+                owner: owner.to_string(),
+                time: *t,
+                policy,
+            })
+        });
+        rows
+    }
+
+    /// Shape, classes and sizes of the data, without reading it.
+    pub fn data_info(&self) -> DatasetInfo {
+        self.data.dataset.config.info()
+    }
+
+    /// The training clock implied by the recipe (before any file is read): batches per epoch from
+    /// the dataset's size and the loader settings, and the run length in batches.
+    pub fn clock(&self) -> Result<Clock> {
+        let info = self.data_info();
+        let l = &self.data.loader;
+        let len = l
+            .train_subset
+            .map_or(info.train_len, |s| s.min(info.train_len));
+        self.clock_for(len)
+    }
+
+    /// The clock for a training split of `train_len` samples.
+    pub fn clock_for(&self, train_len: usize) -> Result<Clock> {
+        let l = &self.data.loader;
+        let bpe = if l.drop_last {
+            train_len / l.batch_size
+        } else {
+            train_len.div_ceil(l.batch_size)
+        } as u64;
+        if bpe == 0 {
+            return Err(Error::recipe_hint(
+                "data.batch_size",
+                format!(
+                    "the training set ({train_len} samples) holds less than one batch of {}",
+                    l.batch_size
+                ),
+                "lower data.batch_size or set data.drop_last: false",
+            ));
+        }
+        let mut clock = Clock {
+            batches_per_epoch: bpe,
+            samples_per_batch: l.batch_size as u64,
+            tokens_per_sample: None,
+            max_batches: None,
+        };
+        let max = self
+            .max_duration
+            .to_batches(&clock)
+            .map_err(|e| e.at("max_duration"))?;
+        if max == 0 {
+            return Err(Error::recipe("max_duration", "resolves to zero batches"));
+        }
+        clock.max_batches = Some(max);
+        Ok(clock)
+    }
+
+    /// The recipe with every default filled in and every transform applied, as YAML.
+    pub fn resolved_yaml(&self) -> Value {
+        let mut m = Mapping::new();
+        m.insert("name".into(), self.name.clone().into());
+        m.insert("seed".into(), self.seed.into());
+        m.insert("max_duration".into(), self.max_duration.to_string().into());
+        m.insert(
+            "eval_interval".into(),
+            self.eval_interval.to_string().into(),
+        );
+        m.insert("run_dir".into(), self.runs_dir.display().to_string().into());
+        m.insert("device".into(), self.device.clone().into());
+        let mut data = match self.data.dataset.to_yaml() {
+            Value::Mapping(d) => d,
+            _ => Mapping::new(),
+        };
+        if let Ok(Value::Mapping(l)) = serde_yaml::to_value(&self.data.loader) {
+            data.extend(l);
+        }
+        m.insert("data".into(), Value::Mapping(data));
+        m.insert("model".into(), self.model.to_yaml());
+        m.insert("optimizer".into(), self.optimizer.to_yaml());
+        if let Some(s) = &self.schedule {
+            m.insert("schedule".into(), s.to_yaml());
+        }
+        m.insert(
+            "algorithms".into(),
+            Value::Sequence(self.algorithms.iter().map(Spec::to_yaml).collect()),
+        );
+        m.insert(
+            "callbacks".into(),
+            Value::Sequence(self.callbacks.iter().map(Spec::to_yaml).collect()),
+        );
+        if !self.scale_policy.is_empty() {
+            m.insert(
+                "scale_policy".into(),
+                serde_yaml::to_value(&self.scale_policy).unwrap_or(Value::Null),
+            );
+        }
+        Value::Mapping(m)
+    }
+}
+
+fn missing(key: &str, kind: Kind) -> Error {
+    let names: Vec<&str> = crate::plugin::registered(kind)
+        .iter()
+        .map(|p| p.name)
+        .collect();
+    Error::recipe_hint(
+        key,
+        format!("missing `{key}` block"),
+        format!(
+            "add `{key}: {{name: ...}}` with one of: {}",
+            names.join(", ")
+        ),
+    )
+}

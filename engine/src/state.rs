@@ -1,0 +1,114 @@
+//! The training state that algorithms and callbacks read and change.
+
+use crate::model::Model;
+use crate::ops::Targets;
+use crate::time::{Clock, Timestamp};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// One batch: inputs [N, C, H, W] and targets (class indices, or distributions while an algorithm
+/// such as label smoothing has swapped them in). `labels` always holds the class indices.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Tensor,
+    pub targets: Targets,
+    pub labels: Tensor,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.inputs.dim(0).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Results of one evaluation pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub samples: u64,
+    /// The batch count at which it was measured.
+    pub at_batch: u64,
+}
+
+/// Running training metrics of the current epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochMetrics {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub samples: u64,
+    pub batches: u64,
+}
+
+impl EpochMetrics {
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.batches.max(1) as f64
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.samples.max(1) as f64
+    }
+}
+
+pub struct State {
+    pub run_name: String,
+    pub seed: u64,
+    pub device: Device,
+    /// Where this run writes its files.
+    pub run_dir: PathBuf,
+    pub timestamp: Timestamp,
+    /// The resolved clock: batches per epoch, batch size, and the run length in batches.
+    pub clock: Clock,
+    pub model: Box<dyn Model>,
+    /// The learning rate of the current step (base LR times the schedule's multiplier).
+    pub lr: f64,
+    pub base_lr: f64,
+    /// The current batch (train or eval), from AFTER_DATALOADER / EVAL_BATCH_START on.
+    pub batch: Option<Batch>,
+    pub outputs: Option<Tensor>,
+    pub loss: Option<Tensor>,
+    /// Gradients of the last backward pass (AFTER_BACKWARD until the optimizer step).
+    pub grads: Option<candle_core::backprop::GradStore>,
+    /// The last training loss, as a number.
+    pub last_loss: Option<f64>,
+    pub epoch_metrics: EpochMetrics,
+    pub last_eval: Option<EvalResult>,
+    /// Values to log at this event; loggers write them and the engine then clears them.
+    pub pending_log: BTreeMap<String, f64>,
+    /// Set by a callback or algorithm to end training after the current batch, with a reason.
+    pub stop_reason: Option<String>,
+    /// Whether an evaluation pass is running.
+    pub evaluating: bool,
+}
+
+impl State {
+    /// The run length in batches.
+    pub fn max_batches(&self) -> u64 {
+        self.clock.max_batches.unwrap_or(0)
+    }
+
+    /// Fraction of the run elapsed, in [0, 1], at batch granularity.
+    pub fn elapsed_fraction(&self) -> f64 {
+        let m = self.max_batches();
+        if m == 0 {
+            1.0
+        } else {
+            (self.timestamp.batch as f64 / m as f64).min(1.0)
+        }
+    }
+
+    /// Records a metric for the loggers at this event.
+    pub fn log(&mut self, key: impl Into<String>, value: f64) {
+        self.pending_log.insert(key.into(), value);
+    }
+
+    /// Asks the trainer to stop after the current batch.
+    pub fn request_stop(&mut self, reason: impl Into<String>) {
+        if self.stop_reason.is_none() {
+            self.stop_reason = Some(reason.into());
+        }
+    }
+}
