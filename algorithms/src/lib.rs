@@ -1,1 +1,9 @@
+//! The algorithms that ship with `recipe`, one file each: a pure functional core, the event glue,
+//! and a method card in the module documentation.
+//!
+//! A binary must name this crate (`use recipe_algorithms as _;`) so that the linker keeps the
+//! plugin registrations.
 
+pub mod label_smoothing;
+pub mod progressive_resizing;
+pub mod scale_schedule;

@@ -238,10 +238,12 @@ pub fn apply_override(root: &mut Value, o: &str) -> Result<()> {
                                     names.join(", ")
                                 )));
                             }
-                            _ => return Err(bad(format!(
+                            _ => {
+                                return Err(bad(format!(
                                 "`{here}` has several `{name}` entries; use an index: {here}[{}]",
                                 hits[0]
-                            ))),
+                            )))
+                            }
                         }
                     }
                 };

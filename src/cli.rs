@@ -1,0 +1,277 @@
+//! The `recipe` command line: `run`, `show`, `list`.
+
+use clap::{Parser, Subcommand};
+use recipe_engine::error::{Error, Result};
+use recipe_engine::plugin::{registered, Kind};
+use recipe_engine::recipe::{Recipe, RecipeSource};
+use recipe_engine::serde_yaml::{Mapping, Value};
+use recipe_engine::trainer::{new_run_dir, Trainer};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "recipe",
+    version,
+    about = "Train models from YAML recipes; shrink a whole recipe consistently with --scale.",
+    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More output: -v shows which algorithms ran at which event (debug), -vv everything.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// Options that select and adjust a recipe.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RecipeArgs {
+    /// The recipe file (YAML).
+    pub file: PathBuf,
+    /// Shrink (< 1) or stretch (> 1) the whole recipe: run length, LR schedule with its warmup,
+    /// and every phase time of every algorithm and callback.
+    #[arg(long, value_name = "RATIO")]
+    pub scale: Option<f64>,
+    /// Override a recipe value: --set optimizer.lr=0.2, --set algorithms.label_smoothing.smoothing=0.2.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a recipe. Writes recipe.yaml, metrics.jsonl and model.safetensors into a run folder.
+    Run {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// The run folder (default: a new folder <run_dir>/<name>-<n>).
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+        /// No progress bar and no per-epoch lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Print the resolved recipe and a table of every time parameter: before and after scaling,
+    /// in batches, and its policy.
+    Show {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+    },
+    /// List every registered algorithm, callback, schedule, optimizer, model and dataset.
+    List {
+        /// Also print each plugin's example block.
+        #[arg(long)]
+        examples: bool,
+    },
+}
+
+/// Entry point of the `recipe` binary (and of any plugin crate's binary).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    match run_command(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "recipe_engine=debug,info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run_command(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Run {
+            recipe,
+            run_dir,
+            quiet,
+        } => run(&recipe, run_dir, quiet),
+        Command::Show { recipe } => show(&recipe),
+        Command::List { examples } => {
+            print!("{}", list(examples));
+            Ok(())
+        }
+    }
+}
+
+/// Reads a recipe with its overrides and `--scale` (added as a `scale_schedule` algorithm, so the
+/// ratio is part of the recipe that is saved with the run). `prepare` runs the transforms.
+pub fn load(args: &RecipeArgs, extra_callbacks: &[&str], prepare: bool) -> Result<Recipe> {
+    let src = RecipeSource::read(&args.file, &args.sets)?;
+    let mut raw = src.raw()?;
+    let m = raw
+        .as_mapping_mut()
+        .ok_or_else(|| Error::msg("a recipe is a YAML mapping"))?;
+    if let Some(ratio) = args.scale {
+        let mut block = Mapping::new();
+        block.insert("name".into(), "scale_schedule".into());
+        block.insert("ratio".into(), ratio.into());
+        push_entry(m, "algorithms", Value::Mapping(block))?;
+    }
+    for cb in extra_callbacks {
+        let present = match m.get("callbacks") {
+            Some(Value::Sequence(s)) => s.iter().any(|v| entry_name(v) == Some(cb)),
+            _ => false,
+        };
+        if !present {
+            push_entry(m, "callbacks", Value::String(cb.to_string()))?;
+        }
+    }
+    Recipe::from_raw(raw, src, prepare)
+}
+
+fn entry_name(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Mapping(m) => m.get("name").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+fn push_entry(m: &mut Mapping, key: &str, entry: Value) -> Result<()> {
+    let list = m.entry(key.into()).or_insert(Value::Sequence(Vec::new()));
+    if list.is_null() {
+        *list = Value::Sequence(Vec::new());
+    }
+    match list {
+        Value::Sequence(s) => {
+            s.push(entry);
+            Ok(())
+        }
+        _ => Err(Error::recipe(key, "must be a list")),
+    }
+}
+
+fn run(args: &RecipeArgs, run_dir: Option<PathBuf>, quiet: bool) -> Result<()> {
+    let extra: &[&str] = if quiet {
+        &["json_logger"]
+    } else {
+        &["progress_bar", "json_logger"]
+    };
+    let recipe = load(args, extra, true)?;
+    let dir = match run_dir {
+        Some(d) => d,
+        None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+    };
+    let mut trainer = Trainer::new(&recipe, &dir)?;
+    let s = trainer.fit()?;
+    let eval = match s.final_eval {
+        Some(e) => format!(
+            "eval accuracy {:.2}% (loss {:.4}) on {} samples",
+            100.0 * e.accuracy,
+            e.loss,
+            e.samples
+        ),
+        None => "no eval split".into(),
+    };
+    let stop = s
+        .stop_reason
+        .map_or(String::new(), |r| format!(" (stopped early: {r})"));
+    eprintln!(
+        "finished {}: {} steps in {:.1}s{stop}; {eval}\nrun folder: {} (recipe.yaml, metrics.jsonl, model.safetensors)",
+        recipe.name,
+        s.batches,
+        s.wall_seconds,
+        s.run_dir.display()
+    );
+    Ok(())
+}
+
+fn show(args: &RecipeArgs) -> Result<()> {
+    let mut before = load(args, &[], false)?;
+    let mut after = load(args, &[], true)?;
+    let yaml = recipe_engine::serde_yaml::to_string(&after.resolved_yaml()).unwrap_or_default();
+    println!(
+        "# resolved recipe (scale ratio {})\n{yaml}",
+        after.scale_ratio
+    );
+    let clock_before = before.clock();
+    let clock = after.clock().map_err(|e| after.source.locate(e))?;
+    println!(
+        "# time parameters: {} batches per epoch of {} samples; run {} batches (scale ratio {})",
+        clock.batches_per_epoch,
+        clock.samples_per_batch,
+        clock.max_batches.unwrap_or(0),
+        after.scale_ratio
+    );
+    let rows_before = before.time_rows();
+    let rows_after = after.time_rows();
+    let mut table = vec![[
+        "key",
+        "owner",
+        "policy",
+        "before",
+        "after",
+        "after (batches)",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for (b, a) in rows_before.iter().zip(&rows_after) {
+        let batches = match a.time.to_batches(&clock) {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        let _ = &clock_before;
+        table.push(vec![
+            a.key.clone(),
+            a.owner.clone(),
+            a.policy.to_string(),
+            b.time.to_string(),
+            a.time.to_string(),
+            batches,
+        ]);
+    }
+    print!("{}", format_table(&table));
+    Ok(())
+}
+
+fn format_table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The registry, grouped by kind, one line per plugin.
+pub fn list(examples: bool) -> String {
+    let mut out = String::new();
+    for kind in Kind::ALL {
+        out.push_str(&format!("{}s:\n", kind.name()));
+        let plugins = registered(kind);
+        let w = plugins.iter().map(|p| p.name.len()).max().unwrap_or(0);
+        for p in plugins {
+            out.push_str(&format!("  {:<w$}  {}\n", p.name, p.description));
+            if examples {
+                for l in p.example.lines() {
+                    out.push_str(&format!("  {:<w$}    {l}\n", ""));
+                }
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
