@@ -2,7 +2,7 @@
 //!
 //! The binary is [`cli::main`], so that a plugin crate's own binary is three lines:
 //!
-//! ```ignore
+//! ```text
 //! use my_plugin as _; // keep the plugin's registrations in the binary
 //! fn main() -> std::process::ExitCode { recipe::cli::main() }
 //! ```

@@ -58,3 +58,124 @@ impl Engine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{BindContext, ModelConfig};
+    use crate::time::{Clock, Timestamp};
+    use candle_core::Device;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    type Log = Rc<RefCell<Vec<String>>>;
+
+    pub(crate) fn test_state() -> State {
+        let ctx = BindContext {
+            clock: Clock { batches_per_epoch: 1, samples_per_batch: 1, tokens_per_sample: None, max_batches: Some(1) },
+            device: Device::Cpu,
+            seed: 0,
+            input_shape: [1, 2, 2],
+            num_classes: 2,
+            path: "model".into(),
+        };
+        let model = crate::models::MlpConfig { hidden: vec![2] }.build(&ctx).unwrap();
+        State {
+            run_name: "t".into(),
+            seed: 0,
+            device: Device::Cpu,
+            run_dir: std::env::temp_dir(),
+            timestamp: Timestamp::default(),
+            clock: ctx.clock,
+            model,
+            lr: 0.1,
+            base_lr: 0.1,
+            batch: None,
+            outputs: None,
+            loss: None,
+            grads: None,
+            last_loss: None,
+            epoch_metrics: Default::default(),
+            last_eval: None,
+            pending_log: Default::default(),
+            stop_reason: None,
+            evaluating: false,
+        }
+    }
+
+    /// Matches when no algorithm has applied yet at this event (`state.log` marks applies), so a
+    /// dispatcher that interleaved matches and applies would be caught.
+    struct Probe {
+        name: &'static str,
+        log: Log,
+    }
+
+    impl Algorithm for Probe {
+        fn matches(&self, event: Event, state: &State) -> bool {
+            self.log.borrow_mut().push(format!("match {} {event}", self.name));
+            !state.pending_log.contains_key("applied")
+        }
+        fn apply(&mut self, event: Event, state: &mut State) -> Result<()> {
+            self.log.borrow_mut().push(format!("apply {} {event}", self.name));
+            state.log("applied", 1.0);
+            Ok(())
+        }
+    }
+
+    struct Cb {
+        name: &'static str,
+        logger: bool,
+        log: Log,
+    }
+
+    impl Callback for Cb {
+        fn run_event(&mut self, event: Event, _state: &mut State) -> Result<()> {
+            self.log.borrow_mut().push(format!("callback {} {event}", self.name));
+            Ok(())
+        }
+        fn is_logger(&self) -> bool {
+            self.logger
+        }
+    }
+
+    fn engine(log: &Log) -> Engine {
+        let mut e = Engine::default();
+        for name in ["a", "b"] {
+            e.algorithms.push(Named { label: name.into(), inner: Box::new(Probe { name, log: log.clone() }) });
+        }
+        e.callbacks.push(Named { label: "logger".into(), inner: Box::new(Cb { name: "logger", logger: true, log: log.clone() }) });
+        e.callbacks.push(Named { label: "cb".into(), inner: Box::new(Cb { name: "cb", logger: false, log: log.clone() }) });
+        e
+    }
+
+    #[test]
+    fn matches_all_run_before_any_apply_in_recipe_order_then_callbacks_then_loggers() {
+        let log: Log = Default::default();
+        let mut state = test_state();
+        engine(&log).run_event(Event::BeforeLoss, &mut state).unwrap();
+        assert_eq!(
+            *log.borrow(),
+            [
+                "match a before_loss",
+                "match b before_loss",
+                "apply a before_loss",
+                "apply b before_loss",
+                "callback cb before_loss",
+                "callback logger before_loss"
+            ]
+        );
+        assert!(state.pending_log.is_empty(), "the log is cleared after the loggers ran");
+    }
+
+    #[test]
+    fn after_events_reverse_the_algorithms_and_init_runs_loggers_first() {
+        let log: Log = Default::default();
+        let mut state = test_state();
+        let mut e = engine(&log);
+        e.run_event(Event::AfterLoss, &mut state).unwrap();
+        assert_eq!(log.borrow()[..4], ["match b after_loss", "match a after_loss", "apply b after_loss", "apply a after_loss"]);
+        log.borrow_mut().clear();
+        e.run_event(Event::Init, &mut state).unwrap();
+        assert_eq!(log.borrow()[4..], ["callback logger init", "callback cb init"]);
+    }
+}

@@ -194,7 +194,14 @@ macro_rules! schedule_config {
         impl ScheduleConfig for $name {
             fn build(&$self_, $ctx: &BindContext) -> Result<Box<dyn Schedule>> {
                 let shape = $body;
-                Ok(Box::new(WarmupSchedule { t_warmup: warmup($ctx, &$self_.t_warmup)?, shape }))
+                let t_warmup = warmup($ctx, &$self_.t_warmup)?;
+                if t_warmup >= $ctx.max_batches() as f64 && t_warmup > 0.0 {
+                    tracing::warn!(
+                        "{}.t_warmup ({} batches) is as long as the whole run ({} batches): the LR never leaves the warmup",
+                        $ctx.path, t_warmup, $ctx.max_batches()
+                    );
+                }
+                Ok(Box::new(WarmupSchedule { t_warmup, shape }))
             }
         }
     };

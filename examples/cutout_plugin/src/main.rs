@@ -1,1 +1,4 @@
-fn main() {}
+use recipe_cutout_plugin as _; // keep the plugin's registration in the binary
+fn main() -> std::process::ExitCode {
+    recipe::cli::main()
+}

@@ -1,0 +1,163 @@
+//! Bad input never panics: each case exits with status 2 and a message that says what is wrong,
+//! where (file, line, key), and what to do.
+
+mod common;
+use common::*;
+
+/// Runs `recipe show` on a recipe text, expects failure, returns stderr.
+fn show_fails(text: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_recipe(dir.path(), "bad.yaml", text);
+    let mut args = vec!["show", p.to_str().unwrap()];
+    args.extend(extra);
+    let o = run(&args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "expected a clean error, got {:?}\n{e}", o.status);
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+#[test]
+fn malformed_yaml_gives_line_and_column() {
+    let e = show_fails("name: x\nmax_duration: 3ep\ndata: {name: fashion_mnist_mini\nmodel: mlp\n", &[]);
+    assert!(e.contains("bad.yaml:") && e.contains("malformed YAML"), "{e}");
+    assert!(e.contains(":4:") || e.contains(":3:"), "{e}");
+}
+
+#[test]
+fn unknown_top_level_key_names_the_nearest_one() {
+    let e = show_fails(&TINY.replace("max_duration:", "max_durration:"), &[]);
+    assert!(e.contains("unknown key `max_durration`") && e.contains("did you mean `max_duration`"), "{e}");
+    assert!(e.contains("bad.yaml:3"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_a_plugin_block_names_file_line_and_nearest_key() {
+    let e = show_fails(&TINY.replace("  momentum: 0.9", "  momentun: 0.9"), &[]);
+    assert!(e.contains("optimizer.momentun") && e.contains("did you mean `momentum`"), "{e}");
+    assert!(e.contains("bad.yaml:16"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_the_data_block_suggests_loader_keys_too() {
+    let e = show_fails(&TINY.replace("  batch_size: 16", "  batchsize: 16"), &[]);
+    assert!(e.contains("data.batchsize") && e.contains("did you mean `batch_size`"), "{e}");
+}
+
+#[test]
+fn unknown_plugin_name_lists_the_registered_ones() {
+    let e = show_fails(&TINY.replace("name: cosine", "name: cosin"), &[]);
+    assert!(e.contains("unknown schedule `cosin`") && e.contains("did you mean `cosine`"), "{e}");
+    assert!(e.contains("linear") && e.contains("rex"), "{e}");
+    assert!(e.contains("bad.yaml:18"), "{e}");
+}
+
+#[test]
+fn bad_time_strings_are_explained() {
+    for bad in ["5", "5 epochs", "-1ep", "1.5dur", "ep"] {
+        let e = show_fails(&TINY.replace("t_warmup: 2ba", &format!("t_warmup: {bad}")), &[]);
+        assert!(e.contains("schedule.t_warmup"), "{bad}: {e}");
+        assert!(e.contains("bad time") || e.contains("no unit"), "{bad}: {e}");
+    }
+    let e = show_fails(&TINY.replace("max_duration: 8ba", "max_duration: 0.5dur"), &[]);
+    assert!(e.contains("max_duration") && e.contains("fraction"), "{e}");
+}
+
+#[test]
+fn a_scale_that_is_not_a_positive_number_is_refused() {
+    for s in ["0", "-0.5", "nan"] {
+        let arg = format!("--scale={s}");
+        let e = show_fails(TINY, &[&arg]);
+        assert!(e.contains("not a positive number"), "{s}: {e}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_recipe(dir.path(), "r.yaml", TINY);
+    let o = run(&["show", p.to_str().unwrap(), "--scale", "half"]);
+    assert!(!o.status.success() && stderr(&o).contains("--scale"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_overrides_say_how_to_write_them() {
+    let e = show_fails(TINY, &["--set", "optimizer.lr"]);
+    assert!(e.contains("--set optimizer.lr") && e.contains("key.path=value"), "{e}");
+    let e = show_fails(TINY, &["--set", "optimizer.lr=abc"]);
+    assert!(e.contains("--set optimizer.lr=abc") && e.contains("optimizer.lr"), "{e}");
+    let e = show_fails(TINY, &["--set", "algorithms.label_smoothing.smoothing=0.2"]);
+    assert!(e.contains("algorithms"), "{e}");
+}
+
+#[test]
+fn missing_recipe_file_is_named() {
+    let o = run(&["show", "/nonexistent/recipe.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/recipe.yaml") && stderr(&o).contains("does not exist"));
+}
+
+#[test]
+fn missing_data_folder_says_to_install_the_package_or_set_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY.replace("name: fashion_mnist_mini", "name: fashion_mnist\n  root: /nonexistent/fmnist");
+    let p = write_recipe(dir.path(), "r.yaml", &text);
+    let o = run(&["run", p.to_str().unwrap(), "-q", "--run-dir", dir.path().join("run").to_str().unwrap()]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("/nonexistent/fmnist") && e.contains("apt-get install dataset-fashion-mnist") && e.contains("data.root"), "{e}");
+}
+
+#[test]
+fn corrupt_and_truncated_idx_files_are_detected_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("fm");
+    std::fs::create_dir(&data).unwrap();
+    write_idx_fixture(&data, 64, 32);
+    let text = TINY.replace("name: fashion_mnist_mini", &format!("name: fashion_mnist\n  root: {}", data.display()));
+    let p = write_recipe(dir.path(), "r.yaml", &text);
+    let run_it = || run(&["run", p.to_str().unwrap(), "-q", "--run-dir", dir.path().join("run").to_str().unwrap()]);
+    assert!(run_it().status.success(), "{}", stderr(&run_it()));
+    // Truncate the gzip stream of the training images.
+    let f = data.join("train-images-idx3-ubyte.gz");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let e = stderr(&run_it());
+    assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("corrupt"), "{e}");
+    // A raw file whose header promises more than it holds.
+    std::fs::remove_file(&f).unwrap();
+    let mut raw = vec![0u8, 0, 8, 3];
+    for d in [64u32, 28, 28] {
+        raw.extend(d.to_be_bytes());
+    }
+    raw.extend(vec![0u8; 100]);
+    std::fs::write(data.join("train-images-idx3-ubyte"), &raw).unwrap();
+    let e = stderr(&run_it());
+    assert!(e.contains("truncated") && e.contains("train-images-idx3-ubyte"), "{e}");
+}
+
+#[test]
+fn an_unwritable_run_folder_is_reported_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_recipe(dir.path(), "r.yaml", TINY);
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let o = run(&["run", p.to_str().unwrap(), "-q", "--run-dir", blocker.join("sub").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not writable") && stderr(&o).contains("--run-dir"), "{}", stderr(&o));
+}
+
+#[test]
+fn imagenet_recipe_fails_clearly_and_runs_on_synthetic_data_when_asked() {
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/resnet50_imagenet.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let rd = dir.path().join("run");
+    let o = run(&["run", recipe, "-q", "--run-dir", rd.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("ImageNet folder loader") && e.contains("data.synthetic=true"), "{e}");
+    // Synthetic stand-in, shrunk so the test stays fast: 64x64 crops, 2 steps of batch 2.
+    let o = run(&[
+        "run", recipe, "-q", "--run-dir", rd.to_str().unwrap(),
+        "--set", "data.synthetic=true", "--set", "data.crop_size=64", "--set", "data.batch_size=2",
+        "--set", "data.eval_subset=2", "--set", "max_duration=2ba",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(rd.join("model.safetensors").is_file());
+}

@@ -1,0 +1,85 @@
+#![allow(dead_code)]
+//! Helpers shared by the integration tests: run the `recipe` binary, write recipes and fixtures.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn recipe_cmd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_recipe"));
+    c.env_remove("RUST_LOG");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    recipe_cmd().args(args).output().expect("the recipe binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Writes `text` as a recipe file in `dir`.
+pub fn write_recipe(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A tiny recipe on the embedded mini set: 64 training and 64 eval samples, a 2-stage CNN.
+pub const TINY: &str = "\
+name: tiny
+seed: 3
+max_duration: 8ba
+eval_interval: 4ba
+data:
+  name: fashion_mnist_mini
+  batch_size: 16
+  train_subset: 64
+  eval_subset: 64
+model:
+  name: small_cnn
+  channels: [4, 8]
+optimizer:
+  name: sgd
+  lr: 0.05
+  momentum: 0.9
+schedule:
+  name: cosine
+  t_warmup: 2ba
+";
+
+/// Writes Fashion-MNIST-layout idx files (train: the first `n_train` mini images, t10k: the next
+/// `n_eval`) into `dir`, gzipped, from the embedded copy in engine/data.
+pub fn write_idx_fixture(dir: &Path, n_train: usize, n_eval: usize) {
+    use flate2::read::GzDecoder;
+    use std::io::{Read, Write};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/data");
+    let read = |f: &str| {
+        let mut v = Vec::new();
+        GzDecoder::new(std::fs::File::open(root.join(f)).unwrap()).read_to_end(&mut v).unwrap();
+        v
+    };
+    let images = read("t10k-images-idx3-ubyte.gz");
+    let labels = read("t10k-labels-idx1-ubyte.gz");
+    let write = |name: &str, header: &[u32], body: &[u8]| {
+        let mut bytes = vec![0u8, 0, 8, header.len() as u8];
+        for d in header {
+            bytes.extend(d.to_be_bytes());
+        }
+        bytes.extend(body);
+        let f = std::fs::File::create(dir.join(name)).unwrap();
+        let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        e.write_all(&bytes).unwrap();
+        e.finish().unwrap();
+    };
+    let img = |a: usize, b: usize| &images[16 + a * 784..16 + b * 784];
+    let lab = |a: usize, b: usize| &labels[8 + a..8 + b];
+    write("train-images-idx3-ubyte.gz", &[n_train as u32, 28, 28], img(0, n_train));
+    write("train-labels-idx1-ubyte.gz", &[n_train as u32], lab(0, n_train));
+    write("t10k-images-idx3-ubyte.gz", &[n_eval as u32, 28, 28], img(n_train, n_train + n_eval));
+    write("t10k-labels-idx1-ubyte.gz", &[n_eval as u32], lab(n_train, n_train + n_eval));
+}
