@@ -198,7 +198,6 @@ fn show(args: &RecipeArgs) -> Result<()> {
         "# resolved recipe (scale ratio {})\n{yaml}",
         after.scale_ratio
     );
-    let clock_before = before.clock();
     let clock = after.clock().map_err(|e| after.source.locate(e))?;
     println!(
         "# time parameters: {} batches per epoch of {} samples; run {} batches (scale ratio {})",
@@ -224,7 +223,6 @@ fn show(args: &RecipeArgs) -> Result<()> {
             Ok(n) => n.to_string(),
             Err(e) => format!("error: {e}"),
         };
-        let _ = &clock_before;
         table.push(vec![
             a.key.clone(),
             a.owner.clone(),

@@ -12,42 +12,65 @@ fn show_fails(text: &str, extra: &[&str]) -> String {
     args.extend(extra);
     let o = run(&args);
     let e = stderr(&o);
-    assert_eq!(o.status.code(), Some(2), "expected a clean error, got {:?}\n{e}", o.status);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected a clean error, got {:?}\n{e}",
+        o.status
+    );
     assert!(!e.contains("panicked"), "{e}");
     e
 }
 
 #[test]
 fn malformed_yaml_gives_line_and_column() {
-    let e = show_fails("name: x\nmax_duration: 3ep\ndata: {name: fashion_mnist_mini\nmodel: mlp\n", &[]);
-    assert!(e.contains("bad.yaml:") && e.contains("malformed YAML"), "{e}");
+    let e = show_fails(
+        "name: x\nmax_duration: 3ep\ndata: {name: fashion_mnist_mini\nmodel: mlp\n",
+        &[],
+    );
+    assert!(
+        e.contains("bad.yaml:") && e.contains("malformed YAML"),
+        "{e}"
+    );
     assert!(e.contains(":4:") || e.contains(":3:"), "{e}");
 }
 
 #[test]
 fn unknown_top_level_key_names_the_nearest_one() {
     let e = show_fails(&TINY.replace("max_duration:", "max_durration:"), &[]);
-    assert!(e.contains("unknown key `max_durration`") && e.contains("did you mean `max_duration`"), "{e}");
+    assert!(
+        e.contains("unknown key `max_durration`") && e.contains("did you mean `max_duration`"),
+        "{e}"
+    );
     assert!(e.contains("bad.yaml:3"), "{e}");
 }
 
 #[test]
 fn unknown_key_in_a_plugin_block_names_file_line_and_nearest_key() {
     let e = show_fails(&TINY.replace("  momentum: 0.9", "  momentun: 0.9"), &[]);
-    assert!(e.contains("optimizer.momentun") && e.contains("did you mean `momentum`"), "{e}");
+    assert!(
+        e.contains("optimizer.momentun") && e.contains("did you mean `momentum`"),
+        "{e}"
+    );
     assert!(e.contains("bad.yaml:16"), "{e}");
 }
 
 #[test]
 fn unknown_key_in_the_data_block_suggests_loader_keys_too() {
     let e = show_fails(&TINY.replace("  batch_size: 16", "  batchsize: 16"), &[]);
-    assert!(e.contains("data.batchsize") && e.contains("did you mean `batch_size`"), "{e}");
+    assert!(
+        e.contains("data.batchsize") && e.contains("did you mean `batch_size`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_plugin_name_lists_the_registered_ones() {
     let e = show_fails(&TINY.replace("name: cosine", "name: cosin"), &[]);
-    assert!(e.contains("unknown schedule `cosin`") && e.contains("did you mean `cosine`"), "{e}");
+    assert!(
+        e.contains("unknown schedule `cosin`") && e.contains("did you mean `cosine`"),
+        "{e}"
+    );
     assert!(e.contains("linear") && e.contains("rex"), "{e}");
     assert!(e.contains("bad.yaml:18"), "{e}");
 }
@@ -55,11 +78,20 @@ fn unknown_plugin_name_lists_the_registered_ones() {
 #[test]
 fn bad_time_strings_are_explained() {
     for bad in ["5", "5 epochs", "-1ep", "1.5dur", "ep"] {
-        let e = show_fails(&TINY.replace("t_warmup: 2ba", &format!("t_warmup: {bad}")), &[]);
+        let e = show_fails(
+            &TINY.replace("t_warmup: 2ba", &format!("t_warmup: {bad}")),
+            &[],
+        );
         assert!(e.contains("schedule.t_warmup"), "{bad}: {e}");
-        assert!(e.contains("bad time") || e.contains("no unit"), "{bad}: {e}");
+        assert!(
+            e.contains("bad time") || e.contains("no unit"),
+            "{bad}: {e}"
+        );
     }
-    let e = show_fails(&TINY.replace("max_duration: 8ba", "max_duration: 0.5dur"), &[]);
+    let e = show_fails(
+        &TINY.replace("max_duration: 8ba", "max_duration: 0.5dur"),
+        &[],
+    );
     assert!(e.contains("max_duration") && e.contains("fraction"), "{e}");
 }
 
@@ -73,15 +105,25 @@ fn a_scale_that_is_not_a_positive_number_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = write_recipe(dir.path(), "r.yaml", TINY);
     let o = run(&["show", p.to_str().unwrap(), "--scale", "half"]);
-    assert!(!o.status.success() && stderr(&o).contains("--scale"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("--scale"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn bad_overrides_say_how_to_write_them() {
     let e = show_fails(TINY, &["--set", "optimizer.lr"]);
-    assert!(e.contains("--set optimizer.lr") && e.contains("key.path=value"), "{e}");
+    assert!(
+        e.contains("--set optimizer.lr") && e.contains("key.path=value"),
+        "{e}"
+    );
     let e = show_fails(TINY, &["--set", "optimizer.lr=abc"]);
-    assert!(e.contains("--set optimizer.lr=abc") && e.contains("optimizer.lr"), "{e}");
+    assert!(
+        e.contains("--set optimizer.lr=abc") && e.contains("optimizer.lr"),
+        "{e}"
+    );
     let e = show_fails(TINY, &["--set", "algorithms.label_smoothing.smoothing=0.2"]);
     assert!(e.contains("algorithms"), "{e}");
 }
@@ -90,18 +132,34 @@ fn bad_overrides_say_how_to_write_them() {
 fn missing_recipe_file_is_named() {
     let o = run(&["show", "/nonexistent/recipe.yaml"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("/nonexistent/recipe.yaml") && stderr(&o).contains("does not exist"));
+    assert!(
+        stderr(&o).contains("/nonexistent/recipe.yaml") && stderr(&o).contains("does not exist")
+    );
 }
 
 #[test]
 fn missing_data_folder_says_to_install_the_package_or_set_root() {
     let dir = tempfile::tempdir().unwrap();
-    let text = TINY.replace("name: fashion_mnist_mini", "name: fashion_mnist\n  root: /nonexistent/fmnist");
+    let text = TINY.replace(
+        "name: fashion_mnist_mini",
+        "name: fashion_mnist\n  root: /nonexistent/fmnist",
+    );
     let p = write_recipe(dir.path(), "r.yaml", &text);
-    let o = run(&["run", p.to_str().unwrap(), "-q", "--run-dir", dir.path().join("run").to_str().unwrap()]);
+    let o = run(&[
+        "run",
+        p.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        dir.path().join("run").to_str().unwrap(),
+    ]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("/nonexistent/fmnist") && e.contains("apt-get install dataset-fashion-mnist") && e.contains("data.root"), "{e}");
+    assert!(
+        e.contains("/nonexistent/fmnist")
+            && e.contains("apt-get install dataset-fashion-mnist")
+            && e.contains("data.root"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -110,16 +168,30 @@ fn corrupt_and_truncated_idx_files_are_detected_and_named() {
     let data = dir.path().join("fm");
     std::fs::create_dir(&data).unwrap();
     write_idx_fixture(&data, 64, 32);
-    let text = TINY.replace("name: fashion_mnist_mini", &format!("name: fashion_mnist\n  root: {}", data.display()));
+    let text = TINY.replace(
+        "name: fashion_mnist_mini",
+        &format!("name: fashion_mnist\n  root: {}", data.display()),
+    );
     let p = write_recipe(dir.path(), "r.yaml", &text);
-    let run_it = || run(&["run", p.to_str().unwrap(), "-q", "--run-dir", dir.path().join("run").to_str().unwrap()]);
+    let run_it = || {
+        run(&[
+            "run",
+            p.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            dir.path().join("run").to_str().unwrap(),
+        ])
+    };
     assert!(run_it().status.success(), "{}", stderr(&run_it()));
     // Truncate the gzip stream of the training images.
     let f = data.join("train-images-idx3-ubyte.gz");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = stderr(&run_it());
-    assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("corrupt"), "{e}");
+    assert!(
+        e.contains("train-images-idx3-ubyte.gz") && e.contains("corrupt"),
+        "{e}"
+    );
     // A raw file whose header promises more than it holds.
     std::fs::remove_file(&f).unwrap();
     let mut raw = vec![0u8, 0, 8, 3];
@@ -129,7 +201,10 @@ fn corrupt_and_truncated_idx_files_are_detected_and_named() {
     raw.extend(vec![0u8; 100]);
     std::fs::write(data.join("train-images-idx3-ubyte"), &raw).unwrap();
     let e = stderr(&run_it());
-    assert!(e.contains("truncated") && e.contains("train-images-idx3-ubyte"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("train-images-idx3-ubyte"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -138,26 +213,129 @@ fn an_unwritable_run_folder_is_reported_before_training() {
     let p = write_recipe(dir.path(), "r.yaml", TINY);
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, "x").unwrap();
-    let o = run(&["run", p.to_str().unwrap(), "-q", "--run-dir", blocker.join("sub").to_str().unwrap()]);
+    let o = run(&[
+        "run",
+        p.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        blocker.join("sub").to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("not writable") && stderr(&o).contains("--run-dir"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not writable") && stderr(&o).contains("--run-dir"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn imagenet_recipe_fails_clearly_and_runs_on_synthetic_data_when_asked() {
-    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/resnet50_imagenet.yaml");
+    let recipe = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/recipes/resnet50_imagenet.yaml"
+    );
     let dir = tempfile::tempdir().unwrap();
     let rd = dir.path().join("run");
     let o = run(&["run", recipe, "-q", "--run-dir", rd.to_str().unwrap()]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
-    assert!(e.contains("ImageNet folder loader") && e.contains("data.synthetic=true"), "{e}");
+    assert!(
+        e.contains("ImageNet folder loader") && e.contains("data.synthetic=true"),
+        "{e}"
+    );
     // Synthetic stand-in, shrunk so the test stays fast: 64x64 crops, 2 steps of batch 2.
     let o = run(&[
-        "run", recipe, "-q", "--run-dir", rd.to_str().unwrap(),
-        "--set", "data.synthetic=true", "--set", "data.crop_size=64", "--set", "data.batch_size=2",
-        "--set", "data.eval_subset=2", "--set", "max_duration=2ba",
+        "run",
+        recipe,
+        "-q",
+        "--run-dir",
+        rd.to_str().unwrap(),
+        "--set",
+        "data.synthetic=true",
+        "--set",
+        "data.crop_size=64",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "data.eval_subset=2",
+        "--set",
+        "max_duration=2ba",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(rd.join("model.safetensors").is_file());
+}
+
+/// Runs `recipe run` on TINY with overrides, expects a clean failure, returns stderr.
+fn run_fails(sets: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_recipe(dir.path(), "r.yaml", TINY);
+    let rd = dir.path().join("run");
+    let mut args = vec![
+        "run",
+        p.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        rd.to_str().unwrap(),
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let o = run(&args);
+    let e = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{sets:?}: expected a clean error, got {:?}\n{e}",
+        o.status
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+#[test]
+fn out_of_range_values_are_refused_before_training() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["data.prefetch=1000000000000"], "data.prefetch"),
+        (
+            &["data.augment.crop_padding=4611686018427387904"],
+            "crop_padding",
+        ),
+        (&["data.batch_size=0"], "data.batch_size"),
+        (&["data.batch_size=65"], "fewer than one batch"),
+        (
+            &[
+                "data.name=synthetic",
+                "data.num_classes=0",
+                "data.synthetic=true",
+            ],
+            "at least one class",
+        ),
+        (
+            &["data.name=synthetic", "data.shape=[0, 8, 8]"],
+            "zero dimension",
+        ),
+        (&["max_duration=1e300ep"], "more than a run can take"),
+        (&["optimizer.lr=-1"], "optimizer.lr"),
+        (
+            &["optimizer.nesterov=true", "optimizer.momentum=0"],
+            "Nesterov",
+        ),
+        (
+            &["schedule.name=polynomial", "schedule.power=0"],
+            "schedule.power",
+        ),
+        (&["model.channels=[]"], "model.channels"),
+        (&["device=tpu"], "unknown device"),
+        (&["seed=-3"], "seed"),
+    ];
+    for (sets, want) in cases {
+        let e = run_fails(sets);
+        assert!(e.contains(want), "{sets:?}: {e}");
+    }
+}
+
+#[test]
+fn a_huge_scale_is_refused_not_run_forever() {
+    let e = show_fails(TINY, &["--scale", "1e300"]);
+    assert!(e.contains("more than a run can take"), "{e}");
 }

@@ -19,7 +19,15 @@ fn time_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
         Value::Mapping(m) => {
             for (k, v) in m {
                 let k = k.as_str().unwrap_or_default();
-                time_keys(v, &if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") }, out);
+                time_keys(
+                    v,
+                    &if prefix.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{prefix}.{k}")
+                    },
+                    out,
+                );
             }
         }
         Value::Sequence(s) => {
@@ -39,13 +47,27 @@ where
     for reg in recipe_engine::inventory::iter::<Registration<C>> {
         n += 1;
         let block: Value = recipe_engine::serde_yaml::from_str(reg.example).unwrap();
-        let mut cfg = (reg.parse)(&block).unwrap_or_else(|e| panic!("{} `{}`: example does not parse: {e}", kind.name(), reg.name));
+        let mut cfg = (reg.parse)(&block).unwrap_or_else(|e| {
+            panic!(
+                "{} `{}`: example does not parse: {e}",
+                kind.name(),
+                reg.name
+            )
+        });
         let mut in_yaml = BTreeSet::new();
         time_keys(&cfg.to_yaml(), "", &mut in_yaml);
         let mut visited = Vec::new();
-        cfg.visit_times(&mut |k: &str, t: &mut Time, p: Policy| visited.push((k.to_string(), *t, p)));
+        cfg.visit_times(&mut |k: &str, t: &mut Time, p: Policy| {
+            visited.push((k.to_string(), *t, p))
+        });
         let visited_keys: BTreeSet<String> = visited.iter().map(|v| v.0.clone()).collect();
-        assert_eq!(visited_keys, in_yaml, "{} `{}`: every time parameter must be visited (and nothing else)", kind.name(), reg.name);
+        assert_eq!(
+            visited_keys,
+            in_yaml,
+            "{} `{}`: every time parameter must be visited (and nothing else)",
+            kind.name(),
+            reg.name
+        );
         // Scale by 0.5 through the visitor: scaled ones halve (except dur), fixed ones stay.
         cfg.visit_times(&mut |_: &str, t: &mut Time, p: Policy| {
             if p == Policy::Scaled {
@@ -55,7 +77,11 @@ where
         let mut after = Vec::new();
         cfg.visit_times(&mut |k: &str, t: &mut Time, _| after.push((k.to_string(), *t)));
         for ((k, before, p), (_, now)) in visited.iter().zip(&after) {
-            let want = if *p == Policy::Scaled { before.scaled(0.5) } else { *before };
+            let want = if *p == Policy::Scaled {
+                before.scaled(0.5)
+            } else {
+                *before
+            };
             assert_eq!(*now, want, "{} `{}`.{k}", kind.name(), reg.name);
         }
         // The scaled config still serializes with the new values.
@@ -89,7 +115,14 @@ fn every_registered_plugin_exposes_its_time_parameters() {
 #[test]
 fn list_prints_every_kind_with_descriptions() {
     let s = recipe::cli::list(false);
-    for k in ["algorithms:", "callbacks:", "schedules:", "optimizers:", "models:", "datasets:"] {
+    for k in [
+        "algorithms:",
+        "callbacks:",
+        "schedules:",
+        "optimizers:",
+        "models:",
+        "datasets:",
+    ] {
         assert!(s.contains(k), "{s}");
     }
     assert!(s.contains("fashion_mnist_mini") && s.contains("Embedded default"));

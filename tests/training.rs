@@ -6,9 +6,19 @@ use recipe::cli::{load, RecipeArgs};
 use recipe_engine::trainer::Trainer;
 use std::path::Path;
 
-fn train(dir: &Path, text: &str, scale: Option<f64>, sets: &[&str], run: &str) -> (Trainer, recipe_engine::trainer::FitSummary) {
+fn train(
+    dir: &Path,
+    text: &str,
+    scale: Option<f64>,
+    sets: &[&str],
+    run: &str,
+) -> (Trainer, recipe_engine::trainer::FitSummary) {
     let file = write_recipe(dir, &format!("{run}.yaml"), text);
-    let args = RecipeArgs { file, scale, sets: sets.iter().map(|s| s.to_string()).collect() };
+    let args = RecipeArgs {
+        file,
+        scale,
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+    };
     let recipe = load(&args, &["json_logger"], true).unwrap();
     let mut t = Trainer::new(&recipe, &dir.join(run)).unwrap();
     let s = t.fit().unwrap();
@@ -19,7 +29,12 @@ fn metrics(dir: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get(key).and_then(|v| v.as_f64()))
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap()
+                .get(key)
+                .and_then(|v| v.as_f64())
+        })
         .collect()
 }
 
@@ -38,7 +53,10 @@ fn loss_falls_on_a_tiny_idx_fixture_and_weights_are_written() {
     );
     let (_, s) = train(dir.path(), &text, None, &[], "run");
     assert_eq!(s.batches, 48);
-    assert_eq!(s.epochs_completed, 3, "512 samples / 32 = 16 batches per epoch");
+    assert_eq!(
+        s.epochs_completed, 3,
+        "512 samples / 32 = 16 batches per epoch"
+    );
     let loss = metrics(&s.run_dir, "train/loss");
     assert_eq!(loss.len(), 48);
     let first: f64 = loss[..6].iter().sum::<f64>() / 6.0;
@@ -50,7 +68,11 @@ fn loss_falls_on_a_tiny_idx_fixture_and_weights_are_written() {
     assert!(s.run_dir.join("model.safetensors").is_file());
     assert!(s.run_dir.join("recipe.yaml").is_file());
     // The saved weights load back into the same architecture.
-    let w = candle_core::safetensors::load(s.run_dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let w = candle_core::safetensors::load(
+        s.run_dir.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert!(w.contains_key("fc.weight") && w.contains_key("features.1.bn.running_var"));
 }
 
@@ -66,7 +88,10 @@ fn same_seed_same_weights_bitwise_and_another_seed_differs() {
     let wa = a.state.model.params().flat_values().unwrap();
     let wb = b.state.model.params().flat_values().unwrap();
     let wc = c.state.model.params().flat_values().unwrap();
-    assert!(wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()), "same seed, different weights");
+    assert!(
+        wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "same seed, different weights"
+    );
     assert_ne!(wa, wc, "another seed gave the same weights");
 }
 
@@ -74,7 +99,9 @@ fn same_seed_same_weights_bitwise_and_another_seed_differs() {
 fn scale_halves_the_run_and_the_schedule_follows() {
     let dir = tempfile::tempdir().unwrap();
     // 128 samples / 16 = 8 batches per epoch, so every time resolves to whole batches at both scales.
-    let text = TINY.replace("max_duration: 8ba", "max_duration: 1ep").replace("t_warmup: 2ba", "t_warmup: 0.25ep");
+    let text = TINY
+        .replace("max_duration: 8ba", "max_duration: 1ep")
+        .replace("t_warmup: 2ba", "t_warmup: 0.25ep");
     let sets = &["callbacks=[lr_monitor]", "data.train_subset=128"];
     let (_, full) = train(dir.path(), &text, None, sets, "full");
     let (_, half) = train(dir.path(), &text, Some(0.5), sets, "half");
@@ -85,10 +112,17 @@ fn scale_halves_the_run_and_the_schedule_follows() {
     // a_s(t) = a(t / s): the half run's step k has the full run's LR at step 2k.
     assert_eq!(lr_half.len(), 4);
     for (k, lr) in lr_half.iter().enumerate() {
-        assert!((lr - lr_full[2 * k]).abs() < 1e-12, "step {k}: {lr} vs {}", lr_full[2 * k]);
+        assert!(
+            (lr - lr_full[2 * k]).abs() < 1e-12,
+            "step {k}: {lr} vs {}",
+            lr_full[2 * k]
+        );
     }
     let saved = std::fs::read_to_string(half.run_dir.join("recipe.yaml")).unwrap();
-    assert!(saved.contains("scale_schedule") && saved.contains("ratio: 0.5"), "the ratio is saved with the run: {saved}");
+    assert!(
+        saved.contains("scale_schedule") && saved.contains("ratio: 0.5"),
+        "the ratio is saved with the run: {saved}"
+    );
 }
 
 #[test]
@@ -106,12 +140,25 @@ fn progressive_resizing_grows_the_images_and_label_smoothing_runs() {
 #[test]
 fn progressive_resizing_refuses_a_fixed_size_model() {
     let dir = tempfile::tempdir().unwrap();
-    let text = format!("{TINY}algorithms:\n  - progressive_resizing\n").replace("  name: small_cnn\n  channels: [4, 8]", "  name: mlp");
+    let text = format!("{TINY}algorithms:\n  - progressive_resizing\n")
+        .replace("  name: small_cnn\n  channels: [4, 8]", "  name: mlp");
     let file = write_recipe(dir.path(), "r.yaml", &text);
-    let recipe = load(&RecipeArgs { file, scale: None, sets: vec![] }, &[], true).unwrap();
+    let recipe = load(
+        &RecipeArgs {
+            file,
+            scale: None,
+            sets: vec![],
+        },
+        &[],
+        true,
+    )
+    .unwrap();
     let mut t = Trainer::new(&recipe, &dir.path().join("run")).unwrap();
     let e = t.fit().unwrap_err().to_string();
-    assert!(e.contains("progressive_resizing") && e.contains("any input size"), "{e}");
+    assert!(
+        e.contains("progressive_resizing") && e.contains("any input size"),
+        "{e}"
+    );
 }
 
 /// The real dataset, when Debian's package is installed (CI installs it): both splits load with
@@ -124,8 +171,16 @@ fn the_full_fashion_mnist_loads_from_the_debian_package_when_present() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let text = TINY.replace("name: fashion_mnist_mini", "name: fashion_mnist").replace("  train_subset: 64\n", "");
-    let (t, s) = train(dir.path(), &text, None, &["max_duration=2ba", "data.eval_subset=100"], "run");
+    let text = TINY
+        .replace("name: fashion_mnist_mini", "name: fashion_mnist")
+        .replace("  train_subset: 64\n", "");
+    let (t, s) = train(
+        dir.path(),
+        &text,
+        None,
+        &["max_duration=2ba", "data.eval_subset=100"],
+        "run",
+    );
     assert_eq!(t.state.clock.batches_per_epoch, 60_000 / 16);
     assert_eq!(s.final_eval.unwrap().samples, 100);
 }

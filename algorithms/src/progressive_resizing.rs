@@ -23,7 +23,7 @@ use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{
     Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams, TimeVisitor,
 };
-use recipe_engine::rng::Rng as SeededRng;
+use recipe_engine::rng::Streams;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 
@@ -155,7 +155,7 @@ struct ProgressiveResizing {
     cfg: ProgressiveResizingConfig,
     delay: u64,
     finetune: u64,
-    rng: SeededRng,
+    rng: Streams,
 }
 
 impl AlgorithmConfig for ProgressiveResizingConfig {
@@ -205,7 +205,8 @@ impl Algorithm for ProgressiveResizing {
             target_side(w, scale, self.cfg.size_increment),
         );
         if (nh, nw) != (h, w) {
-            batch.inputs = resize_batch(&batch.inputs, nh, nw, self.cfg.mode, &mut self.rng)?;
+            let mut rng = self.rng.at(state.timestamp.batch);
+            batch.inputs = resize_batch(&batch.inputs, nh, nw, self.cfg.mode, &mut rng)?;
         }
         state.log("progressive_resizing/size", nh as f64);
         Ok(())

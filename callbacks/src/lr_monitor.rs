@@ -40,7 +40,7 @@ impl CallbackConfig for LrMonitorConfig {
 impl Callback for LrMonitor {
     fn run_event(&mut self, event: Event, state: &mut State) -> Result<()> {
         // BATCH_END comes after the timestamp advanced: the step just taken is batch - 1.
-        if event == Event::BatchEnd && (state.timestamp.batch - 1) % self.every == 0 {
+        if event == Event::BatchEnd && (state.timestamp.batch - 1).is_multiple_of(self.every) {
             state.log("lr", state.lr);
             if state.base_lr > 0.0 {
                 state.log("lr_multiplier", state.lr / state.base_lr);

@@ -48,7 +48,7 @@ impl Engine {
                 .iter_mut()
                 .filter(|c| c.inner.is_logger() == want_loggers)
             {
-                tracing::trace!(event = event.name(), callback = c.label.as_str(), "run");
+                tracing::debug!(event = event.name(), callback = c.label.as_str(), "run");
                 c.inner
                     .run_event(event, state)
                     .map_err(|e| Error::msg(format!("{} failed at {event}: {e}", c.label)))?;
@@ -72,14 +72,21 @@ mod tests {
 
     pub(crate) fn test_state() -> State {
         let ctx = BindContext {
-            clock: Clock { batches_per_epoch: 1, samples_per_batch: 1, tokens_per_sample: None, max_batches: Some(1) },
+            clock: Clock {
+                batches_per_epoch: 1,
+                samples_per_batch: 1,
+                tokens_per_sample: None,
+                max_batches: Some(1),
+            },
             device: Device::Cpu,
             seed: 0,
             input_shape: [1, 2, 2],
             num_classes: 2,
             path: "model".into(),
         };
-        let model = crate::models::MlpConfig { hidden: vec![2] }.build(&ctx).unwrap();
+        let model = crate::models::MlpConfig { hidden: vec![2] }
+            .build(&ctx)
+            .unwrap();
         State {
             run_name: "t".into(),
             seed: 0,
@@ -112,11 +119,15 @@ mod tests {
 
     impl Algorithm for Probe {
         fn matches(&self, event: Event, state: &State) -> bool {
-            self.log.borrow_mut().push(format!("match {} {event}", self.name));
+            self.log
+                .borrow_mut()
+                .push(format!("match {} {event}", self.name));
             !state.pending_log.contains_key("applied")
         }
         fn apply(&mut self, event: Event, state: &mut State) -> Result<()> {
-            self.log.borrow_mut().push(format!("apply {} {event}", self.name));
+            self.log
+                .borrow_mut()
+                .push(format!("apply {} {event}", self.name));
             state.log("applied", 1.0);
             Ok(())
         }
@@ -130,7 +141,9 @@ mod tests {
 
     impl Callback for Cb {
         fn run_event(&mut self, event: Event, _state: &mut State) -> Result<()> {
-            self.log.borrow_mut().push(format!("callback {} {event}", self.name));
+            self.log
+                .borrow_mut()
+                .push(format!("callback {} {event}", self.name));
             Ok(())
         }
         fn is_logger(&self) -> bool {
@@ -141,10 +154,30 @@ mod tests {
     fn engine(log: &Log) -> Engine {
         let mut e = Engine::default();
         for name in ["a", "b"] {
-            e.algorithms.push(Named { label: name.into(), inner: Box::new(Probe { name, log: log.clone() }) });
+            e.algorithms.push(Named {
+                label: name.into(),
+                inner: Box::new(Probe {
+                    name,
+                    log: log.clone(),
+                }),
+            });
         }
-        e.callbacks.push(Named { label: "logger".into(), inner: Box::new(Cb { name: "logger", logger: true, log: log.clone() }) });
-        e.callbacks.push(Named { label: "cb".into(), inner: Box::new(Cb { name: "cb", logger: false, log: log.clone() }) });
+        e.callbacks.push(Named {
+            label: "logger".into(),
+            inner: Box::new(Cb {
+                name: "logger",
+                logger: true,
+                log: log.clone(),
+            }),
+        });
+        e.callbacks.push(Named {
+            label: "cb".into(),
+            inner: Box::new(Cb {
+                name: "cb",
+                logger: false,
+                log: log.clone(),
+            }),
+        });
         e
     }
 
@@ -152,7 +185,9 @@ mod tests {
     fn matches_all_run_before_any_apply_in_recipe_order_then_callbacks_then_loggers() {
         let log: Log = Default::default();
         let mut state = test_state();
-        engine(&log).run_event(Event::BeforeLoss, &mut state).unwrap();
+        engine(&log)
+            .run_event(Event::BeforeLoss, &mut state)
+            .unwrap();
         assert_eq!(
             *log.borrow(),
             [
@@ -164,7 +199,10 @@ mod tests {
                 "callback logger before_loss"
             ]
         );
-        assert!(state.pending_log.is_empty(), "the log is cleared after the loggers ran");
+        assert!(
+            state.pending_log.is_empty(),
+            "the log is cleared after the loggers ran"
+        );
     }
 
     #[test]
@@ -173,9 +211,20 @@ mod tests {
         let mut state = test_state();
         let mut e = engine(&log);
         e.run_event(Event::AfterLoss, &mut state).unwrap();
-        assert_eq!(log.borrow()[..4], ["match b after_loss", "match a after_loss", "apply b after_loss", "apply a after_loss"]);
+        assert_eq!(
+            log.borrow()[..4],
+            [
+                "match b after_loss",
+                "match a after_loss",
+                "apply b after_loss",
+                "apply a after_loss"
+            ]
+        );
         log.borrow_mut().clear();
         e.run_event(Event::Init, &mut state).unwrap();
-        assert_eq!(log.borrow()[4..], ["callback logger init", "callback cb init"]);
+        assert_eq!(
+            log.borrow()[4..],
+            ["callback logger init", "callback cb init"]
+        );
     }
 }

@@ -36,6 +36,54 @@ fn check_lr(lr: f64) -> Result<()> {
     Ok(())
 }
 
+/// What one parameter's update starts from.
+struct Update<'a> {
+    /// The parameter's slot in the optimizer's state.
+    i: usize,
+    param: &'a crate::model::Param,
+    /// Its current value, detached.
+    w: Tensor,
+    /// Its gradient, with coupled (L2) weight decay already added.
+    g: Tensor,
+    /// Decoupled weight decay still to apply (0 when coupled or when the parameter is exempt).
+    decoupled_wd: f64,
+}
+
+/// The trainable parameters that have a gradient, with weight decay applied the way the optimizer
+/// wants it (coupled into the gradient, or handed back to apply apart).
+fn updates<'a>(
+    params: &'a ParamStore,
+    grads: &GradStore,
+    weight_decay: f64,
+    decay_norm_and_bias: bool,
+    decoupled: bool,
+) -> Result<Vec<Update<'a>>> {
+    let mut out = Vec::new();
+    for (i, param) in params.trainable().enumerate() {
+        let Some(g) = grads.get(param.var.as_tensor()) else {
+            continue;
+        };
+        let w = param.var.as_tensor().detach();
+        let wd = if decays(param.kind, decay_norm_and_bias) {
+            weight_decay
+        } else {
+            0.0
+        };
+        let mut g = g.detach();
+        if wd != 0.0 && !decoupled {
+            g = (g + (&w * wd)?)?;
+        }
+        out.push(Update {
+            i,
+            param,
+            w,
+            g,
+            decoupled_wd: if decoupled { wd } else { 0.0 },
+        });
+    }
+    Ok(out)
+}
+
 /// Warns once about trainable parameters that received no gradient (a silently cut graph).
 fn warn_missing_grads(params: &ParamStore, grads: &GradStore, warned: &mut bool) {
     if *warned {
@@ -118,20 +166,19 @@ impl Optimizer for Sgd {
     fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
         warn_missing_grads(params, grads, &mut self.warned);
         let c = &self.cfg;
-        for (i, p) in params.trainable().enumerate() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let w = p.var.as_tensor().detach();
-            let wd = if decays(p.kind, c.decay_norm_and_bias) {
-                c.weight_decay
-            } else {
-                0.0
-            };
-            let mut g = g.detach();
-            if wd != 0.0 && !c.decoupled_weight_decay {
-                g = (g + (&w * wd)?)?;
-            }
+        for Update {
+            i,
+            param: p,
+            w,
+            mut g,
+            decoupled_wd: wd,
+        } in updates(
+            params,
+            grads,
+            c.weight_decay,
+            c.decay_norm_and_bias,
+            c.decoupled_weight_decay,
+        )? {
             if c.momentum != 0.0 {
                 let buf = match self.buffers[i].take() {
                     None => g.clone(),
@@ -145,7 +192,7 @@ impl Optimizer for Sgd {
                 self.buffers[i] = Some(buf);
             }
             let mut w_new = (&w - (g * lr)?)?;
-            if wd != 0.0 && c.decoupled_weight_decay && c.lr > 0.0 {
+            if wd != 0.0 && c.lr > 0.0 {
                 w_new = (w_new - (&w * (lr / c.lr * wd))?)?;
             }
             p.var.set(&w_new)?;
@@ -219,7 +266,8 @@ impl TimeParams for AdamConfig {}
 struct Adam {
     cfg: AdamConfig,
     decoupled: bool,
-    step: u64,
+    /// Steps taken by each parameter (a parameter without a gradient does not step).
+    steps: Vec<u64>,
     names: Vec<String>,
     m: Vec<Option<Tensor>>,
     v: Vec<Option<Tensor>>,
@@ -241,7 +289,7 @@ impl AdamConfig {
         Ok(Box::new(Adam {
             cfg: self.clone(),
             decoupled,
-            step: 0,
+            steps: vec![0; n],
             names,
             m: vec![None; n],
             v: vec![None; n],
@@ -281,25 +329,24 @@ impl OptimizerConfig for AdamWConfig {
 impl Optimizer for Adam {
     fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
         warn_missing_grads(params, grads, &mut self.warned);
-        self.step += 1;
         let c = &self.cfg;
         let [b1, b2] = c.betas;
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2 = 1.0 - b2.powi(self.step as i32);
-        for (i, p) in params.trainable().enumerate() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let w = p.var.as_tensor().detach();
-            let wd = if decays(p.kind, c.decay_norm_and_bias) {
-                c.weight_decay
-            } else {
-                0.0
-            };
-            let mut g = g.detach();
-            if wd != 0.0 && !self.decoupled {
-                g = (g + (&w * wd)?)?;
-            }
+        for Update {
+            i,
+            param: p,
+            w,
+            g,
+            decoupled_wd: wd,
+        } in updates(
+            params,
+            grads,
+            c.weight_decay,
+            c.decay_norm_and_bias,
+            self.decoupled,
+        )? {
+            self.steps[i] += 1;
+            let t = self.steps[i].min(i32::MAX as u64) as i32;
+            let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             let m = match self.m[i].take() {
                 None => (&g * (1.0 - b1))?,
                 Some(m) => ((m * b1)? + (&g * (1.0 - b1))?)?,
@@ -322,7 +369,7 @@ impl Optimizer for Adam {
             let denom = ((v_used / bc2)?.sqrt()? + c.eps)?;
             let update = ((&m / bc1)? / denom)?;
             let mut w_new = w.clone();
-            if wd != 0.0 && self.decoupled {
+            if wd != 0.0 {
                 w_new = (w_new * (1.0 - lr * wd))?;
             }
             w_new = (w_new - (update * lr)?)?;

@@ -113,9 +113,10 @@ impl BindContext {
         self.clock.max_batches.unwrap_or(0)
     }
 
-    /// This plugin's own random stream, derived from the run seed and its place in the recipe.
-    pub fn rng(&self) -> crate::rng::Rng {
-        crate::rng::stream(self.seed, &self.path)
+    /// This plugin's own random streams, derived from the run seed and its place in the recipe;
+    /// draw from `streams.at(state.timestamp.batch)` so that resumed runs draw the same.
+    pub fn rng(&self) -> crate::rng::Streams {
+        crate::rng::Streams::new(self.seed, &self.path)
     }
 
     pub fn with_path(&self, path: &str) -> Self {

@@ -16,6 +16,29 @@ pub fn item_stream(seed: u64, purpose: &str, index: u64) -> Rng {
     Rng::seed_from_u64(splitmix(mix(seed, purpose) ^ splitmix(index)))
 }
 
+/// Streams of one purpose keyed by an index (the batch): what an algorithm draws at batch k
+/// depends only on the seed, its place in the recipe and k, so a run resumed at batch k draws
+/// exactly what the uninterrupted run drew.
+#[derive(Debug, Clone)]
+pub struct Streams {
+    seed: u64,
+    purpose: String,
+}
+
+impl Streams {
+    pub fn new(seed: u64, purpose: &str) -> Self {
+        Streams {
+            seed,
+            purpose: purpose.to_string(),
+        }
+    }
+
+    /// The generator for item `index`.
+    pub fn at(&self, index: u64) -> Rng {
+        item_stream(self.seed, &self.purpose, index)
+    }
+}
+
 fn mix(seed: u64, purpose: &str) -> u64 {
     // FNV-1a over the purpose, folded with the seed through splitmix64: stable across platforms
     // and Rust versions (std's hashers are not).

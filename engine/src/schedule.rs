@@ -70,7 +70,7 @@ impl WarmupSchedule {
     /// Progress through the decay window [t_warmup, t_max], clipped to [0, 1].
     fn tau(&self, t: f64, t_max: f64) -> f64 {
         if t_max <= self.t_warmup {
-            return 1.0;
+            return 0.0; // Composer's convention: no room to decay, hold the post-warmup value
         }
         ((t - self.t_warmup) / (t_max - self.t_warmup)).clamp(0.0, 1.0)
     }
@@ -271,7 +271,12 @@ schedule_config! {
     /// alpha_f + (1 - alpha_f)(1 - tau)^power.
     PolynomialConfig { power: f64 = "two", alpha_f: f64 = "zero", t_max: Time = "one_dur" }
     times { t_max } lists {}
-    build(self, ctx) { Shape::Polynomial { power: self.power, alpha_f: self.alpha_f, t_max: ctx.batches("t_max", &self.t_max)? as f64 } }
+    build(self, ctx) {
+        if self.power.is_nan() || self.power <= 0.0 {
+            return Err(Error::recipe(format!("{}.power", ctx.path), "must be a positive number"));
+        }
+        Shape::Polynomial { power: self.power, alpha_f: self.alpha_f, t_max: ctx.batches("t_max", &self.t_max)? as f64 }
+    }
 }
 
 schedule_config! {
@@ -503,7 +508,7 @@ mod tests {
             },
         );
         check(&m, &[(1, 0.2), (5, 1.0), (9, 1.0), (10, 0.1)]);
-        // A warmup as long as the run never divides by zero.
+        // A warmup as long as the decay window never divides by zero and holds the start value.
         let w = s(
             10.0,
             Shape::Linear {
@@ -512,7 +517,7 @@ mod tests {
                 t_max: 10.0,
             },
         );
-        check(&w, &[(5, 0.0), (10, 0.0)]);
+        check(&w, &[(5, 0.5), (10, 1.0), (20, 1.0)]);
     }
 
     #[test]

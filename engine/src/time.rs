@@ -99,6 +99,14 @@ impl Time {
     /// resolves to zero.
     pub fn to_batches(&self, clock: &Clock) -> Result<u64> {
         let exact = self.to_batches_exact(clock)?;
+        if !exact.is_finite() || exact > MAX_BATCHES {
+            return Err(Error::Time {
+                input: self.to_string(),
+                message: format!(
+                    "resolves to {exact:e} batches, more than a run can take ({MAX_BATCHES:e})"
+                ),
+            });
+        }
         Ok(round_batches(exact))
     }
 
@@ -132,6 +140,9 @@ impl Time {
         })
     }
 }
+
+/// The largest batch count a time may resolve to (integers are exact in f64 up to here).
+pub const MAX_BATCHES: f64 = 9_007_199_254_740_992.0;
 
 /// Rounds a batch count to the nearest integer; a positive count never becomes zero.
 pub fn round_batches(exact: f64) -> u64 {

@@ -92,6 +92,10 @@ impl Trainer {
                     run_dir.display()
                 ))
             })?;
+        recipe
+            .data_info()
+            .validate("data")
+            .map_err(|e| recipe.source.locate(e))?;
         let device = parse_device(&recipe.device)?;
         let data_ctx = DataContext {
             seed: recipe.seed,
@@ -202,6 +206,9 @@ impl Trainer {
             eval_every,
         };
         t.event(Event::Init)?;
+        // No checkpoint is loaded yet; the events keep their place for the plugins that use them.
+        t.event(Event::BeforeLoad)?;
+        t.event(Event::AfterLoad)?;
         Ok(t)
     }
 
@@ -227,6 +234,10 @@ impl Trainer {
                 &self.state.device,
             );
             while self.state.timestamp.batch < max && self.state.timestamp.batch_in_epoch < bpe {
+                // The LR of batch k comes from batch k's timestamp, before anything of the batch runs.
+                let step = self.state.timestamp.batch;
+                let mult = self.schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
+                self.state.lr = self.state.base_lr * mult;
                 self.event(Event::BeforeDataloader)?;
                 let batch = match batches.next() {
                     Some(b) => b?,
@@ -239,7 +250,7 @@ impl Trainer {
                 self.state.batch = Some(batch);
                 self.event(Event::AfterDataloader)?;
                 self.train_batch()?;
-                if self.state.timestamp.batch % self.eval_every == 0 {
+                if self.state.timestamp.batch.is_multiple_of(self.eval_every) {
                     self.evaluate()?;
                 }
                 if self.state.stop_reason.is_some() {
@@ -274,9 +285,6 @@ impl Trainer {
     }
 
     fn train_batch(&mut self) -> Result<()> {
-        let step = self.state.timestamp.batch;
-        let mult = self.schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
-        self.state.lr = self.state.base_lr * mult;
         self.event(Event::BatchStart)?;
         self.event(Event::BeforeTrainBatch)?;
         self.event(Event::BeforeForward)?;
@@ -353,6 +361,12 @@ impl Trainer {
             correct += top1_correct(&out, &b.labels)?;
             samples += n;
             self.event(Event::EvalBatchEnd)?;
+        }
+        if samples as usize != eval.len() {
+            return Err(Error::msg(format!(
+                "evaluation saw {samples} of {} samples: the data loader failed",
+                eval.len()
+            )));
         }
         let r = EvalResult {
             loss: loss_sum / samples.max(1) as f64,

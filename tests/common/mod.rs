@@ -11,7 +11,10 @@ pub fn recipe_cmd() -> Command {
 }
 
 pub fn run(args: &[&str]) -> Output {
-    recipe_cmd().args(args).output().expect("the recipe binary runs")
+    recipe_cmd()
+        .args(args)
+        .output()
+        .expect("the recipe binary runs")
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -60,7 +63,9 @@ pub fn write_idx_fixture(dir: &Path, n_train: usize, n_eval: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("engine/data");
     let read = |f: &str| {
         let mut v = Vec::new();
-        GzDecoder::new(std::fs::File::open(root.join(f)).unwrap()).read_to_end(&mut v).unwrap();
+        GzDecoder::new(std::fs::File::open(root.join(f)).unwrap())
+            .read_to_end(&mut v)
+            .unwrap();
         v
     };
     let images = read("t10k-images-idx3-ubyte.gz");
@@ -78,8 +83,24 @@ pub fn write_idx_fixture(dir: &Path, n_train: usize, n_eval: usize) {
     };
     let img = |a: usize, b: usize| &images[16 + a * 784..16 + b * 784];
     let lab = |a: usize, b: usize| &labels[8 + a..8 + b];
-    write("train-images-idx3-ubyte.gz", &[n_train as u32, 28, 28], img(0, n_train));
-    write("train-labels-idx1-ubyte.gz", &[n_train as u32], lab(0, n_train));
-    write("t10k-images-idx3-ubyte.gz", &[n_eval as u32, 28, 28], img(n_train, n_train + n_eval));
-    write("t10k-labels-idx1-ubyte.gz", &[n_eval as u32], lab(n_train, n_train + n_eval));
+    write(
+        "train-images-idx3-ubyte.gz",
+        &[n_train as u32, 28, 28],
+        img(0, n_train),
+    );
+    write(
+        "train-labels-idx1-ubyte.gz",
+        &[n_train as u32],
+        lab(0, n_train),
+    );
+    write(
+        "t10k-images-idx3-ubyte.gz",
+        &[n_eval as u32, 28, 28],
+        img(n_train, n_train + n_eval),
+    );
+    write(
+        "t10k-labels-idx1-ubyte.gz",
+        &[n_eval as u32],
+        lab(n_train, n_train + n_eval),
+    );
 }

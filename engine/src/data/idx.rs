@@ -54,7 +54,10 @@ pub fn parse_idx(bytes: &[u8], what: &Path) -> Result<Idx> {
             u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap_or([0; 4])) as usize
         })
         .collect();
-    let n: usize = dims.iter().product();
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| corrupt(format!("header dimensions {dims:?} are impossibly large")))?;
     let body = &bytes[4 + 4 * ndim..];
     if body.len() != n {
         return Err(corrupt(format!(
@@ -105,6 +108,16 @@ impl ImageSet {
                 "{} images but {} labels",
                 images.dims[0], labels.dims[0]
             )));
+        }
+        if images.dims[1] * images.dims[2] != 28 * 28 {
+            return Err(Error::Data {
+                path: what.to_path_buf(),
+                message: format!(
+                    "images are {}x{}, this dataset's are 28x28",
+                    images.dims[1], images.dims[2]
+                ),
+                hint: "point `data.root` at the dataset's own idx files".into(),
+            });
         }
         if let Some(l) = labels.data.iter().find(|&&l| l as usize >= num_classes) {
             return Err(bad(format!(

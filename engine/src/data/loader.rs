@@ -96,6 +96,12 @@ impl LoaderConfig {
         if self.eval_batch_size == 0 {
             return Err(Error::recipe("data.eval_batch_size", "must be at least 1"));
         }
+        if !(1..=64).contains(&self.prefetch) {
+            return Err(Error::recipe(
+                "data.prefetch",
+                format!("{} batches ahead: use 1 to 64", self.prefetch),
+            ));
+        }
         Ok(())
     }
 }
@@ -120,6 +126,17 @@ impl Loader {
         train: bool,
         seed: u64,
     ) -> Result<Self> {
+        info.validate("data")?;
+        let [_, h, w] = info.shape;
+        if cfg.augment.crop_padding >= h.max(w) {
+            return Err(Error::recipe(
+                "data.augment.crop_padding",
+                format!(
+                    "{} pixels of padding is more than the {h}x{w} image",
+                    cfg.augment.crop_padding
+                ),
+            ));
+        }
         let subset = if train {
             cfg.train_subset
         } else {
@@ -243,8 +260,23 @@ impl Loader {
         std::thread::spawn(move || {
             let order = me.order(epoch);
             for b in start..end {
-                if tx.send(me.make(&order, epoch, b)).is_err() {
-                    return; // the consumer stopped early
+                // A dataset that panics must not leave the trainer waiting or training on less.
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    me.make(&order, epoch, b)
+                }))
+                .map_err(|p| {
+                    let why = p
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| p.downcast_ref::<&str>().copied())
+                        .unwrap_or("unknown cause");
+                    Error::msg(format!(
+                        "the data loader failed on batch {b} of epoch {epoch}: {why}"
+                    ))
+                });
+                let failed = made.is_err();
+                if tx.send(made).is_err() || failed {
+                    return; // the consumer stopped early, or the error is on its way
                 }
             }
         });
@@ -258,7 +290,7 @@ impl Loader {
 
 /// An epoch's batches, in order.
 pub struct EpochIter {
-    rx: Receiver<(Vec<f32>, Vec<u32>)>,
+    rx: Receiver<Result<(Vec<f32>, Vec<u32>)>>,
     shape: [usize; 3],
     device: Device,
 }
@@ -266,7 +298,10 @@ pub struct EpochIter {
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
-        let (pixels, labels) = self.rx.recv().ok()?;
+        let (pixels, labels) = match self.rx.recv().ok()? {
+            Ok(b) => b,
+            Err(e) => return Some(Err(e)),
+        };
         let n = labels.len();
         let [c, h, w] = self.shape;
         let make = || -> Result<Batch> {

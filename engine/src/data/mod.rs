@@ -34,6 +34,32 @@ pub struct DatasetInfo {
     pub std: Vec<f32>,
 }
 
+impl DatasetInfo {
+    /// Checks that the shape, classes and normalisation constants make sense together.
+    pub fn validate(&self, key: &str) -> crate::error::Result<()> {
+        let bad = |m: String| crate::error::Error::recipe(key, m);
+        if self.shape.contains(&0) {
+            return Err(bad(format!(
+                "sample shape {:?} has a zero dimension",
+                self.shape
+            )));
+        }
+        if self.num_classes == 0 {
+            return Err(bad("the dataset needs at least one class".into()));
+        }
+        if self.mean.len() != self.shape[0] || self.std.len() != self.shape[0] {
+            return Err(bad(format!(
+                "mean and std need one value per channel ({})",
+                self.shape[0]
+            )));
+        }
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(bad("std values must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
 /// A dataset's train and eval splits.
 pub struct Splits {
     pub train: Arc<dyn Dataset>,

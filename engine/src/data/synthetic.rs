@@ -42,7 +42,11 @@ impl Synthetic {
                             let v: f32 = waves
                                 .iter()
                                 .map(|(a, b, ph)| {
-                                    (a * 6.28 * fy + b * 6.28 * fx + ph + ch as f32).sin()
+                                    (a * std::f32::consts::TAU * fy
+                                        + b * std::f32::consts::TAU * fx
+                                        + ph
+                                        + ch as f32)
+                                        .sin()
                                 })
                                 .sum::<f32>()
                                 / 3.0;

@@ -176,7 +176,7 @@ impl TimeParams for ResNetCifarConfig {}
 
 impl ModelConfig for ResNetCifarConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Model>> {
-        if self.depth < 8 || (self.depth - 2) % 6 != 0 {
+        if self.depth < 8 || !(self.depth - 2).is_multiple_of(6) {
             return Err(Error::recipe_hint(
                 "model.depth",
                 format!("depth {} is not of the form 6n+2", self.depth),

@@ -1,7 +1,11 @@
-//! 2-D convolution as im2col + matrix product, with the input gradient through col2im.
+//! 2-D convolution on CPU: per image, im2col into a reused buffer and one matrix product that
+//! writes the NCHW output directly; the input gradient is the transposed product folded back with
+//! col2im, the kernel gradient a product summed over images in a fixed order (deterministic
+//! whatever the thread count). Other devices use candle's convolution.
 
+use super::gemm::{matmul, Mat};
 use super::{contiguous_slice, out_size};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,7 +17,7 @@ pub struct Conv2dParams {
 /// Convolution of `x` [N, C, H, W] with `w` [O, C, KH, KW], plus an optional bias [O].
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
     let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        conv2d_im2col(x, w, p)?
+        conv2d_cpu(x, w, p)?
     } else {
         x.conv2d(w, p.padding, p.stride, 1, 1)?
     };
@@ -23,224 +27,314 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) ->
     }
 }
 
-fn conv2d_im2col(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (o, c2, kh, kw) = w.dims4()?;
+fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (_, c2, _, _) = w.dims4()?;
     if c != c2 {
         candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
     }
-    let oh = out_size(h, kh, p.stride, p.padding)?;
-    let ow = out_size(wd, kw, p.stride, p.padding)?;
-    let op = Im2Col {
-        kh,
-        kw,
-        stride: p.stride,
-        pad: p.padding,
-    };
-    // cols: [N, OH*OW, C*KH*KW]: one row per output pixel.
-    let cols = x.contiguous()?.apply_op1(op)?;
-    let cols = cols.reshape((n * oh * ow, c * kh * kw))?;
-    let wmat = w.reshape((o, c * kh * kw))?;
-    let y = cols.matmul(&wmat.t()?)?; // [N*OH*OW, O]
-    y.reshape((n, oh, ow, o))?
-        .permute((0, 3, 1, 2))?
-        .contiguous()
+    if p.stride == 0 {
+        candle_core::bail!("conv2d: stride must be at least 1");
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d(p))
 }
 
-/// Unfolds [N, C, H, W] into [N, OH*OW, C*KH*KW] (zero padding).
+/// The shape of one image's convolution.
 #[derive(Debug, Clone, Copy)]
-struct Im2Col {
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    pad: usize,
-}
-
-impl Im2Col {
-    fn run<T: WithDType>(
-        &self,
-        x: &[T],
-        (n, c, h, w): (usize, usize, usize, usize),
-    ) -> Result<(Vec<T>, usize, usize)> {
-        let (kh, kw, s, p) = (self.kh, self.kw, self.stride, self.pad);
-        let oh = out_size(h, kh, s, p)?;
-        let ow = out_size(w, kw, s, p)?;
-        let row = c * kh * kw;
-        let mut out = vec![T::zero(); n * oh * ow * row];
-        out.par_chunks_mut(oh * ow * row)
-            .zip(x.par_chunks(c * h * w))
-            .for_each(|(dst, img)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let r = &mut dst[(oy * ow + ox) * row..][..row];
-                        let mut i = 0;
-                        for ci in 0..c {
-                            let plane = &img[ci * h * w..][..h * w];
-                            for ky in 0..kh {
-                                let iy = (oy * s + ky) as isize - p as isize;
-                                for kx in 0..kw {
-                                    let ix = (ox * s + kx) as isize - p as isize;
-                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w
-                                    {
-                                        r[i] = plane[iy as usize * w + ix as usize];
-                                    }
-                                    i += 1;
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-        Ok((out, oh, ow))
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = l.shape().dims4()?;
-        let (n, c, _, _) = dims;
-        macro_rules! go {
-            ($t:ty) => {{
-                let (v, oh, ow) = self.run(contiguous_slice::<$t>(s, l, "im2col")?, dims)?;
-                Ok((
-                    <$t>::to_cpu_storage_owned(v),
-                    Shape::from((n, oh * ow, c * self.kh * self.kw)),
-                ))
-            }};
-        }
-        match s {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("im2col: only f32 and f64 are supported"),
-        }
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        let g = grad
-            .contiguous()?
-            .apply_op1_no_bwd(&Col2Im { fwd: *self, h, w })?;
-        Ok(Some(g))
-    }
-}
-
-/// The adjoint of [`Im2Col`]: folds [N, OH*OW, C*KH*KW] back into [N, C, H, W], summing overlaps.
-struct Col2Im {
-    fwd: Im2Col,
+struct Geometry {
+    c: usize,
     h: usize,
     w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
 }
 
-impl Col2Im {
-    fn run<T: WithDType>(
-        &self,
-        cols: &[T],
-        n: usize,
-        rows: usize,
-        row: usize,
-    ) -> Result<(Vec<T>, usize)> {
-        let Im2Col {
-            kh,
-            kw,
-            stride: s,
-            pad: p,
-        } = self.fwd;
-        let (h, w) = (self.h, self.w);
-        let oh = out_size(h, kh, s, p)?;
-        let ow = out_size(w, kw, s, p)?;
-        if oh * ow != rows || row % (kh * kw) != 0 {
-            candle_core::bail!("col2im: shape mismatch");
+impl Geometry {
+    fn new(x: &Shape, k: &Shape, p: Conv2dParams) -> Result<(usize, Self)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (o, _, kh, kw) = k.dims4()?;
+        let (oh, ow) = (
+            out_size(h, kh, p.stride, p.padding)?,
+            out_size(w, kw, p.stride, p.padding)?,
+        );
+        Ok((
+            n,
+            Geometry {
+                c,
+                h,
+                w,
+                o,
+                kh,
+                kw,
+                s: p.stride,
+                p: p.padding,
+                oh,
+                ow,
+            },
+        ))
+    }
+    /// Rows of the unfolded image: one per kernel element.
+    fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    /// Columns of the unfolded image: one per output pixel.
+    fn l(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    /// A 1x1 stride-1 convolution without padding needs no unfolding: the image is its own cols.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+
+    /// Unfolds one image [C, H, W] into cols [C*KH*KW, OH*OW] (zero padding).
+    fn im2col<T: WithDType>(&self, img: &[T], cols: &mut [T]) {
+        let (l, ow) = (self.l(), self.ow);
+        for ci in 0..self.c {
+            let plane = &img[ci * self.h * self.w..][..self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = &mut cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
+                    for oy in 0..self.oh {
+                        let iy = (oy * self.s + ky) as isize - self.p as isize;
+                        let dst = &mut row[oy * ow..][..ow];
+                        if iy < 0 || iy >= self.h as isize {
+                            dst.iter_mut().for_each(|v| *v = T::zero());
+                            continue;
+                        }
+                        let src = &plane[iy as usize * self.w..][..self.w];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * self.s + kx) as isize - self.p as isize;
+                            *d = if ix >= 0 && ix < self.w as isize {
+                                src[ix as usize]
+                            } else {
+                                T::zero()
+                            };
+                        }
+                    }
+                }
+            }
         }
-        let c = row / (kh * kw);
-        let mut out = vec![T::zero(); n * c * h * w];
-        out.par_chunks_mut(c * h * w)
-            .zip(cols.par_chunks(rows * row))
-            .for_each(|(img, src)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let r = &src[(oy * ow + ox) * row..][..row];
-                        let mut i = 0;
-                        for ci in 0..c {
-                            let plane = &mut img[ci * h * w..][..h * w];
-                            for ky in 0..kh {
-                                let iy = (oy * s + ky) as isize - p as isize;
-                                for kx in 0..kw {
-                                    let ix = (ox * s + kx) as isize - p as isize;
-                                    if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w
-                                    {
-                                        plane[iy as usize * w + ix as usize] += r[i];
-                                    }
-                                    i += 1;
-                                }
+    }
+
+    /// Folds cols [C*KH*KW, OH*OW] back into an image [C, H, W], summing overlaps (the adjoint of
+    /// `im2col`); `img` is overwritten.
+    fn col2im<T: WithDType>(&self, cols: &[T], img: &mut [T]) {
+        img.iter_mut().for_each(|v| *v = T::zero());
+        let (l, ow) = (self.l(), self.ow);
+        for ci in 0..self.c {
+            let plane = &mut img[ci * self.h * self.w..][..self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = &cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
+                    for oy in 0..self.oh {
+                        let iy = (oy * self.s + ky) as isize - self.p as isize;
+                        if iy < 0 || iy >= self.h as isize {
+                            continue;
+                        }
+                        let dst = &mut plane[iy as usize * self.w..][..self.w];
+                        for (ox, &v) in row[oy * ow..][..ow].iter().enumerate() {
+                            let ix = (ox * self.s + kx) as isize - self.p as isize;
+                            if ix >= 0 && ix < self.w as isize {
+                                dst[ix as usize] += v;
                             }
                         }
                     }
                 }
-            });
-        Ok((out, c))
+            }
+        }
+    }
+
+    fn forward<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let mut out = vec![T::zero(); n * o * l];
+        let pointwise = self.pointwise();
+        out.par_chunks_mut(o * l)
+            .zip(x.par_chunks(self.image()))
+            .for_each_init(
+                || {
+                    if pointwise {
+                        Vec::new()
+                    } else {
+                        vec![T::zero(); ckk * l]
+                    }
+                },
+                |cols, (y, img)| {
+                    let cols: &[T] = if pointwise {
+                        img
+                    } else {
+                        self.im2col(img, cols);
+                        cols
+                    };
+                    matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
+                },
+            );
+        out
+    }
+
+    /// Gradient of the input: per image, cols' gradient = K^T dy, folded back.
+    fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let mut dx = vec![T::zero(); n * self.image()];
+        let pointwise = self.pointwise();
+        dx.par_chunks_mut(self.image())
+            .zip(dy.par_chunks(o * l))
+            .for_each_init(
+                || {
+                    if pointwise {
+                        Vec::new()
+                    } else {
+                        vec![T::zero(); ckk * l]
+                    }
+                },
+                |dcols, (dimg, g)| {
+                    if pointwise {
+                        matmul(
+                            ckk,
+                            l,
+                            o,
+                            dimg,
+                            false,
+                            Mat::transposed(k, ckk),
+                            Mat::rows(g, l),
+                        );
+                    } else {
+                        matmul(
+                            ckk,
+                            l,
+                            o,
+                            dcols,
+                            false,
+                            Mat::transposed(k, ckk),
+                            Mat::rows(g, l),
+                        );
+                        self.col2im(dcols, dimg);
+                    }
+                },
+            );
+        dx
+    }
+
+    /// Gradient of the kernel: the sum over images of dy cols^T, in groups of a fixed size whose
+    /// partial sums are added in order, so the result does not depend on the thread count.
+    fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
+        const GROUP: usize = 4;
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let pointwise = self.pointwise();
+        let partials: Vec<Vec<T>> = (0..n.div_ceil(GROUP))
+            .into_par_iter()
+            .map(|g| {
+                let mut acc = vec![T::zero(); o * ckk];
+                let mut cols = if pointwise {
+                    Vec::new()
+                } else {
+                    vec![T::zero(); ckk * l]
+                };
+                for i in g * GROUP..((g + 1) * GROUP).min(n) {
+                    let img = &x[i * self.image()..][..self.image()];
+                    let c: &[T] = if pointwise {
+                        img
+                    } else {
+                        self.im2col(img, &mut cols);
+                        &cols
+                    };
+                    matmul(
+                        o,
+                        ckk,
+                        l,
+                        &mut acc,
+                        i > g * GROUP,
+                        Mat::rows(&dy[i * o * l..][..o * l], l),
+                        Mat::transposed(c, l),
+                    );
+                }
+                acc
+            })
+            .collect();
+        let mut dk = vec![T::zero(); o * ckk];
+        for p in partials {
+            dk.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        }
+        dk
     }
 }
 
-impl CustomOp1 for Col2Im {
+/// The convolution as a candle op on (input, kernel), with its own backward.
+struct Conv2d(Conv2dParams);
+
+impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "col2im"
+        "conv2d"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, rows, row) = l.shape().dims3()?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, g) = Geometry::new(l1.shape(), l2.shape(), self.0)?;
+        let shape = Shape::from((n, g.o, g.oh, g.ow));
+        let out = match s1 {
+            CpuStorage::F32(_) => f32::to_cpu_storage_owned(g.forward(
+                n,
+                contiguous_slice::<f32>(s1, l1, "conv2d")?,
+                contiguous_slice::<f32>(s2, l2, "conv2d")?,
+            )),
+            CpuStorage::F64(_) => f64::to_cpu_storage_owned(g.forward(
+                n,
+                contiguous_slice::<f64>(s1, l1, "conv2d")?,
+                contiguous_slice::<f64>(s2, l2, "conv2d")?,
+            )),
+            _ => candle_core::bail!("conv2d: only f32 and f64 are supported"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        k: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, g) = Geometry::new(x.shape(), k.shape(), self.0)?;
+        let dy = dy.contiguous()?;
         macro_rules! go {
             ($t:ty) => {{
-                let (v, c) = self.run(contiguous_slice::<$t>(s, l, "col2im")?, n, rows, row)?;
-                Ok((
-                    <$t>::to_cpu_storage_owned(v),
-                    Shape::from((n, c, self.h, self.w)),
-                ))
+                let xs = x.flatten_all()?.to_vec1::<$t>()?;
+                let ks = k.flatten_all()?.to_vec1::<$t>()?;
+                let gs = dy.flatten_all()?.to_vec1::<$t>()?;
+                let dx = g.grad_input(n, &ks, &gs);
+                let dk = g.grad_kernel(n, &xs, &gs);
+                (
+                    Tensor::from_vec(dx, x.shape(), x.device())?,
+                    Tensor::from_vec(dk, k.shape(), k.device())?,
+                )
             }};
         }
-        match s {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("col2im: only f32 and f64 are supported"),
-        }
+        let (dx, dk) = match x.dtype() {
+            DType::F32 => go!(f32),
+            DType::F64 => go!(f64),
+            d => candle_core::bail!("conv2d backward: unsupported dtype {d:?}"),
+        };
+        Ok((Some(dx), Some(dk)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::Rng;
-        let mut r = crate::rng::stream(seed, "test");
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let m = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-6);
-        d / m
-    }
+    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
+    use candle_core::Var;
 
     #[test]
     fn matches_candle_forward_and_gradients() {
@@ -251,19 +345,17 @@ mod tests {
             (1, 3, 13, 13, 2, 7, 2, 3),
             (3, 2, 5, 5, 5, 1, 2, 0),
         ] {
-            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
-            let k_ = Var::from_tensor(&rand(&[o, c, k, k], 2)).unwrap();
+            let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
+            let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
+            let kt = Var::from_tensor(&rand_tensor(&[o, c, k, k], 2, DType::F32)).unwrap();
             let params = Conv2dParams {
                 stride: s,
                 padding: p,
             };
-            let ours = conv2d_im2col(x.as_tensor(), k_.as_tensor(), params).unwrap();
-            let theirs = x.as_tensor().conv2d(k_.as_tensor(), p, s, 1, 1).unwrap();
-            assert!(
-                max_rel(&ours, &theirs) < 1e-5,
-                "forward {n} {c} {h} {w} {o} {k} {s} {p}"
-            );
-            let up = rand(ours.dims(), 3);
+            let ours = conv2d_cpu(x.as_tensor(), kt.as_tensor(), params).unwrap();
+            let theirs = x.as_tensor().conv2d(kt.as_tensor(), p, s, 1, 1).unwrap();
+            assert!(max_rel_err(&ours, &theirs) < 1e-5, "forward {case}");
+            let up = rand_tensor(ours.dims(), 3, DType::F32);
             let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &up)
                 .unwrap()
@@ -271,68 +363,50 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for v in [&x, &k_] {
-                let a = g1.get(v.as_tensor()).unwrap();
-                let b = g2.get(v.as_tensor()).unwrap();
-                assert!(max_rel(a, b) < 1e-4, "grad {n} {c} {h} {w} {o} {k} {s} {p}");
+            for v in [&x, &kt] {
+                let (a, b) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_rel_err(a, b) < 1e-4, "gradient {case}");
             }
         }
     }
 
-    /// Shapes where candle's own backward is wrong (it drops the last row or column when
-    /// (size + 2 pad - kernel) is not a multiple of the stride): check against finite differences
-    /// in f64.
+    /// Also where candle's own backward is wrong (it drops the last row or column when
+    /// (size + 2 pad - kernel) is not a multiple of the stride): finite differences in f64, for
+    /// the input and the kernel.
     #[test]
-    fn gradients_match_finite_differences_where_candle_cannot() {
+    fn gradients_match_finite_differences() {
         for (n, c, h, w, o, k, s, p) in [
             (2, 2, 5, 6, 3, 1, 2, 0),
             (1, 2, 8, 7, 2, 3, 2, 1),
             (1, 1, 6, 6, 2, 2, 3, 1),
+            (1, 2, 9, 9, 2, 7, 1, 3),
+            (5, 1, 11, 9, 2, 7, 2, 3),
+            (3, 3, 4, 5, 4, 1, 1, 0),
         ] {
-            let x =
-                Var::from_tensor(&rand(&[n, c, h, w], 4).to_dtype(DType::F64).unwrap()).unwrap();
-            let kt = rand(&[o, c, k, k], 5).to_dtype(DType::F64).unwrap();
+            let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {
                 stride: s,
                 padding: p,
             };
-            let y = conv2d_im2col(x.as_tensor(), &kt, params).unwrap();
-            let up = rand(y.dims(), 6).to_dtype(DType::F64).unwrap();
-            let f = |t: &Tensor| -> f64 {
-                (conv2d_im2col(t, &kt, params).unwrap() * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g = g
-                .get(x.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = x
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            for i in 0..base.len() {
-                let (mut a, mut b) = (base.clone(), base.clone());
-                a[i] += 1e-6;
-                b[i] -= 1e-6;
-                let ta = Tensor::from_vec(a, x.dims(), &Device::Cpu).unwrap();
-                let tb = Tensor::from_vec(b, x.dims(), &Device::Cpu).unwrap();
-                let fd = (f(&ta) - f(&tb)) / 2e-6;
-                assert!(
-                    (fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0),
-                    "case {n} {c} {h} {w} {o} {k} {s} {p} at {i}: {fd} vs {}",
-                    g[i]
-                );
-            }
+            let x = rand_tensor(&[n, c, h, w], 4, DType::F64);
+            let kt = rand_tensor(&[o, c, k, k], 5, DType::F64);
+            check_grad_fd(
+                |t| conv2d_cpu(t, &kt, params).unwrap(),
+                &x,
+                1,
+                1e-6,
+                &format!("input {case}"),
+            );
+            check_grad_fd(
+                |t| conv2d_cpu(&x, t, params).unwrap(),
+                &kt,
+                1,
+                1e-6,
+                &format!("kernel {case}"),
+            );
         }
     }
 }

@@ -6,9 +6,12 @@
 //! stride). On other devices the models use candle's own ops.
 
 mod conv;
+mod gemm;
 mod loss;
 mod norm;
 mod pool;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use conv::{conv2d, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, Targets};

@@ -37,6 +37,12 @@ pub fn batch_norm(
             .broadcast_add(&shift.reshape(s4)?);
     }
     let count = (n * h * w) as f64;
+    if n * h * w < 2 {
+        candle_core::bail!(
+            "batch norm in training needs more than one value per channel, got input {:?}; use a larger batch or drop the last incomplete batch",
+            x.dims()
+        );
+    }
     let (y, mean, var) = if fused {
         let x = x.contiguous()?;
         let (mean, var) = channel_stats(&x)?;
@@ -249,15 +255,8 @@ impl CustomOp3 for FusedBatchNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
     use candle_core::Device;
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::Rng;
-        let mut r = crate::rng::stream(seed, "bn-test");
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
 
     /// The composed (candle ops) batch norm, as the reference.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
@@ -274,52 +273,34 @@ mod tests {
     }
 
     #[test]
-    fn fused_forward_and_gradients_match_the_composed_reference() {
+    fn fused_forward_and_gradients_match_the_reference_and_finite_differences() {
         for (n, c, h, w) in [(4, 3, 5, 5), (1, 2, 7, 3), (8, 1, 1, 1)] {
-            let x = Var::from_tensor(&rand(&[n, c, h, w], 1)).unwrap();
-            let wt = Var::from_tensor(&rand(&[c], 2)).unwrap();
-            let b = Var::from_tensor(&rand(&[c], 3)).unwrap();
-            let up = rand(&[n, c, h, w], 4);
-            let ours = x
-                .as_tensor()
-                .apply_op3(wt.as_tensor(), b.as_tensor(), FusedBatchNorm { eps: 1e-5 })
-                .unwrap();
-            let theirs = reference(x.as_tensor(), wt.as_tensor(), b.as_tensor(), 1e-5);
-            let d = (&ours - &theirs)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
-            assert!(d < 1e-9, "forward {d}");
-            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt, &b] {
-                let a = g1.get(v.as_tensor()).unwrap();
-                let r = g2.get(v.as_tensor()).unwrap();
-                let d = (a - r)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
-                assert!(d < 1e-8, "grad {n} {c} {h} {w}: {d}");
-            }
+            let case = format!("{n} {c} {h} {w}");
+            let x = rand_tensor(&[n, c, h, w], 1, DType::F64);
+            let wt = rand_tensor(&[c], 2, DType::F64);
+            let b = rand_tensor(&[c], 3, DType::F64);
+            let fused = |x: &Tensor, wt: &Tensor, b: &Tensor| {
+                x.apply_op3(wt, b, FusedBatchNorm { eps: 1e-5 }).unwrap()
+            };
+            assert!(
+                max_rel_err(&fused(&x, &wt, &b), &reference(&x, &wt, &b, 1e-5)) < 1e-9,
+                "forward {case}"
+            );
+            check_grad_fd(|t| fused(t, &wt, &b), &x, 1, 1e-6, &format!("input {case}"));
+            check_grad_fd(
+                |t| fused(&x, t, &b),
+                &wt,
+                1,
+                1e-6,
+                &format!("weight {case}"),
+            );
+            check_grad_fd(|t| fused(&x, &wt, t), &b, 1, 1e-6, &format!("bias {case}"));
         }
     }
 
     #[test]
     fn running_statistics_follow_pytorch() {
-        let x = rand(&[4, 2, 3, 3], 7).to_dtype(DType::F32).unwrap();
+        let x = rand_tensor(&[4, 2, 3, 3], 7, DType::F32);
         let rm = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
         let rv = Var::ones(2, DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
@@ -337,27 +318,20 @@ mod tests {
             true,
         )
         .unwrap();
-        let mean = x.mean_keepdim((0, 2, 3)).unwrap().flatten_all().unwrap();
-        let var = x
-            .broadcast_sub(&x.mean_keepdim((0, 2, 3)).unwrap())
+        let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+        // unbiased variance over the 36 values of each channel
+        let var = (x
+            .broadcast_sub(&mean)
             .unwrap()
             .sqr()
             .unwrap()
             .sum_keepdim((0, 2, 3))
             .unwrap()
-            .flatten_all()
-            .unwrap()
-            / 35.0;
-        let want_m = (mean * 0.1).unwrap().to_vec1::<f32>().unwrap();
-        let want_v = ((var.unwrap() * 0.1).unwrap() + 0.9)
-            .unwrap()
-            .to_vec1::<f32>()
+            / 35.0)
             .unwrap();
-        for (a, b) in rm.as_tensor().to_vec1::<f32>().unwrap().iter().zip(&want_m) {
-            assert!((a - b).abs() < 1e-5);
-        }
-        for (a, b) in rv.as_tensor().to_vec1::<f32>().unwrap().iter().zip(&want_v) {
-            assert!((a - b).abs() < 1e-5);
-        }
+        let want_m = (mean.flatten_all().unwrap() * 0.1).unwrap();
+        let want_v = ((var.flatten_all().unwrap() * 0.1).unwrap() + 0.9).unwrap();
+        assert!(max_rel_err(rm.as_tensor(), &want_m) < 1e-5);
+        assert!(max_rel_err(rv.as_tensor(), &want_v) < 1e-5);
     }
 }

@@ -262,83 +262,30 @@ impl CustomOp2 for PoolGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn ramp(shape: &[usize]) -> Tensor {
-        use rand::Rng;
-        let mut r = crate::rng::stream(5, "pool-test");
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
 
     #[test]
     fn equals_candle_when_kernel_equals_stride() {
-        let x = ramp(&[2, 3, 8, 6]).to_dtype(DType::F32).unwrap();
-        let a = max_pool2d(&x, 2, 2, 0).unwrap();
-        let b = x.max_pool2d(2).unwrap();
+        let x = rand_tensor(&[2, 3, 8, 6], 5, DType::F32);
         assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            max_rel_err(&max_pool2d(&x, 2, 2, 0).unwrap(), &x.max_pool2d(2).unwrap()),
+            0.0
         );
-        let a = avg_pool2d(&x, 2, 2, 0).unwrap();
-        let b = x.avg_pool2d(2).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(d < 1e-6);
+        assert!(max_rel_err(&avg_pool2d(&x, 2, 2, 0).unwrap(), &x.avg_pool2d(2).unwrap()) < 1e-6);
     }
 
     #[test]
     fn gradients_match_finite_differences_for_overlapping_windows() {
         for (k, s, p) in [(3, 2, 1), (3, 1, 1), (2, 1, 0), (3, 2, 0)] {
             for mode in [Mode::Max, Mode::Avg] {
-                let x = Var::from_tensor(&ramp(&[1, 2, 7, 6])).unwrap();
-                let up = ramp(pool(x.as_tensor(), Pool { mode, k, s, p }).unwrap().dims());
-                let f = |t: &Tensor| -> f64 {
-                    let y = pool(t, Pool { mode, k, s, p }).unwrap();
-                    (y * &up)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                };
-                let y = pool(x.as_tensor(), Pool { mode, k, s, p }).unwrap();
-                let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-                let g = g
-                    .get(x.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                let base = x
-                    .as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                let eps = 1e-6;
-                for i in (0..base.len()).step_by(5) {
-                    let mut plus = base.clone();
-                    plus[i] += eps;
-                    let mut minus = base.clone();
-                    minus[i] -= eps;
-                    let tp = Tensor::from_vec(plus, x.dims(), &Device::Cpu).unwrap();
-                    let tm = Tensor::from_vec(minus, x.dims(), &Device::Cpu).unwrap();
-                    let fd = (f(&tp) - f(&tm)) / (2.0 * eps);
-                    assert!(
-                        (fd - g[i]).abs() < 1e-6,
-                        "{mode:?} k{k} s{s} p{p} i{i}: {fd} vs {}",
-                        g[i]
-                    );
-                }
+                let x = rand_tensor(&[1, 2, 7, 6], 6, DType::F64);
+                check_grad_fd(
+                    |t| pool(t, Pool { mode, k, s, p }).unwrap(),
+                    &x,
+                    1,
+                    1e-6,
+                    &format!("{mode:?} k{k} s{s} p{p}"),
+                );
             }
         }
     }

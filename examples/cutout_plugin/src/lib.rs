@@ -18,8 +18,10 @@
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams, TimeVisitor};
-use recipe_engine::rng::Rng as SeededRng;
+use recipe_engine::plugin::{
+    Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams, TimeVisitor,
+};
+use recipe_engine::rng::Streams;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +32,19 @@ pub fn cutout(x: &Tensor, length: usize, holes: usize, rng: &mut impl Rng) -> Re
     let mut v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     for s in 0..n {
         for _ in 0..holes {
-            let (cy, cx) = (rng.random_range(0..h) as isize, rng.random_range(0..w) as isize);
+            let (cy, cx) = (
+                rng.random_range(0..h) as isize,
+                rng.random_range(0..w) as isize,
+            );
             let half = (length / 2) as isize;
-            let (y0, y1) = ((cy - half).max(0) as usize, ((cy - half + length as isize).min(h as isize)).max(0) as usize);
-            let (x0, x1) = ((cx - half).max(0) as usize, ((cx - half + length as isize).min(w as isize)).max(0) as usize);
+            let (y0, y1) = (
+                (cy - half).max(0) as usize,
+                ((cy - half + length as isize).min(h as isize)).max(0) as usize,
+            );
+            let (x0, x1) = (
+                (cx - half).max(0) as usize,
+                ((cx - half + length as isize).min(w as isize)).max(0) as usize,
+            );
             for ch in 0..c {
                 for y in y0..y1 {
                     let row = ((s * c + ch) * h + y) * w;
@@ -77,15 +88,23 @@ struct CutOut {
     length: usize,
     holes: usize,
     stop: u64,
-    rng: SeededRng,
+    rng: Streams,
 }
 
 impl AlgorithmConfig for CutOutConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Algorithm>> {
         if self.length == 0 {
-            return Err(Error::recipe(format!("{}.length", ctx.path), "must be at least 1 pixel"));
+            return Err(Error::recipe(
+                format!("{}.length", ctx.path),
+                "must be at least 1 pixel",
+            ));
         }
-        Ok(Box::new(CutOut { length: self.length, holes: self.num_holes, stop: ctx.batches("stop", &self.stop)?, rng: ctx.rng() }))
+        Ok(Box::new(CutOut {
+            length: self.length,
+            holes: self.num_holes,
+            stop: ctx.batches("stop", &self.stop)?,
+            rng: ctx.rng(),
+        }))
     }
 }
 
@@ -96,7 +115,12 @@ impl Algorithm for CutOut {
 
     fn apply(&mut self, _event: Event, state: &mut State) -> Result<()> {
         if let Some(b) = state.batch.as_mut() {
-            b.inputs = cutout(&b.inputs, self.length, self.holes, &mut self.rng)?;
+            b.inputs = cutout(
+                &b.inputs,
+                self.length,
+                self.holes,
+                &mut self.rng.at(state.timestamp.batch),
+            )?;
         }
         Ok(())
     }
@@ -120,7 +144,14 @@ mod tests {
         let mut rng = recipe_engine::rng::stream(1, "t");
         let y = cutout(&x, 4, 1, &mut rng).unwrap();
         for img in y.chunk(3, 0).unwrap() {
-            let zeros = img.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
+            let zeros = img
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .filter(|v| **v == 0.0)
+                .count();
             assert!((1..=16).contains(&zeros), "{zeros}");
         }
     }

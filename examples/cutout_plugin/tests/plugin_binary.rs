@@ -12,7 +12,10 @@ fn list_shows_the_plugin_next_to_the_builtins() {
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("cutout"), "{s}");
-    assert!(s.contains("label_smoothing") && s.contains("progressive_resizing"), "{s}");
+    assert!(
+        s.contains("label_smoothing") && s.contains("progressive_resizing"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -30,10 +33,23 @@ fn runs_a_recipe_that_uses_the_plugin_and_scales_its_time() {
         .arg(dir.path().join("run"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(dir.path().join("run/model.safetensors").is_file());
-    let show = bin().args(["show", recipe.to_str().unwrap(), "--scale", "0.5"]).output().unwrap();
+    let show = bin()
+        .args(["show", recipe.to_str().unwrap(), "--scale", "0.5"])
+        .output()
+        .unwrap();
     let s = String::from_utf8_lossy(&show.stdout);
-    let row = s.lines().find(|l| l.starts_with("algorithms[0].stop")).unwrap_or_default();
-    assert!(row.contains("scaled") && row.contains("4ba") && row.contains("2ba"), "{s}");
+    let row = s
+        .lines()
+        .find(|l| l.starts_with("algorithms[0].stop"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("scaled") && row.contains("4ba") && row.contains("2ba"),
+        "{s}"
+    );
 }
