@@ -224,6 +224,7 @@ impl Trainer {
         self.event(Event::FitStart)?;
         while self.state.timestamp.batch < max && self.state.stop_reason.is_none() {
             let epoch = self.state.timestamp.epoch;
+            self.set_lr();
             if self.state.timestamp.batch_in_epoch == 0 {
                 self.state.epoch_metrics = EpochMetrics::default();
                 self.event(Event::EpochStart)?;
@@ -233,11 +234,11 @@ impl Trainer {
                 self.state.timestamp.batch_in_epoch,
                 &self.state.device,
             );
-            while self.state.timestamp.batch < max && self.state.timestamp.batch_in_epoch < bpe {
-                // The LR of batch k comes from batch k's timestamp, before anything of the batch runs.
-                let step = self.state.timestamp.batch;
-                let mult = self.schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
-                self.state.lr = self.state.base_lr * mult;
+            while self.state.timestamp.batch < max
+                && self.state.timestamp.batch_in_epoch < bpe
+                && self.state.stop_reason.is_none()
+            {
+                self.set_lr();
                 self.event(Event::BeforeDataloader)?;
                 let batch = match batches.next() {
                     Some(b) => b?,
@@ -282,6 +283,13 @@ impl Trainer {
             stop_reason: self.state.stop_reason.clone(),
         };
         Ok(summary)
+    }
+
+    /// The LR of batch k comes from batch k's timestamp, before anything of the batch runs.
+    fn set_lr(&mut self) {
+        let step = self.state.timestamp.batch;
+        let mult = self.schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
+        self.state.lr = self.state.base_lr * mult;
     }
 
     fn train_batch(&mut self) -> Result<()> {
@@ -346,9 +354,11 @@ impl Trainer {
         };
         self.state.evaluating = true;
         self.event(Event::EvalStart)?;
-        let (mut loss_sum, mut correct, mut samples) = (0.0, 0u64, 0u64);
+        let (mut loss_sum, mut correct, mut samples, mut scored) = (0.0, 0u64, 0u64, 0u64);
         for batch in eval.epoch(0, 0, &self.state.device) {
-            self.state.batch = Some(batch?);
+            let batch = batch?;
+            samples += batch.len() as u64;
+            self.state.batch = Some(batch);
             self.event(Event::EvalBatchStart)?;
             self.event(Event::EvalBeforeForward)?;
             let b = self.batch()?.clone();
@@ -359,7 +369,7 @@ impl Trainer {
             let l = cross_entropy(&out, &crate::ops::Targets::Hard(b.labels.clone()))?;
             loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
             correct += top1_correct(&out, &b.labels)?;
-            samples += n;
+            scored += n;
             self.event(Event::EvalBatchEnd)?;
         }
         if samples as usize != eval.len() {
@@ -369,8 +379,8 @@ impl Trainer {
             )));
         }
         let r = EvalResult {
-            loss: loss_sum / samples.max(1) as f64,
-            accuracy: correct as f64 / samples.max(1) as f64,
+            loss: loss_sum / scored.max(1) as f64,
+            accuracy: correct as f64 / scored.max(1) as f64,
             samples,
             at_batch: self.state.timestamp.batch,
         };

@@ -36,6 +36,13 @@ fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     if p.stride == 0 {
         candle_core::bail!("conv2d: stride must be at least 1");
     }
+    if x.elem_count() == 0 || w.elem_count() == 0 {
+        candle_core::bail!(
+            "conv2d: empty input {:?} or kernel {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d(p))
 }
 
@@ -222,13 +229,15 @@ impl Geometry {
         dx
     }
 
-    /// Gradient of the kernel: the sum over images of dy cols^T, in groups of a fixed size whose
-    /// partial sums are added in order, so the result does not depend on the thread count.
+    /// Gradient of the kernel: the sum over images of dy cols^T, in a fixed number of groups whose
+    /// partial sums are added in order, so the result does not depend on the thread count (and
+    /// memory stays bounded at GROUPS partial kernels).
     fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
-        const GROUP: usize = 4;
+        const GROUPS: usize = 16;
+        let group = n.div_ceil(GROUPS).max(1);
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let pointwise = self.pointwise();
-        let partials: Vec<Vec<T>> = (0..n.div_ceil(GROUP))
+        let partials: Vec<Vec<T>> = (0..n.div_ceil(group))
             .into_par_iter()
             .map(|g| {
                 let mut acc = vec![T::zero(); o * ckk];
@@ -237,7 +246,7 @@ impl Geometry {
                 } else {
                     vec![T::zero(); ckk * l]
                 };
-                for i in g * GROUP..((g + 1) * GROUP).min(n) {
+                for i in g * group..((g + 1) * group).min(n) {
                     let img = &x[i * self.image()..][..self.image()];
                     let c: &[T] = if pointwise {
                         img
@@ -250,7 +259,7 @@ impl Geometry {
                         ckk,
                         l,
                         &mut acc,
-                        i > g * GROUP,
+                        i > g * group,
                         Mat::rows(&dy[i * o * l..][..o * l], l),
                         Mat::transposed(c, l),
                     );
