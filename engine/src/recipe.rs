@@ -208,7 +208,8 @@ pub fn apply_override(root: &mut Value, o: &str) -> Result<()> {
                 let e = m
                     .entry(Value::String(k.clone()))
                     .or_insert(Value::Mapping(Mapping::new()));
-                if let Value::String(name) = e.clone() {
+                let plugin_block = i == 0 && PLUGIN_BLOCKS.contains(&k.as_str());
+                if let (Value::String(name), true) = (e.clone(), plugin_block) {
                     // A plugin given by name only (`schedule: cosine`) becomes a block.
                     let mut b = Mapping::new();
                     b.insert("name".into(), Value::String(name));
@@ -275,6 +276,9 @@ pub fn apply_override(root: &mut Value, o: &str) -> Result<()> {
     Err(bad("nothing to set".into()))
 }
 
+/// Top-level keys that hold one plugin block (which a recipe may give by name only).
+const PLUGIN_BLOCKS: &[&str] = &["data", "model", "optimizer", "schedule"];
+
 fn describe(v: &Value) -> &'static str {
     match v {
         Value::Null => "empty",
@@ -314,11 +318,13 @@ pub fn locate_line(text: &str, key: &str) -> Option<usize> {
     let (mut lo, mut hi) = (0usize, lines.len());
     let mut found = None;
     for seg in &segs {
-        let first = (lo..hi).find(|&i| is_content(lines[i]))?;
+        let Some(first) = (lo..hi).find(|&i| is_content(lines[i])) else {
+            return found;
+        };
         match seg {
             Seg::Key(k) => {
                 let level = key_indent(lines[first]);
-                let i = (lo..hi).find(|&i| {
+                let hit = (lo..hi).find(|&i| {
                     let l = lines[i];
                     if !is_content(l) || key_indent(l) != level {
                         return false;
@@ -326,7 +332,8 @@ pub fn locate_line(text: &str, key: &str) -> Option<usize> {
                     let t = l.trim_start();
                     let t = t.strip_prefix("- ").unwrap_or(t);
                     t.starts_with(&format!("{k}:")) || t.starts_with(&format!("\"{k}\":"))
-                })?;
+                });
+                let Some(i) = hit else { return found };
                 found = Some(i + 1);
                 // The key's block: the following lines indented deeper (or list items at its level).
                 let end = (i + 1..hi)
@@ -349,7 +356,9 @@ pub fn locate_line(text: &str, key: &str) -> Option<usize> {
                 let items: Vec<usize> = (lo..hi)
                     .filter(|&i| is_item(lines[i]) && indent(lines[i]) == d)
                     .collect();
-                let &i = items.get(*n)?;
+                let Some(&i) = items.get(*n) else {
+                    return found;
+                };
                 found = Some(i + 1);
                 let end = items.get(n + 1).copied().unwrap_or(hi);
                 lo = i;
@@ -969,4 +978,134 @@ fn missing(key: &str, kind: Kind) -> Error {
             names.join(", ")
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TEXT: &str = "\
+name: t
+max_duration: 2ep
+data:
+  name: synthetic
+  batch_size: 8
+model: {name: mlp}
+optimizer:
+  name: sgd
+  lr: 0.1
+algorithms:
+  - name: label_smoothing
+    smoothing: 0.1
+  - progressive_resizing
+callbacks:
+- name: lr_monitor
+  interval: 2ba
+";
+
+    #[test]
+    fn locates_keys_in_blocks_lists_and_flow_style() {
+        assert_eq!(locate_line(TEXT, "max_duration"), Some(2));
+        assert_eq!(locate_line(TEXT, "data.batch_size"), Some(5));
+        assert_eq!(locate_line(TEXT, "optimizer.lr"), Some(9));
+        assert_eq!(locate_line(TEXT, "algorithms[0].smoothing"), Some(12));
+        assert_eq!(locate_line(TEXT, "algorithms[1]"), Some(13));
+        assert_eq!(locate_line(TEXT, "callbacks[0].interval"), Some(16));
+        // flow style: the line of the block
+        assert_eq!(locate_line(TEXT, "model.name"), Some(6));
+        assert_eq!(locate_line(TEXT, "nope"), None);
+    }
+
+    fn raw_with(sets: &[&str]) -> Result<Value> {
+        let s: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RecipeSource::from_text(TEXT, &s).raw()
+    }
+
+    #[test]
+    fn overrides_reach_maps_list_entries_by_index_and_by_name() {
+        let v = raw_with(&[
+            "optimizer.lr=0.2",
+            "algorithms.label_smoothing.smoothing=0.3",
+            "algorithms[1].delay=0.2dur",
+            "max_duration=3ep",
+        ])
+        .unwrap();
+        assert_eq!(v["optimizer"]["lr"].as_f64(), Some(0.2));
+        assert_eq!(v["algorithms"][0]["smoothing"].as_f64(), Some(0.3));
+        assert_eq!(
+            v["algorithms"][1]["name"].as_str(),
+            Some("progressive_resizing")
+        );
+        assert_eq!(v["algorithms"][1]["delay"].as_str(), Some("0.2dur"));
+        assert_eq!(v["max_duration"].as_str(), Some("3ep"));
+        let v = raw_with(&["algorithms.0.smoothing=0.05", "model.hidden=[4, 4]"]).unwrap();
+        assert_eq!(v["algorithms"][0]["smoothing"].as_f64(), Some(0.05));
+        assert_eq!(v["model"]["hidden"].as_sequence().map(Vec::len), Some(2));
+        for bad in [
+            "algorithms.cutout.length=3",
+            "algorithms[5].x=1",
+            "max_duration.value=3",
+            "=3",
+            "novalue",
+        ] {
+            assert!(raw_with(&[bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_located_error_names_the_file_line_or_the_override() {
+        let src = RecipeSource {
+            file: Some("r.yaml".into()),
+            text: TEXT.into(),
+            overrides: vec!["optimizer.lr=x".into()],
+        };
+        let e = src.locate(Error::recipe("algorithms[0].smoothing", "bad"));
+        assert!(
+            e.to_string()
+                .starts_with("r.yaml:12: key `algorithms[0].smoothing`"),
+            "{e}"
+        );
+        let e = src.locate(Error::recipe("optimizer.lr", "bad"));
+        assert!(e.to_string().starts_with("--set optimizer.lr=x:"), "{e}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any override string: an Ok tree or a clear error, never a panic.
+        #[test]
+        fn overrides_never_panic(key in "[a-z_.\\[\\]0-9]{0,24}", value in ".{0,12}") {
+            let _ = raw_with(&[&format!("{key}={value}")]);
+            let _ = raw_with(&[&key]);
+        }
+
+        /// Any text as a recipe: parse errors, never a panic.
+        #[test]
+        fn arbitrary_yaml_never_panics(text in "[a-z_:{}\\[\\], \\n0-9.\\-]{0,80}") {
+            let src = RecipeSource::from_text(&text, &[]);
+            if let Ok(raw) = src.raw() {
+                let _ = Recipe::from_raw(raw, src, true);
+            }
+        }
+
+        /// Mutations of a valid recipe (one value replaced by junk): never a panic.
+        #[test]
+        fn mutated_recipes_never_panic(line in 0usize..16, junk in "[a-z0-9.:\\-\\[\\]{} ]{0,10}") {
+            let mut lines: Vec<String> = TEXT.lines().map(String::from).collect();
+            if let Some(l) = lines.get_mut(line) {
+                match l.split_once(':') {
+                    Some((k, _)) => *l = format!("{k}: {junk}"),
+                    None => *l = junk.clone(),
+                }
+            }
+            let src = RecipeSource::from_text(&lines.join("\n"), &[]);
+            if let Ok(raw) = src.raw() {
+                if let Ok(mut r) = Recipe::from_raw(raw, src, true) {
+                    let _ = r.clock();
+                    let _ = r.time_rows();
+                }
+            }
+        }
+    }
 }
