@@ -254,9 +254,6 @@ impl Trainer {
                 if self.state.timestamp.batch.is_multiple_of(self.eval_every) {
                     self.evaluate()?;
                 }
-                if self.state.stop_reason.is_some() {
-                    break;
-                }
             }
             drop(batches);
             if self.state.timestamp.batch_in_epoch >= bpe {
