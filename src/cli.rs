@@ -57,12 +57,24 @@ pub enum Command {
         #[command(flatten)]
         recipe: RecipeArgs,
     },
+    /// Benchmarks: `recipe bench throughput --model '{name: resnet_cifar, depth: 20}' --input 1x28x28`.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
     /// List every registered algorithm, callback, schedule, optimizer, model and dataset.
     List {
         /// Also print each plugin's example block.
         #[arg(long)]
         examples: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Training images/s of one model on synthetic input, with the step split into forward,
+    /// backward and optimizer, and the peak memory.
+    Throughput(crate::bench::ThroughputArgs),
 }
 
 /// Entry point of the `recipe` binary (and of any plugin crate's binary).
@@ -100,6 +112,23 @@ pub fn run_command(cmd: Command) -> Result<()> {
             quiet,
         } => run(&recipe, run_dir, quiet),
         Command::Show { recipe } => show(&recipe),
+        Command::Bench {
+            which: BenchCommand::Throughput(a),
+        } => {
+            let t = crate::bench::throughput(&a)?;
+            println!(
+                "model {} batch {} input {}: {:.1} images/s; per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
+                a.model,
+                a.batch,
+                a.input,
+                t.images_per_sec,
+                t.forward_ms,
+                t.backward_ms,
+                t.optimizer_ms,
+                t.peak_rss_mb.map_or("unknown".into(), |m| format!("{m:.0} MB"))
+            );
+            Ok(())
+        }
         Command::List { examples } => {
             print!("{}", list(examples));
             Ok(())

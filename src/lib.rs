@@ -7,6 +7,7 @@
 //! fn main() -> std::process::ExitCode { recipe::cli::main() }
 //! ```
 
+pub mod bench;
 pub mod cli;
 
 // The built-in plugins: named here so that every binary built on this crate links them.

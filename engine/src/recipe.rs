@@ -494,7 +494,7 @@ fn parse_policies(v: Option<&Value>, key: &str) -> Result<BTreeMap<String, Polic
 }
 
 /// Parses a plugin block (`{name: x, ...}` or just `x`) of one kind.
-fn parse_spec<C: ?Sized + crate::plugin::PluginConfig + 'static>(
+pub fn parse_spec<C: ?Sized + crate::plugin::PluginConfig + 'static>(
     kind: Kind,
     v: &Value,
     path: &str,
