@@ -9,7 +9,6 @@ use recipe_engine::optim::Optimizer;
 use recipe_engine::plugin::{BindContext, Kind, ModelConfig, OptimizerConfig};
 use recipe_engine::recipe::{parse_spec, Spec};
 use recipe_engine::serde_yaml::Value;
-use recipe_engine::time::Clock;
 use std::time::Instant;
 
 /// What to measure.
@@ -90,19 +89,7 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         &block(&a.optimizer, "optimizer")?,
         "optimizer",
     )?;
-    let ctx = BindContext {
-        clock: Clock {
-            batches_per_epoch: 1,
-            samples_per_batch: a.batch as u64,
-            tokens_per_sample: None,
-            max_batches: Some(1),
-        },
-        device: Device::Cpu,
-        seed: 0,
-        input_shape: shape,
-        num_classes: a.classes,
-        path: "model".into(),
-    };
+    let ctx = BindContext::standalone(&Device::Cpu, shape, a.classes, a.batch);
     let model: Box<dyn Model> = model_spec.config.build(&ctx)?;
     let mut opt: Box<dyn Optimizer> = opt_spec
         .config

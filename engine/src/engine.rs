@@ -63,7 +63,7 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::plugin::{BindContext, ModelConfig};
-    use crate::time::{Clock, Timestamp};
+    use crate::time::Timestamp;
     use candle_core::Device;
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -71,19 +71,7 @@ mod tests {
     type Log = Rc<RefCell<Vec<String>>>;
 
     pub(crate) fn test_state() -> State {
-        let ctx = BindContext {
-            clock: Clock {
-                batches_per_epoch: 1,
-                samples_per_batch: 1,
-                tokens_per_sample: None,
-                max_batches: Some(1),
-            },
-            device: Device::Cpu,
-            seed: 0,
-            input_shape: [1, 2, 2],
-            num_classes: 2,
-            path: "model".into(),
-        };
+        let ctx = BindContext::standalone(&Device::Cpu, [1, 2, 2], 2, 1);
         let model = crate::models::MlpConfig { hidden: vec![2] }
             .build(&ctx)
             .unwrap();

@@ -421,23 +421,10 @@ crate::register_optimizer!(
 mod tests {
     use super::*;
     use crate::model::ParamBuilder;
-    use crate::time::Clock;
     use candle_core::{Device, Var};
 
     fn ctx() -> BindContext {
-        BindContext {
-            clock: Clock {
-                batches_per_epoch: 1,
-                samples_per_batch: 1,
-                tokens_per_sample: None,
-                max_batches: Some(1),
-            },
-            device: Device::Cpu,
-            seed: 0,
-            input_shape: [1, 1, 1],
-            num_classes: 1,
-            path: "optimizer".into(),
-        }
+        BindContext::standalone(&Device::Cpu, [1, 1, 1], 1, 1).with_path("optimizer")
     }
 
     /// One weight w=[1, -2] and one bias b=[0.5]; loss = sum(w * [3, 4]) + 2 b, so grads are

@@ -102,6 +102,29 @@ pub struct BindContext {
 }
 
 impl BindContext {
+    /// A context outside a recipe (benchmarks, tests): one epoch of one batch of `batch` samples,
+    /// seed 0, path `model`.
+    pub fn standalone(
+        device: &Device,
+        input_shape: [usize; 3],
+        num_classes: usize,
+        batch: usize,
+    ) -> Self {
+        BindContext {
+            clock: Clock {
+                batches_per_epoch: 1,
+                samples_per_batch: batch as u64,
+                tokens_per_sample: None,
+                max_batches: Some(1),
+            },
+            device: device.clone(),
+            seed: 0,
+            input_shape,
+            num_classes,
+            path: "model".into(),
+        }
+    }
+
     /// Resolves a time parameter into batches, naming the key on error.
     pub fn batches(&self, key: &str, t: &Time) -> Result<u64> {
         t.to_batches(&self.clock)

@@ -294,23 +294,10 @@ crate::register_model!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::time::Clock;
     use candle_core::Device;
 
     fn ctx(shape: [usize; 3]) -> BindContext {
-        BindContext {
-            clock: Clock {
-                batches_per_epoch: 1,
-                samples_per_batch: 1,
-                tokens_per_sample: None,
-                max_batches: Some(1),
-            },
-            device: Device::Cpu,
-            seed: 0,
-            input_shape: shape,
-            num_classes: 10,
-            path: "model".into(),
-        }
+        BindContext::standalone(&Device::Cpu, shape, 10, 1)
     }
 
     #[test]
