@@ -67,14 +67,6 @@ fn block(s: &str, what: &str) -> Result<Value> {
         .map_err(|e| Error::msg(format!("--{what} {s}: not a YAML block ({e})")))
 }
 
-/// The peak resident set size of this process, from /proc (Linux).
-pub fn peak_rss_mb() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
     if a.batch == 0 || a.steps == 0 || a.classes == 0 {
         return Err(Error::msg(
@@ -125,6 +117,6 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         forward_ms: 1e3 * f / n,
         backward_ms: 1e3 * b / n,
         optimizer_ms: 1e3 * o / n,
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: recipe_engine::sysinfo::peak_rss_mb(),
     })
 }

@@ -1,13 +1,16 @@
 //! The `recipe` command line: `run`, `show`, `list`.
 
 use clap::{Parser, Subcommand};
+use recipe_engine::checkpoint::{self, Checkpoint};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{registered, Kind};
 use recipe_engine::recipe::{Recipe, RecipeSource};
 use recipe_engine::serde_yaml::{Mapping, Value};
-use recipe_engine::trainer::{new_run_dir, Trainer};
+use recipe_engine::trainer::{new_run_dir, Resume, Trainer};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +53,24 @@ pub enum Command {
         /// No progress bar and no per-epoch lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Continue from a checkpoint: a .ckpt file, a run folder (its newest good checkpoint),
+        /// or `latest` (the newest run folder of this recipe, or --run-dir). The run goes on in
+        /// the checkpoint's run folder and ends bitwise identical to an uninterrupted one.
+        #[arg(long, value_name = "PATH|latest")]
+        resume: Option<String>,
+        /// Resume even though the recipe, the --set overrides or the scale ratio differ from
+        /// the checkpoint's (they are listed as warnings).
+        #[arg(long, requires = "resume")]
+        force: bool,
+    },
+    /// Write a checkpoint's model weights as a plain safetensors file, with PyTorch's names
+    /// (torchvision's for the ResNets, BatchNorm's num_batches_tracked included).
+    Export {
+        /// The checkpoint (.ckpt), or a run folder (its newest good checkpoint).
+        checkpoint: PathBuf,
+        /// The output file.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
     },
     /// Print the resolved recipe and a table of every time parameter: before and after scaling,
     /// in batches, and its policy.
@@ -83,11 +104,69 @@ pub fn main() -> ExitCode {
     init_tracing(cli.verbose);
     match run_command(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Interrupted {
+            signal,
+            batch,
+            checkpoint,
+        }) => {
+            eprintln!(
+                "\ninterrupted by {signal} after batch {batch}; checkpoint written to {}\nresume with: {}",
+                checkpoint.display(),
+                resume_command(&checkpoint)
+            );
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// The exit code of a run stopped by SIGINT or SIGTERM after writing its checkpoint
+/// (EX_TEMPFAIL: try again, with --resume).
+pub const EXIT_INTERRUPTED: u8 = 75;
+
+/// This process's command line with `--resume <checkpoint>` in place of any earlier --resume.
+fn resume_command(checkpoint: &std::path::Path) -> String {
+    let mut out = vec!["recipe".to_string()];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--resume" {
+            args.next();
+        } else if !a.starts_with("--resume=") {
+            out.push(shell_quote(&a));
+        }
+    }
+    out.push("--resume".into());
+    out.push(shell_quote(&checkpoint.display().to_string()));
+    out.join(" ")
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// SIGINT/SIGTERM set the returned flag to the signal's number (the trainer then finishes the
+/// step, checkpoints and stops); a second signal ends the process at once with code 130.
+fn install_signal_handlers() -> Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let which = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        let reg = signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&seen))
+            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&seen)))
+            .and_then(|_| signal_hook::flag::register_usize(sig, Arc::clone(&which), sig as usize));
+        reg.map_err(|e| Error::msg(format!("cannot install the signal handler: {e}")))?;
+    }
+    Ok(which)
 }
 
 fn init_tracing(verbose: u8) {
@@ -110,7 +189,10 @@ pub fn run_command(cmd: Command) -> Result<()> {
             recipe,
             run_dir,
             quiet,
-        } => run(&recipe, run_dir, quiet),
+            resume,
+            force,
+        } => run(&recipe, run_dir, quiet, resume.as_deref(), force),
+        Command::Export { checkpoint, to } => export(&checkpoint, &to),
         Command::Show { recipe } => show(&recipe),
         Command::Bench {
             which: BenchCommand::Throughput(a),
@@ -184,18 +266,105 @@ fn push_entry(m: &mut Mapping, key: &str, entry: Value) -> Result<()> {
     }
 }
 
-fn run(args: &RecipeArgs, run_dir: Option<PathBuf>, quiet: bool) -> Result<()> {
+/// The newest run folder of a recipe that holds a checkpoint: `<runs_dir>/<name>-<n>`, highest n.
+fn newest_run_with_checkpoint(runs_dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    let mut runs: Vec<(u64, PathBuf)> = std::fs::read_dir(runs_dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let file_name = e.file_name();
+            let n = file_name.to_str()?.strip_prefix(name)?.strip_prefix('-')?;
+            Some((n.parse().ok()?, e.path()))
+        })
+        .collect();
+    runs.sort_by(|a, b| b.0.cmp(&a.0));
+    runs.into_iter()
+        .map(|(_, p)| p)
+        .find(|p| !checkpoint::list(p).is_empty())
+}
+
+/// The run folder a checkpoint belongs to: the nearest ancestor (up to two levels) holding a
+/// recipe.yaml.
+fn run_folder_of(ckpt: &std::path::Path) -> Option<PathBuf> {
+    ckpt.ancestors()
+        .skip(1)
+        .take(2)
+        .find(|d| d.join("recipe.yaml").is_file())
+        .map(|d| d.to_path_buf())
+}
+
+/// Finds the checkpoint `--resume` names and the run folder to continue in.
+fn resolve_resume(
+    spec: &str,
+    recipe: &Recipe,
+    run_dir: Option<&PathBuf>,
+) -> Result<(Checkpoint, PathBuf)> {
+    let cpu = recipe_engine::candle_core::Device::Cpu;
+    let ckpt = if spec == "latest" {
+        let folder = match run_dir {
+            Some(d) => d.clone(),
+            None => newest_run_with_checkpoint(&recipe.runs_dir, &recipe.name).ok_or_else(|| {
+                Error::msg(format!(
+                    "--resume latest: no run folder {}/{}-<n> holds a checkpoint; give the checkpoint's path, or --run-dir",
+                    recipe.runs_dir.display(),
+                    recipe.name
+                ))
+            })?,
+        };
+        checkpoint::latest(&folder, &cpu)?
+    } else {
+        let p = PathBuf::from(spec);
+        if p.is_dir() {
+            checkpoint::latest(&p, &cpu)?
+        } else {
+            Checkpoint::read(&p, &cpu)?
+        }
+    };
+    let dir = match run_dir {
+        Some(d) => d.clone(),
+        None => match run_folder_of(&ckpt.path) {
+            Some(d) => d,
+            None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+        },
+    };
+    Ok((ckpt, dir))
+}
+
+fn run(
+    args: &RecipeArgs,
+    run_dir: Option<PathBuf>,
+    quiet: bool,
+    resume: Option<&str>,
+    force: bool,
+) -> Result<()> {
     let extra: &[&str] = if quiet {
         &["json_logger"]
     } else {
         &["progress_bar", "json_logger"]
     };
     let recipe = load(args, extra, true)?;
-    let dir = match run_dir {
-        Some(d) => d,
-        None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+    let mut trainer = match resume {
+        Some(spec) => {
+            let (checkpoint, dir) = resolve_resume(spec, &recipe, run_dir.as_ref())?;
+            let ts = &checkpoint.meta.timestamp;
+            eprintln!(
+                "resuming {} at epoch {}, batch {} from {}",
+                recipe.name,
+                ts.epoch,
+                ts.batch,
+                checkpoint.path.display()
+            );
+            Trainer::resume(&recipe, &dir, Resume { checkpoint, force })?
+        }
+        None => {
+            let dir = match run_dir {
+                Some(d) => d,
+                None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+            };
+            Trainer::new(&recipe, &dir)?
+        }
     };
-    let mut trainer = Trainer::new(&recipe, &dir)?;
+    trainer.set_interrupt(install_signal_handlers()?);
     let s = trainer.fit()?;
     let eval = match s.final_eval {
         Some(e) => format!(
@@ -215,6 +384,30 @@ fn run(args: &RecipeArgs, run_dir: Option<PathBuf>, quiet: bool) -> Result<()> {
         s.batches,
         s.wall_seconds,
         s.run_dir.display()
+    );
+    Ok(())
+}
+
+/// `recipe export`: the model's weights from a checkpoint, as a plain safetensors file.
+fn export(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let cpu = recipe_engine::candle_core::Device::Cpu;
+    let ckpt = if from.is_dir() {
+        checkpoint::latest(from, &cpu)?
+    } else {
+        Checkpoint::read(from, &cpu)?
+    };
+    let n = recipe_engine::export::write_torch_weights(&ckpt, to)?;
+    eprintln!(
+        "wrote {n} tensors ({} recipe `{}`, epoch {}, batch {}) to {}",
+        ckpt.meta
+            .recipe
+            .get("model")
+            .map(|m| recipe_engine::export::model_name(m))
+            .unwrap_or_default(),
+        ckpt.meta.recipe_name,
+        ckpt.meta.timestamp.epoch,
+        ckpt.meta.timestamp.batch,
+        to.display()
     );
     Ok(())
 }

@@ -1,12 +1,18 @@
 //! Writes every logged metric to `metrics.jsonl` in the run folder: one JSON object per event that
-//! logged something, with the batch, epoch and event name.
+//! logged something, with the batch, epoch and event name. When a run resumes into its folder,
+//! the records up to the checkpoint are kept and those the interrupted run wrote after it are
+//! dropped (the resumed run writes them again).
 
+use crate::resume_log::before_checkpoint;
+use recipe_engine::checkpoint::write_atomic;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
+use recipe_engine::time::Timestamp;
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::path::Path;
 
 fn default_file() -> String {
     "metrics.jsonl".into()
@@ -50,7 +56,17 @@ impl Callback for JsonLogger {
     fn run_event(&mut self, event: Event, state: &mut State) -> Result<()> {
         if self.out.is_none() {
             let path = state.run_dir.join(&self.file_name);
-            let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            let f = match &state.resumed_from {
+                Some(ts) => {
+                    keep_until(&path, ts)?;
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(&path)
+                }
+                None => File::create(&path),
+            }
+            .map_err(|e| Error::io(&path, e))?;
             self.out = Some(BufWriter::new(f));
         }
         let Some(out) = self.out.as_mut() else {
@@ -77,6 +93,29 @@ impl Callback for JsonLogger {
         }
         Ok(())
     }
+}
+
+/// Rewrites a metrics file with only the records logged before the checkpoint at `ts` (a cut-off
+/// last line from a crash goes too).
+fn keep_until(path: &Path, ts: &Timestamp) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let batch = v.get("batch").and_then(|b| b.as_u64());
+        let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("");
+        if batch.is_some_and(|b| before_checkpoint(b, event, ts)) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    write_atomic(path, kept.as_bytes())
 }
 
 recipe_engine::register_callback!(

@@ -52,6 +52,10 @@ impl Callback for Progress {
                     ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps ({eta} left) {msg}")
                         .unwrap_or_else(|_| ProgressStyle::default_bar()),
                 );
+                if state.timestamp.batch > 0 {
+                    bar.set_position(state.timestamp.batch);
+                    bar.reset_eta();
+                }
                 self.bar = Some(bar);
                 self.say(format!(
                     "training {}: {} steps ({} per epoch, batch {}), {} parameters",

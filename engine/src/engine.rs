@@ -95,6 +95,9 @@ mod tests {
             pending_log: Default::default(),
             stop_reason: None,
             evaluating: false,
+            resumed_from: None,
+            checkpoint_requests: Vec::new(),
+            last_checkpoint: None,
         }
     }
 

@@ -37,6 +37,13 @@ pub enum Error {
     },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The run was stopped by a signal after writing a checkpoint.
+    #[error("interrupted by {signal} after batch {batch}; checkpoint written to {}", .checkpoint.display())]
+    Interrupted {
+        signal: String,
+        batch: u64,
+        checkpoint: PathBuf,
+    },
 }
 
 fn recipe_message(

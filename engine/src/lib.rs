@@ -6,12 +6,15 @@
 //! - [`plugin`]: the six plugin kinds, their `inventory` registries, the time-parameter visitor.
 //! - [`recipe`]: the YAML schema, `--set` overrides, recipe transforms.
 //! - [`trainer`]: the training loop.
+//! - [`checkpoint`], [`export`]: checkpoint files (atomic, checksummed), resume, weight export.
 //! - [`schedule`], [`optim`], [`data`], [`model`], [`models`], [`ops`]: the built-in parts.
 
+pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod export;
 pub mod model;
 pub mod models;
 pub mod ops;
@@ -21,6 +24,7 @@ pub mod recipe;
 pub mod rng;
 pub mod schedule;
 pub mod state;
+pub mod sysinfo;
 pub mod time;
 pub mod trainer;
 

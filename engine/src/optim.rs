@@ -4,18 +4,75 @@
 //!
 //! Biases and normalisation parameters get no weight decay unless `decay_norm_and_bias: true`.
 
+use crate::checkpoint::StateDict;
 use crate::error::{Error, Result};
 use crate::model::{ParamKind, ParamStore};
 use crate::plugin::{BindContext, OptimizerConfig, TimeParams};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 pub trait Optimizer {
     /// One update of every trainable parameter that has a gradient, at learning rate `lr`.
     fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()>;
-    /// Named state tensors (momentum buffers, moments), for checkpoints.
-    fn state_tensors(&self) -> Vec<(String, Tensor)>;
+    /// The whole state (momentum buffers, moments, step counts), for checkpoints. Tensors are
+    /// named `<slot>.<parameter>`, PyTorch's slot names: `momentum_buffer`, `exp_avg`, ...
+    fn state_dict(&self) -> Result<StateDict>;
+    /// Restores a state saved by `state_dict` for the same parameters.
+    fn load_state_dict(&mut self, state: &StateDict, params: &ParamStore) -> Result<()>;
+}
+
+/// Puts each saved `<slot>.<parameter>` tensor into `slots[slot][index of parameter]`, checking
+/// that the parameter exists and the shape matches.
+fn load_slots(
+    state: &StateDict,
+    params: &ParamStore,
+    names: &[String],
+    slots: &mut [(&str, &mut Vec<Option<Tensor>>)],
+) -> Result<()> {
+    for v in slots.iter_mut() {
+        v.1.iter_mut().for_each(|t| *t = None);
+    }
+    for (key, t) in &state.tensors {
+        let found = slots.iter_mut().find_map(|(slot, v)| {
+            key.strip_prefix(*slot)
+                .and_then(|r| r.strip_prefix('.'))
+                .map(|n| (n, v))
+        });
+        let Some((name, v)) = found else {
+            return Err(Error::msg(format!(
+                "the checkpoint's optimizer state has `{key}`, which this optimizer does not keep; was it saved by another optimizer?"
+            )));
+        };
+        let i = names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::msg(format!(
+                "the checkpoint's optimizer state is for a parameter `{name}` that this model does not have"
+            ))
+        })?;
+        let p = params.trainable().nth(i).map(|p| p.var.dims().to_vec());
+        if p.as_deref() != Some(t.dims()) {
+            return Err(Error::msg(format!(
+                "the checkpoint's optimizer state `{key}` has shape {:?}, the parameter has {:?}",
+                t.dims(),
+                p.unwrap_or_default()
+            )));
+        }
+        v[i] = Some(t.clone());
+    }
+    Ok(())
+}
+
+fn save_slots(names: &[String], slots: &[(&str, &Vec<Option<Tensor>>)]) -> StateDict {
+    let mut out = StateDict::default();
+    for (slot, v) in slots {
+        for (n, t) in names.iter().zip(v.iter()) {
+            if let Some(t) = t {
+                out.tensors.insert(format!("{slot}.{n}"), t.clone());
+            }
+        }
+    }
+    out
 }
 
 fn decays(kind: ParamKind, decay_norm_and_bias: bool) -> bool {
@@ -200,12 +257,20 @@ impl Optimizer for Sgd {
         Ok(())
     }
 
-    fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.names
-            .iter()
-            .zip(&self.buffers)
-            .filter_map(|(n, b)| b.as_ref().map(|b| (format!("momentum.{n}"), b.clone())))
-            .collect()
+    fn state_dict(&self) -> Result<StateDict> {
+        Ok(save_slots(
+            &self.names,
+            &[("momentum_buffer", &self.buffers)],
+        ))
+    }
+
+    fn load_state_dict(&mut self, state: &StateDict, params: &ParamStore) -> Result<()> {
+        load_slots(
+            state,
+            params,
+            &self.names,
+            &mut [("momentum_buffer", &mut self.buffers)],
+        )
     }
 }
 
@@ -326,6 +391,12 @@ impl OptimizerConfig for AdamWConfig {
     }
 }
 
+/// Adam's saved values: the step count of each parameter.
+#[derive(Serialize, Deserialize)]
+struct AdamSaved {
+    steps: BTreeMap<String, u64>,
+}
+
 impl Optimizer for Adam {
     fn step(&mut self, params: &ParamStore, grads: &GradStore, lr: f64) -> Result<()> {
         warn_missing_grads(params, grads, &mut self.warned);
@@ -380,20 +451,42 @@ impl Optimizer for Adam {
         Ok(())
     }
 
-    fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
+    fn state_dict(&self) -> Result<StateDict> {
+        let mut out = save_slots(
+            &self.names,
+            &[
+                ("exp_avg", &self.m),
+                ("exp_avg_sq", &self.v),
+                ("max_exp_avg_sq", &self.v_max),
+            ],
+        );
+        let steps = self
+            .names
+            .iter()
+            .cloned()
+            .zip(self.steps.iter().copied())
+            .collect();
+        out.values = serde_yaml::to_value(AdamSaved { steps })
+            .map_err(|e| Error::msg(format!("cannot save the optimizer state: {e}")))?;
+        Ok(out)
+    }
+
+    fn load_state_dict(&mut self, state: &StateDict, params: &ParamStore) -> Result<()> {
+        load_slots(
+            state,
+            params,
+            &self.names,
+            &mut [
+                ("exp_avg", &mut self.m),
+                ("exp_avg_sq", &mut self.v),
+                ("max_exp_avg_sq", &mut self.v_max),
+            ],
+        )?;
+        let saved: AdamSaved = state.decode("optimizer")?;
         for (i, n) in self.names.iter().enumerate() {
-            for (k, s) in [
-                ("exp_avg", &self.m[i]),
-                ("exp_avg_sq", &self.v[i]),
-                ("max_exp_avg_sq", &self.v_max[i]),
-            ] {
-                if let Some(t) = s {
-                    out.push((format!("{k}.{n}"), t.clone()));
-                }
-            }
+            self.steps[i] = saved.steps.get(n).copied().unwrap_or(0);
         }
-        out
+        Ok(())
     }
 }
 

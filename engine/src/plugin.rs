@@ -5,6 +5,7 @@
 //! Adding a plugin never touches the engine: a crate defines a config struct (serde + `TimeParams`)
 //! and submits a registration with one of the `register_*!` macros.
 
+use crate::checkpoint::StateDict;
 use crate::data::{DataContext, Splits};
 use crate::error::{join_key, Error, Result};
 use crate::event::Event;
@@ -160,6 +161,15 @@ impl BindContext {
 pub trait Algorithm {
     fn matches(&self, event: Event, state: &State) -> bool;
     fn apply(&mut self, event: Event, state: &mut State) -> Result<()>;
+    /// State to carry across a checkpoint (counters, moving averages). Most algorithms are a
+    /// function of the timestamp and keep none.
+    fn state_dict(&self) -> Result<StateDict> {
+        Ok(StateDict::default())
+    }
+    /// Restores what `state_dict` saved (called between BEFORE_LOAD and AFTER_LOAD on resume).
+    fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Observes training (monitors, loggers, progress bar, stoppers). Runs after the algorithms.
@@ -168,6 +178,14 @@ pub trait Callback {
     /// Loggers run after every other callback (and first at INIT).
     fn is_logger(&self) -> bool {
         false
+    }
+    /// State to carry across a checkpoint (a stopper's best value, a checkpointer's file list).
+    fn state_dict(&self) -> Result<StateDict> {
+        Ok(StateDict::default())
+    }
+    /// Restores what `state_dict` saved (called between BEFORE_LOAD and AFTER_LOAD on resume).
+    fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
     }
 }
 

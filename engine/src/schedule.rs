@@ -17,6 +17,13 @@ use serde::{Deserialize, Serialize};
 /// An LR multiplier as a function of the step (batch count, from 0).
 pub trait Schedule {
     fn multiplier(&self, batch: u64) -> f64;
+    /// State to carry across a checkpoint; the built-in schedules are stateless.
+    fn state_dict(&self) -> Result<crate::checkpoint::StateDict> {
+        Ok(Default::default())
+    }
+    fn load_state_dict(&mut self, _state: &crate::checkpoint::StateDict) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The shape of a schedule after warmup, with its times resolved into batches.

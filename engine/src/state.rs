@@ -26,7 +26,7 @@ impl Batch {
 }
 
 /// Results of one evaluation pass.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalResult {
     pub loss: f64,
     pub accuracy: f64,
@@ -36,7 +36,7 @@ pub struct EvalResult {
 }
 
 /// Running training metrics of the current epoch.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub loss_sum: f64,
     pub correct: u64,
@@ -82,6 +82,20 @@ pub struct State {
     pub stop_reason: Option<String>,
     /// Whether an evaluation pass is running.
     pub evaluating: bool,
+    /// Set from INIT on when this run continues from a checkpoint: the timestamp it resumes at.
+    /// Loggers use it to keep what was logged up to that point and drop what came after.
+    pub resumed_from: Option<Timestamp>,
+    /// Checkpoints asked for at this event; the trainer writes them after the event.
+    pub checkpoint_requests: Vec<CheckpointRequest>,
+    /// The last checkpoint written by this run.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A checkpoint to write, and older files to delete once it is safely on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointRequest {
+    pub path: PathBuf,
+    pub prune: Vec<PathBuf>,
 }
 
 impl State {
@@ -103,6 +117,13 @@ impl State {
     /// Records a metric for the loggers at this event.
     pub fn log(&mut self, key: impl Into<String>, value: f64) {
         self.pending_log.insert(key.into(), value);
+    }
+
+    /// Asks the trainer to write a checkpoint to `path` after the current event, then delete
+    /// the files in `prune` (only once the new one is safely written).
+    pub fn request_checkpoint(&mut self, path: PathBuf, prune: Vec<PathBuf>) {
+        self.checkpoint_requests
+            .push(CheckpointRequest { path, prune });
     }
 
     /// Asks the trainer to stop after the current batch.

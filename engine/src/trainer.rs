@@ -2,6 +2,7 @@
 //! callbacks), fires every event in order, evaluates at the recipe's interval, and stops at
 //! max_duration.
 
+use crate::checkpoint::{recipe_differences, Checkpoint, CheckpointMeta, ClockMeta, StateDict};
 use crate::data::{synthetic_splits, DataContext, Loader};
 use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
@@ -13,8 +14,10 @@ use crate::recipe::Recipe;
 use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, EvalResult, State};
 use crate::time::Timestamp;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a finished run reports.
@@ -32,10 +35,69 @@ pub struct Trainer {
     pub state: State,
     pub engine: Engine,
     optimizer: Box<dyn Optimizer>,
-    schedule: Option<Box<dyn Schedule>>,
+    optimizer_key: String,
+    schedule: Option<(String, Box<dyn Schedule>)>,
     train: Loader,
     eval: Option<Loader>,
     eval_every: u64,
+    /// What goes into every checkpoint besides the state: the recipe as given and its ratio.
+    recipe_given: serde_yaml::Value,
+    scale_ratio: f64,
+    /// Set (to the signal number) by a signal handler: finish the step, checkpoint, stop.
+    interrupt: Option<Arc<AtomicUsize>>,
+}
+
+/// How a run continues from a checkpoint.
+pub struct Resume {
+    pub checkpoint: Checkpoint,
+    /// Continue even though the recipe or the scale ratio differ from the checkpoint's.
+    pub force: bool,
+}
+
+/// The key of a plugin's state in a checkpoint: its place and its name.
+fn plugin_key(path: &str, name: &str) -> String {
+    format!("{path}:{name}")
+}
+
+/// The file name of a checkpoint taken at `ts`: `ep3-ba1407.ckpt`.
+pub fn checkpoint_file_name(ts: &Timestamp) -> String {
+    format!(
+        "ep{}-ba{}.{}",
+        ts.epoch,
+        ts.batch,
+        crate::checkpoint::EXTENSION
+    )
+}
+
+fn signal_name(sig: usize) -> String {
+    match sig {
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Refuses to resume across differences unless forced (then warns about each).
+fn check_differences(ckpt: &Checkpoint, d: &[String], force: bool) -> Result<()> {
+    if d.is_empty() {
+        return Ok(());
+    }
+    let list = d
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if force {
+        tracing::warn!(
+            "resuming from {} despite differences (--force):\n{list}",
+            ckpt.path.display()
+        );
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "cannot resume from {}: it was written by a different run (checkpoint -> now):\n{list}\n  hint: resume with the recipe, --set and --scale it was started with, or pass --force to continue under the new settings",
+        ckpt.path.display()
+    )))
 }
 
 /// Parses the recipe's `device`.
@@ -75,23 +137,103 @@ pub fn new_run_dir(parent: &Path, name: &str) -> Result<PathBuf> {
     unreachable!("the run-folder search is unbounded")
 }
 
+/// What differs between a checkpoint and the run that wants to resume from it.
+fn resume_differences(
+    meta: &CheckpointMeta,
+    given: &serde_yaml::Value,
+    ratio: f64,
+    clock: &crate::time::Clock,
+) -> Vec<String> {
+    let mut d = Vec::new();
+    if meta.scale_ratio != ratio {
+        d.push(format!(
+            "scale ratio: {} -> {ratio} (the checkpoint's run is {} batches long)",
+            meta.scale_ratio, meta.clock.max_batches
+        ));
+    }
+    d.extend(recipe_differences(&meta.recipe, given));
+    let now = ClockMeta {
+        batches_per_epoch: clock.batches_per_epoch,
+        samples_per_batch: clock.samples_per_batch,
+        max_batches: clock.max_batches.unwrap_or(0),
+    };
+    if meta.clock != now {
+        d.push(format!(
+            "resolved clock: {} batches per epoch of {} samples, run of {} batches -> {} of {}, run of {} (did the dataset change?)",
+            meta.clock.batches_per_epoch,
+            meta.clock.samples_per_batch,
+            meta.clock.max_batches,
+            now.batches_per_epoch,
+            now.samples_per_batch,
+            now.max_batches
+        ));
+    }
+    d
+}
+
+/// Writes the run's recipe.yaml. When resuming into a folder whose recipe.yaml differs, the old
+/// one is kept beside it as recipe.before-resume-ba<N>.yaml.
+fn write_run_recipe(recipe: &Recipe, run_dir: &Path, resume_at: Option<u64>) -> Result<()> {
+    let text = serde_yaml::to_string(&recipe.raw).unwrap_or_default();
+    let path = run_dir.join("recipe.yaml");
+    let unwritable = |e: std::io::Error| {
+        Error::msg(format!(
+            "the run folder {} is not writable ({e}); pass --run-dir to a writable folder",
+            run_dir.display()
+        ))
+    };
+    std::fs::create_dir_all(run_dir).map_err(unwritable)?;
+    if let (Some(n), Ok(old)) = (resume_at, std::fs::read_to_string(&path)) {
+        if old != text {
+            let keep = run_dir.join(format!("recipe.before-resume-ba{n}.yaml"));
+            std::fs::rename(&path, &keep).map_err(unwritable)?;
+        }
+    }
+    std::fs::write(&path, text).map_err(unwritable)
+}
+
 impl Trainer {
     /// Binds a prepared recipe into a trainer writing into `run_dir` (which must exist or be
     /// creatable; it is checked before any data is read).
     pub fn new(recipe: &Recipe, run_dir: &Path) -> Result<Trainer> {
-        std::fs::create_dir_all(run_dir)
-            .and_then(|_| {
-                std::fs::write(
-                    run_dir.join("recipe.yaml"),
-                    serde_yaml::to_string(&recipe.raw).unwrap_or_default(),
-                )
-            })
-            .map_err(|e| {
-                Error::msg(format!(
-                    "the run folder {} is not writable ({e}); pass --run-dir to a writable folder",
-                    run_dir.display()
-                ))
-            })?;
+        Self::build(recipe, run_dir, None)
+    }
+
+    /// Binds a recipe and continues from a checkpoint. A checkpoint of another recipe, another
+    /// scale ratio or another resolved clock is refused with the list of differences, unless
+    /// `force` is set.
+    pub fn resume(recipe: &Recipe, run_dir: &Path, resume: Resume) -> Result<Trainer> {
+        Self::build(recipe, run_dir, Some(resume))
+    }
+
+    /// Stop cleanly when `flag` becomes non-zero (a signal number): finish the step, write a
+    /// checkpoint, return [`Error::Interrupted`].
+    pub fn set_interrupt(&mut self, flag: Arc<AtomicUsize>) {
+        self.interrupt = Some(flag);
+    }
+
+    fn build(recipe: &Recipe, run_dir: &Path, resume: Option<Resume>) -> Result<Trainer> {
+        let given = recipe.source.raw()?;
+        if let Some(r) = &resume {
+            // A quick check before any data is read; the clock is compared once it is known.
+            let d = resume_differences(
+                &r.checkpoint.meta,
+                &given,
+                recipe.scale_ratio,
+                &crate::time::Clock {
+                    max_batches: Some(r.checkpoint.meta.clock.max_batches),
+                    batches_per_epoch: r.checkpoint.meta.clock.batches_per_epoch,
+                    samples_per_batch: r.checkpoint.meta.clock.samples_per_batch,
+                    tokens_per_sample: None,
+                },
+            );
+            check_differences(&r.checkpoint, &d, r.force)?;
+        }
+        write_run_recipe(
+            recipe,
+            run_dir,
+            resume.as_ref().map(|r| r.checkpoint.meta.timestamp.batch),
+        )?;
         recipe
             .data_info()
             .validate("data")
@@ -132,6 +274,10 @@ impl Trainer {
         let clock = recipe
             .clock_for(train.len())
             .map_err(|e| recipe.source.locate(e))?;
+        if let Some(r) = &resume {
+            let d = resume_differences(&r.checkpoint.meta, &given, recipe.scale_ratio, &clock);
+            check_differences(&r.checkpoint, &d, r.force)?;
+        }
         let ctx = BindContext {
             clock,
             device: device.clone(),
@@ -152,21 +298,24 @@ impl Trainer {
             .build(&ctx.with_path("optimizer"), model.params())
             .map_err(locate)?;
         let schedule = match &recipe.schedule {
-            Some(s) => Some(s.config.build(&ctx.with_path("schedule")).map_err(locate)?),
+            Some(s) => Some((
+                plugin_key("schedule", &s.name),
+                s.config.build(&ctx.with_path("schedule")).map_err(locate)?,
+            )),
             None => None,
         };
         let mut engine = Engine::default();
         for a in &recipe.algorithms {
             let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
             engine.algorithms.push(Named {
-                label: format!("{} ({})", a.path, a.name),
+                label: plugin_key(&a.path, &a.name),
                 inner,
             });
         }
         for c in &recipe.callbacks {
             let inner = c.config.build(&ctx.with_path(&c.path)).map_err(locate)?;
             engine.callbacks.push(Named {
-                label: format!("{} ({})", c.path, c.name),
+                label: plugin_key(&c.path, &c.name),
                 inner,
             });
         }
@@ -195,21 +344,217 @@ impl Trainer {
             pending_log: Default::default(),
             stop_reason: None,
             evaluating: false,
+            resumed_from: resume.as_ref().map(|r| r.checkpoint.meta.timestamp.clone()),
+            checkpoint_requests: Vec::new(),
+            last_checkpoint: None,
         };
         let mut t = Trainer {
             state,
             engine,
             optimizer,
+            optimizer_key: plugin_key("optimizer", &recipe.optimizer.name),
             schedule,
             train,
             eval,
             eval_every,
+            recipe_given: given,
+            scale_ratio: recipe.scale_ratio,
+            interrupt: None,
         };
         t.event(Event::Init)?;
-        // No checkpoint is loaded yet; the events keep their place for the plugins that use them.
         t.event(Event::BeforeLoad)?;
+        if let Some(r) = &resume {
+            t.load(&r.checkpoint, r.force)?;
+        }
         t.event(Event::AfterLoad)?;
         Ok(t)
+    }
+
+    /// Everything a checkpoint holds, from the live run.
+    fn capture(&self) -> Result<(CheckpointMeta, Vec<(String, Tensor)>)> {
+        let mut tensors = Vec::new();
+        let mut model_tensors = Vec::new();
+        for p in self.state.model.params().iter() {
+            model_tensors.push(p.name.clone());
+            tensors.push((format!("model/{}", p.name), p.var.as_tensor().clone()));
+        }
+        let mut plugins = std::collections::BTreeMap::new();
+        let mut add = |key: &str, sd: StateDict| {
+            if sd.is_empty() {
+                return;
+            }
+            for (n, t) in sd.tensors {
+                tensors.push((format!("{key}/{n}"), t));
+            }
+            plugins.insert(key.to_string(), sd.values);
+        };
+        add(&self.optimizer_key, self.optimizer.state_dict()?);
+        if let Some((key, s)) = &self.schedule {
+            add(key, s.state_dict()?);
+        }
+        for a in &self.engine.algorithms {
+            add(&a.label, a.inner.state_dict()?);
+        }
+        for c in &self.engine.callbacks {
+            add(&c.label, c.inner.state_dict()?);
+        }
+        let s = &self.state;
+        let meta = CheckpointMeta {
+            format: crate::checkpoint::FORMAT_VERSION,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            recipe_name: s.run_name.clone(),
+            recipe: self.recipe_given.clone(),
+            scale_ratio: self.scale_ratio,
+            seed: s.seed,
+            clock: ClockMeta {
+                batches_per_epoch: s.clock.batches_per_epoch,
+                samples_per_batch: s.clock.samples_per_batch,
+                max_batches: s.max_batches(),
+            },
+            timestamp: s.timestamp.clone(),
+            epoch_metrics: s.epoch_metrics,
+            last_eval: s.last_eval,
+            last_loss: s.last_loss,
+            plugins,
+            model_tensors,
+        };
+        Ok((meta, tensors))
+    }
+
+    /// Writes a checkpoint of the run as it stands.
+    pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        let (meta, tensors) = self.capture()?;
+        Checkpoint::write(path, &meta, &tensors)?;
+        tracing::info!(
+            "checkpoint at batch {}: {}",
+            self.state.timestamp.batch,
+            path.display()
+        );
+        self.state.last_checkpoint = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Writes the checkpoints callbacks asked for at the last event, then deletes the files they
+    /// retire (only after the new one is on disk).
+    fn serve_checkpoint_requests(&mut self) -> Result<()> {
+        for req in std::mem::take(&mut self.state.checkpoint_requests) {
+            let path = if req.path.is_absolute() {
+                req.path.clone()
+            } else {
+                self.state.run_dir.join(&req.path)
+            };
+            self.save_checkpoint(&path)?;
+            for old in req.prune {
+                let old = self.state.run_dir.join(old);
+                if old == path {
+                    continue;
+                }
+                match std::fs::remove_file(&old) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("cannot delete old checkpoint {}: {e}", old.display()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a checkpoint's state into the freshly built run.
+    fn load(&mut self, ckpt: &Checkpoint, force: bool) -> Result<()> {
+        let at = |e: Error| Error::msg(format!("cannot resume from {}: {e}", ckpt.path.display()));
+        let saved = ckpt.model_tensors();
+        for p in self.state.model.params().iter() {
+            let t = saved.get(&p.name).ok_or_else(|| {
+                at(Error::msg(format!(
+                    "it has no value for the model's `{}`; it was saved from another model",
+                    p.name
+                )))
+            })?;
+            if t.dims() != p.var.dims() {
+                return Err(at(Error::msg(format!(
+                    "its `{}` has shape {:?}, the model has {:?}",
+                    p.name,
+                    t.dims(),
+                    p.var.dims()
+                ))));
+            }
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(&self.state.device)?)?;
+        }
+        let mut keys: Vec<&String> = ckpt.meta.plugins.keys().collect();
+        let mut restore =
+            |key: &str, load: &mut dyn FnMut(&StateDict) -> Result<()>| -> Result<()> {
+                keys.retain(|k| k.as_str() != key);
+                match ckpt.plugin(key) {
+                    Some(sd) => load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}")))),
+                    None => Ok(()),
+                }
+            };
+        let params = self.state.model.params().clone();
+        let opt = &mut self.optimizer;
+        restore(&self.optimizer_key.clone(), &mut |sd| {
+            opt.load_state_dict(sd, &params)
+        })?;
+        if let Some((key, s)) = &mut self.schedule {
+            restore(key, &mut |sd| s.load_state_dict(sd))?;
+        }
+        for a in &mut self.engine.algorithms {
+            let inner = &mut a.inner;
+            restore(&a.label, &mut |sd| inner.load_state_dict(sd))?;
+        }
+        for c in &mut self.engine.callbacks {
+            let inner = &mut c.inner;
+            restore(&c.label, &mut |sd| inner.load_state_dict(sd))?;
+        }
+        if !keys.is_empty() {
+            let msg = format!(
+                "the checkpoint holds state for {} that this recipe does not have",
+                keys.iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if !force {
+                return Err(at(Error::msg(format!("{msg}; pass --force to drop it"))));
+            }
+            tracing::warn!("{msg}; dropped (--force)");
+        }
+        let m = &ckpt.meta;
+        self.state.timestamp = m.timestamp.clone();
+        self.state.epoch_metrics = m.epoch_metrics;
+        self.state.last_eval = m.last_eval;
+        self.state.last_loss = m.last_loss;
+        self.state.last_checkpoint = Some(ckpt.path.clone());
+        Ok(())
+    }
+
+    /// When a signal arrived: write a checkpoint at this batch (unless one was just written) and
+    /// stop with [`Error::Interrupted`].
+    fn check_interrupt(&mut self) -> Result<()> {
+        let Some(sig) = self
+            .interrupt
+            .as_ref()
+            .map(|f| f.load(Ordering::SeqCst))
+            .filter(|&s| s != 0)
+        else {
+            return Ok(());
+        };
+        let ts = &self.state.timestamp;
+        let path = self
+            .state
+            .run_dir
+            .join("checkpoints")
+            .join(checkpoint_file_name(ts));
+        if self.state.last_checkpoint.as_deref() != Some(path.as_path()) || !path.exists() {
+            self.save_checkpoint(&path)?;
+        }
+        Err(Error::Interrupted {
+            signal: signal_name(sig),
+            batch: self.state.timestamp.batch,
+            checkpoint: path,
+        })
     }
 
     fn event(&mut self, e: Event) -> Result<()> {
@@ -251,9 +596,7 @@ impl Trainer {
                 self.state.batch = Some(batch);
                 self.event(Event::AfterDataloader)?;
                 self.train_batch()?;
-                if self.state.timestamp.batch.is_multiple_of(self.eval_every) {
-                    self.evaluate()?;
-                }
+                self.check_interrupt()?;
             }
             drop(batches);
             if self.state.timestamp.batch_in_epoch >= bpe {
@@ -261,14 +604,19 @@ impl Trainer {
                 self.state.log("train/epoch_loss", m.mean_loss());
                 self.state.log("train/epoch_accuracy", m.accuracy());
                 self.event(Event::EpochEnd)?;
-                self.event(Event::EpochCheckpoint)?;
+                // As in Composer: the timestamp moves to the next epoch before EPOCH_CHECKPOINT,
+                // so a checkpoint taken there resumes at the start of the next epoch.
                 self.state.timestamp.next_epoch();
+                self.event(Event::EpochCheckpoint)?;
+                self.serve_checkpoint_requests()?;
+                self.check_interrupt()?;
             }
         }
         if self.state.last_eval.map(|e| e.at_batch) != Some(self.state.timestamp.batch) {
             self.evaluate()?;
         }
         self.event(Event::FitEnd)?;
+        self.serve_checkpoint_requests()?;
         let weights = self.state.run_dir.join("model.safetensors");
         self.state.model.params().save(&weights)?;
         let summary = FitSummary {
@@ -285,7 +633,10 @@ impl Trainer {
     /// The LR of batch k comes from batch k's timestamp, before anything of the batch runs.
     fn set_lr(&mut self) {
         let step = self.state.timestamp.batch;
-        let mult = self.schedule.as_ref().map_or(1.0, |s| s.multiplier(step));
+        let mult = self
+            .schedule
+            .as_ref()
+            .map_or(1.0, |(_, s)| s.multiplier(step));
         self.state.lr = self.state.base_lr * mult;
     }
 
@@ -333,8 +684,11 @@ impl Trainer {
         self.state.timestamp.next_batch(n, 0);
         self.state.log("train/loss", loss_value);
         self.event(Event::BatchEnd)?;
+        if self.state.timestamp.batch.is_multiple_of(self.eval_every) {
+            self.evaluate()?;
+        }
         self.event(Event::BatchCheckpoint)?;
-        Ok(())
+        self.serve_checkpoint_requests()
     }
 
     fn batch(&self) -> Result<&crate::state::Batch> {
