@@ -277,7 +277,7 @@ fn newest_run_with_checkpoint(runs_dir: &std::path::Path, name: &str) -> Option<
             Some((n.parse().ok()?, e.path()))
         })
         .collect();
-    runs.sort_by(|a, b| b.0.cmp(&a.0));
+    runs.sort_by_key(|r| std::cmp::Reverse(r.0));
     runs.into_iter()
         .map(|(_, p)| p)
         .find(|p| !checkpoint::list(p).is_empty())
@@ -402,7 +402,7 @@ fn export(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
         ckpt.meta
             .recipe
             .get("model")
-            .map(|m| recipe_engine::export::model_name(m))
+            .map(recipe_engine::export::model_name)
             .unwrap_or_default(),
         ckpt.meta.recipe_name,
         ckpt.meta.timestamp.epoch,

@@ -1,9 +1,11 @@
 //! Writes logged metrics to `metrics.csv` in the run folder: one row per step that logged
 //! anything (`batch`, `epoch`, then one column per metric, empty where a metric was not logged at
-//! that step). A metric that first appears later (the first evaluation, say) adds a column: the
+//! that step). Row `n` holds what was logged while step `n` was trained and after it, until step
+//! `n + 1` began (its evaluation, the epoch's metrics when it ended the epoch). A metric that first appears later (the first evaluation, say) adds a column: the
 //! file is rewritten with the wider header, atomically. On resume, rows after the checkpoint are
 //! dropped and the resumed run writes them again.
 
+use crate::resume_log::belongs_to_next_step;
 use recipe_engine::checkpoint::write_atomic;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
@@ -198,11 +200,12 @@ impl Callback for CsvLogger {
         }
         if !state.pending_log.is_empty() {
             let ts = &state.timestamp;
-            if self.row.as_ref().is_some_and(|r| r.batch != ts.batch) {
+            let step = ts.batch + u64::from(belongs_to_next_step(event.name()));
+            if self.row.as_ref().is_some_and(|r| r.batch != step) {
                 self.finish_row()?;
             }
             let row = self.row.get_or_insert_with(|| Row {
-                batch: ts.batch,
+                batch: step,
                 epoch: ts.epoch,
                 values: BTreeMap::new(),
             });

@@ -101,7 +101,7 @@ struct EarlyStopper {
 impl CallbackConfig for EarlyStopperConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         check_monitor(ctx, &self.monitor)?;
-        if !(self.min_delta >= 0.0) {
+        if self.min_delta.is_nan() || self.min_delta < 0.0 {
             return Err(Error::recipe(
                 format!("{}.min_delta", ctx.path),
                 "must be a number >= 0",

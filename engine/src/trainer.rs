@@ -45,6 +45,8 @@ pub struct Trainer {
     scale_ratio: f64,
     /// Set (to the signal number) by a signal handler: finish the step, checkpoint, stop.
     interrupt: Option<Arc<AtomicUsize>>,
+    /// Checkpoint folders already cleared of partial files from a killed process.
+    cleaned: std::collections::HashSet<PathBuf>,
 }
 
 /// How a run continues from a checkpoint.
@@ -360,6 +362,7 @@ impl Trainer {
             recipe_given: given,
             scale_ratio: recipe.scale_ratio,
             interrupt: None,
+            cleaned: Default::default(),
         };
         t.event(Event::Init)?;
         t.event(Event::BeforeLoad)?;
@@ -425,6 +428,17 @@ impl Trainer {
 
     /// Writes a checkpoint of the run as it stands.
     pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            if self.cleaned.insert(dir.to_path_buf()) {
+                let n = crate::checkpoint::remove_stale_temporaries(dir);
+                if n > 0 {
+                    tracing::info!(
+                        "removed {n} partial checkpoint file(s) left in {} by an interrupted write",
+                        dir.display()
+                    );
+                }
+            }
+        }
         let (meta, tensors) = self.capture()?;
         Checkpoint::write(path, &meta, &tensors)?;
         tracing::info!(
