@@ -1,4 +1,4 @@
-//! The `recipe` command line: `run`, `show`, `list`.
+//! The `recipe` command line: `run` (with `--resume`), `export`, `show`, `list`, `bench`.
 
 use clap::{Parser, Subcommand};
 use recipe_engine::checkpoint::{self, Checkpoint};
@@ -17,7 +17,7 @@ use std::sync::Arc;
     name = "recipe",
     version,
     about = "Train models from YAML recipes; shrink a whole recipe consistently with --scale.",
-    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
+    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe run recipes/fashion_mnist_resnet.yaml --resume latest\n  recipe export runs/fashion_mnist_resnet-1 --to resnet20.safetensors\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -43,7 +43,9 @@ pub struct RecipeArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Train a recipe. Writes recipe.yaml, metrics.jsonl and model.safetensors into a run folder.
+    /// Train a recipe. Writes recipe.yaml, metrics.jsonl and model.safetensors into a run folder
+    /// (and checkpoints/ with the `checkpoint` callback). Ctrl-C or SIGTERM finishes the step,
+    /// writes a checkpoint and exits with code 75; a second Ctrl-C quits at once.
     Run {
         #[command(flatten)]
         recipe: RecipeArgs,

@@ -10,7 +10,7 @@ use crate::checkpoint::{write_atomic, Checkpoint};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_yaml::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// The model's name in a recipe's `model` entry (`resnet` from `{name: resnet, depth: 50}`).
@@ -26,7 +26,7 @@ pub fn model_name(v: &Value) -> String {
     }
 }
 
-/// The tensors to export: the model's, plus `num_batches_tracked` beside every running mean.
+/// The tensors to export from a checkpoint.
 pub fn torch_state_dict(ckpt: &Checkpoint) -> Result<Vec<(String, Tensor)>> {
     let model = ckpt.model_tensors();
     if model.is_empty() {
@@ -36,7 +36,13 @@ pub fn torch_state_dict(ckpt: &Checkpoint) -> Result<Vec<(String, Tensor)>> {
             hint: "export a checkpoint written by `recipe run`".into(),
         });
     }
-    let steps = ckpt.meta.timestamp.batch as i64;
+    torch_names(model, ckpt.meta.timestamp.batch)
+}
+
+/// A model's tensors as PyTorch names them: ours, plus `num_batches_tracked` (`steps`, int64)
+/// beside every running mean; sorted by name.
+pub fn torch_names(model: BTreeMap<String, Tensor>, steps: u64) -> Result<Vec<(String, Tensor)>> {
+    let steps = steps as i64;
     let mut out = Vec::new();
     for (name, t) in model {
         if let Some(layer) = name.strip_suffix(".running_mean") {
@@ -59,4 +65,66 @@ pub fn write_torch_weights(ckpt: &Checkpoint, to: &Path) -> Result<usize> {
         .map_err(|e| Error::msg(format!("cannot serialize the weights: {e}")))?;
     write_atomic(to, &bytes)?;
     Ok(tensors.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{BindContext, ModelConfig};
+    use candle_core::Device;
+
+    /// The keys of torchvision's `resnet18().state_dict()`, generated from its layout.
+    fn torchvision_resnet18_keys() -> Vec<String> {
+        let bn = |p: &str| {
+            [
+                "weight",
+                "bias",
+                "running_mean",
+                "running_var",
+                "num_batches_tracked",
+            ]
+            .map(|k| format!("{p}.{k}"))
+            .to_vec()
+        };
+        let mut keys = vec!["conv1.weight".to_string()];
+        keys.extend(bn("bn1"));
+        for layer in 1..=4 {
+            for block in 0..2 {
+                let p = format!("layer{layer}.{block}");
+                keys.push(format!("{p}.conv1.weight"));
+                keys.extend(bn(&format!("{p}.bn1")));
+                keys.push(format!("{p}.conv2.weight"));
+                keys.extend(bn(&format!("{p}.bn2")));
+                if layer > 1 && block == 0 {
+                    keys.push(format!("{p}.downsample.0.weight"));
+                    keys.extend(bn(&format!("{p}.downsample.1")));
+                }
+            }
+        }
+        keys.extend(["fc.weight".to_string(), "fc.bias".to_string()]);
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn resnet18_exports_exactly_torchvisions_state_dict_keys() {
+        let ctx = BindContext::standalone(&Device::Cpu, [3, 32, 32], 1000, 1);
+        let cfg: crate::models::ResNetConfig =
+            crate::plugin::parse_block(&serde_yaml::from_str("depth: 18").unwrap()).unwrap();
+        let model = cfg.build(&ctx).unwrap();
+        let tensors = model
+            .params()
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect();
+        let out = torch_names(tensors, 7).unwrap();
+        let names: Vec<String> = out.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names.len(), 122);
+        assert_eq!(names, torchvision_resnet18_keys());
+        let (_, n) = out
+            .iter()
+            .find(|(n, _)| n == "layer3.0.downsample.1.num_batches_tracked")
+            .unwrap();
+        assert_eq!(n.to_scalar::<i64>().unwrap(), 7);
+    }
 }
