@@ -1076,16 +1076,28 @@ callbacks:
         /// Any override string: an Ok tree or a clear error, never a panic.
         #[test]
         fn overrides_never_panic(key in "[a-z_.\\[\\]0-9]{0,24}", value in ".{0,12}") {
-            let _ = raw_with(&[&format!("{key}={value}")]);
-            let _ = raw_with(&[&key]);
+            // An error names the --set that caused it.
+            let set = format!("{key}={value}");
+            if let Err(e) = raw_with(&[&set]) {
+                prop_assert!(e.to_string().contains(&format!("--set {set}")), "{}", e);
+            }
+            if let Err(e) = raw_with(&[&key]) {
+                prop_assert!(e.to_string().contains(&format!("--set {key}")), "{}", e);
+            }
         }
 
         /// Any text as a recipe: parse errors, never a panic.
         #[test]
         fn arbitrary_yaml_never_panics(text in "[a-z_:{}\\[\\], \\n0-9.\\-]{0,80}") {
             let src = RecipeSource::from_text(&text, &[]);
-            if let Ok(raw) = src.raw() {
-                let _ = Recipe::from_raw(raw, src, true);
+            let r = src.raw().and_then(|raw| Recipe::from_raw(raw, src, true));
+            if let Err(e) = r {
+                // A clear error: it says where (a key or a line) or what the recipe must be.
+                let m = e.to_string();
+                prop_assert!(
+                    m.contains("key `") || m.contains("line") || m.contains("mapping"),
+                    "unclear error for {:?}: {}", text, m
+                );
             }
         }
 
@@ -1100,10 +1112,17 @@ callbacks:
                 }
             }
             let src = RecipeSource::from_text(&lines.join("\n"), &[]);
-            if let Ok(raw) = src.raw() {
-                if let Ok(mut r) = Recipe::from_raw(raw, src, true) {
+            match src.raw().and_then(|raw| Recipe::from_raw(raw, src, true)) {
+                Ok(mut r) => {
                     let _ = r.clock();
                     let _ = r.time_rows();
+                }
+                Err(e) => {
+                    let m = e.to_string();
+                    prop_assert!(
+                        m.contains("key `") || m.contains("line") || m.contains("mapping"),
+                        "unclear error for line {}: {}", line, m
+                    );
                 }
             }
         }
