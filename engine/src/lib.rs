@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod event;
 pub mod export;
+pub mod metric;
 pub mod model;
 pub mod models;
 pub mod ops;

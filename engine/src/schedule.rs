@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// An LR multiplier as a function of the step (batch count, from 0).
 pub trait Schedule {
     fn multiplier(&self, batch: u64) -> f64;
+    /// Sees the metrics the trainer logs (`eval/loss`, `eval/accuracy`, `train/loss`, ...) at
+    /// `batch`, before the callbacks run; metric-driven schedules (reduce_on_plateau) use it.
+    fn observe(&mut self, _metrics: &std::collections::BTreeMap<String, f64>, _batch: u64) {}
     /// State to carry across a checkpoint; the built-in schedules are stateless.
     fn state_dict(&self) -> Result<crate::checkpoint::StateDict> {
         Ok(Default::default())
@@ -64,6 +67,47 @@ pub enum Shape {
         alpha_f: f64,
         t_max: f64,
     },
+    /// Cosine cycles of length t_0, t_0 t_mult, t_0 t_mult^2, ... from `offset` on.
+    CosineRestarts {
+        t_0: f64,
+        t_mult: f64,
+        alpha_f: f64,
+        offset: f64,
+    },
+    /// OneCycle (Smith and Topin 2019, PyTorch's OneCycleLR): from 1/div_factor up to 1 over the
+    /// first pct_start of [t_warmup, t_max], then down to 1/(div_factor final_div_factor).
+    OneCycle {
+        pct_start: f64,
+        div_factor: f64,
+        final_div_factor: f64,
+        cosine: bool,
+        t_max: f64,
+    },
+}
+
+/// Where `t` falls in cosine cycles of length t_0, t_0 t_mult, ...: progress within its cycle.
+fn restart_progress(t: f64, t_0: f64, t_mult: f64) -> f64 {
+    if t <= 0.0 {
+        return 0.0;
+    }
+    if (t_mult - 1.0).abs() < 1e-12 {
+        return (t / t_0).fract();
+    }
+    // Cycle n starts at t_0 (t_mult^n - 1) / (t_mult - 1).
+    let start = |n: f64| t_0 * (t_mult.powf(n) - 1.0) / (t_mult - 1.0);
+    let mut n = ((1.0 + t * (t_mult - 1.0) / t_0).ln() / t_mult.ln()).floor();
+    // Guard the float boundaries.
+    while n > 0.0 && start(n) > t {
+        n -= 1.0;
+    }
+    while start(n + 1.0) <= t {
+        n += 1.0;
+    }
+    (t - start(n)) / (t_0 * t_mult.powf(n))
+}
+
+fn cosine(alpha_f: f64, tau: f64) -> f64 {
+    alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + (std::f64::consts::PI * tau).cos())
 }
 
 /// A shape with an optional warmup, in batches.
@@ -105,10 +149,7 @@ impl WarmupSchedule {
                 alpha_f,
                 t_max,
             } => alpha_i + self.tau(t, *t_max) * (alpha_f - alpha_i),
-            Shape::Cosine { alpha_f, t_max } => {
-                let tau = self.tau(t, *t_max);
-                alpha_f + (1.0 - alpha_f) * 0.5 * (1.0 + (std::f64::consts::PI * tau).cos())
-            }
+            Shape::Cosine { alpha_f, t_max } => cosine(*alpha_f, self.tau(t, *t_max)),
             Shape::Polynomial {
                 power,
                 alpha_f,
@@ -121,6 +162,33 @@ impl WarmupSchedule {
             } => {
                 let z = self.tau(t, *t_max);
                 alpha_f + (1.0 - alpha_f) * (1.0 - z) / ((1.0 - beta * z) / 2.0 + 0.5)
+            }
+            Shape::CosineRestarts {
+                t_0,
+                t_mult,
+                alpha_f,
+                offset,
+            } => cosine(*alpha_f, restart_progress(t - offset, *t_0, *t_mult)),
+            Shape::OneCycle {
+                pct_start,
+                div_factor,
+                final_div_factor,
+                cosine,
+                t_max,
+            } => {
+                let p = self.tau(t, *t_max);
+                let (from, to, f) = if p < *pct_start {
+                    (1.0 / div_factor, 1.0, p / pct_start)
+                } else {
+                    let end = 1.0 / (div_factor * final_div_factor);
+                    (1.0, end, (p - pct_start) / (1.0 - pct_start).max(1e-12))
+                };
+                let f = if *cosine {
+                    0.5 * (1.0 - (std::f64::consts::PI * f).cos())
+                } else {
+                    f
+                };
+                from + (to - from) * f
             }
         }
     }
@@ -299,9 +367,320 @@ schedule_config! {
     }
 }
 
+schedule_config! {
+    /// Composer's CosineAnnealingWarmRestartsScheduler: cosine cycles of t_0, t_0 t_mult, ...
+    CosineWarmRestartsConfig { t_0: Time = "one_ep", t_mult: f64 = "one", alpha_f: f64 = "zero" }
+    times { t_0 } lists {}
+    build(self, ctx) {
+        if self.t_mult.is_nan() || self.t_mult < 1.0 {
+            return Err(Error::recipe(format!("{}.t_mult", ctx.path), "must be a number >= 1"));
+        }
+        Shape::CosineRestarts { t_0: positive(ctx, "t_0", &self.t_0)?, t_mult: self.t_mult, alpha_f: self.alpha_f, offset: 0.0 }
+    }
+}
+
+fn two_restarts() -> u32 {
+    2
+}
+
+schedule_config! {
+    /// Budget-aware SGDR (Loshchilov and Hutter 2017, as revisited by Li et al. 2020): `restarts`
+    /// restarts with cycles growing by t_mult, fitted exactly into [t_warmup, t_max]. With the
+    /// defaults (2 restarts, t_mult 2) the cycles end at 1/7, 3/7 and 1 of the budget (SGDR-r2).
+    SgdrConfig { restarts: u32 = "two_restarts", t_mult: f64 = "two", alpha_f: f64 = "zero", t_max: Time = "one_dur" }
+    times { t_max } lists {}
+    build(self, ctx) {
+        if self.t_mult.is_nan() || self.t_mult < 1.0 {
+            return Err(Error::recipe(format!("{}.t_mult", ctx.path), "must be a number >= 1"));
+        }
+        let t_warmup = warmup(ctx, &self.t_warmup)?;
+        let span = positive(ctx, "t_max", &self.t_max)? - t_warmup;
+        let cycles: f64 = (0..=self.restarts).map(|i| self.t_mult.powi(i as i32)).sum();
+        Shape::CosineRestarts { t_0: span.max(1.0) / cycles, t_mult: self.t_mult, alpha_f: self.alpha_f, offset: t_warmup }
+    }
+}
+
+fn pct_start() -> f64 {
+    0.3
+}
+fn div_factor() -> f64 {
+    25.0
+}
+fn final_div_factor() -> f64 {
+    1e4
+}
+fn cos_anneal() -> String {
+    "cos".into()
+}
+
+schedule_config! {
+    /// OneCycle (PyTorch's OneCycleLR, as a multiplier of the base LR, which is the peak): up from
+    /// 1/div_factor over pct_start of the run, then down to 1/(div_factor * final_div_factor).
+    OneCycleConfig {
+        pct_start: f64 = "pct_start",
+        div_factor: f64 = "div_factor",
+        final_div_factor: f64 = "final_div_factor",
+        /// `cos` or `linear`.
+        anneal_strategy: String = "cos_anneal",
+        t_max: Time = "one_dur",
+    }
+    times { t_max } lists {}
+    build(self, ctx) {
+        let key = |k: &str| format!("{}.{k}", ctx.path);
+        if !(self.pct_start > 0.0 && self.pct_start < 1.0) {
+            return Err(Error::recipe(key("pct_start"), "must be in (0, 1)"));
+        }
+        if !(self.div_factor > 0.0 && self.final_div_factor > 0.0) {
+            return Err(Error::recipe(key("div_factor"), "div_factor and final_div_factor must be positive"));
+        }
+        let cosine = match self.anneal_strategy.as_str() {
+            "cos" => true,
+            "linear" => false,
+            other => return Err(Error::recipe_hint(key("anneal_strategy"), format!("unknown strategy `{other}`"), "cos or linear")),
+        };
+        Shape::OneCycle {
+            pct_start: self.pct_start,
+            div_factor: self.div_factor,
+            final_div_factor: self.final_div_factor,
+            cosine,
+            t_max: positive(ctx, "t_max", &self.t_max)?,
+        }
+    }
+}
+
+/// Composer's `*WithWarmupScheduler` names: the same schedule with `t_warmup` required.
+macro_rules! with_warmup {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl TimeParams for $name {
+            fn visit_times(&mut self, v: &mut dyn TimeVisitor) {
+                self.0.visit_times(v)
+            }
+        }
+
+        impl ScheduleConfig for $name {
+            fn build(&self, ctx: &BindContext) -> Result<Box<dyn Schedule>> {
+                if self.0.t_warmup.is_none() {
+                    return Err(Error::recipe_hint(
+                        format!("{}.t_warmup", ctx.path),
+                        "missing required key `t_warmup`",
+                        "a *_with_warmup schedule needs its warmup: t_warmup: 1ep (or use the name without _with_warmup)",
+                    ));
+                }
+                self.0.build(ctx)
+            }
+        }
+    };
+}
+
+with_warmup!(
+    /// Composer's MultiStepWithWarmupScheduler.
+    MultiStepWithWarmupConfig(MultiStepConfig)
+);
+with_warmup!(
+    /// Composer's LinearWithWarmupScheduler.
+    LinearWithWarmupConfig(LinearConfig)
+);
+with_warmup!(
+    /// Composer's CosineAnnealingWithWarmupScheduler.
+    CosineWithWarmupConfig(CosineConfig)
+);
+with_warmup!(
+    /// Composer's PolynomialWithWarmupScheduler.
+    PolynomialWithWarmupConfig(PolynomialConfig)
+);
+
+/// Composer's ConstantWithWarmupScheduler: ramp to alpha over t_warmup, then alpha (Composer's
+/// code keeps alpha after t_max; so does this).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstantWithWarmupConfig {
+    pub t_warmup: Time,
+    #[serde(default = "one")]
+    pub alpha: f64,
+    #[serde(default = "one_dur")]
+    pub t_max: Time,
+}
+
+impl TimeParams for ConstantWithWarmupConfig {
+    fn visit_times(&mut self, v: &mut dyn TimeVisitor) {
+        v.visit("t_warmup", &mut self.t_warmup, Policy::Scaled);
+        v.visit("t_max", &mut self.t_max, Policy::Scaled);
+    }
+}
+
+impl ScheduleConfig for ConstantWithWarmupConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Schedule>> {
+        Ok(Box::new(WarmupSchedule {
+            t_warmup: ctx.batches("t_warmup", &self.t_warmup)? as f64,
+            shape: Shape::Linear {
+                alpha_i: self.alpha,
+                alpha_f: self.alpha,
+                t_max: ctx.batches("t_max", &self.t_max)? as f64,
+            },
+        }))
+    }
+}
+
 fn zero() -> f64 {
     0.0
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reduce on plateau: the budget-unaware baseline, driven by a metric rather than by time.
+
+fn eval_loss() -> String {
+    "eval/loss".into()
+}
+fn two_ep() -> Time {
+    Time::epochs(2.0)
+}
+fn zero_time() -> Time {
+    Time::batches(0.0)
+}
+fn rel_threshold() -> f64 {
+    1e-4
+}
+
+/// PyTorch's ReduceLROnPlateau as a multiplier: when `monitor` has not improved (relatively, by
+/// `threshold`) for `patience`, multiply by `factor`; then wait `cooldown`; never below
+/// `min_factor`. Budget-unaware: it does not know where the run ends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReduceOnPlateauConfig {
+    #[serde(default = "eval_loss")]
+    pub monitor: String,
+    /// `min` or `max`; by default `max` for accuracies, `min` otherwise.
+    #[serde(default)]
+    pub mode: Option<crate::metric::Mode>,
+    #[serde(default = "tenth")]
+    pub factor: f64,
+    #[serde(default = "two_ep")]
+    pub patience: Time,
+    /// Relative improvement that counts (PyTorch's `threshold`, rel mode).
+    #[serde(default = "rel_threshold")]
+    pub threshold: f64,
+    #[serde(default = "zero_time")]
+    pub cooldown: Time,
+    #[serde(default = "zero")]
+    pub min_factor: f64,
+    #[serde(default)]
+    pub t_warmup: Option<Time>,
+}
+
+impl TimeParams for ReduceOnPlateauConfig {
+    fn visit_times(&mut self, v: &mut dyn TimeVisitor) {
+        visit_opt(v, "t_warmup", &mut self.t_warmup, Policy::Scaled);
+        v.visit("patience", &mut self.patience, Policy::Scaled);
+        v.visit("cooldown", &mut self.cooldown, Policy::Scaled);
+    }
+}
+
+/// What reduce_on_plateau carries across a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PlateauState {
+    factor: f64,
+    best: Option<f64>,
+    best_at: u64,
+    cooldown_until: u64,
+}
+
+struct ReduceOnPlateau {
+    monitor: String,
+    mode: crate::metric::Mode,
+    factor: f64,
+    patience: u64,
+    threshold: f64,
+    cooldown: u64,
+    min_factor: f64,
+    t_warmup: f64,
+    st: PlateauState,
+}
+
+impl ScheduleConfig for ReduceOnPlateauConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Schedule>> {
+        if !(self.factor > 0.0 && self.factor < 1.0) {
+            return Err(Error::recipe(
+                format!("{}.factor", ctx.path),
+                "must be in (0, 1)",
+            ));
+        }
+        Ok(Box::new(ReduceOnPlateau {
+            monitor: self.monitor.clone(),
+            mode: crate::metric::Mode::resolve(self.mode, &self.monitor),
+            factor: self.factor,
+            patience: ctx.batches("patience", &self.patience)?,
+            threshold: self.threshold.max(0.0),
+            cooldown: ctx.batches("cooldown", &self.cooldown)?,
+            min_factor: self.min_factor.max(0.0),
+            t_warmup: warmup(ctx, &self.t_warmup)?,
+            st: PlateauState {
+                factor: 1.0,
+                ..Default::default()
+            },
+        }))
+    }
+}
+
+impl Schedule for ReduceOnPlateau {
+    fn multiplier(&self, batch: u64) -> f64 {
+        let t = batch as f64;
+        let ramp = if t < self.t_warmup {
+            t / self.t_warmup
+        } else {
+            1.0
+        };
+        ramp * self.st.factor
+    }
+
+    fn observe(&mut self, metrics: &std::collections::BTreeMap<String, f64>, batch: u64) {
+        let Some(&v) = metrics.get(&self.monitor) else {
+            return;
+        };
+        if v.is_nan() {
+            return;
+        }
+        let st = &mut self.st;
+        let improved = match st.best {
+            None => true,
+            Some(b) => self.mode.better(v, b, self.threshold * b.abs()),
+        };
+        if improved {
+            st.best = Some(v);
+            st.best_at = batch;
+        } else if batch >= st.cooldown_until && batch - st.best_at >= self.patience {
+            st.factor = (st.factor * self.factor).max(self.min_factor);
+            st.cooldown_until = batch + self.cooldown;
+            st.best_at = batch;
+            tracing::info!(
+                "reduce_on_plateau: {} has not improved for {} batches; LR multiplier now {}",
+                self.monitor,
+                self.patience,
+                st.factor
+            );
+        }
+    }
+
+    fn state_dict(&self) -> Result<crate::checkpoint::StateDict> {
+        Ok(crate::checkpoint::StateDict::encode(&self.st))
+    }
+
+    fn load_state_dict(&mut self, state: &crate::checkpoint::StateDict) -> Result<()> {
+        self.st = state.decode("reduce_on_plateau")?;
+        Ok(())
+    }
+}
+
+crate::register_schedule!(
+    ReduceOnPlateauConfig,
+    "reduce_on_plateau",
+    "Multiply by factor when a metric stops improving for patience (budget-unaware baseline).",
+    "monitor: eval/loss\nfactor: 0.1\npatience: 2ep\ncooldown: 0ba"
+);
 
 crate::register_schedule!(
     ConstantConfig,
@@ -350,6 +729,55 @@ crate::register_schedule!(
     "rex",
     "REX: (1-z)/((1-beta z)/2 + 1/2), budget-aware (Chen et al. 2021).",
     "beta: 1.0\nalpha_f: 0.0\nt_max: 1dur\nt_warmup: 0.02dur"
+);
+
+crate::register_schedule!(
+    CosineWarmRestartsConfig,
+    "cosine_warm_restarts",
+    "Cosine cycles of t_0, t_0*t_mult, ... (Composer's CosineAnnealingWarmRestartsScheduler).",
+    "t_0: 10ep\nt_mult: 2.0\nalpha_f: 0.0"
+);
+crate::register_schedule!(
+    SgdrConfig,
+    "sgdr",
+    "Budget-aware SGDR: n restarts with growing cycles fitted into the run (SGDR-r2 by default).",
+    "restarts: 2\nt_mult: 2.0\nalpha_f: 0.0"
+);
+crate::register_schedule!(
+    OneCycleConfig,
+    "one_cycle",
+    "OneCycle: up from lr/div_factor to lr over pct_start, then down (PyTorch's OneCycleLR).",
+    "pct_start: 0.3\ndiv_factor: 25.0\nfinal_div_factor: 10000.0\nanneal_strategy: cos"
+);
+crate::register_schedule!(
+    MultiStepWithWarmupConfig,
+    "multistep_with_warmup",
+    "multistep with a required warmup (Composer's MultiStepWithWarmupScheduler).",
+    "t_warmup: 5ep\nmilestones: [80ep, 120ep]\ngamma: 0.1"
+);
+crate::register_schedule!(
+    ConstantWithWarmupConfig,
+    "constant_with_warmup",
+    "Ramp to alpha over t_warmup, then alpha (Composer's ConstantWithWarmupScheduler).",
+    "t_warmup: 1ep\nalpha: 1.0"
+);
+crate::register_schedule!(
+    LinearWithWarmupConfig,
+    "linear_with_warmup",
+    "linear with a required warmup (Composer's LinearWithWarmupScheduler).",
+    "t_warmup: 0.05dur\nalpha_i: 1.0\nalpha_f: 0.0"
+);
+crate::register_schedule!(
+    CosineWithWarmupConfig,
+    "cosine_with_warmup",
+    "cosine with a required warmup (Composer's CosineAnnealingWithWarmupScheduler).",
+    "t_warmup: 8ep\nalpha_f: 0.0"
+);
+crate::register_schedule!(
+    PolynomialWithWarmupConfig,
+    "polynomial_with_warmup",
+    "polynomial with a required warmup (Composer's PolynomialWithWarmupScheduler).",
+    "t_warmup: 1ep\npower: 2.0"
 );
 
 #[cfg(test)]
@@ -485,6 +913,143 @@ mod tests {
             ),
             &[(25, 0.75), (60, 0.4)],
         );
+    }
+
+    #[test]
+    fn restarts_one_cycle_and_sgdr_tables() {
+        let r = s(
+            0.0,
+            Shape::CosineRestarts {
+                t_0: 10.0,
+                t_mult: 2.0,
+                alpha_f: 0.0,
+                offset: 0.0,
+            },
+        );
+        // Cycles [0,10), [10,30), [30,70).
+        check(
+            &r,
+            &[
+                (0, 1.0),
+                (5, 0.5),
+                (10, 1.0),
+                (20, 0.5),
+                (30, 1.0),
+                (50, 0.5),
+                (69, cosine(0.0, 39.0 / 40.0)),
+            ],
+        );
+        let same = s(
+            0.0,
+            Shape::CosineRestarts {
+                t_0: 4.0,
+                t_mult: 1.0,
+                alpha_f: 0.0,
+                offset: 0.0,
+            },
+        );
+        check(&same, &[(2, 0.5), (4, 1.0), (6, 0.5), (8, 1.0)]);
+        let one = s(
+            0.0,
+            Shape::OneCycle {
+                pct_start: 0.25,
+                div_factor: 10.0,
+                final_div_factor: 100.0,
+                cosine: false,
+                t_max: 100.0,
+            },
+        );
+        check(
+            &one,
+            &[(0, 0.1), (25, 1.0), (12, 0.1 + 0.9 * 0.48), (100, 0.001)],
+        );
+        let one_cos = s(
+            0.0,
+            Shape::OneCycle {
+                pct_start: 0.5,
+                div_factor: 4.0,
+                final_div_factor: 1.0,
+                cosine: true,
+                t_max: 100.0,
+            },
+        );
+        check(
+            &one_cos,
+            &[(25, 0.25 + 0.75 * 0.5), (50, 1.0), (75, 0.625), (100, 0.25)],
+        );
+    }
+
+    #[test]
+    fn reduce_on_plateau_cuts_after_patience_and_survives_a_checkpoint() {
+        let ctx = BindContext::standalone(&candle_core::Device::Cpu, [1, 1, 1], 2, 1);
+        let cfg: ReduceOnPlateauConfig = crate::plugin::parse_block(
+            &serde_yaml::from_str("patience: 10ba\nfactor: 0.5\ncooldown: 5ba").unwrap(),
+        )
+        .unwrap();
+        let mut p = cfg.build(&ctx).unwrap();
+        let m = |v: f64| std::collections::BTreeMap::from([("eval/loss".to_string(), v)]);
+        p.observe(&m(1.0), 0);
+        p.observe(&m(0.9), 5);
+        p.observe(&m(0.95), 10);
+        assert_eq!(
+            p.multiplier(11),
+            1.0,
+            "5 batches without improvement < patience"
+        );
+        p.observe(&m(0.95), 15);
+        assert_eq!(p.multiplier(16), 0.5, "10 batches since the best at 5");
+        let saved = p.state_dict().unwrap();
+        p.observe(&m(0.95), 19);
+        assert_eq!(p.multiplier(20), 0.5, "cooling down");
+        p.observe(&m(0.95), 25);
+        assert_eq!(p.multiplier(26), 0.25);
+        let mut q = cfg.build(&ctx).unwrap();
+        q.load_state_dict(&saved).unwrap();
+        assert_eq!(q.multiplier(16), 0.5);
+        q.observe(&m(0.95), 25);
+        assert_eq!(
+            q.multiplier(26),
+            0.25,
+            "the restored schedule goes on the same way"
+        );
+    }
+
+    #[test]
+    fn sgdr_r2_restarts_at_one_and_three_sevenths() {
+        let ctx = BindContext {
+            clock: crate::time::Clock {
+                batches_per_epoch: 70,
+                samples_per_batch: 1,
+                tokens_per_sample: None,
+                max_batches: Some(700),
+            },
+            ..BindContext::standalone(&candle_core::Device::Cpu, [1, 1, 1], 2, 1)
+        };
+        let cfg: SgdrConfig = crate::plugin::parse_block(&serde_yaml::Value::Null).unwrap();
+        let sched = cfg.build(&ctx).unwrap();
+        for (t, want) in [
+            (0, 1.0),
+            (50, 0.5),
+            (100, 1.0),
+            (200, 0.5),
+            (300, 1.0),
+            (500, 0.5),
+            (699, cosine(0.0, 399.0 / 400.0)),
+        ] {
+            assert!(
+                (sched.multiplier(t) - want).abs() < 1e-9,
+                "{t}: {}",
+                sched.multiplier(t)
+            );
+        }
+        // A *_with_warmup name without its warmup says what is missing.
+        let e = crate::plugin::parse_block::<CosineWithWarmupConfig>(&serde_yaml::Value::Null)
+            .unwrap()
+            .build(&ctx)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("t_warmup"), "{e}");
     }
 
     #[test]

@@ -572,6 +572,11 @@ impl Trainer {
     }
 
     fn event(&mut self, e: Event) -> Result<()> {
+        if let Some((_, s)) = &mut self.schedule {
+            if !self.state.pending_log.is_empty() {
+                s.observe(&self.state.pending_log, self.state.timestamp.batch);
+            }
+        }
         self.engine.run_event(e, &mut self.state)
     }
 
