@@ -17,7 +17,7 @@ use std::sync::Arc;
     name = "recipe",
     version,
     about = "Train models from YAML recipes; shrink a whole recipe consistently with --scale.",
-    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe run recipes/fashion_mnist_resnet.yaml --resume latest\n  recipe export runs/fashion_mnist_resnet-1 --to resnet20.safetensors\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
+    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe run recipes/fashion_mnist_resnet.yaml --resume latest\n  recipe export runs/fashion_mnist_resnet-1 --to resnet20.safetensors\n  recipe plot schedule recipes/fashion_mnist_resnet.yaml --scales 0.25,0.5,1\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -85,11 +85,35 @@ pub enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Charts: `recipe plot schedule FILE --scales 0.25,0.5,1`.
+    Plot {
+        #[command(subcommand)]
+        which: PlotCommand,
+    },
     /// List every registered algorithm, callback, schedule, optimizer, model and dataset.
     List {
         /// Also print each plugin's example block.
         #[arg(long)]
         examples: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlotCommand {
+    /// The learning rate of every step, against steps and against progress, once per scale:
+    /// how the schedule (and its warmup) shrinks with --scale. Writes PNG and SVG.
+    Schedule {
+        /// The recipe file (YAML).
+        file: PathBuf,
+        /// Scale ratios to draw.
+        #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1")]
+        scales: Vec<f64>,
+        /// Override a recipe value (as for `run`).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Output path without extension (default: plots/<name>-schedule).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -213,6 +237,15 @@ pub fn run_command(cmd: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Plot {
+            which:
+                PlotCommand::Schedule {
+                    file,
+                    scales,
+                    sets,
+                    out,
+                },
+        } => plot_schedule(&file, &scales, &sets, out),
         Command::List { examples } => {
             print!("{}", list(examples));
             Ok(())
@@ -387,6 +420,69 @@ fn run(
         s.wall_seconds,
         s.run_dir.display()
     );
+    Ok(())
+}
+
+/// `recipe plot schedule`.
+fn plot_schedule(
+    file: &std::path::Path,
+    scales: &[f64],
+    sets: &[String],
+    out: Option<PathBuf>,
+) -> Result<()> {
+    use crate::plot::{draw, lr_per_step, Panel, Series};
+    if scales.is_empty() {
+        return Err(Error::msg(
+            "--scales: give at least one ratio, e.g. 0.25,0.5,1",
+        ));
+    }
+    let mut by_step = Vec::new();
+    let mut by_progress = Vec::new();
+    let mut name = String::new();
+    for &scale in scales {
+        let args = RecipeArgs {
+            file: file.to_path_buf(),
+            scale: Some(scale),
+            sets: sets.to_vec(),
+        };
+        let recipe = load(&args, &[], true)?;
+        name = recipe.name.clone();
+        let lr = lr_per_step(&recipe)?;
+        let n = lr.len().max(1) as f64;
+        let label = format!("scale {scale} ({} steps)", lr.len());
+        by_step.push(Series::line(
+            label.clone(),
+            lr.iter().enumerate().map(|(i, &v)| (i as f64, v)).collect(),
+        ));
+        by_progress.push(Series::line(
+            label,
+            lr.iter()
+                .enumerate()
+                .map(|(i, &v)| (i as f64 / n, v))
+                .collect(),
+        ));
+    }
+    let stem = out.unwrap_or_else(|| PathBuf::from(format!("plots/{name}-schedule")));
+    let files = draw(
+        &stem,
+        &[
+            Panel {
+                title: format!("{name}: LR per step"),
+                x_label: "step".into(),
+                y_label: "learning rate".into(),
+                series: by_step,
+            },
+            Panel {
+                title: "LR against progress".into(),
+                x_label: "fraction of the run".into(),
+                y_label: "learning rate".into(),
+                series: by_progress,
+            },
+        ],
+    )?;
+    for f in files {
+        println!("{}", f.display());
+    }
     Ok(())
 }
 

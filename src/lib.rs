@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod plot;
 
 // The built-in plugins: named here so that every binary built on this crate links them.
 pub use recipe_algorithms as algorithms;
