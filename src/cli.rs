@@ -122,6 +122,13 @@ pub enum BenchCommand {
     /// Training images/s of one model on synthetic input, with the step split into forward,
     /// backward and optimizer, and the peak memory.
     Throughput(crate::bench::ThroughputArgs),
+    /// A grid of budgets (scales) x variants (--vary) x seeds: each cell a real run, resumable
+    /// (finished cells are never re-run); writes results.csv/.json, a budget table and
+    /// accuracy-against-cost plots with the Pareto frontier.
+    Sweep(crate::sweep::SweepArgs),
+    /// Time-to-accuracy of a baseline and a candidate recipe over seeds, the speedup with its
+    /// spread, and the curves.
+    Speedup(crate::sweep::SpeedupArgs),
 }
 
 /// Entry point of the `recipe` binary (and of any plugin crate's binary).
@@ -237,6 +244,12 @@ pub fn run_command(cmd: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench {
+            which: BenchCommand::Sweep(a),
+        } => crate::sweep::sweep(&a, install_signal_handlers()?).map(|_| ()),
+        Command::Bench {
+            which: BenchCommand::Speedup(a),
+        } => crate::sweep::speedup(&a, install_signal_handlers()?).map(|_| ()),
         Command::Plot {
             which:
                 PlotCommand::Schedule {
@@ -268,12 +281,20 @@ pub fn load(args: &RecipeArgs, extra_callbacks: &[&str], prepare: bool) -> Resul
         push_entry(m, "algorithms", Value::Mapping(block))?;
     }
     for cb in extra_callbacks {
+        // A name (`json_logger`) or a YAML block (`{name: threshold_stopper, ...}`).
+        let entry: Value = if cb.starts_with('{') {
+            recipe_engine::serde_yaml::from_str(cb)
+                .map_err(|e| Error::msg(format!("callback block {cb}: {e}")))?
+        } else {
+            Value::String(cb.to_string())
+        };
+        let name = entry_name(&entry).unwrap_or_default().to_string();
         let present = match m.get("callbacks") {
-            Some(Value::Sequence(s)) => s.iter().any(|v| entry_name(v) == Some(cb)),
+            Some(Value::Sequence(s)) => s.iter().any(|v| entry_name(v) == Some(&name)),
             _ => false,
         };
-        if !present {
-            push_entry(m, "callbacks", Value::String(cb.to_string()))?;
+        if !present || cb.starts_with('{') {
+            push_entry(m, "callbacks", entry)?;
         }
     }
     Recipe::from_raw(raw, src, prepare)

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod plot;
+pub mod sweep;
 
 // The built-in plugins: named here so that every binary built on this crate links them.
 pub use recipe_algorithms as algorithms;

@@ -1,4 +1,5 @@
-//! `recipe bench throughput` measures a real model and reports clean errors for bad arguments.
+//! `recipe bench`: throughput measures a real model, sweep runs a resumable grid of real runs,
+//! speedup measures time-to-accuracy; bad arguments get clean errors.
 
 mod common;
 use common::*;
@@ -64,4 +65,111 @@ fn bad_benchmark_arguments_are_explained() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn sweep_runs_the_grid_once_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = write_recipe(dir.path(), "t.yaml", TINY);
+    let out = dir.path().join("sweep");
+    let args = [
+        "bench",
+        "sweep",
+        r.to_str().unwrap(),
+        "--scales",
+        "0.5,1",
+        "--vary",
+        "schedule=linear@{name: linear},trunc@{name: multistep, milestones: [4ba], scale_policy: {milestones: fixed}}",
+        "--seeds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("cell ").count(),
+        8,
+        "2 variants x 2 scales x 2 seeds"
+    );
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].starts_with("linear,0.5,2,"), "{csv}");
+    assert!(stdout(&o).contains("| trunc |"), "{}", stdout(&o));
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let steps: Vec<u64> = res["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["steps"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![4, 4, 8, 8, 4, 4, 8, 8]);
+    assert!(
+        out.join("accuracy_vs_cost.png").is_file() && out.join("accuracy_vs_cost.svg").is_file()
+    );
+    // Given again, it runs nothing and reports the same table.
+    let again = run(&args);
+    assert!(again.status.success());
+    assert_eq!(
+        stderr(&again).matches("cell ").count(),
+        0,
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(stdout(&again), stdout(&o));
+    // A variant that does not exist is refused before any cell runs.
+    let o = run(&[
+        "bench",
+        "sweep",
+        r.to_str().unwrap(),
+        "--vary",
+        "schedule.name=linear,cosinee",
+        "--out",
+        dir.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("cosinee") && e.contains("did you mean `cosine`"),
+        "{e}"
+    );
+    assert!(!dir.path().join("bad/cells").exists());
+}
+
+#[test]
+fn speedup_reports_time_to_accuracy_of_both_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = write_recipe(dir.path(), "base.yaml", TINY);
+    let cand = write_recipe(
+        dir.path(),
+        "cand.yaml",
+        &TINY.replace("name: tiny", "name: tiny_fast"),
+    );
+    let out = dir.path().join("speedup");
+    let o = run(&[
+        "bench",
+        "speedup",
+        base.to_str().unwrap(),
+        cand.to_str().unwrap(),
+        "--target",
+        "0.01",
+        "--seeds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(s.contains("tiny: reached by 2/2 seeds"), "{s}");
+    assert!(s.contains("speedup of tiny_fast over tiny:"), "{s}");
+    let curves: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("curves.json")).unwrap()).unwrap();
+    // The first evaluation (batch 4) already reaches 1%, and the threshold stopper ends the run.
+    for c in curves.as_array().unwrap() {
+        assert_eq!(c["steps_to_target"].as_u64(), Some(4), "{c}");
+        assert_eq!(c["evals"].as_array().unwrap().len(), 1);
+    }
+    assert!(out.join("time_to_accuracy.png").is_file());
 }

@@ -184,3 +184,69 @@ fn the_full_fashion_mnist_loads_from_the_debian_package_when_present() {
     assert_eq!(t.state.clock.batches_per_epoch, 60_000 / 16);
     assert_eq!(s.final_eval.unwrap().samples, 100);
 }
+
+#[test]
+fn budgeted_convergence_measures_the_full_training_gradient() {
+    use recipe_callbacks::budgeted_convergence::measure;
+    use recipe_engine::candle_core::{DType, Tensor};
+    use recipe_engine::ops::{cross_entropy, Targets};
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY.replace(
+        "  eval_subset: 64\n",
+        "  eval_subset: 64\n  eval_batch_size: 24\n",
+    );
+    let text = format!(
+        "{text}callbacks: [{{name: budgeted_convergence, interval: 0.5dur, subset: 40}}]\n"
+    );
+    let (t, s) = train(dir.path(), &text, None, &[], "run");
+    let st = &t.state;
+    // The same gradient, from one forward pass over all 64 training samples at once.
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for b in st.train_in_order.as_ref().unwrap().epoch(0, 0, &st.device) {
+        let b = b.unwrap();
+        xs.push(b.inputs);
+        ys.push(b.labels);
+    }
+    let full = |n: usize| {
+        let x = Tensor::cat(&xs, 0).unwrap().narrow(0, 0, n).unwrap();
+        let y = Tensor::cat(&ys, 0).unwrap().narrow(0, 0, n).unwrap();
+        let loss = cross_entropy(&st.model.forward(&x, false).unwrap(), &Targets::Hard(y)).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut g2 = 0.0f64;
+        for p in st.model.params().trainable() {
+            let g = grads.get(p.var.as_tensor()).unwrap();
+            g2 += g
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+        }
+        (
+            g2.sqrt(),
+            loss.to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap(),
+        )
+    };
+    for limit in [None, Some(40)] {
+        let (g, l, w) = measure(st, limit).unwrap();
+        let (g_ref, l_ref) = full(limit.unwrap_or(64));
+        assert!(
+            (g - g_ref).abs() / g_ref < 1e-4,
+            "{limit:?}: {g} vs {g_ref}"
+        );
+        assert!(
+            (l - l_ref).abs() / l_ref < 1e-5,
+            "{limit:?}: {l} vs {l_ref}"
+        );
+        assert!(w > 0.0);
+    }
+    // Logged at the start, halfway and at the end.
+    let g = metrics(&s.run_dir, "convergence/full_grad_norm");
+    assert_eq!(g.len(), 3, "{g:?}");
+}

@@ -4,6 +4,7 @@
 //! A binary must name this crate (`use recipe_callbacks as _;`) so that the linker keeps the
 //! plugin registrations.
 
+pub mod budgeted_convergence;
 pub mod checkpoint;
 pub mod csv_logger;
 pub mod early_stopper;

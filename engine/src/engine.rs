@@ -98,6 +98,7 @@ mod tests {
             resumed_from: None,
             checkpoint_requests: Vec::new(),
             last_checkpoint: None,
+            train_in_order: None,
         }
     }
 

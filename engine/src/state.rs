@@ -89,6 +89,9 @@ pub struct State {
     pub checkpoint_requests: Vec<CheckpointRequest>,
     /// The last checkpoint written by this run.
     pub last_checkpoint: Option<PathBuf>,
+    /// The training split in order, without augmentation, in eval-size batches, for callbacks
+    /// that measure over the training set (budgeted convergence).
+    pub train_in_order: Option<crate::data::Loader>,
 }
 
 /// A checkpoint to write, and older files to delete once it is safely on disk.

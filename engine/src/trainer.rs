@@ -47,6 +47,8 @@ pub struct Trainer {
     interrupt: Option<Arc<AtomicUsize>>,
     /// Checkpoint folders already cleared of partial files from a killed process.
     cleaned: std::collections::HashSet<PathBuf>,
+    /// When `fit` started (this process), for `time/fit_sec` beside each evaluation.
+    fit_start: Option<Instant>,
 }
 
 /// How a run continues from a checkpoint.
@@ -349,6 +351,13 @@ impl Trainer {
             resumed_from: resume.as_ref().map(|r| r.checkpoint.meta.timestamp.clone()),
             checkpoint_requests: Vec::new(),
             last_checkpoint: None,
+            train_in_order: Some(Loader::in_order(
+                splits.train.clone(),
+                splits.info.clone(),
+                l,
+                None,
+                recipe.seed,
+            )?),
         };
         let mut t = Trainer {
             state,
@@ -363,6 +372,7 @@ impl Trainer {
             scale_ratio: recipe.scale_ratio,
             interrupt: None,
             cleaned: Default::default(),
+            fit_start: None,
         };
         t.event(Event::Init)?;
         t.event(Event::BeforeLoad)?;
@@ -583,6 +593,7 @@ impl Trainer {
     /// Trains to max_duration (or until a callback asks to stop) and writes the final weights.
     pub fn fit(&mut self) -> Result<FitSummary> {
         let t0 = Instant::now();
+        self.fit_start = Some(t0);
         let max = self.state.max_batches();
         let bpe = self.train.batches_per_epoch();
         self.event(Event::FitStart)?;
@@ -759,6 +770,10 @@ impl Trainer {
         self.state.batch = None;
         self.state.log("eval/loss", r.loss);
         self.state.log("eval/accuracy", r.accuracy);
+        if let Some(t0) = self.fit_start {
+            // Wall time of this process's fit so far, evaluations included (time-to-accuracy).
+            self.state.log("time/fit_sec", t0.elapsed().as_secs_f64());
+        }
         self.event(Event::EvalEnd)?;
         self.state.evaluating = false;
         Ok(())

@@ -176,6 +176,23 @@ impl Loader {
         })
     }
 
+    /// The training split (its `train_subset`, cut to `limit` samples) in order, without
+    /// augmentation, in eval-size batches: what measurements over the training set read.
+    pub fn in_order(
+        ds: Arc<dyn Dataset>,
+        info: DatasetInfo,
+        cfg: &LoaderConfig,
+        limit: Option<usize>,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut c = cfg.clone();
+        c.eval_subset = match (cfg.train_subset, limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Loader::new(ds, info, &c, false, seed)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -1,0 +1,737 @@
+//! Recipe benchmarks: `recipe bench sweep` (a grid of budgets x variants x seeds, resumable, with
+//! tables and cost-quality plots) and `recipe bench speedup` (time-to-accuracy of two recipes).
+//!
+//! Every cell is a real run in its own folder under the output folder. A cell whose `result.json`
+//! exists is never run again, so a sweep stopped for any reason continues where it stopped when
+//! the same command is given again; a cell cut off mid-run resumes from its newest checkpoint when
+//! the recipe has the `checkpoint` callback, and starts over otherwise.
+
+use crate::cli::{load, RecipeArgs};
+use crate::plot::{draw, pareto_front, Panel, Series};
+use recipe_engine::checkpoint;
+use recipe_engine::error::{Error, Result};
+use recipe_engine::trainer::{Resume, Trainer};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SweepArgs {
+    /// The recipe file (YAML).
+    pub file: PathBuf,
+    /// Budgets, as scale ratios of the recipe.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1")]
+    pub scales: Vec<f64>,
+    /// A recipe key and the values to try: `--vary schedule.name=linear,cosine,rex`. A value may
+    /// be a YAML block (`--vary 'schedule={name: multistep, milestones: [8ep, 12ep]}'`; commas
+    /// inside braces or brackets do not split) and may carry a label: `step@{name: multistep}`.
+    /// Several --vary give their product.
+    #[arg(long, value_name = "KEY=A,B,C")]
+    pub vary: Vec<String>,
+    /// Seeds per cell: the recipe's seed, seed + 1, ...
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Override a recipe value in every cell.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Output folder (default: runs/sweeps/<recipe name>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Only rebuild the tables and plots from the finished cells.
+    #[arg(long)]
+    pub report_only: bool,
+}
+
+/// One value of one varied key.
+#[derive(Debug, Clone, PartialEq)]
+struct Variant {
+    key: String,
+    label: String,
+    value: String,
+}
+
+/// A cell's result, written to `<cell>/result.json` when it finishes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellResult {
+    pub variant: String,
+    pub scale: f64,
+    pub seed: u64,
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+    pub steps: u64,
+    pub wall_seconds: f64,
+    pub stop_reason: Option<String>,
+}
+
+/// Splits `a,{b, c},[d, e]` at top-level commas.
+fn split_top(s: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (Vec::new(), String::new(), 0i32);
+    for c in s.chars() {
+        match c {
+            '{' | '[' => depth += 1,
+            '}' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(cur.trim().to_string());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur.trim().to_string());
+    out.into_iter().filter(|v| !v.is_empty()).collect()
+}
+
+/// A label usable as a folder name.
+fn slug(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    out.truncate(48);
+    let trimmed = out.trim_matches('_').to_string();
+    if trimmed.is_empty() {
+        "value".into()
+    } else {
+        trimmed
+    }
+}
+
+fn parse_vary(spec: &str) -> Result<Vec<Variant>> {
+    let (key, values) = spec.split_once('=').ok_or_else(|| {
+        Error::msg(format!(
+            "--vary {spec}: write KEY=A,B,C, e.g. --vary schedule.name=linear,cosine"
+        ))
+    })?;
+    let key = key.trim();
+    let values = split_top(values);
+    if key.is_empty() || values.is_empty() {
+        return Err(Error::msg(format!(
+            "--vary {spec}: needs a key and at least one value"
+        )));
+    }
+    let vs: Vec<Variant> = values
+        .iter()
+        .map(|v| match v.split_once('@') {
+            Some((l, val)) if !l.contains(['{', '[']) => Variant {
+                key: key.into(),
+                label: slug(l),
+                value: val.trim().into(),
+            },
+            _ => Variant {
+                key: key.into(),
+                label: slug(v),
+                value: v.clone(),
+            },
+        })
+        .collect();
+    for (i, v) in vs.iter().enumerate() {
+        if vs[..i].iter().any(|w| w.label == v.label) {
+            return Err(Error::msg(format!(
+                "--vary {spec}: two values have the label `{}`; name them with label@value",
+                v.label
+            )));
+        }
+    }
+    Ok(vs)
+}
+
+/// The product of every --vary: each combination as a label and its `--set`s.
+fn combinations(vary: &[String]) -> Result<Vec<(String, Vec<String>)>> {
+    let mut combos: Vec<(String, Vec<String>)> = vec![(String::new(), Vec::new())];
+    for spec in vary {
+        let vs = parse_vary(spec)?;
+        combos = combos
+            .into_iter()
+            .flat_map(|(l, sets)| {
+                vs.iter().map(move |v| {
+                    let label = if l.is_empty() {
+                        v.label.clone()
+                    } else {
+                        format!("{l}+{}", v.label)
+                    };
+                    let mut s = sets.clone();
+                    s.push(format!("{}={}", v.key, v.value));
+                    (label, s)
+                })
+            })
+            .collect();
+    }
+    if vary.is_empty() {
+        combos[0].0 = "recipe".into();
+    }
+    Ok(combos)
+}
+
+fn scale_label(s: f64) -> String {
+    format!("scale{s}")
+}
+
+/// Runs (or resumes) one cell; returns its result.
+fn run_cell(
+    dir: &Path,
+    args: &RecipeArgs,
+    interrupt: &Arc<AtomicUsize>,
+) -> Result<recipe_engine::trainer::FitSummary> {
+    let recipe = load(args, &["json_logger"], true)?;
+    let cpu = recipe_engine::candle_core::Device::Cpu;
+    let mut trainer = match checkpoint::latest(dir, &cpu) {
+        Ok(c) if dir.join("recipe.yaml").is_file() => {
+            eprintln!("  resuming from {}", c.path.display());
+            Trainer::resume(
+                &recipe,
+                dir,
+                Resume {
+                    checkpoint: c,
+                    force: false,
+                },
+            )?
+        }
+        _ => {
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            Trainer::new(&recipe, dir)?
+        }
+    };
+    trainer.set_interrupt(Arc::clone(interrupt));
+    trainer.fit()
+}
+
+fn read_result(path: &Path) -> Option<CellResult> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// `recipe bench sweep`.
+pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
+    if a.scales.is_empty() || a.scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(Error::msg(
+            "--scales: give positive ratios, e.g. 0.1,0.25,0.5,1",
+        ));
+    }
+    if a.seeds == 0 {
+        return Err(Error::msg("--seeds must be at least 1"));
+    }
+    let combos = combinations(&a.vary)?;
+    // Validate every variant at every scale before the first run starts.
+    let base = load(
+        &RecipeArgs {
+            file: a.file.clone(),
+            scale: None,
+            sets: a.sets.clone(),
+        },
+        &[],
+        true,
+    )?;
+    for (label, sets) in &combos {
+        for &scale in &a.scales {
+            let mut s = a.sets.clone();
+            s.extend(sets.iter().cloned());
+            load(
+                &RecipeArgs {
+                    file: a.file.clone(),
+                    scale: Some(scale),
+                    sets: s,
+                },
+                &[],
+                true,
+            )
+            .map_err(|e| Error::msg(format!("variant `{label}` at scale {scale}: {e}")))?;
+        }
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| base.runs_dir.join("sweeps").join(&base.name));
+    std::fs::create_dir_all(&out).map_err(|e| {
+        Error::msg(format!(
+            "cannot create the sweep folder {}: {e}; pass --out to a writable folder",
+            out.display()
+        ))
+    })?;
+    let total = combos.len() * a.scales.len() * a.seeds as usize;
+    let mut results = Vec::new();
+    let mut n = 0;
+    for (label, sets) in &combos {
+        for &scale in &a.scales {
+            for k in 0..a.seeds {
+                n += 1;
+                let seed = base.seed + k;
+                let dir = out
+                    .join("cells")
+                    .join(label)
+                    .join(scale_label(scale))
+                    .join(format!("seed{seed}"));
+                let result_file = dir.join("result.json");
+                if let Some(r) = read_result(&result_file) {
+                    results.push(r);
+                    continue;
+                }
+                if a.report_only {
+                    continue;
+                }
+                eprintln!("cell {n}/{total}: {label}, scale {scale}, seed {seed}");
+                let mut s = a.sets.clone();
+                s.extend(sets.iter().cloned());
+                s.push(format!("seed={seed}"));
+                let args = RecipeArgs {
+                    file: a.file.clone(),
+                    scale: Some(scale),
+                    sets: s,
+                };
+                let sum = run_cell(&dir, &args, &interrupt)?;
+                let r = CellResult {
+                    variant: label.clone(),
+                    scale,
+                    seed,
+                    accuracy: sum.final_eval.map(|e| e.accuracy),
+                    loss: sum.final_eval.map(|e| e.loss),
+                    steps: sum.batches,
+                    wall_seconds: sum.wall_seconds,
+                    stop_reason: sum.stop_reason,
+                };
+                eprintln!(
+                    "  {} steps in {:.1}s, eval accuracy {}",
+                    r.steps,
+                    r.wall_seconds,
+                    r.accuracy
+                        .map_or("-".into(), |x| format!("{:.2}%", 100.0 * x))
+                );
+                let text = serde_json::to_string_pretty(&r)
+                    .map_err(|e| Error::msg(format!("cannot serialize a cell result: {e}")))?;
+                checkpoint::write_atomic(&result_file, text.as_bytes())?;
+                results.push(r);
+            }
+        }
+    }
+    let labels: Vec<String> = combos.iter().map(|c| c.0.clone()).collect();
+    report(&out, &labels, &a.scales, &results)?;
+    Ok(out)
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (m, var.sqrt())
+}
+
+/// One row of the aggregated table: a variant at a scale, over its seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Aggregate {
+    pub variant: String,
+    pub scale: f64,
+    pub seeds: usize,
+    pub accuracy_mean: f64,
+    pub accuracy_std: f64,
+    pub steps: f64,
+    pub wall_seconds_mean: f64,
+    pub wall_seconds_std: f64,
+}
+
+fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<Aggregate> {
+    let mut out = Vec::new();
+    for l in labels {
+        for &s in scales {
+            let cell: Vec<&CellResult> = results
+                .iter()
+                .filter(|r| &r.variant == l && r.scale == s)
+                .collect();
+            if cell.is_empty() {
+                continue;
+            }
+            let acc: Vec<f64> = cell.iter().filter_map(|r| r.accuracy).collect();
+            let wall: Vec<f64> = cell.iter().map(|r| r.wall_seconds).collect();
+            let (am, asd) = mean_std(&acc);
+            let (wm, wsd) = mean_std(&wall);
+            out.push(Aggregate {
+                variant: l.clone(),
+                scale: s,
+                seeds: cell.len(),
+                accuracy_mean: am,
+                accuracy_std: asd,
+                steps: cell.iter().map(|r| r.steps as f64).sum::<f64>() / cell.len() as f64,
+                wall_seconds_mean: wm,
+                wall_seconds_std: wsd,
+            });
+        }
+    }
+    out
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    checkpoint::write_atomic(path, text.as_bytes())
+}
+
+/// Tables (CSV, JSON, a Markdown budget table) and plots (accuracy against wall time and against
+/// steps, with the Pareto frontier) from the finished cells.
+fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult]) -> Result<()> {
+    let agg = aggregate(labels, scales, results);
+    let mut csv = String::from(
+        "variant,scale,seeds,accuracy_mean,accuracy_std,steps,wall_seconds_mean,wall_seconds_std\n",
+    );
+    for a in &agg {
+        csv.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.0},{:.2},{:.2}\n",
+            a.variant,
+            a.scale,
+            a.seeds,
+            a.accuracy_mean,
+            a.accuracy_std,
+            a.steps,
+            a.wall_seconds_mean,
+            a.wall_seconds_std
+        ));
+    }
+    write(&out.join("results.csv"), &csv)?;
+    let json = serde_json::json!({ "cells": results, "aggregates": agg });
+    write(
+        &out.join("results.json"),
+        &serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )?;
+    // The budget table: rows variants, columns budgets, "mean ± std" accuracy in %.
+    let mut md = String::from("| variant |");
+    for s in scales {
+        md.push_str(&format!(" {}% |", s * 100.0));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(scales.len()));
+    md.push('\n');
+    for l in labels {
+        md.push_str(&format!("| {l} |"));
+        for &s in scales {
+            match agg.iter().find(|a| &a.variant == l && a.scale == s) {
+                Some(a) => md.push_str(&format!(
+                    " {:.2} ± {:.2} |",
+                    100.0 * a.accuracy_mean,
+                    100.0 * a.accuracy_std
+                )),
+                None => md.push_str(" - |"),
+            }
+        }
+        md.push('\n');
+    }
+    write(&out.join("budget_table.md"), &md)?;
+    let mut by_time = Vec::new();
+    let mut by_steps = Vec::new();
+    let mut all_time = Vec::new();
+    let mut all_steps = Vec::new();
+    for l in labels {
+        let rows: Vec<&Aggregate> = agg.iter().filter(|a| &a.variant == l).collect();
+        let t: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|a| (a.wall_seconds_mean, 100.0 * a.accuracy_mean))
+            .collect();
+        let st: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|a| (a.steps, 100.0 * a.accuracy_mean))
+            .collect();
+        all_time.extend(t.iter().copied());
+        all_steps.extend(st.iter().copied());
+        let mut s1 = Series::line(l.clone(), t);
+        s1.markers = true;
+        let mut s2 = Series::line(l.clone(), st);
+        s2.markers = true;
+        by_time.push(s1);
+        by_steps.push(s2);
+    }
+    by_time.push(Series::line("Pareto frontier", pareto_front(&all_time)));
+    by_steps.push(Series::line("Pareto frontier", pareto_front(&all_steps)));
+    draw(
+        &out.join("accuracy_vs_cost"),
+        &[
+            Panel {
+                title: "accuracy against wall time".into(),
+                x_label: "wall time (s, mean over seeds)".into(),
+                y_label: "eval accuracy (%)".into(),
+                series: by_time,
+            },
+            Panel {
+                title: "accuracy against steps".into(),
+                x_label: "optimizer steps".into(),
+                y_label: "eval accuracy (%)".into(),
+                series: by_steps,
+            },
+        ],
+    )?;
+    print!("{md}");
+    eprintln!(
+        "tables: {}/results.csv, results.json, budget_table.md; plots: accuracy_vs_cost.png/.svg",
+        out.display()
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SpeedupArgs {
+    /// The baseline recipe.
+    pub baseline: PathBuf,
+    /// The candidate recipe.
+    pub candidate: PathBuf,
+    /// Target eval accuracy (a fraction: 0.92).
+    #[arg(long)]
+    pub target: f64,
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Override a value in both recipes.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Output folder (default: runs/speedups/<baseline>-vs-<candidate>).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// One run's way to the target: the eval curve against time and steps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Curve {
+    pub recipe: String,
+    pub seed: u64,
+    /// (seconds since fit start, steps, accuracy) at each evaluation.
+    pub evals: Vec<(f64, u64, f64)>,
+    pub seconds_to_target: Option<f64>,
+    pub steps_to_target: Option<u64>,
+}
+
+fn eval_curve(run_dir: &Path) -> Result<Vec<(f64, u64, f64)>> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v.get("time/fit_sec")?.as_f64()?,
+                v.get("batch")?.as_u64()?,
+                v.get("eval/accuracy")?.as_f64()?,
+            ))
+        })
+        .collect())
+}
+
+/// `recipe bench speedup`.
+pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
+    if !(a.target > 0.0 && a.target <= 1.0) {
+        return Err(Error::msg(
+            "--target is an accuracy as a fraction in (0, 1], e.g. 0.92",
+        ));
+    }
+    if a.seeds == 0 {
+        return Err(Error::msg("--seeds must be at least 1"));
+    }
+    let recipes = [&a.baseline, &a.candidate];
+    let names: Vec<String> = recipes
+        .iter()
+        .map(|f| {
+            load(
+                &RecipeArgs {
+                    file: (*f).clone(),
+                    scale: None,
+                    sets: a.sets.clone(),
+                },
+                &[],
+                true,
+            )
+            .map(|r| r.name.clone())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let tags = if names[0] == names[1] {
+        vec![
+            format!("{}-baseline", names[0]),
+            format!("{}-candidate", names[1]),
+        ]
+    } else {
+        names.clone()
+    };
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from("runs/speedups").join(format!("{}-vs-{}", tags[0], tags[1]))
+    });
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let stopper = format!(
+        "{{name: threshold_stopper, monitor: eval/accuracy, threshold: {}}}",
+        a.target
+    );
+    let mut curves: Vec<Curve> = Vec::new();
+    for (file, tag) in recipes.iter().zip(&tags) {
+        let base_seed = load(
+            &RecipeArgs {
+                file: (*file).clone(),
+                scale: None,
+                sets: a.sets.clone(),
+            },
+            &[],
+            true,
+        )?
+        .seed;
+        for k in 0..a.seeds {
+            let seed = base_seed + k;
+            let dir = out.join(tag).join(format!("seed{seed}"));
+            let curve_file = dir.join("curve.json");
+            if let Some(c) = std::fs::read_to_string(&curve_file)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Curve>(&t).ok())
+            {
+                curves.push(c);
+                continue;
+            }
+            eprintln!("{tag}, seed {seed}: training to {:.2}%", 100.0 * a.target);
+            let mut sets = a.sets.clone();
+            sets.push(format!("seed={seed}"));
+            let args = RecipeArgs {
+                file: (*file).clone(),
+                scale: None,
+                sets,
+            };
+            let recipe = load(&args, &["json_logger", stopper.as_str()], true)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            }
+            let mut t = Trainer::new(&recipe, &dir)?;
+            t.set_interrupt(Arc::clone(&interrupt));
+            t.fit()?;
+            let evals = eval_curve(&dir)?;
+            let hit = evals.iter().find(|e| e.2 >= a.target);
+            let c = Curve {
+                recipe: tag.clone(),
+                seed,
+                seconds_to_target: hit.map(|e| e.0),
+                steps_to_target: hit.map(|e| e.1),
+                evals,
+            };
+            eprintln!(
+                "  {}",
+                match (c.seconds_to_target, c.steps_to_target) {
+                    (Some(s), Some(b)) => format!("reached it in {s:.1}s, {b} steps"),
+                    _ => "did not reach it".into(),
+                }
+            );
+            checkpoint::write_atomic(
+                &curve_file,
+                serde_json::to_string_pretty(&c)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            )?;
+            curves.push(c);
+        }
+    }
+    let times = |tag: &str| -> (Vec<f64>, usize) {
+        let cs: Vec<&Curve> = curves.iter().filter(|c| c.recipe == tag).collect();
+        (
+            cs.iter().filter_map(|c| c.seconds_to_target).collect(),
+            cs.len(),
+        )
+    };
+    let (tb, nb) = times(&tags[0]);
+    let (tc, nc) = times(&tags[1]);
+    let (mb, sb) = mean_std(&tb);
+    let (mc, sc) = mean_std(&tc);
+    let line = |tag: &str, t: &[f64], n: usize, m: f64, s: f64| {
+        if t.is_empty() {
+            format!("{tag}: reached by 0/{n} seeds")
+        } else {
+            format!(
+                "{tag}: reached by {}/{n} seeds, {m:.1} ± {s:.1} s (mean ± std over the seeds that reached it)",
+                t.len()
+            )
+        }
+    };
+    let mut lines = vec![
+        format!("target eval accuracy: {:.2}%", 100.0 * a.target),
+        line(&tags[0], &tb, nb, mb, sb),
+        line(&tags[1], &tc, nc, mc, sc),
+    ];
+    if !tb.is_empty() && !tc.is_empty() {
+        let ratio = mb / mc;
+        let rel = ((sb / mb).powi(2) + (sc / mc).powi(2)).sqrt();
+        lines.push(format!(
+            "speedup of {} over {}: {ratio:.2}x ± {:.2} (ratio of mean times; spread from the seeds' standard deviations)",
+            tags[1],
+            tags[0],
+            ratio * rel
+        ));
+    } else {
+        lines.push("speedup: undefined (a recipe never reached the target)".into());
+    }
+    let summary = lines.join("\n") + "\n";
+    write(&out.join("speedup.txt"), &summary)?;
+    write(
+        &out.join("curves.json"),
+        &serde_json::to_string_pretty(&curves).unwrap_or_default(),
+    )?;
+    let mut series = Vec::new();
+    for c in &curves {
+        let mut s = Series::line(
+            format!("{} seed {}", c.recipe, c.seed),
+            c.evals.iter().map(|e| (e.0, 100.0 * e.2)).collect(),
+        );
+        s.markers = true;
+        series.push(s);
+    }
+    series.push(Series::line(format!("target {:.2}%", 100.0 * a.target), {
+        let tmax = curves
+            .iter()
+            .flat_map(|c| c.evals.iter().map(|e| e.0))
+            .fold(0.0, f64::max);
+        vec![(0.0, 100.0 * a.target), (tmax, 100.0 * a.target)]
+    }));
+    draw(
+        &out.join("time_to_accuracy"),
+        &[Panel {
+            title: "eval accuracy against wall time".into(),
+            x_label: "seconds since the start of training".into(),
+            y_label: "eval accuracy (%)".into(),
+            series,
+        }],
+    )?;
+    print!("{summary}");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vary_values_split_at_top_level_commas_and_take_labels() {
+        assert_eq!(
+            split_top("a, {b: 1, c: [2, 3]},d"),
+            vec!["a", "{b: 1, c: [2, 3]}", "d"]
+        );
+        let v =
+            parse_vary("schedule=trunc@{name: multistep, milestones: [8ep, 12ep]},linear").unwrap();
+        assert_eq!(v[0].label, "trunc");
+        assert_eq!(v[0].value, "{name: multistep, milestones: [8ep, 12ep]}");
+        assert_eq!(v[1].label, "linear");
+        assert!(parse_vary("novalues").is_err());
+        assert!(parse_vary("k=a@1,a@2").is_err());
+        let c = combinations(&["a=1,2".into(), "b=x,y".into()]).unwrap();
+        assert_eq!(c.len(), 4);
+        assert_eq!(c[3].0, "2+y");
+        assert_eq!(c[3].1, vec!["a=2", "b=y"]);
+    }
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+    }
+}
