@@ -150,7 +150,8 @@ fn build_stages(
 
 // ---------------------------------------------------------------------------------------------
 
-/// CIFAR-style ResNet (He et al. 2016, section 4.2): depth 6n+2, stages of 16w, 32w, 64w channels.
+/// CIFAR-style ResNet (He et al. 2016, section 4.2): depth 6n+2, stages of 16w, 32w, 64w channels
+/// (rounded; `width: 0.5` gives 8/16/32, a small model for budget sweeps on 2 cores).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResNetCifarConfig {
@@ -159,7 +160,7 @@ pub struct ResNetCifarConfig {
     pub depth: usize,
     /// Width multiplier on the 16/32/64 channels.
     #[serde(default = "one")]
-    pub width: usize,
+    pub width: f64,
     /// Start the last batch norm of each residual branch at zero.
     #[serde(default)]
     pub zero_init_residual: bool,
@@ -168,8 +169,8 @@ pub struct ResNetCifarConfig {
 fn default_depth() -> usize {
     20
 }
-fn one() -> usize {
-    1
+fn one() -> f64 {
+    1.0
 }
 
 impl TimeParams for ResNetCifarConfig {}
@@ -183,28 +184,33 @@ impl ModelConfig for ResNetCifarConfig {
                 "use 8, 14, 20, 32, 44, 56 or 110",
             ));
         }
-        if self.width == 0 {
+        let c = |base: f64| (base * self.width).round() as usize;
+        if !self.width.is_finite() || c(16.0) == 0 || c(64.0) > 1 << 16 {
             return Err(Error::recipe(
                 "model.width",
-                "the width multiplier must be at least 1",
+                format!(
+                    "width {} gives {} channels in the first stage; give a multiplier of 1/16 or more",
+                    self.width,
+                    c(16.0)
+                ),
             ));
         }
         let n = (self.depth - 2) / 6;
-        let w = self.width;
+        let (w16, w32, w64) = (c(16.0), c(32.0), c(64.0));
         let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
         let stem = ConvBn::new(
             &mut b,
             "conv1",
             "bn1",
-            (ctx.input_shape[0], 16 * w, 3),
+            (ctx.input_shape[0], w16, 3),
             1,
             1,
             false,
         )?;
         let (blocks, c) = build_stages(
             &mut b,
-            16 * w,
-            &[16 * w, 32 * w, 64 * w],
+            w16,
+            &[w16, w32, w64],
             &[n, n, n],
             1,
             false,
@@ -225,7 +231,7 @@ crate::register_model!(
     ResNetCifarConfig,
     "resnet_cifar",
     "CIFAR-style ResNet: 3x3 stem, 3 stages (16w/32w/64w), depth 6n+2, basic blocks.",
-    "depth: 20\nwidth: 1\nzero_init_residual: false"
+    "depth: 20\nwidth: 1.0\nzero_init_residual: false"
 );
 
 /// ResNet-18/34/50 in the ImageNet layout of torchvision (v1.5: stride on the 3x3 conv).
@@ -332,7 +338,7 @@ mod tests {
         // ResNet-20 for CIFAR: 0.27M parameters (He et al., table 6), with projection shortcuts.
         let r20 = ResNetCifarConfig {
             depth: 20,
-            width: 1,
+            width: 1.0,
             zero_init_residual: false,
         }
         .build(&ctx([3, 32, 32]))
