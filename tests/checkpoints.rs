@@ -34,6 +34,7 @@ schedule:
 algorithms:
   - {name: label_smoothing, smoothing: 0.1}
   - {name: progressive_resizing, initial_scale: 0.5, delay: 2ba, finetune: 3ba}
+  - {name: autolrs, min_lr: 0.001, max_lr: 0.01, tau: 2ba, tau_max: 4ba, trial_fraction: 0.5, candidates: 2}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}
@@ -46,6 +47,7 @@ callbacks:
   - lr_monitor
   - speed_monitor
   - csv_logger
+  - {name: budgeted_convergence, interval: 0.5dur, subset: 16}
 ";
 
 fn ok(o: &std::process::Output) {
@@ -190,6 +192,14 @@ fn the_csv_log_has_one_row_per_step_and_a_column_per_metric() {
         assert!(header.contains(&col), "no column {col} in {header:?}");
     }
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    // Row 0 holds what was measured before the first step (budgeted_convergence at FIT_START).
+    assert_eq!(rows[0][0], "0");
+    let conv = header
+        .iter()
+        .position(|h| *h == "convergence/full_grad_norm")
+        .unwrap();
+    assert!(!rows[0][conv].is_empty());
+    let rows = &rows[1..];
     assert_eq!(rows.len(), 12, "one row per step");
     let loss = header.iter().position(|h| *h == "train/loss").unwrap();
     let acc = header.iter().position(|h| *h == "eval/accuracy").unwrap();

@@ -250,3 +250,38 @@ fn budgeted_convergence_measures_the_full_training_gradient() {
     let g = metrics(&s.run_dir, "convergence/full_grad_norm");
     assert_eq!(g.len(), 3, "{g:?}");
 }
+
+#[test]
+fn autolrs_searches_then_exploits_and_reports_its_search_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY.replace("max_duration: 8ba", "max_duration: 40ba")
+        + "algorithms:\n  - {name: autolrs, min_lr: 0.001, max_lr: 0.1, tau: 4ba, tau_max: 8ba, trial_fraction: 0.5, candidates: 3}\n";
+    let (_, s) = train(dir.path(), &text, None, &[], "run");
+    assert_eq!(s.batches, 40, "trial steps count against the budget");
+    let lr = metrics(&s.run_dir, "autolrs/lr");
+    let search = metrics(&s.run_dir, "autolrs/search_steps");
+    assert_eq!(lr.len(), 40);
+    // Stage 0 (tau 4): 3 trials of 2 steps, then 4 steps at the best of them.
+    assert_eq!(&search[..6], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let trials = [lr[0], lr[2], lr[4]];
+    assert!(lr[1] == lr[0] && lr[3] == lr[2] && lr[5] == lr[4], "{lr:?}");
+    assert!(
+        trials.iter().all(|l| (0.001..=0.1).contains(l)),
+        "{trials:?}"
+    );
+    assert!(
+        trials[0] != trials[1] && trials[1] != trials[2],
+        "{trials:?}"
+    );
+    assert!(
+        trials.contains(&lr[6]) && lr[6..10].iter().all(|&l| l == lr[6]),
+        "{lr:?}"
+    );
+    // Stage 1 (tau 8): 3 trials of 4 steps, 8 steps of exploitation; then no room to search.
+    assert_eq!(search[10..22].last(), Some(&18.0));
+    assert_eq!(
+        *search.last().unwrap(),
+        18.0,
+        "search stops when it no longer fits"
+    );
+}

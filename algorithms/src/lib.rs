@@ -4,6 +4,7 @@
 //! A binary must name this crate (`use recipe_algorithms as _;`) so that the linker keeps the
 //! plugin registrations.
 
+pub mod autolrs;
 pub mod label_smoothing;
 pub mod progressive_resizing;
 pub mod scale_schedule;

@@ -75,6 +75,20 @@ mod tests {
         let model = crate::models::MlpConfig { hidden: vec![2] }
             .build(&ctx)
             .unwrap();
+        let optimizer = crate::plugin::OptimizerConfig::build(
+            &crate::optim::SgdConfig {
+                lr: 0.1,
+                momentum: 0.0,
+                dampening: 0.0,
+                nesterov: false,
+                weight_decay: 0.0,
+                decoupled_weight_decay: false,
+                decay_norm_and_bias: false,
+            },
+            &ctx,
+            model.params(),
+        )
+        .unwrap();
         State {
             run_name: "t".into(),
             seed: 0,
@@ -83,6 +97,7 @@ mod tests {
             timestamp: Timestamp::default(),
             clock: ctx.clock,
             model,
+            optimizer,
             lr: 0.1,
             base_lr: 0.1,
             batch: None,

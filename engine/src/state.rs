@@ -63,6 +63,9 @@ pub struct State {
     /// The resolved clock: batches per epoch, batch size, and the run length in batches.
     pub clock: Clock,
     pub model: Box<dyn Model>,
+    /// The optimizer, with its state (algorithms that snapshot and restore training, such as
+    /// AutoLRS, save and load it through `state_dict`).
+    pub optimizer: Box<dyn crate::optim::Optimizer>,
     /// The learning rate of the current step (base LR times the schedule's multiplier).
     pub lr: f64,
     pub base_lr: f64,

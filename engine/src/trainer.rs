@@ -8,7 +8,6 @@ use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::ops::{cross_entropy, top1_correct};
-use crate::optim::Optimizer;
 use crate::plugin::BindContext;
 use crate::recipe::Recipe;
 use crate::schedule::Schedule;
@@ -34,7 +33,6 @@ pub struct FitSummary {
 pub struct Trainer {
     pub state: State,
     pub engine: Engine,
-    optimizer: Box<dyn Optimizer>,
     optimizer_key: String,
     schedule: Option<(String, Box<dyn Schedule>)>,
     train: Loader,
@@ -336,6 +334,7 @@ impl Trainer {
             timestamp: Timestamp::default(),
             clock,
             model,
+            optimizer,
             lr: base_lr,
             base_lr,
             batch: None,
@@ -362,7 +361,6 @@ impl Trainer {
         let mut t = Trainer {
             state,
             engine,
-            optimizer,
             optimizer_key: plugin_key("optimizer", &recipe.optimizer.name),
             schedule,
             train,
@@ -401,7 +399,7 @@ impl Trainer {
             }
             plugins.insert(key.to_string(), sd.values);
         };
-        add(&self.optimizer_key, self.optimizer.state_dict()?);
+        add(&self.optimizer_key, self.state.optimizer.state_dict()?);
         if let Some((key, s)) = &self.schedule {
             add(key, s.state_dict()?);
         }
@@ -517,7 +515,7 @@ impl Trainer {
                 }
             };
         let params = self.state.model.params().clone();
-        let opt = &mut self.optimizer;
+        let opt = &mut self.state.optimizer;
         restore(&self.optimizer_key.clone(), &mut |sd| {
             opt.load_state_dict(sd, &params)
         })?;
@@ -695,8 +693,8 @@ impl Trainer {
         self.state.grads = Some(loss.backward()?);
         self.event(Event::AfterBackward)?;
         if let Some(grads) = self.state.grads.take() {
-            self.optimizer
-                .step(self.state.model.params(), &grads, self.state.lr)?;
+            let st = &mut self.state;
+            st.optimizer.step(st.model.params(), &grads, st.lr)?;
         }
         let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let batch = self.batch()?;
