@@ -185,6 +185,7 @@ fn the_csv_log_has_one_row_per_step_and_a_column_per_metric() {
         "lr",
         "l2_norm/grad/global",
         "l2_norm/param/fc.weight",
+        "l2_norm/optimizer/exp_avg",
         "memory/rss_mb",
         "time/remaining_estimate_sec",
         "train/epoch_loss",

@@ -1,7 +1,9 @@
 //! Logs L2 norms of the gradients and the weights: global (`l2_norm/grad/global`,
 //! `l2_norm/param/global`) and, with `per_layer: true`, per tensor (`l2_norm/grad/<name>`,
-//! `l2_norm/param/<name>`). They are measured after the backward pass, before the optimizer step
-//! (the weights the gradients were computed at), and logged at BATCH_END with the step's other
+//! `l2_norm/param/<name>`); and the global norm of each slot of the optimizer's state
+//! (`l2_norm/optimizer/momentum_buffer`, `l2_norm/optimizer/exp_avg`, ...). They are measured
+//! after the backward pass, before the optimizer step (the weights the gradients were computed at,
+//! the optimizer state the step will update), and logged at BATCH_END with the step's other
 //! metrics.
 
 use recipe_engine::candle_core::{DType, Tensor};
@@ -84,6 +86,15 @@ impl Callback for OptimizerMonitor {
             if self.per_layer {
                 per_layer.push((p.name.clone(), g.sqrt(), w.sqrt()));
             }
+        }
+        let mut slots: std::collections::BTreeMap<String, f64> = Default::default();
+        for (name, t) in &state.optimizer.state_dict()?.tensors {
+            let slot = name.split('.').next().unwrap_or(name).to_string();
+            *slots.entry(slot).or_default() += sq_sum(t)?;
+        }
+        for (slot, v) in slots {
+            self.pending
+                .push((format!("l2_norm/optimizer/{slot}"), v.sqrt()));
         }
         self.pending
             .push(("l2_norm/grad/global".into(), g_total.sqrt()));
