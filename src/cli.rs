@@ -160,8 +160,13 @@ pub fn main() -> ExitCode {
 /// (EX_TEMPFAIL: try again, with --resume).
 pub const EXIT_INTERRUPTED: u8 = 75;
 
-/// This process's command line with `--resume <checkpoint>` in place of any earlier --resume.
+/// This process's command line with `--resume <checkpoint>` in place of any earlier --resume;
+/// a benchmark (which resumes its cells by itself) is simply given again.
 fn resume_command(checkpoint: &std::path::Path) -> String {
+    if std::env::args().nth(1).as_deref() == Some("bench") {
+        let args: Vec<String> = std::env::args().skip(1).map(|a| shell_quote(&a)).collect();
+        return format!("recipe {} (finished cells are kept)", args.join(" "));
+    }
     let mut out = vec!["recipe".to_string()];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -342,6 +347,7 @@ fn newest_run_with_checkpoint(runs_dir: &std::path::Path, name: &str) -> Option<
 /// The run folder a checkpoint belongs to: the nearest ancestor (up to two levels) holding a
 /// recipe.yaml.
 fn run_folder_of(ckpt: &std::path::Path) -> Option<PathBuf> {
+    let ckpt = std::fs::canonicalize(ckpt).ok()?;
     ckpt.ancestors()
         .skip(1)
         .take(2)

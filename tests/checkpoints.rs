@@ -134,7 +134,9 @@ fn resumed_runs_end_bitwise_identical_to_the_uninterrupted_one() {
             .unwrap()
             .subsec_nanos() as u64
             % 11);
-    let mut cases: Vec<PathBuf> = [random, 4, 5]
+    // Batch 12 is the last step: its checkpoint comes before the last epoch's end and the final
+    // evaluation's log line.
+    let mut cases: Vec<PathBuf> = [random, 4, 5, 12]
         .iter()
         .map(|&b| checkpoint_at(&whole, b))
         .collect();
@@ -167,6 +169,50 @@ fn resumed_runs_end_bitwise_identical_to_the_uninterrupted_one() {
             rel.display()
         );
     }
+}
+
+#[test]
+fn autolrs_with_sgd_resumes_in_the_middle_of_its_search() {
+    // SGD's state has tensors and no values: the snapshot must still come back from a checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let text = FULL.replace(
+        "  name: adamw\n  lr: 0.003\n  weight_decay: 0.01",
+        "  name: sgd\n  lr: 0.01\n  momentum: 0.9",
+    );
+    let recipe = write_recipe(dir.path(), "sgd.yaml", &text);
+    let whole = dir.path().join("whole");
+    ok(&train(&recipe, &whole, &[]));
+    // Batch 1: inside the first stage's search (trials of 1 step); batch 6: inside the second's.
+    for b in [1, 6] {
+        let run_dir = dir.path().join(format!("from{b}"));
+        let o = train(
+            &recipe,
+            &run_dir,
+            &["--resume", checkpoint_at(&whole, b).to_str().unwrap()],
+        );
+        ok(&o);
+        assert!(weights(&run_dir) == weights(&whole), "resumed at {b}");
+    }
+}
+
+#[test]
+fn a_run_stopped_early_stays_stopped_when_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = TINY.replace("max_duration: 8ba", "max_duration: 40ba")
+        + "callbacks:\n  - {name: early_stopper, monitor: train/loss, patience: 3ba, min_delta: 100}\n  - {name: checkpoint, interval: 1ba, keep_last: 0}\n";
+    let recipe = write_recipe(dir.path(), "stop.yaml", &text);
+    let whole = dir.path().join("whole");
+    let o = train(&recipe, &whole, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains("4 steps"), "{}", stderr(&o));
+    let o = train(
+        &recipe,
+        &dir.path().join("again"),
+        &["--resume", checkpoint_at(&whole, 4).to_str().unwrap()],
+    );
+    ok(&o);
+    let e = stderr(&o);
+    assert!(e.contains("4 steps") && e.contains("stopped early"), "{e}");
 }
 
 #[test]

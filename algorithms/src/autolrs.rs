@@ -278,6 +278,11 @@ enum Phase {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotValues {
+    values: serde_yaml::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Progress {
     phase: Phase,
     /// (x in [0, 1] = position of log-LR in the range, forecast loss) of this stage's trials.
@@ -286,8 +291,9 @@ struct Progress {
     stage: u64,
     search_steps: u64,
     last_lr: Option<f64>,
-    /// The optimizer's values at the snapshot (its tensors are saved beside the weights).
-    snapshot_optimizer: Option<serde_yaml::Value>,
+    /// Whether a snapshot is held, with the optimizer's values at it (its tensors are saved
+    /// beside the weights). A struct, so that an optimizer without values (SGD) still says Some.
+    snapshot_optimizer: Option<SnapshotValues>,
 }
 
 struct AutoLrs {
@@ -391,7 +397,9 @@ impl AutoLrs {
             .map(|p| Ok(p.var.as_tensor().copy()?))
             .collect::<Result<Vec<_>>>()?;
         let opt = state.optimizer.state_dict()?;
-        self.p.snapshot_optimizer = Some(opt.values.clone());
+        self.p.snapshot_optimizer = Some(SnapshotValues {
+            values: opt.values.clone(),
+        });
         self.snapshot = Some((params, opt));
         Ok(())
     }
@@ -539,7 +547,7 @@ impl Algorithm for AutoLrs {
         self.p = state.decode("autolrs")?;
         self.snapshot = match &self.p.snapshot_optimizer {
             None => None,
-            Some(values) => {
+            Some(SnapshotValues { values }) => {
                 let mut params = Vec::new();
                 while let Some(t) = state.tensors.get(&format!("param.{}", params.len())) {
                     params.push(t.clone());

@@ -147,6 +147,16 @@ impl BudgetedConvergence {
 }
 
 impl Callback for BudgetedConvergence {
+    /// The step of the last measurement, so a resumed run does not measure it twice.
+    fn state_dict(&self) -> Result<recipe_engine::checkpoint::StateDict> {
+        Ok(recipe_engine::checkpoint::StateDict::encode(&self.last))
+    }
+
+    fn load_state_dict(&mut self, state: &recipe_engine::checkpoint::StateDict) -> Result<()> {
+        self.last = state.decode("budgeted_convergence")?;
+        Ok(())
+    }
+
     fn run_event(&mut self, event: Event, state: &mut State) -> Result<()> {
         match event {
             Event::FitStart if self.at_ends && state.timestamp.batch == 0 => self.run(state),

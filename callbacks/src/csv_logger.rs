@@ -6,7 +6,7 @@
 //! dropped and the resumed run writes them again.
 
 use crate::resume_log::belongs_to_next_step;
-use recipe_engine::checkpoint::write_atomic;
+use recipe_engine::checkpoint::{write_atomic, StateDict};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
 use recipe_engine::{Event, State};
@@ -30,6 +30,7 @@ pub struct CsvLoggerConfig {
 impl TimeParams for CsvLoggerConfig {}
 
 /// One step's values, as they will be written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Row {
     batch: u64,
     epoch: u64,
@@ -194,6 +195,20 @@ impl Callback for CsvLogger {
         true
     }
 
+    /// The row still being filled (the checkpoint's own step) goes into the checkpoint, so the
+    /// resumed run completes it rather than losing it.
+    fn state_dict(&self) -> Result<StateDict> {
+        Ok(StateDict::encode(&self.row))
+    }
+
+    fn load_state_dict(&mut self, state: &StateDict) -> Result<()> {
+        let row: Option<Row> = state.decode("csv_logger")?;
+        if row.is_some() {
+            self.row = row;
+        }
+        Ok(())
+    }
+
     fn run_event(&mut self, event: Event, state: &mut State) -> Result<()> {
         if self.out.is_none() {
             self.open(state)?;
@@ -221,7 +236,7 @@ impl Callback for CsvLogger {
                 self.finish_row()?;
                 self.flush()?;
             }
-            Event::EpochEnd | Event::EvalEnd => self.flush()?,
+            Event::BatchCheckpoint | Event::EpochCheckpoint | Event::EvalEnd => self.flush()?,
             _ => {}
         }
         Ok(())

@@ -88,7 +88,11 @@ impl Callback for JsonLogger {
                 .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
             out.write_all(b"\n").map_err(|e| Error::io(&path, e))?;
         }
-        if matches!(event, Event::EpochEnd | Event::EvalEnd | Event::FitEnd) {
+        // Flushed at every checkpoint event: what precedes a checkpoint is on disk with it.
+        if matches!(
+            event,
+            Event::BatchCheckpoint | Event::EpochCheckpoint | Event::EvalEnd | Event::FitEnd
+        ) {
             out.flush().map_err(|e| Error::io(&path, e))?;
         }
         Ok(())

@@ -91,6 +91,12 @@ pub struct CheckpointMeta {
     pub epoch_metrics: EpochMetrics,
     pub last_eval: Option<EvalResult>,
     pub last_loss: Option<f64>,
+    /// Why a stopper ended the run, when one did.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+    /// Wall time of the run up to this checkpoint (all processes), in seconds.
+    #[serde(default)]
+    pub elapsed_seconds: f64,
     /// Plugin states (values only; tensors live in the payload as `<key>/<name>`), keyed by the
     /// plugin's place and name: `optimizer:sgd`, `schedule:cosine`, `algorithms[0]:label_smoothing`.
     pub plugins: BTreeMap<String, Value>,
@@ -441,6 +447,8 @@ mod tests {
             },
             last_eval: None,
             last_loss: Some(std::f64::consts::PI),
+            stop_reason: None,
+            elapsed_seconds: 1.5,
             plugins: BTreeMap::new(),
             model_tensors: vec!["w".into()],
         }

@@ -47,6 +47,8 @@ pub struct Trainer {
     cleaned: std::collections::HashSet<PathBuf>,
     /// When `fit` started (this process), for `time/fit_sec` beside each evaluation.
     fit_start: Option<Instant>,
+    /// Training time of the run before it was resumed (from the checkpoint).
+    prior_seconds: f64,
 }
 
 /// How a run continues from a checkpoint.
@@ -76,6 +78,30 @@ fn signal_name(sig: usize) -> String {
         2 => "SIGINT".into(),
         15 => "SIGTERM".into(),
         n => format!("signal {n}"),
+    }
+}
+
+/// Checkpoints of the run folder from after the resume point belong to the abandoned future of
+/// the run: renamed to `*.ckpt.abandoned` (kept, but no longer taken by `--resume latest`).
+fn set_aside_later_checkpoints(run_dir: &Path, batch: u64) {
+    for p in crate::checkpoint::list(run_dir) {
+        let later = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.rsplit_once("ba"))
+            .and_then(|(_, b)| b.parse::<u64>().ok())
+            .is_some_and(|b| b > batch);
+        if later {
+            let to = p.with_extension("ckpt.abandoned");
+            match std::fs::rename(&p, &to) {
+                Ok(()) => tracing::warn!(
+                    "{} is from after the resume point; kept as {}",
+                    p.display(),
+                    to.display()
+                ),
+                Err(e) => tracing::warn!("cannot set aside {}: {e}", p.display()),
+            }
+        }
     }
 }
 
@@ -236,6 +262,9 @@ impl Trainer {
             run_dir,
             resume.as_ref().map(|r| r.checkpoint.meta.timestamp.batch),
         )?;
+        if let Some(r) = &resume {
+            set_aside_later_checkpoints(run_dir, r.checkpoint.meta.timestamp.batch);
+        }
         recipe
             .data_info()
             .validate("data")
@@ -371,6 +400,7 @@ impl Trainer {
             interrupt: None,
             cleaned: Default::default(),
             fit_start: None,
+            prior_seconds: 0.0,
         };
         t.event(Event::Init)?;
         t.event(Event::BeforeLoad)?;
@@ -428,10 +458,17 @@ impl Trainer {
             epoch_metrics: s.epoch_metrics,
             last_eval: s.last_eval,
             last_loss: s.last_loss,
+            stop_reason: s.stop_reason.clone(),
+            elapsed_seconds: self.elapsed_seconds(),
             plugins,
             model_tensors,
         };
         Ok((meta, tensors))
+    }
+
+    /// Wall time of the whole run so far: this process's fit plus the time before a resume.
+    fn elapsed_seconds(&self) -> f64 {
+        self.prior_seconds + self.fit_start.map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
     /// Writes a checkpoint of the run as it stands.
@@ -505,12 +542,19 @@ impl Trainer {
             p.var
                 .set(&t.to_dtype(p.var.dtype())?.to_device(&self.state.device)?)?;
         }
+        let device = self.state.device.clone();
         let mut keys: Vec<&String> = ckpt.meta.plugins.keys().collect();
         let mut restore =
             |key: &str, load: &mut dyn FnMut(&StateDict) -> Result<()>| -> Result<()> {
                 keys.retain(|k| k.as_str() != key);
                 match ckpt.plugin(key) {
-                    Some(sd) => load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}")))),
+                    Some(mut sd) => {
+                        // Checkpoints are read onto the CPU; plugin state follows the run's device.
+                        for t in sd.tensors.values_mut() {
+                            *t = t.to_device(&device)?;
+                        }
+                        load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}"))))
+                    }
                     None => Ok(()),
                 }
             };
@@ -548,6 +592,8 @@ impl Trainer {
         self.state.epoch_metrics = m.epoch_metrics;
         self.state.last_eval = m.last_eval;
         self.state.last_loss = m.last_loss;
+        self.state.stop_reason = m.stop_reason.clone();
+        self.prior_seconds = m.elapsed_seconds;
         self.state.last_checkpoint = Some(ckpt.path.clone());
         Ok(())
     }
@@ -595,7 +641,10 @@ impl Trainer {
         let max = self.state.max_batches();
         let bpe = self.train.batches_per_epoch();
         self.event(Event::FitStart)?;
-        while self.state.timestamp.batch < max && self.state.stop_reason.is_none() {
+        // A run resumed from the last batch of an epoch still owes that epoch its end.
+        while (self.state.timestamp.batch < max && self.state.stop_reason.is_none())
+            || self.state.timestamp.batch_in_epoch >= bpe
+        {
             let epoch = self.state.timestamp.epoch;
             self.set_lr();
             if self.state.timestamp.batch_in_epoch == 0 {
@@ -651,7 +700,7 @@ impl Trainer {
             batches: self.state.timestamp.batch,
             epochs_completed: self.state.timestamp.epoch,
             final_eval: self.state.last_eval,
-            wall_seconds: t0.elapsed().as_secs_f64(),
+            wall_seconds: self.prior_seconds + t0.elapsed().as_secs_f64(),
             run_dir: self.state.run_dir.clone(),
             stop_reason: self.state.stop_reason.clone(),
         };
@@ -712,7 +761,13 @@ impl Trainer {
         self.state.timestamp.next_batch(n, 0);
         self.state.log("train/loss", loss_value);
         self.event(Event::BatchEnd)?;
-        if self.state.timestamp.batch.is_multiple_of(self.eval_every) {
+        // Every evaluation of a step, the last one included, comes before its BATCH_CHECKPOINT,
+        // so a checkpoint taken there already holds it.
+        let b = self.state.timestamp.batch;
+        if b.is_multiple_of(self.eval_every)
+            || b >= self.state.max_batches()
+            || self.state.stop_reason.is_some()
+        {
             self.evaluate()?;
         }
         self.event(Event::BatchCheckpoint)?;
@@ -768,10 +823,8 @@ impl Trainer {
         self.state.batch = None;
         self.state.log("eval/loss", r.loss);
         self.state.log("eval/accuracy", r.accuracy);
-        if let Some(t0) = self.fit_start {
-            // Wall time of this process's fit so far, evaluations included (time-to-accuracy).
-            self.state.log("time/fit_sec", t0.elapsed().as_secs_f64());
-        }
+        // Wall time of the run so far, evaluations included, across resumes (time-to-accuracy).
+        self.state.log("time/fit_sec", self.elapsed_seconds());
         self.event(Event::EvalEnd)?;
         self.state.evaluating = false;
         Ok(())
