@@ -12,6 +12,7 @@ use recipe_engine::checkpoint;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::trainer::{Resume, Trainer};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -265,11 +266,7 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
             for k in 0..a.seeds {
                 n += 1;
                 let seed = base.seed + k;
-                let dir = out
-                    .join("cells")
-                    .join(label)
-                    .join(scale_label(scale))
-                    .join(format!("seed{seed}"));
+                let dir = cell_dir(&out, label, scale, seed);
                 let result_file = dir.join("result.json");
                 if let Some(r) = read_result(&result_file) {
                     results.push(r);
@@ -314,6 +311,7 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
     }
     let labels: Vec<String> = combos.iter().map(|c| c.0.clone()).collect();
     report(&out, &labels, &a.scales, &results)?;
+    convergence_report(&out, &labels, &a.scales, &results)?;
     Ok(out)
 }
 
@@ -475,6 +473,99 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
         "tables: {}/results.csv, results.json, budget_table.md; plots: accuracy_vs_cost.png/.svg",
         out.display()
     );
+    Ok(())
+}
+
+/// The folder of a cell.
+fn cell_dir(out: &Path, variant: &str, scale: f64, seed: u64) -> PathBuf {
+    out.join("cells")
+        .join(variant)
+        .join(scale_label(scale))
+        .join(format!("seed{seed}"))
+}
+
+/// Budgeted convergence (Li et al., Figure 3): when the cells logged
+/// `convergence/full_grad_norm` (the `budgeted_convergence` callback), the full-gradient norm
+/// against the fraction of the budget, mean over seeds, one line per variant, for the smallest
+/// and the largest budget; and `convergence.csv` with every measurement.
+fn convergence_report(
+    out: &Path,
+    labels: &[String],
+    scales: &[f64],
+    results: &[CellResult],
+) -> Result<()> {
+    let mut rows = String::from("variant,scale,seed,batch,progress,full_grad_norm,full_loss\n");
+    // (variant, scale) -> progress -> values over seeds
+    let mut curves: BTreeMap<(String, u64), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+    for r in results {
+        let Ok(text) = std::fs::read_to_string(
+            cell_dir(out, &r.variant, r.scale, r.seed).join("metrics.jsonl"),
+        ) else {
+            continue;
+        };
+        for v in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let (Some(b), Some(g)) = (
+                v.get("batch").and_then(|b| b.as_u64()),
+                v.get("convergence/full_grad_norm").and_then(|g| g.as_f64()),
+            ) else {
+                continue;
+            };
+            let loss = v
+                .get("convergence/full_loss")
+                .and_then(|l| l.as_f64())
+                .unwrap_or(f64::NAN);
+            let p = b as f64 / r.steps.max(1) as f64;
+            rows.push_str(&format!(
+                "{},{},{},{b},{p:.4},{g},{loss}\n",
+                r.variant, r.scale, r.seed
+            ));
+            curves
+                .entry((r.variant.clone(), r.scale.to_bits()))
+                .or_default()
+                .entry((p * 1000.0).round() as u64)
+                .or_default()
+                .push(g);
+        }
+    }
+    if curves.is_empty() {
+        return Ok(());
+    }
+    write(&out.join("convergence.csv"), &rows)?;
+    let mut panels = Vec::new();
+    let mut picked: Vec<f64> = Vec::new();
+    for s in [
+        scales.iter().copied().fold(f64::INFINITY, f64::min),
+        scales.iter().copied().fold(0.0, f64::max),
+    ] {
+        if picked.contains(&s) {
+            continue;
+        }
+        picked.push(s);
+        let series = labels
+            .iter()
+            .filter_map(|l| {
+                let c = curves.get(&(l.clone(), s.to_bits()))?;
+                let mut line = Series::line(
+                    l.clone(),
+                    c.iter()
+                        .map(|(p, g)| (*p as f64 / 1000.0, mean_std(g).0))
+                        .collect(),
+                );
+                line.markers = true;
+                Some(line)
+            })
+            .collect();
+        panels.push(Panel {
+            title: format!("full-gradient norm, budget {}%", s * 100.0),
+            x_label: "fraction of the budget".into(),
+            y_label: "||grad of the training loss||".into(),
+            series,
+        });
+    }
+    draw(&out.join("convergence"), &panels)?;
     Ok(())
 }
 
