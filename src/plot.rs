@@ -29,8 +29,6 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Draw points as well as the line.
     pub markers: bool,
-    /// Draw the points only.
-    pub points_only: bool,
 }
 
 impl Series {
@@ -39,7 +37,6 @@ impl Series {
             label: label.into(),
             points,
             markers: false,
-            points_only: false,
         }
     }
 }
@@ -109,20 +106,14 @@ where
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect();
         let style = ShapeStyle::from(&color).stroke_width(width);
-        let anno = if s.points_only {
+        if s.markers {
             chart
-                .draw_series(pts.iter().map(|&q| Circle::new(q, 4, style.filled())))
-                .map_err(err)?
-        } else {
-            if s.markers {
-                chart
-                    .draw_series(pts.iter().map(|&q| Circle::new(q, 3, style.filled())))
-                    .map_err(err)?;
-            }
-            chart
-                .draw_series(LineSeries::new(pts.clone(), style))
-                .map_err(err)?
-        };
+                .draw_series(pts.iter().map(|&q| Circle::new(q, 3, style.filled())))
+                .map_err(err)?;
+        }
+        let anno = chart
+            .draw_series(LineSeries::new(pts.clone(), style))
+            .map_err(err)?;
         anno.label(s.label.clone()).legend(move |(x, y)| {
             PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
         });

@@ -9,6 +9,7 @@
 //! nothing in training. It costs one forward and backward pass over the samples it reads:
 //! `subset` bounds that (the same first samples every time).
 
+use crate::optimizer_monitor::sq_sum;
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::ops::{cross_entropy, Targets};
@@ -67,13 +68,6 @@ impl CallbackConfig for BudgetedConvergenceConfig {
             last: None,
         }))
     }
-}
-
-fn sq_sum(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()?)
 }
 
 /// (full gradient norm, mean loss, weight norm) over the first `limit` training samples.

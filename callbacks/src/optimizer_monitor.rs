@@ -52,7 +52,7 @@ impl CallbackConfig for OptimizerMonitorConfig {
 }
 
 /// The sum of squares of a tensor, accumulated in f64.
-fn sq_sum(t: &Tensor) -> Result<f64> {
+pub fn sq_sum(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?
         .sqr()?
         .sum_all()?
