@@ -133,6 +133,7 @@ pub enum BenchCommand {
 
 /// Entry point of the `recipe` binary (and of any plugin crate's binary).
 pub fn main() -> ExitCode {
+    crate::alloc::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(cli.verbose);
     match run_command(cli.command) {

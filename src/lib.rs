@@ -7,6 +7,7 @@
 //! fn main() -> std::process::ExitCode { recipe::cli::main() }
 //! ```
 
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod plot;

@@ -83,6 +83,11 @@ impl BatchNorm2d {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_act(x, train, false)
+    }
+
+    /// Batch norm followed by a ReLU when `relu` (fused on CPU).
+    pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let stats = BatchNormStats {
             running_mean: &self.running_mean,
             running_var: &self.running_var,
@@ -95,6 +100,7 @@ impl BatchNorm2d {
             stats,
             self.eps,
             train,
+            relu,
         )?)
     }
 }
@@ -147,7 +153,6 @@ impl ConvBn {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x)?, train)?;
-        Ok(if relu { y.relu()? } else { y })
+        self.bn.forward_act(&self.conv.forward(x)?, train, relu)
     }
 }

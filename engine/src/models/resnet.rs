@@ -83,7 +83,7 @@ impl Block {
             Some(d) => d.forward(x, train, false)?,
             None => x.clone(),
         };
-        Ok((h + shortcut)?.relu()?)
+        Ok(ops::add_relu(&h, &shortcut)?)
     }
 }
 
@@ -232,6 +232,80 @@ crate::register_model!(
     "resnet_cifar",
     "CIFAR-style ResNet: 3x3 stem, 3 stages (16w/32w/64w), depth 6n+2, basic blocks.",
     "depth: 20\nwidth: 1.0\nzero_init_residual: false"
+);
+
+/// The small residual network of the CPU-throughput benchmark: a 3x3 stem to `channels`, a basic
+/// block at full resolution, a 2x2 max pool, a basic block at half resolution, global average
+/// pool, linear head (`benches/reference/throughput.py` has the same model in PyTorch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmallResNetConfig {
+    #[serde(default = "default_small_channels")]
+    pub channels: usize,
+}
+
+fn default_small_channels() -> usize {
+    32
+}
+
+impl TimeParams for SmallResNetConfig {}
+
+struct SmallResNet {
+    stem: ConvBn,
+    blocks: [Block; 2],
+    fc: Linear,
+    params: ParamStore,
+}
+
+impl Model for SmallResNet {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.stem.forward(x, train, true)?;
+        let h = self.blocks[0].forward(&h, train)?;
+        let h = ops::max_pool2d(&h, 2, 2, 0)?;
+        let h = self.blocks[1].forward(&h, train)?;
+        self.fc.forward(&ops::global_avg_pool(&h)?)
+    }
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+}
+
+impl ModelConfig for SmallResNetConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Model>> {
+        let c = self.channels;
+        if c == 0 || c > 1 << 14 {
+            return Err(Error::recipe(
+                "model.channels",
+                format!("{c} channels; give between 1 and 16384"),
+            ));
+        }
+        let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
+        let stem = ConvBn::new(
+            &mut b,
+            "conv1",
+            "bn1",
+            (ctx.input_shape[0], c, 3),
+            1,
+            1,
+            false,
+        )?;
+        let (b0, _) = Block::new(&mut b, "layer1.0", c, c, 1, false, false)?;
+        let (b1, _) = Block::new(&mut b, "layer2.0", c, c, 1, false, false)?;
+        let fc = Linear::new(&mut b, "fc", c, ctx.num_classes)?;
+        Ok(Box::new(SmallResNet {
+            stem,
+            blocks: [b0, b1],
+            fc,
+            params: b.finish(),
+        }))
+    }
+}
+
+crate::register_model!(
+    SmallResNetConfig,
+    "small_resnet",
+    "Two basic residual blocks around a 2x2 max pool (the CPU-throughput benchmark's model).",
+    "channels: 32"
 );
 
 /// ResNet-18/34/50 in the ImageNet layout of torchvision (v1.5: stride on the 3x3 conv).

@@ -5,7 +5,7 @@ use candle_core::WithDType;
 /// A read-only matrix view: element (i, j) is `data[i * rs + j * cs]`, so a transpose is a swap of
 /// strides.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a, T> {
+pub struct Mat<'a, T> {
     pub data: &'a [T],
     pub rs: usize,
     pub cs: usize,
@@ -35,7 +35,7 @@ impl<'a, T> Mat<'a, T> {
 
 /// `dst` (row-major m x n) = a (m x k) * b (k x n), plus the old `dst` when `accumulate`.
 /// Single-threaded: the kernels parallelise over images.
-pub(crate) fn matmul<T: WithDType>(
+pub fn matmul<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
@@ -43,6 +43,21 @@ pub(crate) fn matmul<T: WithDType>(
     accumulate: bool,
     a: Mat<T>,
     b: Mat<T>,
+) {
+    matmul_threads(m, n, k, dst, accumulate, a, b, 1)
+}
+
+/// `matmul` on `threads` threads of the rayon pool (for one large product).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_threads<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    threads: usize,
 ) {
     assert!(
         dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
@@ -79,7 +94,11 @@ pub(crate) fn matmul<T: WithDType>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         )
     }
 }

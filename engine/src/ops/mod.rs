@@ -5,14 +5,34 @@
 //! and pooling supports any kernel and stride with a backward pass (candle's has none when kernel !=
 //! stride). On other devices the models use candle's own ops.
 
+/// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
+/// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.
+macro_rules! float_storage {
+    ($storage:expr, $op:expr, |$t:ident| $body:expr) => {
+        match $storage {
+            candle_core::CpuStorage::F32(_) => {
+                type $t = f32;
+                <f32 as candle_core::WithDType>::to_cpu_storage_owned($body)
+            }
+            candle_core::CpuStorage::F64(_) => {
+                type $t = f64;
+                <f64 as candle_core::WithDType>::to_cpu_storage_owned($body)
+            }
+            _ => candle_core::bail!("{}: only f32 and f64 are supported", $op),
+        }
+    };
+}
+
+mod act;
 mod conv;
-mod gemm;
+pub mod gemm;
 mod loss;
 mod norm;
 mod pool;
 #[cfg(test)]
 pub(crate) mod testing;
 
+pub use act::add_relu;
 pub use conv::{conv2d, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, Targets};
 pub use norm::{batch_norm, BatchNormStats};

@@ -1,10 +1,13 @@
-//! Batch normalisation over (N, H, W) per channel, train and eval modes, as fused CPU kernels
-//! with their own backward (candle's reductions over non-last dimensions are slow); other devices
-//! use candle's tensor ops.
+//! Batch normalisation over (N, H, W) per channel, train and eval modes, with an optional fused
+//! ReLU. On CPU, training runs as fused kernels with their own backward: the statistics in two
+//! passes (mean, then centred variance, summed in f32 lanes per row and f64 across rows), the
+//! output in one pass, and the backward in two passes that read x, dy and the output in place
+//! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
 use super::contiguous_slice;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
 
 /// Running statistics of a batch-norm layer, updated in train mode.
 pub struct BatchNormStats<'a> {
@@ -13,9 +16,10 @@ pub struct BatchNormStats<'a> {
     pub momentum: f64,
 }
 
-/// Batch norm of `x` [N, C, H, W] with affine `weight`/`bias` [C]. In train mode it normalises
-/// with the batch statistics (biased variance) and updates the running ones (unbiased variance,
-/// PyTorch's convention); in eval mode it uses the running statistics.
+/// Batch norm of `x` [N, C, H, W] with affine `weight`/`bias` [C], followed by a ReLU when
+/// `relu`. In train mode it normalises with the batch statistics (biased variance) and updates the
+/// running ones (unbiased variance, PyTorch's convention); in eval mode it uses the running
+/// statistics.
 pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -23,8 +27,10 @@ pub fn batch_norm(
     stats: BatchNormStats,
     eps: f64,
     train: bool,
+    relu: bool,
 ) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
+    let act = |y: Tensor| if relu { y.relu() } else { Ok(y) };
     let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !train {
         let mean = stats.running_mean.as_tensor().detach();
@@ -32,9 +38,9 @@ pub fn batch_norm(
         let scale = (weight / (var + eps)?.sqrt()?)?;
         let shift = (bias - (mean * &scale)?)?;
         let s4 = (1, c, 1, 1);
-        return x
+        return act(x
             .broadcast_mul(&scale.reshape(s4)?)?
-            .broadcast_add(&shift.reshape(s4)?);
+            .broadcast_add(&shift.reshape(s4)?)?);
     }
     let count = (n * h * w) as f64;
     if n * h * w < 2 {
@@ -44,12 +50,21 @@ pub fn batch_norm(
         );
     }
     let (y, mean, var) = if fused {
-        let x = x.contiguous()?;
-        let (mean, var) = channel_stats(&x)?;
+        let kept = Arc::new(OnceLock::new());
+        let op = FusedBatchNorm {
+            eps,
+            relu,
+            saved: kept.clone(),
+        };
+        let y = x.contiguous()?.apply_op3(weight, bias, op)?;
+        let Some(saved) = kept.get() else {
+            candle_core::bail!("batch_norm: the forward pass kept no statistics");
+        };
+        let dev = x.device();
         (
-            x.apply_op3(weight, bias, FusedBatchNorm { eps })?,
-            mean,
-            var,
+            y,
+            Tensor::from_slice(&saved.mean, c, dev)?.to_dtype(x.dtype())?,
+            Tensor::from_slice(&saved.var, c, dev)?.to_dtype(x.dtype())?,
         )
     } else {
         let mean = x.mean_keepdim((0, 2, 3))?;
@@ -59,7 +74,11 @@ pub fn batch_norm(
             .broadcast_div(&(&var + eps)?.sqrt()?)?
             .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        (y, mean.flatten_all()?.detach(), var.flatten_all()?.detach())
+        (
+            act(y)?,
+            mean.flatten_all()?.detach(),
+            var.flatten_all()?.detach(),
+        )
     };
     let m = stats.momentum;
     let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
@@ -74,42 +93,79 @@ pub fn batch_norm(
     Ok(y)
 }
 
-/// Per-channel mean and biased variance of a contiguous CPU tensor [N, C, H, W].
-fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (n, c, h, w) = x.dims4()?;
-    let v = x.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let (mean, var) = stats_of(&v, n, c, h * w);
-    Ok((
-        Tensor::from_vec(mean, c, x.device())?.to_dtype(x.dtype())?,
-        Tensor::from_vec(var, c, x.device())?.to_dtype(x.dtype())?,
-    ))
+/// `Σ f(v)` over a slice, in 8 lanes of `T` (which the compiler vectorises) added up in f64.
+#[inline]
+fn lane_sum<T: WithDType>(v: &[T], f: impl Fn(T) -> T) -> f64 {
+    let mut acc = [T::zero(); 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f64 = chunks.remainder().iter().map(|&r| f(r).to_f64()).sum();
+    for ch in chunks {
+        for j in 0..8 {
+            acc[j] += f(ch[j]);
+        }
+    }
+    acc.iter().map(|a| a.to_f64()).sum::<f64>() + rest
 }
 
-/// Mean and biased variance per channel, accumulated in f64, parallel over channels.
-fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
+/// `Σ f(a, b, c)` over three slices of equal length, as `lane_sum`.
+#[inline]
+fn lane_sum3<T: WithDType>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> f64 {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let rest: f64 = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .map(|((&x, &y), &z)| f(x, y, z).to_f64())
+    .sum();
+    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        for j in 0..8 {
+            acc[j] += f(x[j], y[j], z[j]);
+        }
+    }
+    acc.iter().map(|a| a.to_f64()).sum::<f64>() + rest
+}
+
+/// Per-channel batch statistics, kept from the forward pass for the backward one.
+struct Saved {
+    mean: Vec<f64>,
+    /// Biased variance.
+    var: Vec<f64>,
+}
+
+/// Mean and biased variance per channel (two passes: mean, then centred squares), parallel over
+/// channels.
+fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Saved {
+    let m = (n * hw) as f64;
+    let rows = |ch: usize| (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut s, mut s2) = (0f64, 0f64);
-            for i in 0..n {
-                for &v in &x[(i * c + ch) * hw..][..hw] {
-                    let v = v.to_f64();
-                    s += v;
-                    s2 += v * v;
-                }
-            }
-            let m = (n * hw) as f64;
-            let mean = s / m;
-            (mean, (s2 / m - mean * mean).max(0.0))
+            let mean = rows(ch).map(|r| lane_sum(r, |v| v)).sum::<f64>() / m;
+            let mt = T::from_f64(mean);
+            let var = rows(ch)
+                .map(|r| {
+                    lane_sum(r, |v| {
+                        let d = v - mt;
+                        d * d
+                    })
+                })
+                .sum::<f64>()
+                / m;
+            (mean, var)
         })
         .collect();
-    per.into_iter().unzip()
+    let (mean, var) = per.into_iter().unzip();
+    Saved { mean, var }
 }
 
-/// y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics; backward recomputes
-/// the statistics from x.
+/// y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics, then max(y, 0) when
+/// `relu`. The statistics are kept for the backward pass.
 struct FusedBatchNorm {
     eps: f64,
+    relu: bool,
+    saved: Arc<OnceLock<Saved>>,
 }
 
 impl FusedBatchNorm {
@@ -120,68 +176,34 @@ impl FusedBatchNorm {
         b: &[T],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let (mean, var) = stats_of(x, n, c, hw);
+        let st = stats_of(x, n, c, hw);
         let scale: Vec<f64> = (0..c)
-            .map(|ch| wt[ch].to_f64() / (var[ch] + self.eps).sqrt())
+            .map(|ch| wt[ch].to_f64() / (st.var[ch] + self.eps).sqrt())
             .collect();
         let shift: Vec<f64> = (0..c)
-            .map(|ch| b[ch].to_f64() - mean[ch] * scale[ch])
+            .map(|ch| b[ch].to_f64() - st.mean[ch] * scale[ch])
             .collect();
+        let _ = self.saved.set(st);
         let mut out = vec![T::zero(); x.len()];
+        let relu = self.relu;
         out.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
             .enumerate()
             .for_each(|(p, (o, xs))| {
                 let ch = p % c;
                 let (s, t) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * s + t;
+                if relu {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        let y = v * s + t;
+                        *o = if y > T::zero() { y } else { T::zero() };
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = v * s + t;
+                    }
                 }
             });
         out
-    }
-
-    /// Gradients (dx, dweight, dbias) from x, weight and dy.
-    fn backward<T: WithDType>(
-        &self,
-        x: &[T],
-        wt: &[T],
-        dy: &[T],
-        (n, c, hw): (usize, usize, usize),
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (mean, var) = stats_of(x, n, c, hw);
-        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // Per channel: sum(dy) and sum(dy * xhat).
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut sdy, mut sdyx) = (0f64, 0f64);
-                for i in 0..n {
-                    let off = (i * c + ch) * hw;
-                    for (&g, &v) in dy[off..off + hw].iter().zip(&x[off..off + hw]) {
-                        let g = g.to_f64();
-                        sdy += g;
-                        sdyx += g * (v.to_f64() - mean[ch]) * invstd[ch];
-                    }
-                }
-                (sdy, sdyx)
-            })
-            .collect();
-        let m = (n * hw) as f64;
-        let mut dx = vec![T::zero(); x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
-            let ch = p % c;
-            let (sdy, sdyx) = sums[ch];
-            let k = wt[ch].to_f64() * invstd[ch];
-            let off = p * hw;
-            for (j, o) in o.iter_mut().enumerate() {
-                let xhat = (x[off + j].to_f64() - mean[ch]) * invstd[ch];
-                *o = T::from_f64(k * (dy[off + j].to_f64() - sdy / m - xhat * sdyx / m));
-            }
-        });
-        let dw = sums.iter().map(|s| T::from_f64(s.1)).collect();
-        let db = sums.iter().map(|s| T::from_f64(s.0)).collect();
-        (dx, dw, db)
     }
 }
 
@@ -200,22 +222,12 @@ impl CustomOp3 for FusedBatchNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
-        let dims = (n, c, h * w);
-        macro_rules! go {
-            ($t:ty) => {
-                <$t>::to_cpu_storage_owned(self.forward(
-                    contiguous_slice::<$t>(s1, l1, "batch_norm")?,
-                    contiguous_slice::<$t>(s2, l2, "batch_norm")?,
-                    contiguous_slice::<$t>(s3, l3, "batch_norm")?,
-                    dims,
-                ))
-            };
-        }
-        let out = match s1 {
-            CpuStorage::F32(_) => go!(f32),
-            CpuStorage::F64(_) => go!(f64),
-            _ => candle_core::bail!("batch_norm: only f32 and f64 are supported"),
-        };
+        let out = float_storage!(s1, "batch_norm", |T| self.forward(
+            contiguous_slice::<T>(s1, l1, "batch_norm")?,
+            contiguous_slice::<T>(s2, l2, "batch_norm")?,
+            contiguous_slice::<T>(s3, l3, "batch_norm")?,
+            (n, c, h * w),
+        ));
         Ok((out, l1.shape().clone()))
     }
 
@@ -224,31 +236,123 @@ impl CustomOp3 for FusedBatchNorm {
         x: &Tensor,
         weight: &Tensor,
         _bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, c, h, w) = x.dims4()?;
-        let dims = (n, c, h * w);
-        let dev = x.device();
-        macro_rules! go {
-            ($t:ty) => {{
-                let xs = x.flatten_all()?.to_vec1::<$t>()?;
-                let ws = weight.flatten_all()?.to_vec1::<$t>()?;
-                let gs = grad.flatten_all()?.to_vec1::<$t>()?;
-                let (dx, dw, db) = self.backward(&xs, &ws, &gs, dims);
-                (
-                    Tensor::from_vec(dx, (n, c, h, w), dev)?,
-                    Tensor::from_vec(dw, c, dev)?,
-                    Tensor::from_vec(db, c, dev)?,
-                )
-            }};
-        }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => go!(f32),
-            DType::F64 => go!(f64),
-            d => candle_core::bail!("batch_norm backward: unsupported dtype {d:?}"),
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("batch_norm backward: no statistics from the forward pass");
         };
+        let c = x.dim(1)?;
+        let op = BatchNormGrad {
+            eps: self.eps,
+            relu: self.relu,
+            mean: saved.mean.clone(),
+            var: saved.var.clone(),
+            weight: weight.to_dtype(DType::F64)?.to_vec1()?,
+            sums: OnceLock::new(),
+        };
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, res, &op)?;
+        let Some((sdy, sdxhat)) = op.sums.get() else {
+            candle_core::bail!("batch_norm backward: the gradient pass kept no sums");
+        };
+        let dev = x.device();
+        let dw = Tensor::from_slice(sdxhat, c, dev)?.to_dtype(weight.dtype())?;
+        let db = Tensor::from_slice(sdy, c, dev)?.to_dtype(weight.dtype())?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The input gradient of the fused batch norm from (x, dy, y), reading all three in place; the
+/// weight and bias gradients (per-channel sums it needs anyway) are kept in `sums`.
+struct BatchNormGrad {
+    eps: f64,
+    relu: bool,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    weight: Vec<f64>,
+    /// (Σ dy, Σ dy * xhat) per channel, with dy masked by the ReLU.
+    sums: OnceLock<(Vec<f64>, Vec<f64>)>,
+}
+
+impl BatchNormGrad {
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        y: &[T],
+        (n, c, hw): (usize, usize, usize),
+    ) -> Vec<T> {
+        let relu = self.relu;
+        let mask = move |g: T, y: T| if !relu || y > T::zero() { g } else { T::zero() };
+        let invstd: Vec<f64> = self
+            .var
+            .iter()
+            .map(|v| 1.0 / (v + self.eps).sqrt())
+            .collect();
+        let rows = |ch: usize| (0..n).map(move |i| (i * c + ch) * hw);
+        let (sdy, sdyx): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut a, mut b) = (0f64, 0f64);
+                for off in rows(ch) {
+                    let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
+                    a += lane_sum3(gs, ys, ys, |g, y, _| mask(g, y));
+                    b += lane_sum3(gs, ys, xs, |g, y, x| mask(g, y) * x);
+                }
+                (a, b)
+            })
+            .unzip();
+        // Σ dy * xhat = (Σ dy * x - mean Σ dy) * invstd
+        let sdxhat: Vec<f64> = (0..c)
+            .map(|ch| (sdyx[ch] - self.mean[ch] * sdy[ch]) * invstd[ch])
+            .collect();
+        let m = (n * hw) as f64;
+        // dx = k (dy - Σdy/m - xhat Σ(dy xhat)/m) = A dy + B x + C per channel, k = weight * invstd
+        let coef: Vec<(T, T, T)> = (0..c)
+            .map(|ch| {
+                let k = self.weight[ch] * invstd[ch];
+                let b = -k * invstd[ch] * sdxhat[ch] / m;
+                let cc = -k * sdy[ch] / m - b * self.mean[ch];
+                (T::from_f64(k), T::from_f64(b), T::from_f64(cc))
+            })
+            .collect();
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+            let (a, b, cc) = coef[p % c];
+            let off = p * hw;
+            let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = a * mask(gs[j], ys[j]) + b * xs[j] + cc;
+            }
+        });
+        let _ = self.sums.set((sdy, sdxhat));
+        dx
+    }
+}
+
+impl CustomOp3 for BatchNormGrad {
+    fn name(&self) -> &'static str {
+        "batch_norm_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let name = "batch_norm_grad";
+        let out = float_storage!(s1, name, |T| self.backward(
+            contiguous_slice::<T>(s1, l1, name)?,
+            contiguous_slice::<T>(s2, l2, name)?,
+            contiguous_slice::<T>(s3, l3, name)?,
+            (n, c, h * w),
+        ));
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -274,16 +378,30 @@ mod tests {
 
     #[test]
     fn fused_forward_and_gradients_match_the_reference_and_finite_differences() {
-        for (n, c, h, w) in [(4, 3, 5, 5), (1, 2, 7, 3), (8, 1, 1, 1)] {
-            let case = format!("{n} {c} {h} {w}");
+        for ((n, c, h, w), relu) in [(4, 3, 5, 5), (1, 2, 7, 3), (8, 1, 1, 1), (2, 2, 4, 4)]
+            .into_iter()
+            .flat_map(|s| [(s, false), (s, true)])
+        {
+            let case = format!("{n} {c} {h} {w} relu {relu}");
             let x = rand_tensor(&[n, c, h, w], 1, DType::F64);
             let wt = rand_tensor(&[c], 2, DType::F64);
             let b = rand_tensor(&[c], 3, DType::F64);
             let fused = |x: &Tensor, wt: &Tensor, b: &Tensor| {
-                x.apply_op3(wt, b, FusedBatchNorm { eps: 1e-5 }).unwrap()
+                x.apply_op3(
+                    wt,
+                    b,
+                    FusedBatchNorm {
+                        eps: 1e-5,
+                        relu,
+                        saved: Default::default(),
+                    },
+                )
+                .unwrap()
             };
+            let want = reference(&x, &wt, &b, 1e-5);
+            let want = if relu { want.relu().unwrap() } else { want };
             assert!(
-                max_rel_err(&fused(&x, &wt, &b), &reference(&x, &wt, &b, 1e-5)) < 1e-9,
+                max_rel_err(&fused(&x, &wt, &b), &want) < 1e-9,
                 "forward {case}"
             );
             check_grad_fd(|t| fused(t, &wt, &b), &x, 1, 1e-6, &format!("input {case}"));
@@ -295,6 +413,42 @@ mod tests {
                 &format!("weight {case}"),
             );
             check_grad_fd(|t| fused(&x, &wt, t), &b, 1, 1e-6, &format!("bias {case}"));
+        }
+    }
+
+    /// f32 against candle's composed ops, forward and all three gradients, on shapes whose rows
+    /// are longer than the 8 summing lanes, with and without the ReLU.
+    #[test]
+    fn fused_f32_matches_composed_ops() {
+        for ((n, c, h, w), relu) in [(16, 8, 12, 12), (3, 5, 7, 9), (1, 4, 28, 28)]
+            .into_iter()
+            .flat_map(|s| [(s, false), (s, true)])
+        {
+            let case = format!("{n} {c} {h} {w} relu {relu}");
+            let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 11, DType::F32)).unwrap();
+            let wt = Var::from_tensor(&rand_tensor(&[c], 12, DType::F32)).unwrap();
+            let b = Var::from_tensor(&rand_tensor(&[c], 13, DType::F32)).unwrap();
+            let rm = Var::zeros(c, DType::F32, &Device::Cpu).unwrap();
+            let rv = Var::ones(c, DType::F32, &Device::Cpu).unwrap();
+            let stats = BatchNormStats {
+                running_mean: &rm,
+                running_var: &rv,
+                momentum: 0.1,
+            };
+            let ours = batch_norm(&x, &wt, &b, stats, 1e-5, true, relu).unwrap();
+            let want = reference(&x, &wt, &b, 1e-5);
+            let want = if relu { want.relu().unwrap() } else { want };
+            assert!(max_rel_err(&ours, &want) < 1e-4, "forward {case}");
+            let up = rand_tensor(&[n, c, h, w], 14, DType::F32);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt, &b] {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_rel_err(a, e) < 1e-4, "gradient {case}");
+            }
         }
     }
 
@@ -316,6 +470,7 @@ mod tests {
             },
             1e-5,
             true,
+            false,
         )
         .unwrap();
         let mean = x.mean_keepdim((0, 2, 3)).unwrap();
