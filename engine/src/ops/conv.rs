@@ -112,23 +112,55 @@ impl Geometry {
         (lo, hi)
     }
 
+    /// The output rows `oy` whose input row `oy * s + ky - p` lies inside the image.
+    fn valid_rows(&self, ky: usize) -> (usize, usize) {
+        let (s, p) = (self.s, self.p);
+        let lo = p.saturating_sub(ky).div_ceil(s).min(self.oh);
+        let hi = (self.h + p).saturating_sub(ky).div_ceil(s).clamp(lo, self.oh);
+        (lo, hi)
+    }
+
     /// Unfolds one image [C, H, W] into cols [C*KH*KW, OH*OW] (zero padding).
     fn im2col<T: WithDType>(&self, img: &[T], cols: &mut [T]) {
         let (l, ow, s) = (self.l(), self.ow, self.s);
+        // "Same" stride-1 convolutions: each row of cols is the image plane shifted by a constant
+        // offset, so it is one copy, then the wrapped-around border columns are zeroed.
+        let shifted = s == 1 && ow == self.w;
         for ci in 0..self.c {
             let plane = &img[ci * self.h * self.w..][..self.h * self.w];
             for ky in 0..self.kh {
+                let (ylo, yhi) = self.valid_rows(ky);
                 for kx in 0..self.kw {
                     let row = &mut cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
                     let (lo, hi) = self.valid_cols(kx);
+                    if shifted {
+                        let off = (ky as isize - self.p as isize) * self.w as isize + kx as isize
+                            - self.p as isize;
+                        let plane_len = plane.len() as isize;
+                        let a = ((ylo * ow) as isize).max(-off).min(l as isize) as usize;
+                        let b = ((yhi * ow) as isize)
+                            .min(plane_len - off)
+                            .max(a as isize) as usize;
+                        row[..a].fill(T::zero());
+                        row[b..].fill(T::zero());
+                        let src = (a as isize + off) as usize;
+                        row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
+                        if lo > 0 || hi < ow {
+                            for r in row[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+                                r[..lo].fill(T::zero());
+                                r[hi..].fill(T::zero());
+                            }
+                        }
+                        continue;
+                    }
                     for oy in 0..self.oh {
-                        let iy = (oy * s + ky) as isize - self.p as isize;
                         let dst = &mut row[oy * ow..][..ow];
-                        if iy < 0 || iy >= self.h as isize || lo == hi {
+                        if oy < ylo || oy >= yhi || lo == hi {
                             dst.fill(T::zero());
                             continue;
                         }
-                        let src = &plane[iy as usize * self.w..][..self.w];
+                        let iy = oy * s + ky - self.p;
+                        let src = &plane[iy * self.w..][..self.w];
                         dst[..lo].fill(T::zero());
                         dst[hi..].fill(T::zero());
                         let x0 = lo * s + kx - self.p;
