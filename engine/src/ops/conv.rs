@@ -116,7 +116,10 @@ impl Geometry {
     fn valid_rows(&self, ky: usize) -> (usize, usize) {
         let (s, p) = (self.s, self.p);
         let lo = p.saturating_sub(ky).div_ceil(s).min(self.oh);
-        let hi = (self.h + p).saturating_sub(ky).div_ceil(s).clamp(lo, self.oh);
+        let hi = (self.h + p)
+            .saturating_sub(ky)
+            .div_ceil(s)
+            .clamp(lo, self.oh);
         (lo, hi)
     }
 
@@ -138,13 +141,14 @@ impl Geometry {
                             - self.p as isize;
                         let plane_len = plane.len() as isize;
                         let a = ((ylo * ow) as isize).max(-off).min(l as isize) as usize;
-                        let b = ((yhi * ow) as isize)
-                            .min(plane_len - off)
-                            .max(a as isize) as usize;
+                        let b = ((yhi * ow) as isize).min(plane_len - off).max(a as isize) as usize;
                         row[..a].fill(T::zero());
                         row[b..].fill(T::zero());
-                        let src = (a as isize + off) as usize;
-                        row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
+                        if a < b {
+                            // a >= -off and b <= plane_len - off: the source range is inside
+                            let src = (a as isize + off) as usize;
+                            row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
+                        }
                         if lo > 0 || hi < ow {
                             for r in row[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
                                 r[..lo].fill(T::zero());
@@ -474,6 +478,9 @@ mod tests {
             (1, 2, 6, 7, 3, 3, 1, 0),
             (2, 3, 5, 4, 2, 5, 1, 2),
             (1, 4, 9, 9, 3, 3, 2, 0),
+            (2, 3, 1, 1, 2, 3, 1, 1),
+            (1, 2, 2, 2, 3, 3, 1, 1),
+            (1, 2, 2, 3, 2, 5, 1, 2),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();

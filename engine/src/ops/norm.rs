@@ -4,7 +4,7 @@
 //! output in one pass, and the backward in two passes that read x, dy and the output in place
 //! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
-use super::contiguous_slice;
+use super::{contiguous_slice, lane_sum};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -91,20 +91,6 @@ pub fn batch_norm(
         .running_var
         .set(&rv.to_dtype(stats.running_var.dtype())?)?;
     Ok(y)
-}
-
-/// `Σ f(v)` over a slice, in 8 lanes of `T` (which the compiler vectorises) added up in f64.
-#[inline]
-fn lane_sum<T: WithDType>(v: &[T], f: impl Fn(T) -> T) -> f64 {
-    let mut acc = [T::zero(); 8];
-    let chunks = v.chunks_exact(8);
-    let rest: f64 = chunks.remainder().iter().map(|&r| f(r).to_f64()).sum();
-    for ch in chunks {
-        for j in 0..8 {
-            acc[j] += f(ch[j]);
-        }
-    }
-    acc.iter().map(|a| a.to_f64()).sum::<f64>() + rest
 }
 
 /// `Σ f(a, b, c)` over three slices of equal length, as `lane_sum`.

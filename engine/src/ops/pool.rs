@@ -1,6 +1,6 @@
 //! Max and average pooling of any kernel, stride and padding, with backward passes.
 
-use super::{contiguous_slice, out_size};
+use super::{contiguous_slice, lane_sum, out_size};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -47,9 +47,80 @@ pub fn avg_pool2d(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
     )
 }
 
-/// Mean over the spatial dimensions: [N, C, H, W] -> [N, C].
+/// Mean over the spatial dimensions: [N, C, H, W] -> [N, C]. On CPU one pass each way (forward a
+/// lane-summed mean per plane, backward a fill of dy / (H W)); elsewhere candle's mean.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 4 && x.dim(2)? * x.dim(3)? == 0 {
+        candle_core::bail!("global_avg_pool: empty planes in input {:?}", x.dims());
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
+        return x.contiguous()?.apply_op1(GlobalAvgPool);
+    }
     x.mean((2, 3))
+}
+
+struct GlobalAvgPool;
+
+fn gap_forward<T: WithDType>(x: &[T], hw: usize) -> Vec<T> {
+    x.par_chunks(hw)
+        .map(|plane| T::from_f64(lane_sum(plane, |v| v) / hw as f64))
+        .collect()
+}
+
+fn gap_backward<T: WithDType>(g: &[T], planes: usize, hw: usize) -> Vec<T> {
+    let inv = T::from_f64(1.0 / hw.max(1) as f64);
+    let mut dx = vec![T::zero(); planes * hw];
+    dx.par_chunks_mut(hw.max(1))
+        .zip(g.par_iter())
+        .for_each(|(plane, &v)| plane.fill(v * inv));
+    dx
+}
+
+impl CustomOp1 for GlobalAvgPool {
+    fn name(&self) -> &'static str {
+        "global_avg_pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let hw = (h * w).max(1);
+        let out = float_storage!(s, "global_avg_pool", |T| gap_forward::<T>(
+            contiguous_slice(s, l, "global_avg_pool")?,
+            hw
+        ));
+        Ok((out, Shape::from((n, c))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        Ok(Some(
+            grad.contiguous()?
+                .apply_op1_no_bwd(&GlobalAvgPoolGrad { h, w })?,
+        ))
+    }
+}
+
+/// dx [N, C, H, W] = dy [N, C] / (H W) on every pixel.
+struct GlobalAvgPoolGrad {
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for GlobalAvgPoolGrad {
+    fn name(&self) -> &'static str {
+        "global_avg_pool_grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = l.shape().dims2()?;
+        let hw = self.h * self.w;
+        let out = float_storage!(s, "global_avg_pool_grad", |T| gap_backward::<T>(
+            contiguous_slice(s, l, "global_avg_pool_grad")?,
+            n * c,
+            hw
+        ));
+        Ok((out, Shape::from((n, c, self.h, self.w))))
+    }
 }
 
 fn pool(x: &Tensor, op: Pool) -> Result<Tensor> {
@@ -272,6 +343,27 @@ mod tests {
             0.0
         );
         assert!(max_rel_err(&avg_pool2d(&x, 2, 2, 0).unwrap(), &x.avg_pool2d(2).unwrap()) < 1e-6);
+    }
+
+    #[test]
+    fn global_average_pool_matches_candle_and_finite_differences() {
+        use candle_core::Var;
+        for shape in [[2, 3, 5, 7], [1, 1, 1, 1], [3, 2, 9, 9]] {
+            let x = Var::from_tensor(&rand_tensor(&shape, 8, DType::F32)).unwrap();
+            let ours = global_avg_pool(&x).unwrap();
+            let want = x.mean((2, 3)).unwrap();
+            assert!(max_rel_err(&ours, &want) < 1e-6, "{shape:?}");
+            let up = rand_tensor(&shape[..2], 9, DType::F32);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert!(max_rel_err(a, b) < 1e-6, "{shape:?}");
+            let x64 = rand_tensor(&shape, 10, DType::F64);
+            check_grad_fd(|t| global_avg_pool(t).unwrap(), &x64, 1, 1e-6, "gap");
+        }
     }
 
     #[test]
