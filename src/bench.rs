@@ -2,13 +2,20 @@
 //! into forward (with the loss), backward and optimizer, and the peak resident memory.
 
 use recipe_engine::candle_core::{Device, Tensor};
+use recipe_engine::data::{DataContext, Loader};
+use recipe_engine::engine::Named;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::model::Model;
 use recipe_engine::ops::{cross_entropy, Targets};
 use recipe_engine::optim::Optimizer;
+use recipe_engine::plugin::Callback;
 use recipe_engine::plugin::{BindContext, Kind, ModelConfig, OptimizerConfig};
 use recipe_engine::recipe::{parse_spec, Spec};
+use recipe_engine::recipe::{Recipe, RecipeSource};
 use recipe_engine::serde_yaml::Value;
+use recipe_engine::trainer::Trainer;
+use recipe_engine::{Event, State};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// What to measure.
@@ -32,6 +39,17 @@ pub struct ThroughputArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Also run the whole trainer (progress bar, JSON logger, LR and speed monitors, cosine
+    /// schedule) against a bare loop over the same data loader, model and optimizer, in
+    /// alternating rounds, and report what the engine costs per step.
+    #[arg(long)]
+    pub trainer: bool,
+    /// Print the figures as one JSON object (the format of benches/reference/throughput.py).
+    #[arg(long)]
+    pub json: bool,
+    /// Alternating rounds of bare loop and trainer (with --trainer).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// Per-step averages of one measurement.
@@ -67,13 +85,11 @@ fn block(s: &str, what: &str) -> Result<Value> {
         .map_err(|e| Error::msg(format!("--{what} {s}: not a YAML block ({e})")))
 }
 
-pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
-    if a.batch == 0 || a.steps == 0 || a.classes == 0 {
-        return Err(Error::msg(
-            "--batch, --steps and --classes must be at least 1",
-        ));
-    }
-    let shape = parse_input(&a.input)?;
+/// Builds the model and the optimizer of a throughput measurement.
+fn build_parts(
+    a: &ThroughputArgs,
+    shape: [usize; 3],
+) -> Result<(Box<dyn Model>, Box<dyn Optimizer>, f64)> {
     let model_spec: Spec<dyn ModelConfig> =
         parse_spec(Kind::Model, &block(&a.model, "model")?, "model")?;
     let opt_spec: Spec<dyn OptimizerConfig> = parse_spec(
@@ -83,10 +99,20 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
     )?;
     let ctx = BindContext::standalone(&Device::Cpu, shape, a.classes, a.batch);
     let model: Box<dyn Model> = model_spec.config.build(&ctx)?;
-    let mut opt: Box<dyn Optimizer> = opt_spec
+    let opt: Box<dyn Optimizer> = opt_spec
         .config
         .build(&ctx.with_path("optimizer"), model.params())?;
-    let lr = opt_spec.config.lr();
+    Ok((model, opt, opt_spec.config.lr()))
+}
+
+pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
+    if a.batch == 0 || a.steps == 0 || a.classes == 0 {
+        return Err(Error::msg(
+            "--batch, --steps and --classes must be at least 1",
+        ));
+    }
+    let shape = parse_input(&a.input)?;
+    let (model, mut opt, lr) = build_parts(a, shape)?;
     let [c, h, w] = shape;
     let mut rng = recipe_engine::rng::stream(0, "bench");
     let pixels: Vec<f32> = (0..a.batch * c * h * w)
@@ -119,4 +145,131 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         optimizer_ms: 1e3 * o / n,
         peak_rss_mb: recipe_engine::sysinfo::peak_rss_mb(),
     })
+}
+
+/// Per-step wall time (start of one step to the start of the next, the last one to the end of
+/// the run) of the bare loop and of the trainer, in alternating rounds.
+#[derive(Debug, Clone)]
+pub struct EngineOverhead {
+    pub bare_ms: Vec<f64>,
+    pub trainer_ms: Vec<f64>,
+    pub callbacks: Vec<String>,
+}
+
+impl EngineOverhead {
+    /// Mean step time of each side over the rounds, and the trainer's extra share in percent.
+    pub fn summary(&self) -> (f64, f64, f64) {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let (b, t) = (mean(&self.bare_ms), mean(&self.trainer_ms));
+        (b, t, 100.0 * (t - b) / b)
+    }
+}
+
+/// The callbacks a `recipe run` has by default (progress bar, JSON logger) and the two monitors
+/// the shipped recipes list.
+const TRAINER_CALLBACKS: &[&str] = &["progress_bar", "json_logger", "lr_monitor", "speed_monitor"];
+
+/// A recipe of `steps` steps over synthetic data of the benchmark's shape, with the default
+/// callbacks and a cosine schedule.
+fn bench_recipe(a: &ThroughputArgs, [c, h, w]: [usize; 3], steps: usize) -> Result<Recipe> {
+    let text = format!(
+        "name: bench-throughput\nseed: 0\nmax_duration: {steps}ba\n\
+         data: {{name: synthetic, shape: [{c}, {h}, {w}], num_classes: {k}, train_size: {n}, \
+         eval_size: 0, batch_size: {b}}}\nmodel: {model}\noptimizer: {opt}\n\
+         schedule: {{name: cosine}}\ncallbacks: [{cbs}]\n",
+        k = a.classes,
+        n = a.batch * steps,
+        b = a.batch,
+        model = a.model,
+        opt = a.optimizer,
+        cbs = TRAINER_CALLBACKS.join(", "),
+    );
+    let src = RecipeSource::from_text(&text, &[]);
+    Recipe::from_raw(src.raw()?, src, true)
+}
+
+/// Records the start of every step (BEFORE_DATALOADER) and the end of the run.
+struct StepClock(Arc<Mutex<Vec<Instant>>>);
+
+impl Callback for StepClock {
+    fn run_event(&mut self, event: Event, _state: &mut State) -> Result<()> {
+        if matches!(event, Event::BeforeDataloader | Event::FitEnd) {
+            if let Ok(mut v) = self.0.lock() {
+                v.push(Instant::now());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mean of the step intervals after the first `warmup` steps.
+fn steady_ms(marks: &[Instant], warmup: usize) -> f64 {
+    let d: Vec<f64> = marks
+        .windows(2)
+        .skip(warmup)
+        .map(|w| 1e3 * (w[1] - w[0]).as_secs_f64())
+        .collect();
+    d.iter().sum::<f64>() / d.len().max(1) as f64
+}
+
+fn bare_loop(a: &ThroughputArgs, recipe: &Recipe, shape: [usize; 3]) -> Result<f64> {
+    let (model, mut opt, lr) = build_parts(a, shape)?;
+    let splits = recipe.data.dataset.config.build(&DataContext {
+        seed: recipe.seed,
+        path: "data".into(),
+    })?;
+    let loader = Loader::new(
+        splits.train,
+        splits.info,
+        &recipe.data.loader,
+        true,
+        recipe.seed,
+    )?;
+    let mut marks = Vec::new();
+    for batch in loader.epoch(0, 0, &Device::Cpu) {
+        marks.push(Instant::now());
+        let b = batch?;
+        let loss = cross_entropy(&model.forward(&b.inputs, true)?, &b.targets)?;
+        loss.to_vec0::<f32>()?;
+        let grads = loss.backward()?;
+        opt.step(model.params(), &grads, lr)?;
+    }
+    marks.push(Instant::now());
+    Ok(steady_ms(&marks, a.warmup))
+}
+
+fn trainer_loop(a: &ThroughputArgs, recipe: &Recipe, dir: &std::path::Path) -> Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut t = Trainer::new(recipe, dir)?;
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    t.engine.callbacks.push(Named {
+        label: "bench:step_clock".into(),
+        inner: Box::new(StepClock(marks.clone())),
+    });
+    t.fit()?;
+    let marks = marks
+        .lock()
+        .map_err(|_| Error::msg("step clock poisoned"))?;
+    Ok(steady_ms(&marks, a.warmup))
+}
+
+/// The trainer against a bare loop over the same loader, model and optimizer.
+pub fn engine_overhead(a: &ThroughputArgs) -> Result<EngineOverhead> {
+    let shape = parse_input(&a.input)?;
+    let recipe = bench_recipe(a, shape, a.warmup + a.steps)?;
+    let dir = std::env::temp_dir().join(format!("recipe-bench-{}", std::process::id()));
+    let mut out = EngineOverhead {
+        bare_ms: Vec::new(),
+        trainer_ms: Vec::new(),
+        callbacks: TRAINER_CALLBACKS.iter().map(|s| s.to_string()).collect(),
+    };
+    let result = (|| -> Result<()> {
+        for _ in 0..a.rounds.max(1) {
+            out.bare_ms.push(bare_loop(a, &recipe, shape)?);
+            out.trainer_ms.push(trainer_loop(a, &recipe, &dir)?);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|_| out)
 }

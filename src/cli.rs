@@ -237,17 +237,49 @@ pub fn run_command(cmd: Command) -> Result<()> {
             which: BenchCommand::Throughput(a),
         } => {
             let t = crate::bench::throughput(&a)?;
-            println!(
-                "model {} batch {} input {}: {:.1} images/s; per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
-                a.model,
-                a.batch,
-                a.input,
-                t.images_per_sec,
-                t.forward_ms,
-                t.backward_ms,
-                t.optimizer_ms,
-                t.peak_rss_mb.map_or("unknown".into(), |m| format!("{m:.0} MB"))
-            );
+            if a.json {
+                let v = serde_json::json!({
+                    "impl": "recipe",
+                    "model": a.model,
+                    "batch": a.batch,
+                    "input": a.input,
+                    "threads": rayon_threads(),
+                    "images_per_sec": t.images_per_sec,
+                    "forward_ms": t.forward_ms,
+                    "backward_ms": t.backward_ms,
+                    "optimizer_ms": t.optimizer_ms,
+                    "peak_rss_mb": t.peak_rss_mb,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "model {} batch {} input {}: {:.1} images/s; per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
+                    a.model,
+                    a.batch,
+                    a.input,
+                    t.images_per_sec,
+                    t.forward_ms,
+                    t.backward_ms,
+                    t.optimizer_ms,
+                    t.peak_rss_mb.map_or("unknown".into(), |m| format!("{m:.0} MB"))
+                );
+            }
+            if a.trainer {
+                let e = crate::bench::engine_overhead(&a)?;
+                let (bare, trainer, pct) = e.summary();
+                let list = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.1}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!(
+                    "engine: step {trainer:.1} ms in the trainer ({}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (rounds: trainer {} ms; bare {} ms)",
+                    e.callbacks.join(", "),
+                    list(&e.trainer_ms),
+                    list(&e.bare_ms),
+                );
+            }
             Ok(())
         }
         Command::Bench {
@@ -304,6 +336,12 @@ pub fn load(args: &RecipeArgs, extra_callbacks: &[&str], prepare: bool) -> Resul
         }
     }
     Recipe::from_raw(raw, src, prepare)
+}
+
+/// Threads of the global rayon pool, which the CPU kernels run on (RAYON_NUM_THREADS, or one per
+/// core).
+fn rayon_threads() -> usize {
+    recipe_engine::rayon::current_num_threads()
 }
 
 fn entry_name(v: &Value) -> Option<&str> {

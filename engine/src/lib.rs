@@ -40,4 +40,5 @@ pub use trainer::Trainer;
 // Re-exported so plugin crates use the same versions as the engine.
 pub use candle_core;
 pub use inventory;
+pub use rayon;
 pub use serde_yaml;
