@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use recipe_engine::ops::gemm::{matmul_threads, Mat};
+use recipe_engine::ops::gemm::{matmul_col_major, matmul_threads, Mat};
 use recipe_engine::ops::{self, BatchNormStats, Conv2dParams};
 use std::hint::black_box;
 
@@ -55,6 +55,9 @@ fn matmul_shapes(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul_shapes");
     g.sample_size(10);
     let (o, l, ckk) = (16usize, 1024usize, 144usize);
+    let (o2, l2, ckk2) = (32usize, 784usize, 288usize);
+    let k2: Vec<f32> = (0..o2 * ckk2).map(|i| (i % 5) as f32).collect();
+    let cols2: Vec<f32> = (0..ckk2 * l2).map(|i| (i % 7) as f32).collect();
     let k: Vec<f32> = (0..o * ckk).map(|i| (i % 5) as f32).collect();
     let cols: Vec<f32> = (0..ckk * l).map(|i| (i % 7) as f32).collect();
     let dy: Vec<f32> = (0..o * l).map(|i| (i % 3) as f32).collect();
@@ -75,6 +78,51 @@ fn matmul_shapes(c: &mut Criterion) {
             black_box(&d);
         })
     });
+    g.bench_function("forward_t_1024x16x144", |b| {
+        b.iter(|| {
+            matmul_col_major(
+                l,
+                o,
+                ckk,
+                &mut d,
+                false,
+                Mat::transposed(&cols, l),
+                Mat::transposed(&k, ckk),
+            );
+            black_box(&d);
+        })
+    });
+    g.throughput(Throughput::Elements(2 * (o2 * l2 * ckk2) as u64));
+    g.bench_function("forward_32x784x288", |b| {
+        b.iter(|| {
+            matmul_threads(
+                o2,
+                l2,
+                ckk2,
+                &mut d,
+                false,
+                Mat::rows(&k2, ckk2),
+                Mat::rows(&cols2, l2),
+                1,
+            );
+            black_box(&d);
+        })
+    });
+    g.bench_function("forward_t_784x32x288", |b| {
+        b.iter(|| {
+            matmul_col_major(
+                l2,
+                o2,
+                ckk2,
+                &mut d,
+                false,
+                Mat::transposed(&cols2, l2),
+                Mat::transposed(&k2, ckk2),
+            );
+            black_box(&d);
+        })
+    });
+    g.throughput(Throughput::Elements(2 * (o * l * ckk) as u64));
     g.bench_function("wgrad_16x144x1024", |b| {
         b.iter(|| {
             matmul_threads(
@@ -139,6 +187,26 @@ fn conv(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("backward", name), |b| {
             b.iter(|| black_box(loss.backward().expect("backward")))
         });
+        // Each gradient alone (the other operand a constant).
+        g.throughput(Throughput::Elements(flops as u64));
+        for (what, xs, ws) in [
+            (
+                "backward_input",
+                x.as_tensor().clone(),
+                w.as_tensor().detach(),
+            ),
+            (
+                "backward_kernel",
+                x.as_tensor().detach(),
+                w.as_tensor().clone(),
+            ),
+        ] {
+            let y = ops::conv2d(&xs, &ws, None, params).expect("conv");
+            let loss = (y * &up).and_then(|t| t.sum_all()).expect("loss");
+            g.bench_function(BenchmarkId::new(what, name), |b| {
+                b.iter(|| black_box(loss.backward().expect("backward")))
+            });
+        }
     }
     g.finish();
 }

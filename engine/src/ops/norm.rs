@@ -93,24 +93,31 @@ pub fn batch_norm(
     Ok(y)
 }
 
-/// `Σ f(a, b, c)` over three slices of equal length, as `lane_sum`.
+/// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, y)`, in 8 lanes of `T` added up in f64.
 #[inline]
-fn lane_sum3<T: WithDType>(a: &[T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T) -> f64 {
-    let mut acc = [T::zero(); 8];
-    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
-    let rest: f64 = (ca
+fn grad_sums<T: WithDType>(g: &[T], y: &[T], x: &[T], mask: impl Fn(T, T) -> T) -> (f64, f64) {
+    let (mut s1, mut s2) = ([T::zero(); 8], [T::zero(); 8]);
+    let (cg, cy, cx) = (g.chunks_exact(8), y.chunks_exact(8), x.chunks_exact(8));
+    let (mut r1, mut r2) = (0f64, 0f64);
+    for ((&g, &y), &x) in cg
         .remainder()
         .iter()
-        .zip(cb.remainder())
-        .zip(cc.remainder()))
-    .map(|((&x, &y), &z)| f(x, y, z).to_f64())
-    .sum();
-    for ((x, y), z) in ca.zip(cb).zip(cc) {
+        .zip(cy.remainder())
+        .zip(cx.remainder())
+    {
+        let m = mask(g, y);
+        r1 += m.to_f64();
+        r2 += (m * x).to_f64();
+    }
+    for ((g, y), x) in cg.zip(cy).zip(cx) {
         for j in 0..8 {
-            acc[j] += f(x[j], y[j], z[j]);
+            let m = mask(g[j], y[j]);
+            s1[j] += m;
+            s2[j] += m * x[j];
         }
     }
-    acc.iter().map(|a| a.to_f64()).sum::<f64>() + rest
+    let total = |s: [T; 8]| s.iter().map(|a| a.to_f64()).sum::<f64>();
+    (total(s1) + r1, total(s2) + r2)
 }
 
 /// Per-channel batch statistics, kept from the forward pass for the backward one.
@@ -282,8 +289,9 @@ impl BatchNormGrad {
                 let (mut a, mut b) = (0f64, 0f64);
                 for off in rows(ch) {
                     let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
-                    a += lane_sum3(gs, ys, ys, |g, y, _| mask(g, y));
-                    b += lane_sum3(gs, ys, xs, |g, y, x| mask(g, y) * x);
+                    let (s1, s2) = grad_sums(gs, ys, xs, mask);
+                    a += s1;
+                    b += s2;
                 }
                 (a, b)
             })

@@ -185,8 +185,67 @@ impl Pool {
         }
     }
 
+    /// Non-overlapping windows without padding (kernel == stride, the usual 2x2 pool): each
+    /// window is read row by row, no per-cell bounds checks.
+    fn tiled(&self) -> bool {
+        self.k == self.s && self.p == 0
+    }
+
+    /// The index (in the plane) of the first maximum of the window at (oy, ox) of a tiled pool.
+    #[inline]
+    fn tile_argmax<T: WithDType>(&self, plane: &[T], w: usize, oy: usize, ox: usize) -> usize {
+        let k = self.k;
+        let mut best = oy * k * w + ox * k;
+        let mut value = plane[best];
+        for ky in 0..k {
+            let start = (oy * k + ky) * w + ox * k;
+            for (i, &v) in plane[start..start + k].iter().enumerate() {
+                // selects, not branches: random data mispredicts half of these comparisons
+                let better = v > value;
+                best = if better { start + i } else { best };
+                value = if better { v } else { value };
+            }
+        }
+        best
+    }
+
     fn forward<T: WithDType>(&self, x: &[T], planes: usize, h: usize, w: usize) -> Result<Vec<T>> {
         let (oh, ow) = self.geometry(h, w)?;
+        if self.tiled() {
+            let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
+            let mut out = vec![T::zero(); planes * oh * ow];
+            out.par_chunks_mut(oh * ow)
+                .zip(x.par_chunks(h * w))
+                .for_each(|(o, plane)| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            o[oy * ow + ox] = match self.mode {
+                                Mode::Max => {
+                                    let mut m = plane[oy * self.k * w + ox * self.k];
+                                    for ky in 0..self.k {
+                                        let start = (oy * self.k + ky) * w + ox * self.k;
+                                        for &v in &plane[start..start + self.k] {
+                                            m = if v > m { v } else { m };
+                                        }
+                                    }
+                                    m
+                                }
+                                Mode::Avg => {
+                                    let mut acc = T::zero();
+                                    for ky in 0..self.k {
+                                        let start = (oy * self.k + ky) * w + ox * self.k;
+                                        for &v in &plane[start..start + self.k] {
+                                            acc += v;
+                                        }
+                                    }
+                                    acc * inv
+                                }
+                            };
+                        }
+                    }
+                });
+            return Ok(out);
+        }
         let init = match self.mode {
             Mode::Max => T::from_f64(f64::NEG_INFINITY),
             Mode::Avg => T::zero(),
@@ -222,6 +281,27 @@ impl Pool {
         let (oh, ow) = self.geometry(h, w)?;
         let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
         let mut out = vec![T::zero(); planes * h * w];
+        if self.tiled() {
+            out.par_chunks_mut(h * w)
+                .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
+                .for_each(|(dx, (plane, go))| {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let gv = go[oy * ow + ox];
+                            match self.mode {
+                                Mode::Max => dx[self.tile_argmax(plane, w, oy, ox)] = gv,
+                                Mode::Avg => {
+                                    for ky in 0..self.k {
+                                        let start = (oy * self.k + ky) * w + ox * self.k;
+                                        dx[start..start + self.k].fill(gv * inv);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            return Ok(out);
+        }
         out.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
             .for_each(|(dx, (plane, go))| match self.mode {
@@ -335,14 +415,71 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
 
+    /// Non-overlapping windows (the tiled fast path), odd sizes included (the last row and
+    /// column are then dropped, as in PyTorch): forward against candle, gradients against the
+    /// general path and finite differences.
     #[test]
-    fn equals_candle_when_kernel_equals_stride() {
-        let x = rand_tensor(&[2, 3, 8, 6], 5, DType::F32);
-        assert_eq!(
-            max_rel_err(&max_pool2d(&x, 2, 2, 0).unwrap(), &x.max_pool2d(2).unwrap()),
-            0.0
-        );
-        assert!(max_rel_err(&avg_pool2d(&x, 2, 2, 0).unwrap(), &x.avg_pool2d(2).unwrap()) < 1e-6);
+    fn tiled_pools_equal_candle_and_the_general_path() {
+        use candle_core::Var;
+        for (shape, k) in [([2, 3, 8, 6], 2), ([1, 2, 7, 9], 2), ([2, 1, 9, 9], 3)] {
+            let x = Var::from_tensor(&rand_tensor(&shape, 5, DType::F32)).unwrap();
+            assert_eq!(
+                max_rel_err(&max_pool2d(&x, k, k, 0).unwrap(), &x.max_pool2d(k).unwrap()),
+                0.0
+            );
+            assert!(
+                max_rel_err(&avg_pool2d(&x, k, k, 0).unwrap(), &x.avg_pool2d(k).unwrap()) < 1e-6
+            );
+            for mode in [Mode::Max, Mode::Avg] {
+                let op = Pool {
+                    mode,
+                    k,
+                    s: k,
+                    p: 0,
+                };
+                let (n, c, h, w) = x.dims4().unwrap();
+                let y = pool(&x, op).unwrap();
+                let up = rand_tensor(y.dims(), 6, DType::F32);
+                let grad = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                let ours = grad.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+                let (oh, ow) = op.geometry(h, w).unwrap();
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let gs = up.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // the general (overlap-capable) path of the same pool
+                let mut general = vec![0f32; xs.len()];
+                for (p, (dx, (plane, go))) in general
+                    .chunks_mut(h * w)
+                    .zip(xs.chunks(h * w).zip(gs.chunks(oh * ow)))
+                    .enumerate()
+                {
+                    assert!(p < n * c);
+                    let mut best = vec![(f32::NEG_INFINITY, usize::MAX); oh * ow];
+                    op.windows(h, w, oh, ow, |oi, ii| match mode {
+                        Mode::Avg => dx[ii] += go[oi] / (k * k) as f32,
+                        Mode::Max => {
+                            if plane[ii] > best[oi].0 {
+                                best[oi] = (plane[ii], ii)
+                            }
+                        }
+                    });
+                    for (oi, (_, ii)) in best.into_iter().enumerate() {
+                        if ii != usize::MAX {
+                            dx[ii] += go[oi];
+                        }
+                    }
+                }
+                let general = Tensor::new(general.as_slice(), &candle_core::Device::Cpu).unwrap();
+                assert!(max_rel_err(&ours, &general) < 1e-6, "{mode:?} {shape:?}");
+                let x64 = rand_tensor(&shape, 7, DType::F64);
+                check_grad_fd(
+                    |t| pool(t, op).unwrap(),
+                    &x64,
+                    1,
+                    1e-6,
+                    &format!("{mode:?}"),
+                );
+            }
+        }
     }
 
     #[test]
