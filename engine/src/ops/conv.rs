@@ -4,9 +4,11 @@
 //! whatever the thread count). Other devices use candle's convolution.
 
 use super::gemm::{matmul, Mat};
+use super::winograd::Winograd;
 use super::{contiguous_slice, out_size};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -212,7 +214,28 @@ impl Geometry {
         }
     }
 
+    /// 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) when `RECIPE_WINOGRAD=1`: experimental,
+    /// not yet faster than im2col here (its tile transforms are scalar-bound; see winograd.rs).
+    fn winograd(&self) -> Option<Winograd> {
+        static ENABLED: OnceLock<bool> = OnceLock::new();
+        let on = *ENABLED.get_or_init(|| std::env::var("RECIPE_WINOGRAD").is_ok_and(|v| v == "1"));
+        (on && self.kh == 3 && self.kw == 3 && self.s == 1 && self.c >= 8 && self.o >= 8).then_some(
+            Winograd {
+                c: self.c,
+                h: self.h,
+                w: self.w,
+                o: self.o,
+                p: self.p,
+                oh: self.oh,
+                ow: self.ow,
+            },
+        )
+    }
+
     fn forward<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
+        if let Some(wg) = self.winograd() {
+            return wg.forward(n, x, k);
+        }
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let mut out = vec![T::zero(); n * o * l];
         let pointwise = self.pointwise();
@@ -322,9 +345,12 @@ impl Geometry {
     /// partial sums are added in order, so the result does not depend on the thread count (and
     /// memory stays bounded at GROUPS partial kernels).
     fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
+        // At most 16 groups, fewer when the partial kernels would pass 16M values (ResNet-50's
+        // 512x512x3x3 at batch 16): a function of the shapes only, never of the thread count.
         const GROUPS: usize = 16;
-        let group = n.div_ceil(GROUPS).max(1);
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let groups = GROUPS.min(((16 << 20) / (o * ckk).max(1)).max(2));
+        let group = n.div_ceil(groups).max(1);
         let pointwise = self.pointwise();
         let partials: Vec<Vec<T>> = (0..n.div_ceil(group))
             .into_par_iter()
@@ -356,10 +382,16 @@ impl Geometry {
                 acc
             })
             .collect();
+        // The partial sums added in group order, element by element, in parallel.
+        const SPAN: usize = 1 << 12;
         let mut dk_t = vec![T::zero(); ckk * o];
-        for p in partials {
-            dk_t.iter_mut().zip(p).for_each(|(a, b)| *a += b);
-        }
+        dk_t.par_chunks_mut(SPAN).enumerate().for_each(|(i, d)| {
+            for part in &partials {
+                d.iter_mut()
+                    .zip(&part[i * SPAN..])
+                    .for_each(|(a, &b)| *a += b);
+            }
+        });
         let mut dk = vec![T::zero(); o * ckk];
         for (j, row) in dk_t.chunks_exact(o).enumerate() {
             for (oi, &v) in row.iter().enumerate() {
@@ -481,6 +513,11 @@ mod tests {
             (2, 3, 1, 1, 2, 3, 1, 1),
             (1, 2, 2, 2, 3, 3, 1, 1),
             (1, 2, 2, 3, 2, 5, 1, 2),
+            (3, 8, 7, 9, 8, 3, 1, 1),
+            (2, 16, 8, 8, 12, 3, 1, 1),
+            (1, 9, 5, 6, 10, 3, 1, 0),
+            (2, 8, 3, 3, 8, 3, 1, 2),
+            (1, 8, 1, 1, 8, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -523,6 +560,8 @@ mod tests {
             (5, 1, 11, 9, 2, 7, 2, 3),
             (3, 3, 4, 5, 4, 1, 1, 0),
             (2, 2, 6, 7, 3, 3, 1, 0),
+            (2, 8, 5, 7, 9, 3, 1, 1),
+            (1, 8, 4, 4, 8, 3, 1, 0),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {

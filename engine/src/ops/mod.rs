@@ -36,6 +36,7 @@ mod norm;
 mod pool;
 #[cfg(test)]
 pub(crate) mod testing;
+mod winograd;
 
 pub use act::add_relu;
 pub use conv::{conv2d, Conv2dParams};
