@@ -85,11 +85,11 @@ fn block(s: &str, what: &str) -> Result<Value> {
         .map_err(|e| Error::msg(format!("--{what} {s}: not a YAML block ({e})")))
 }
 
+/// A model, its optimizer and the optimizer's learning rate.
+type Parts = (Box<dyn Model>, Box<dyn Optimizer>, f64);
+
 /// Builds the model and the optimizer of a throughput measurement.
-fn build_parts(
-    a: &ThroughputArgs,
-    shape: [usize; 3],
-) -> Result<(Box<dyn Model>, Box<dyn Optimizer>, f64)> {
+fn build_parts(a: &ThroughputArgs, shape: [usize; 3]) -> Result<Parts> {
     let model_spec: Spec<dyn ModelConfig> =
         parse_spec(Kind::Model, &block(&a.model, "model")?, "model")?;
     let opt_spec: Spec<dyn OptimizerConfig> = parse_spec(
