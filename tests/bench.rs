@@ -4,6 +4,44 @@
 mod common;
 use common::*;
 
+/// `--json` gives the figures the side-by-side script reads, and `--trainer` runs the whole
+/// trainer against a bare loop over the same loader and reports both step times.
+#[test]
+fn throughput_json_and_engine_overhead() {
+    let o = run(&[
+        "bench",
+        "throughput",
+        "--model",
+        "small_resnet",
+        "--input",
+        "1x10x10",
+        "--batch",
+        "4",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        "--trainer",
+        "--rounds",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    let first = s.lines().next().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(first).expect("a JSON line");
+    for key in ["images_per_sec", "forward_ms", "backward_ms", "optimizer_ms", "peak_rss_mb"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {first}");
+    }
+    assert_eq!(v["model"], "small_resnet");
+    let engine = s.lines().find(|l| l.starts_with("engine:")).expect("engine line");
+    assert!(
+        engine.contains("in the trainer (progress_bar, json_logger, lr_monitor, speed_monitor)")
+            && engine.contains("bare loop"),
+        "{engine}"
+    );
+}
+
 #[test]
 fn throughput_reports_rate_split_and_memory() {
     let o = run(&[
