@@ -30,11 +30,20 @@ fn throughput_json_and_engine_overhead() {
     let s = stdout(&o);
     let first = s.lines().next().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(first).expect("a JSON line");
-    for key in ["images_per_sec", "forward_ms", "backward_ms", "optimizer_ms", "peak_rss_mb"] {
+    for key in [
+        "images_per_sec",
+        "forward_ms",
+        "backward_ms",
+        "optimizer_ms",
+        "peak_rss_mb",
+    ] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {first}");
     }
     assert_eq!(v["model"], "small_resnet");
-    let engine = s.lines().find(|l| l.starts_with("engine:")).expect("engine line");
+    let engine = s
+        .lines()
+        .find(|l| l.starts_with("engine:"))
+        .expect("engine line");
     assert!(
         engine.contains("in the trainer (progress_bar, json_logger, lr_monitor, speed_monitor)")
             && engine.contains("bare loop"),
