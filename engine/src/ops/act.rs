@@ -22,30 +22,33 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 struct AddRelu;
 
-fn add_relu_kernel<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+/// `f(a[i], b[i])` for every element, in parallel chunks.
+fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {
             for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
-                let s = x + y;
-                *o = if s > T::zero() { s } else { T::zero() };
+                *o = f(x, y);
             }
         });
     out
 }
 
+fn add_relu_kernel<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+    zip_map(a, b, |x, y| {
+        let s = x + y;
+        if s > T::zero() {
+            s
+        } else {
+            T::zero()
+        }
+    })
+}
+
 /// dy where the output is positive, else 0.
 fn relu_grad_kernel<T: WithDType>(dy: &[T], y: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); dy.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(dy.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-        .for_each(|(o, (g, y))| {
-            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                *o = if y > T::zero() { g } else { T::zero() };
-            }
-        });
-    out
+    zip_map(dy, y, |g, y| if y > T::zero() { g } else { T::zero() })
 }
 
 impl CustomOp2 for AddRelu {
