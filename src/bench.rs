@@ -39,14 +39,20 @@ pub struct ThroughputArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Also run the whole trainer (progress bar, JSON logger, LR and speed monitors, cosine
-    /// schedule) against a bare loop over the same data loader, model and optimizer, in
-    /// alternating rounds, and report what the engine costs per step.
+    /// Also run the whole trainer (the --callbacks, a cosine schedule) against a bare loop over
+    /// the same data loader, model and optimizer, in alternating rounds, and report what the
+    /// engine costs per step.
     #[arg(long)]
     pub trainer: bool,
     /// Print the figures as one JSON object (the format of benches/reference/throughput.py).
     #[arg(long)]
     pub json: bool,
+    /// The trainer's callbacks (with --trainer), comma-separated; `none` for none.
+    #[arg(
+        long,
+        default_value = "progress_bar,json_logger,lr_monitor,speed_monitor"
+    )]
+    pub callbacks: String,
     /// Alternating rounds of bare loop and trainer (with --trainer).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -165,9 +171,16 @@ impl EngineOverhead {
     }
 }
 
-/// The callbacks a `recipe run` has by default (progress bar, JSON logger) and the two monitors
-/// the shipped recipes list.
-const TRAINER_CALLBACKS: &[&str] = &["progress_bar", "json_logger", "lr_monitor", "speed_monitor"];
+/// The `--callbacks` list (by default those a `recipe run` has, progress bar and JSON logger, and
+/// the two monitors the shipped recipes list).
+fn trainer_callbacks(a: &ThroughputArgs) -> Vec<String> {
+    a.callbacks
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && *c != "none")
+        .map(String::from)
+        .collect()
+}
 
 /// A recipe of `steps` steps over synthetic data of the benchmark's shape, with the default
 /// callbacks and a cosine schedule.
@@ -182,7 +195,7 @@ fn bench_recipe(a: &ThroughputArgs, [c, h, w]: [usize; 3], steps: usize) -> Resu
         b = a.batch,
         model = a.model,
         opt = a.optimizer,
-        cbs = TRAINER_CALLBACKS.join(", "),
+        cbs = trainer_callbacks(a).join(", "),
     );
     let src = RecipeSource::from_text(&text, &[]);
     Recipe::from_raw(src.raw()?, src, true)
@@ -261,7 +274,7 @@ pub fn engine_overhead(a: &ThroughputArgs) -> Result<EngineOverhead> {
     let mut out = EngineOverhead {
         bare_ms: Vec::new(),
         trainer_ms: Vec::new(),
-        callbacks: TRAINER_CALLBACKS.iter().map(|s| s.to_string()).collect(),
+        callbacks: trainer_callbacks(a),
     };
     let result = (|| -> Result<()> {
         for _ in 0..a.rounds.max(1) {

@@ -273,9 +273,12 @@ pub fn run_command(cmd: Command) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
+                let cbs = match e.callbacks.is_empty() {
+                    true => "no callbacks".to_string(),
+                    false => e.callbacks.join(", "),
+                };
                 println!(
-                    "engine: step {trainer:.1} ms in the trainer ({}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (rounds: trainer {} ms; bare {} ms)",
-                    e.callbacks.join(", "),
+                    "engine: step {trainer:.1} ms in the trainer ({cbs}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (rounds: trainer {} ms; bare {} ms)",
                     list(&e.trainer_ms),
                     list(&e.bare_ms),
                 );
