@@ -167,6 +167,7 @@ fn conv(c: &mut Criterion) {
         ("r20_stage3_3x3_64", (128, 64, 8, 64, 3, 1, 1)),
         ("small_3x3_32_at_28", (128, 32, 28, 32, 3, 1, 1)),
         ("proj_1x1_s2_16_32", (128, 16, 32, 32, 1, 2, 0)),
+        ("down_3x3_s2_16_32", (128, 16, 32, 32, 3, 2, 1)),
     ] {
         let x = Var::from_tensor(&rand(&[n, ci, h, h])).expect("var");
         let w = Var::from_tensor(&rand(&[o, ci, k, k])).expect("var");
