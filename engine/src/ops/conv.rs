@@ -1,7 +1,10 @@
 //! 2-D convolution on CPU: per image, im2col into a reused buffer and one matrix product that
-//! writes the NCHW output directly; the input gradient is the transposed product folded back with
-//! col2im, the kernel gradient a product summed over images in a fixed order (deterministic
-//! whatever the thread count). Other devices use candle's convolution.
+//! writes the NCHW output directly. The input gradient of a stride-1 convolution is the forward
+//! convolution of dy with the flipped, transposed kernel (same code, same speed); of a strided one,
+//! the transposed product folded back with col2im. The kernel gradient is the product cols dy^T
+//! per image, summed in groups fixed by the shapes, so it does not depend on the thread count.
+//! Gradients are computed by ops reading the tensors in place, and only those the graph needs.
+//! Other devices use candle's convolution.
 
 use super::gemm::{matmul, Mat};
 use super::winograd::Winograd;
