@@ -1,4 +1,6 @@
-//! Max and average pooling of any kernel, stride and padding, with backward passes.
+//! Max and average pooling of any kernel, stride and padding, with backward passes (non-overlapping
+//! windows, the usual 2x2 pool, take a tiled path without per-cell bounds checks), and global
+//! average pooling.
 
 use super::{contiguous_slice, lane_sum, out_size};
 use candle_core::{
