@@ -273,10 +273,30 @@ impl BatchNormGrad {
         x: &[T],
         dy: &[T],
         y: &[T],
+        dims: (usize, usize, usize),
+    ) -> Vec<T> {
+        match self.relu {
+            true => self.backward_with::<T, true>(x, dy, y, dims),
+            false => self.backward_with::<T, false>(x, dy, y, dims),
+        }
+    }
+
+    /// The backward with the ReLU mask chosen at compile time, so the loops stay branch-free and
+    /// vectorise.
+    fn backward_with<T: WithDType, const RELU: bool>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        y: &[T],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let relu = self.relu;
-        let mask = move |g: T, y: T| if !relu || y > T::zero() { g } else { T::zero() };
+        let mask = |g: T, y: T| {
+            if !RELU || y > T::zero() {
+                g
+            } else {
+                T::zero()
+            }
+        };
         let invstd: Vec<f64> = self
             .var
             .iter()
@@ -315,8 +335,8 @@ impl BatchNormGrad {
             let (a, b, cc) = coef[p % c];
             let off = p * hw;
             let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
-            for (j, o) in o.iter_mut().enumerate() {
-                *o = a * mask(gs[j], ys[j]) + b * xs[j] + cc;
+            for (((o, &xv), &g), &yv) in o.iter_mut().zip(xs).zip(gs).zip(ys) {
+                *o = a * mask(g, yv) + b * xv + cc;
             }
         });
         let _ = self.sums.set((sdy, sdxhat));
