@@ -93,31 +93,30 @@ pub fn batch_norm(
     Ok(y)
 }
 
-/// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, y)`, in 8 lanes of `T` added up in f64.
+/// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, y)`: the masked row is written to `tmp`
+/// first (a loop that vectorises; a select inside a reduction does not), then summed in 8 lanes of
+/// `T` added up in f64.
 #[inline]
-fn grad_sums<T: WithDType>(g: &[T], y: &[T], x: &[T], mask: impl Fn(T, T) -> T) -> (f64, f64) {
-    let (mut s1, mut s2) = ([T::zero(); 8], [T::zero(); 8]);
-    let (cg, cy, cx) = (g.chunks_exact(8), y.chunks_exact(8), x.chunks_exact(8));
-    let (mut r1, mut r2) = (0f64, 0f64);
-    for ((&g, &y), &x) in cg
-        .remainder()
-        .iter()
-        .zip(cy.remainder())
-        .zip(cx.remainder())
-    {
-        let m = mask(g, y);
-        r1 += m.to_f64();
-        r2 += (m * x).to_f64();
+fn grad_sums<T: WithDType>(
+    g: &[T],
+    y: &[T],
+    x: &[T],
+    mask: impl Fn(T, T) -> T,
+    tmp: &mut [T],
+) -> (f64, f64) {
+    let tmp = &mut tmp[..g.len()];
+    for ((t, &g), &y) in tmp.iter_mut().zip(g).zip(y) {
+        *t = mask(g, y);
     }
-    for ((g, y), x) in cg.zip(cy).zip(cx) {
+    let s1 = lane_sum(tmp, |v| v);
+    let (mut acc, (ct, rt), (cx, rx)) = ([T::zero(); 8], tmp.as_chunks::<8>(), x.as_chunks::<8>());
+    for (t, x) in ct.iter().zip(cx) {
         for j in 0..8 {
-            let m = mask(g[j], y[j]);
-            s1[j] += m;
-            s2[j] += m * x[j];
+            acc[j] += t[j] * x[j];
         }
     }
-    let total = |s: [T; 8]| s.iter().map(|a| a.to_f64()).sum::<f64>();
-    (total(s1) + r1, total(s2) + r2)
+    let rest: f64 = rt.iter().zip(rx).map(|(&t, &x)| (t * x).to_f64()).sum();
+    (s1, acc.iter().map(|a| a.to_f64()).sum::<f64>() + rest)
 }
 
 /// Per-channel batch statistics, kept from the forward pass for the backward one.
@@ -302,20 +301,34 @@ impl BatchNormGrad {
             .iter()
             .map(|v| 1.0 / (v + self.eps).sqrt())
             .collect();
-        let rows = |ch: usize| (0..n).map(move |i| (i * c + ch) * hw);
-        let (sdy, sdyx): (Vec<f64>, Vec<f64>) = (0..c)
+        // Per-channel sums over blocks of images read front to back (streaming, not one
+        // channel's scattered rows at a time), added in block order: the result does not
+        // depend on the thread count.
+        const IMAGES: usize = 4;
+        let blocks: Vec<Vec<(f64, f64)>> = (0..n.div_ceil(IMAGES))
             .into_par_iter()
-            .map(|ch| {
-                let (mut a, mut b) = (0f64, 0f64);
-                for off in rows(ch) {
-                    let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
-                    let (s1, s2) = grad_sums(gs, ys, xs, mask);
-                    a += s1;
-                    b += s2;
+            .map(|blk| {
+                let mut acc = vec![(0f64, 0f64); c];
+                let mut tmp = vec![T::zero(); hw];
+                for i in blk * IMAGES..((blk + 1) * IMAGES).min(n) {
+                    for (ch, a) in acc.iter_mut().enumerate() {
+                        let off = (i * c + ch) * hw;
+                        let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
+                        let (s1, s2) = grad_sums(gs, ys, xs, mask, &mut tmp);
+                        a.0 += s1;
+                        a.1 += s2;
+                    }
                 }
-                (a, b)
+                acc
             })
-            .unzip();
+            .collect();
+        let (mut sdy, mut sdyx) = (vec![0f64; c], vec![0f64; c]);
+        for b in &blocks {
+            for (ch, &(s1, s2)) in b.iter().enumerate() {
+                sdy[ch] += s1;
+                sdyx[ch] += s2;
+            }
+        }
         // Σ dy * xhat = (Σ dy * x - mean Σ dy) * invstd
         let sdxhat: Vec<f64> = (0..c)
             .map(|ch| (sdyx[ch] - self.mean[ch] * sdy[ch]) * invstd[ch])
