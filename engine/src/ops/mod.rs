@@ -9,8 +9,8 @@
 //! stride and padding, global average pooling, and softmax cross entropy with hard or soft
 //! targets. Backward passes read their inputs in place and compute only the gradients the graph
 //! needs. On other devices the models use candle's own ops. `benches/kernels.rs` measures each.
-//! `winograd.rs` holds a tested Winograd F(2x2, 3x3) path, opt-in with `RECIPE_WINOGRAD=1`
-//! until its transforms are vectorised (it is level with im2col now).
+//! 3x3 stride-1 convolutions with 64 channels or more (and so their input gradients) run as
+//! Winograd F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it off).
 
 /// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
 /// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.

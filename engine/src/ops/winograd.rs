@@ -6,15 +6,38 @@
 //! enough to run near the machine's peak). Results differ from the direct convolution by rounding
 //! only (relative error ~1e-6 in f32; tested against it in f32 and f64).
 //!
-//! Opt-in (`RECIPE_WINOGRAD=1`): measured on a 2-core Zen 4 it is level with im2col + gemm
-//! (stage-1 ResNet-20 forward 155 against 143 GFLOP/s, stage 2 195 against 196), because the
-//! products take a third of the time and the tile transforms the rest: they run along short rows
-//! of tiles (4 to 16) and do not vectorise well. Transforms over 8 tiles or 8 channels per SIMD
-//! register are what would make it pay.
+//! Used by default for 64 channels or more in and out (`Geometry::winograd` in conv.rs). Measured
+//! on a 2-core Zen 4 (`cargo bench --bench kernels -- conv/forward`, GFLOP/s counted as direct
+//! convolution, im2col against Winograd): ResNet-20 stage 3 (64 ch, 8x8) 196 -> 241-246; the small
+//! ResNet's 32 ch at 28x28 193 -> 217-220, but stage 1 (16 ch) 142-144 -> 135 and stage 2 (32 ch,
+//! 16x16) 196-198 -> 177-189, where the transforms (memory-bound, per channel and tile row) cost
+//! more than the multiplications saved. ResNet-50 at batch 16: forward 882 -> 744-762 ms.
 
 use super::gemm::{matmul, Mat};
 use candle_core::WithDType;
 use rayon::prelude::*;
+
+/// Splits one input row, zero-padded by `p` on both sides, into its even and odd columns:
+/// `ev[k]` = padded column 2k, `od[k]` = padded column 2k + 1 (zero outside the row).
+fn split_row<T: WithDType>(row: &[T], p: usize, ev: &mut [T], od: &mut [T]) {
+    let w = row.len();
+    for (dst, phase) in [(ev, 0usize), (od, 1usize)] {
+        // padded column j = 2k + phase holds row[j - p] when p <= j < w + p
+        let lo = p.saturating_sub(phase).div_ceil(2).min(dst.len());
+        let hi = (w + p)
+            .saturating_sub(phase)
+            .div_ceil(2)
+            .clamp(lo, dst.len());
+        dst[..lo].fill(T::zero());
+        dst[hi..].fill(T::zero());
+        if lo < hi {
+            let first = 2 * lo + phase - p;
+            for (d, &v) in dst[lo..hi].iter_mut().zip(row[first..].iter().step_by(2)) {
+                *d = v;
+            }
+        }
+    }
+}
 
 /// The shape of a 3x3 stride-1 convolution of one image.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +52,10 @@ pub(crate) struct Winograd {
 }
 
 /// Output tiles per image in this many pixels or more make a group: the products' width.
-const TARGET_TILES: usize = 512;
+const TARGET_TILES: usize = 1024;
+
+/// Values in each per-thread transform buffer at most (4 MB of f32).
+const MAX_BUFFER: usize = 1 << 20;
 
 impl Winograd {
     fn tiles(&self) -> (usize, usize) {
@@ -65,78 +91,81 @@ impl Winograd {
     }
 
     /// V = B^T d B for every channel and tile of `imgs` consecutive images: 16 matrices
-    /// [C x tiles], stored xi-major, tiles of image g after those of image g - 1. Per row of tiles
-    /// the four input rows are read once into even/odd columns, combined row-wise (B^T), then
-    /// column-wise (B) into the 16 outputs, each loop running along the tiles so that it
-    /// vectorises.
+    /// [C x tiles], stored xi-major. Tiles are numbered `(ty * imgs + g) * tw + tx`, so the tiles of
+    /// one tile row of every image of the group are contiguous: each step below is one loop over
+    /// `imgs * tw` values that the compiler vectorises. `scratch` holds 32 such rows.
     fn transform_input<T: WithDType>(&self, x: &[T], imgs: usize, v: &mut [T], scratch: &mut [T]) {
         let (th, tw) = self.tiles();
-        let per_img = th * tw;
-        let t_all = imgs * per_img;
+        let t_all = imgs * th * tw;
+        let len = imgs * tw;
         let (c, h, w, p) = (self.c, self.h, self.w, self.p as isize);
-        let len = tw + 1;
-        // rows[k] holds input row k of the tile row as (even columns, odd columns), then
-        // comb[r] the row combination r of B^T.
-        let (rows, comb) = scratch[..16 * len].split_at_mut(8 * len);
-        for g in 0..imgs {
-            for ci in 0..c {
-                let plane = &x[(g * c + ci) * h * w..][..h * w];
-                for ty in 0..th {
-                    for (k, buf) in rows.chunks_exact_mut(2 * len).enumerate() {
-                        let (ev, od) = buf.split_at_mut(len);
+        // d[k * 4 + s]: input row k of the tile, column phase s (column 2 tx + s - p); then
+        // t[r * 4 + s]: row combination r of B^T.
+        let (d, rest) = scratch[..32 * len + 2 * (tw + 1)].split_at_mut(16 * len);
+        let (t, eo) = rest.split_at_mut(16 * len);
+        for ci in 0..c {
+            for ty in 0..th {
+                for g in 0..imgs {
+                    let plane = &x[(g * c + ci) * h * w..][..h * w];
+                    for k in 0..4 {
                         let iy = (2 * ty + k) as isize - p;
-                        if iy < 0 || iy >= h as isize {
+                        let (ev, od) = eo.split_at_mut(tw + 1);
+                        if iy >= 0 && iy < h as isize {
+                            split_row(&plane[iy as usize * w..][..w], self.p, ev, od);
+                        } else {
                             ev.fill(T::zero());
                             od.fill(T::zero());
-                            continue;
                         }
-                        let row = &plane[iy as usize * w..][..w];
-                        let at = |ix: isize| {
-                            if ix >= 0 && ix < w as isize {
-                                row[ix as usize]
-                            } else {
-                                T::zero()
-                            }
-                        };
-                        for j in 0..len {
-                            ev[j] = at(2 * j as isize - p);
-                            od[j] = at(2 * j as isize + 1 - p);
+                        // column 2 tx + s - p of the row is ev[tx + s / 2] (s even) or
+                        // od[tx + s / 2] (s odd)
+                        for s in 0..4 {
+                            let src = if s % 2 == 0 { &ev[..] } else { &od[..] };
+                            d[(k * 4 + s) * len + g * tw..][..tw]
+                                .copy_from_slice(&src[s / 2..][..tw]);
                         }
                     }
-                    let row = |k: usize| &rows[k * 2 * len..][..2 * len];
-                    let ops: [(usize, usize, bool); 4] =
-                        [(0, 2, false), (1, 2, true), (2, 1, false), (1, 3, false)];
-                    for (r, &(a, b, add)) in ops.iter().enumerate() {
-                        let dst = &mut comb[r * 2 * len..][..2 * len];
-                        for ((d, &x), &y) in dst.iter_mut().zip(row(a)).zip(row(b)) {
-                            *d = if add { x + y } else { x - y };
-                        }
+                }
+                let drow = |k: usize, s: usize| &d[(k * 4 + s) * len..][..len];
+                for s in 0..4 {
+                    let (d0, d1, d2, d3) = (drow(0, s), drow(1, s), drow(2, s), drow(3, s));
+                    let row = |r: usize| (r * 4 + s) * len;
+                    for ((o, &a), &b) in t[row(0)..][..len].iter_mut().zip(d0).zip(d2) {
+                        *o = a - b;
                     }
-                    let base = g * per_img + ty * tw;
-                    for r in 0..4 {
-                        let (ev, od) = comb[r * 2 * len..][..2 * len].split_at(len);
-                        let (e0, e1, o0, o1) = (&ev[..tw], &ev[1..=tw], &od[..tw], &od[1..=tw]);
-                        let at = |s: usize| ((r * 4 + s) * c + ci) * t_all + base;
-                        for ((d, &a), &b) in v[at(0)..][..tw].iter_mut().zip(e0).zip(e1) {
-                            *d = a - b;
-                        }
-                        for ((d, &a), &b) in v[at(1)..][..tw].iter_mut().zip(o0).zip(e1) {
-                            *d = a + b;
-                        }
-                        for ((d, &a), &b) in v[at(2)..][..tw].iter_mut().zip(e1).zip(o0) {
-                            *d = a - b;
-                        }
-                        for ((d, &a), &b) in v[at(3)..][..tw].iter_mut().zip(o0).zip(o1) {
-                            *d = a - b;
-                        }
+                    for ((o, &a), &b) in t[row(1)..][..len].iter_mut().zip(d1).zip(d2) {
+                        *o = a + b;
+                    }
+                    for ((o, &a), &b) in t[row(2)..][..len].iter_mut().zip(d2).zip(d1) {
+                        *o = a - b;
+                    }
+                    for ((o, &a), &b) in t[row(3)..][..len].iter_mut().zip(d1).zip(d3) {
+                        *o = a - b;
+                    }
+                }
+                let base = ty * len;
+                for r in 0..4 {
+                    let trow = |s: usize| &t[(r * 4 + s) * len..][..len];
+                    let (t0, t1, t2, t3) = (trow(0), trow(1), trow(2), trow(3));
+                    let at = |s: usize| ((r * 4 + s) * c + ci) * t_all + base;
+                    for ((o, &a), &b) in v[at(0)..][..len].iter_mut().zip(t0).zip(t2) {
+                        *o = a - b;
+                    }
+                    for ((o, &a), &b) in v[at(1)..][..len].iter_mut().zip(t1).zip(t2) {
+                        *o = a + b;
+                    }
+                    for ((o, &a), &b) in v[at(2)..][..len].iter_mut().zip(t2).zip(t1) {
+                        *o = a - b;
+                    }
+                    for ((o, &a), &b) in v[at(3)..][..len].iter_mut().zip(t1).zip(t3) {
+                        *o = a - b;
                     }
                 }
             }
         }
     }
 
-    /// Y = A^T m A for every output channel and tile, written into `imgs` NCHW images, along the
-    /// tiles of a row as `transform_input`.
+    /// Y = A^T m A for every output channel and tile, written into `imgs` NCHW images; the same
+    /// tile order and long loops as `transform_input`. `scratch` holds 12 rows of `imgs * tw`.
     fn transform_output<T: WithDType>(
         &self,
         m: &[T],
@@ -145,47 +174,53 @@ impl Winograd {
         scratch: &mut [T],
     ) {
         let (th, tw) = self.tiles();
-        let per_img = th * tw;
-        let t_all = imgs * per_img;
+        let t_all = imgs * th * tw;
+        let len = imgs * tw;
         let (o, oh, ow) = (self.o, self.oh, self.ow);
-        // u[r][j] (8 rows of tw), then even/odd output columns (2 x tw)
-        let (u, eo) = scratch[..10 * tw].split_at_mut(8 * tw);
-        for g in 0..imgs {
-            for oc in 0..o {
-                let plane = &mut out[(g * o + oc) * oh * ow..][..oh * ow];
-                for ty in 0..th {
-                    let base = g * per_img + ty * tw;
-                    let mrow = |xi: usize| &m[(xi * o + oc) * t_all + base..][..tw];
-                    for j in 0..4 {
-                        let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
-                        let (u0, u1) = u.split_at_mut(4 * tw);
-                        let u0 = &mut u0[j * tw..][..tw];
-                        for (((d, &a), &b), &c) in u0.iter_mut().zip(m0).zip(m1).zip(m2) {
-                            *d = a + b + c;
-                        }
-                        let u1 = &mut u1[j * tw..][..tw];
-                        for (((d, &a), &b), &c) in u1.iter_mut().zip(m1).zip(m2).zip(m3) {
-                            *d = a - b - c;
-                        }
+        // u[r * 4 + j] (8 rows), then y[r * 2 + s] (4 rows)
+        let (u, y) = scratch[..12 * len].split_at_mut(8 * len);
+        for oc in 0..o {
+            for ty in 0..th {
+                let base = ty * len;
+                let mrow = |xi: usize| &m[(xi * o + oc) * t_all + base..][..len];
+                for j in 0..4 {
+                    let (m0, m1, m2, m3) = (mrow(j), mrow(4 + j), mrow(8 + j), mrow(12 + j));
+                    let (u0, u1) = u.split_at_mut(4 * len);
+                    for (((d, &a), &b), &c) in
+                        u0[j * len..][..len].iter_mut().zip(m0).zip(m1).zip(m2)
+                    {
+                        *d = a + b + c;
                     }
+                    for (((d, &a), &b), &c) in
+                        u1[j * len..][..len].iter_mut().zip(m1).zip(m2).zip(m3)
+                    {
+                        *d = a - b - c;
+                    }
+                }
+                for r in 0..2 {
+                    let ur = |j: usize| &u[(r * 4 + j) * len..][..len];
+                    let (ye, yo) = y[r * 2 * len..][..2 * len].split_at_mut(len);
+                    for (((d, &a), &b), &c) in ye.iter_mut().zip(ur(0)).zip(ur(1)).zip(ur(2)) {
+                        *d = a + b + c;
+                    }
+                    for (((d, &a), &b), &c) in yo.iter_mut().zip(ur(1)).zip(ur(2)).zip(ur(3)) {
+                        *d = a - b - c;
+                    }
+                }
+                for g in 0..imgs {
+                    let plane = &mut out[(g * o + oc) * oh * ow..][..oh * ow];
                     for r in 0..2 {
-                        let y = 2 * ty + r;
-                        if y >= oh {
+                        let yy = 2 * ty + r;
+                        if yy >= oh {
                             continue;
                         }
-                        let ur = |j: usize| &u[(r * 4 + j) * tw..][..tw];
-                        let (ev, od) = eo.split_at_mut(tw);
-                        for (((d, &a), &b), &c) in ev.iter_mut().zip(ur(0)).zip(ur(1)).zip(ur(2)) {
-                            *d = a + b + c;
-                        }
-                        for (((d, &a), &b), &c) in od.iter_mut().zip(ur(1)).zip(ur(2)).zip(ur(3)) {
-                            *d = a - b - c;
-                        }
-                        let dst = &mut plane[y * ow..][..ow];
-                        for (pair, (&e, &o)) in dst.chunks_mut(2).zip(ev.iter().zip(od.iter())) {
+                        let ye = &y[r * 2 * len + g * tw..][..tw];
+                        let yo = &y[(r * 2 + 1) * len + g * tw..][..tw];
+                        let dst = &mut plane[yy * ow..][..ow];
+                        for (pair, (&e, &od)) in dst.chunks_mut(2).zip(ye.iter().zip(yo)) {
                             pair[0] = e;
                             if let Some(v) = pair.get_mut(1) {
-                                *v = o;
+                                *v = od;
                             }
                         }
                     }
@@ -198,10 +233,14 @@ impl Winograd {
     pub fn forward<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
         let (th, tw) = self.tiles();
         let per_img = th * tw;
+        let (o, c) = (self.o, self.c);
+        // Enough tiles for wide products, at most MAX_BUFFER values in each of the V and M
+        // buffers, and at least two groups for the two cores.
+        let by_memory = MAX_BUFFER / (16 * c.max(o) * per_img).max(1);
         let group = TARGET_TILES
             .div_ceil(per_img)
+            .min(by_memory)
             .clamp(1, n.div_ceil(2).max(1));
-        let (o, c) = (self.o, self.c);
         let u = self.transform_kernel(k);
         let mut out = vec![T::zero(); n * o * self.oh * self.ow];
         out.par_chunks_mut(group * o * self.oh * self.ow)
@@ -209,7 +248,7 @@ impl Winograd {
             .for_each_init(
                 || {
                     let t = group * per_img;
-                    let scratch = 16 * (tw + 1);
+                    let scratch = 32 * group * tw + 2 * (tw + 1);
                     (
                         vec![T::zero(); 16 * c * t],
                         vec![T::zero(); 16 * o * t],
