@@ -531,6 +531,8 @@ mod tests {
             (1, 9, 5, 6, 10, 3, 1, 0),
             (2, 8, 3, 3, 8, 3, 1, 2),
             (1, 8, 1, 1, 8, 3, 1, 1),
+            // 64 channels: the Winograd path, forward and input gradient
+            (2, 64, 6, 5, 64, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
