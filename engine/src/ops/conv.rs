@@ -106,26 +106,22 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 
+    /// The output positions `o < out` whose input position `o * s + k - p` lies in `0..input`.
+    fn valid(&self, k: usize, input: usize, out: usize) -> (usize, usize) {
+        let (s, p) = (self.s, self.p);
+        let lo = p.saturating_sub(k).div_ceil(s).min(out);
+        let hi = (input + p).saturating_sub(k).div_ceil(s).clamp(lo, out);
+        (lo, hi)
+    }
+
     /// The output columns `ox` whose input column `ox * s + kx - p` lies inside the image.
     fn valid_cols(&self, kx: usize) -> (usize, usize) {
-        let (s, p) = (self.s, self.p);
-        let lo = p.saturating_sub(kx).div_ceil(s).min(self.ow);
-        let hi = (self.w + p)
-            .saturating_sub(kx)
-            .div_ceil(s)
-            .clamp(lo, self.ow);
-        (lo, hi)
+        self.valid(kx, self.w, self.ow)
     }
 
     /// The output rows `oy` whose input row `oy * s + ky - p` lies inside the image.
     fn valid_rows(&self, ky: usize) -> (usize, usize) {
-        let (s, p) = (self.s, self.p);
-        let lo = p.saturating_sub(ky).div_ceil(s).min(self.oh);
-        let hi = (self.h + p)
-            .saturating_sub(ky)
-            .div_ceil(s)
-            .clamp(lo, self.oh);
-        (lo, hi)
+        self.valid(ky, self.h, self.oh)
     }
 
     /// Unfolds one image [C, H, W] into cols [C*KH*KW, OH*OW] (zero padding).

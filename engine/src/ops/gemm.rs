@@ -59,35 +59,6 @@ pub fn matmul_threads<T: WithDType>(
     b: Mat<T>,
     threads: usize,
 ) {
-    product(m, n, k, (dst, n, 1), accumulate, a, b, threads)
-}
-
-/// `matmul` with `dst` stored column-major (element (i, j) at `j * m + i`): the product written
-/// transposed, e.g. pixels x channels computed straight into an NCHW plane.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_col_major<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-) {
-    product(m, n, k, (dst, 1, m), accumulate, a, b, 1)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn product<T: WithDType>(
-    m: usize,
-    n: usize,
-    k: usize,
-    (dst, dst_rs, dst_cs): (&mut [T], usize, usize),
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-    threads: usize,
-) {
     assert!(
         dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
         "matmul: operand too small for {m}x{k} by {k}x{n}"
@@ -109,8 +80,8 @@ fn product<T: WithDType>(
             n,
             k,
             dst.as_mut_ptr(),
-            dst_cs as isize,
-            dst_rs as isize,
+            1,
+            n as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,

@@ -126,6 +126,38 @@ fn check_targets(l1: &Layout, l2: &Layout, hard: bool) -> Result<(usize, usize)>
     Ok((n, k))
 }
 
+/// Both cross-entropy ops' inputs, checked and read as f64, with each row's log-sum-exp.
+struct CeInputs {
+    n: usize,
+    k: usize,
+    z: Vec<f64>,
+    hard: Vec<u32>,
+    soft: Vec<f64>,
+    lse: Vec<f64>,
+}
+
+impl CeInputs {
+    fn read(
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        hard_targets: bool,
+    ) -> Result<Self> {
+        let (n, k) = check_targets(l1, l2, hard_targets)?;
+        let (z, hard, soft) = ce_inputs(s1, l1, s2, l2, hard_targets)?;
+        let lse = logsumexp(&z, k);
+        Ok(CeInputs {
+            n,
+            k,
+            z,
+            hard,
+            soft,
+            lse,
+        })
+    }
+}
+
 fn storage_of(dtype: DType, v: Vec<f64>) -> Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v.into_iter().map(|x| x as f32).collect()),
@@ -146,9 +178,14 @@ impl CustomOp2 for SoftmaxCe {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = check_targets(l1, l2, self.hard)?;
-        let (z, hard, soft) = ce_inputs(s1, l1, s2, l2, self.hard)?;
-        let lse = logsumexp(&z, k);
+        let CeInputs {
+            n,
+            k,
+            z,
+            hard,
+            soft,
+            lse,
+        } = CeInputs::read(s1, l1, s2, l2, self.hard)?;
         let mut total = 0.0;
         for (i, l) in lse.iter().enumerate() {
             let t = target_row(&hard, &soft, self.hard, i, k)?;
@@ -203,9 +240,14 @@ impl CustomOp2 for SoftmaxCeGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = check_targets(l1, l2, self.hard)?;
-        let (z, hard, soft) = ce_inputs(s1, l1, s2, l2, self.hard)?;
-        let lse = logsumexp(&z, k);
+        let CeInputs {
+            n,
+            k,
+            z,
+            hard,
+            soft,
+            lse,
+        } = CeInputs::read(s1, l1, s2, l2, self.hard)?;
         let mut dz = vec![0.0; n * k];
         for i in 0..n {
             let t = target_row(&hard, &soft, self.hard, i, k)?;

@@ -53,7 +53,10 @@ pub fn avg_pool2d(x: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
 /// lane-summed mean per plane, backward a fill of dy / (H W)); elsewhere candle's mean.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 4 && x.dim(2)? * x.dim(3)? == 0 {
-        candle_core::bail!("global_avg_pool: empty planes in input {:?}", x.dims());
+        candle_core::bail!(
+            "global_avg_pool: input {:?} has empty planes; the image is too small for the model's downsampling (use larger inputs or a model with fewer stride-2 stages)",
+            x.dims()
+        );
     }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.rank() == 4 {
         return x.contiguous()?.apply_op1(GlobalAvgPool);
