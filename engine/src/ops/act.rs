@@ -17,9 +17,10 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !fused {
         return (a + b)?.relu();
     }
-    a.contiguous()?
-        .apply_op2(&b.contiguous()?, Elementwise::AddRelu)
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }
+
+struct AddRelu;
 
 /// `f(a[i], b[i])` for every element, in parallel chunks.
 fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
@@ -34,38 +35,25 @@ fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<
     out
 }
 
-/// The two element-wise ops of the residual join, on two tensors of one shape.
-#[derive(Clone, Copy)]
-enum Elementwise {
-    /// `max(a + b, 0)`, forward.
-    AddRelu,
-    /// The ReLU's input gradient from (dy, output): dy where the output is positive, else 0.
-    ReluGrad,
-}
-
-impl Elementwise {
-    fn apply<T: WithDType>(self, a: &[T], b: &[T]) -> Vec<T> {
-        let zero = T::zero();
-        match self {
-            Elementwise::AddRelu => zip_map(a, b, |x, y| {
-                let s = x + y;
-                if s > zero {
-                    s
-                } else {
-                    zero
-                }
-            }),
-            Elementwise::ReluGrad => zip_map(a, b, |g, y| if y > zero { g } else { zero }),
+fn add_relu_kernel<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+    zip_map(a, b, |x, y| {
+        let s = x + y;
+        if s > T::zero() {
+            s
+        } else {
+            T::zero()
         }
-    }
+    })
 }
 
-impl CustomOp2 for Elementwise {
+/// dy where the output is positive, else 0.
+fn relu_grad_kernel<T: WithDType>(dy: &[T], y: &[T]) -> Vec<T> {
+    zip_map(dy, y, |g, y| if y > T::zero() { g } else { T::zero() })
+}
+
+impl CustomOp2 for AddRelu {
     fn name(&self) -> &'static str {
-        match self {
-            Elementwise::AddRelu => "add_relu",
-            Elementwise::ReluGrad => "relu_grad",
-        }
+        "add_relu"
     }
 
     fn cpu_fwd(
@@ -75,10 +63,9 @@ impl CustomOp2 for Elementwise {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = float_storage!(s1, name, |T| self.apply::<T>(
-            contiguous_slice(s1, l1, name)?,
-            contiguous_slice(s2, l2, name)?,
+        let out = float_storage!(s1, "add_relu", |T| add_relu_kernel::<T>(
+            contiguous_slice(s1, l1, "add_relu")?,
+            contiguous_slice(s2, l2, "add_relu")?,
         ));
         Ok((out, l1.shape().clone()))
     }
@@ -90,10 +77,31 @@ impl CustomOp2 for Elementwise {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = dy
-            .contiguous()?
-            .apply_op2_no_bwd(res, &Elementwise::ReluGrad)?;
+        let g = dy.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?;
         Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// The ReLU's input gradient from (dy, output).
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu_grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = float_storage!(s1, "relu_grad", |T| relu_grad_kernel::<T>(
+            contiguous_slice(s1, l1, "relu_grad")?,
+            contiguous_slice(s2, l2, "relu_grad")?,
+        ));
+        Ok((out, l1.shape().clone()))
     }
 }
 
