@@ -1,16 +1,19 @@
 //! 2-D convolution on CPU: per image, im2col into a reused buffer and one matrix product that
-//! writes the NCHW output directly. The input gradient of a stride-1 convolution is the forward
-//! convolution of dy with the flipped, transposed kernel (same code, same speed); of a strided one,
-//! the transposed product folded back with col2im. The kernel gradient is the product cols dy^T
-//! per image, summed in groups fixed by the shapes, so it does not depend on the thread count.
-//! Gradients are computed by ops reading the tensors in place, and only those the graph needs.
-//! Other devices use candle's convolution.
+//! writes the NCHW output directly; for stride-1 layers with at most 16 output channels the
+//! products read the unfolded image in place from a padded copy instead (`Geometry::implicit`).
+//! The input gradient of a stride-1 convolution is the forward convolution of dy with the
+//! flipped, transposed kernel (same code, same speed); of a strided one, the transposed product
+//! folded back with col2im. The kernel gradient is the product cols dy^T per image, summed in
+//! groups fixed by the shapes, so it does not depend on the thread count. Gradients are computed
+//! by ops reading the tensors in place, and only those the graph needs. Other devices use
+//! candle's convolution.
 
 use super::gemm::{matmul, Mat};
 use super::winograd::Winograd;
 use super::{contiguous_slice, out_size};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +33,48 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) ->
         Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
         None => Ok(y),
     }
+}
+
+/// The gradients of `conv2d(x, w)` (CPU, f32 or f64) for the output gradient `dy`: of the input
+/// when `input`, of the kernel when `kernel`. The backward pass of `conv2d` calls it; it is public
+/// for benchmarks and for code that needs one gradient alone.
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: Conv2dParams,
+    input: bool,
+    kernel: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!(
+            "conv2d_backward: runs on the CPU in f32 or f64, got {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        );
+    }
+    let (n, g) = Geometry::new(x.shape(), w.shape(), p)?;
+    let want = Shape::from((n, g.o, g.oh, g.ow));
+    if dy.shape() != &want {
+        candle_core::bail!(
+            "conv2d_backward: output gradient {:?} does not match the output shape {:?}",
+            dy.dims(),
+            want.dims()
+        );
+    }
+    let dy = dy.contiguous()?;
+    let dx = match input {
+        true => Some(dy.apply_op2_no_bwd(&w.contiguous()?, &ConvGrad::Input(n, g))?),
+        false => None,
+    };
+    let dk = match kernel {
+        true => Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&dy, &ConvGrad::Kernel(n, g))?,
+        ),
+        false => None,
+    };
+    Ok((dx, dk))
 }
 
 fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
@@ -213,10 +258,12 @@ impl Geometry {
         }
     }
 
-    /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster than
-    /// im2col (64 channels or more in and out: +25% on ResNet-20's last stage; below that its
-    /// transforms cost more than the multiplications saved). `RECIPE_WINOGRAD=0` turns it off,
-    /// `RECIPE_WINOGRAD=1` uses it from 8 channels (for comparisons).
+    /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster: on CPUs
+    /// without AVX-512, for 64 channels or more in and out (+25% on ResNet-20's last stage with
+    /// AVX2 products; below 64 channels its transforms cost more than the multiplications
+    /// saved). With AVX-512 the products run twice as fast and the transforms do not, so it is
+    /// off there (ResNet-20's last stage: 2.0 ms per convolution with im2col against 2.2-2.7 with
+    /// Winograd). `RECIPE_WINOGRAD=0` turns it off, `RECIPE_WINOGRAD=1` uses it from 8 channels.
     fn winograd(&self) -> Option<Winograd> {
         static SETTING: OnceLock<Option<bool>> = OnceLock::new();
         let setting = *SETTING.get_or_init(|| match std::env::var("RECIPE_WINOGRAD").as_deref() {
@@ -227,6 +274,7 @@ impl Geometry {
         let min_channels = match setting {
             Some(false) => return None,
             Some(true) => 8,
+            None if avx512() => return None,
             None => 64,
         };
         let fits = self.kh == 3 && self.kw == 3 && self.s == 1;
@@ -241,9 +289,121 @@ impl Geometry {
         })
     }
 
+    /// Whether the products read the unfolded image in place instead of im2col's copy
+    /// (`forward_implicit`, `kernel_products_implicit`): stride 1, at least 8 input and at most
+    /// 16 output channels, padded rows at most a quarter wider than the output rows (the products
+    /// compute the padded width). With so few output channels, writing im2col's nine copies costs
+    /// more than half the forward product, and the im2col kernel-gradient product has only 16
+    /// rows per block, half of what the AVX-512 kernels take. Measured (`cargo bench --bench
+    /// kernels -- conv/`, GFLOP/s, im2col -> in place), 16 channels at 32x32: forward 236-263 ->
+    /// 291, kernel gradient 176 -> 294; with 32 or 64 channels in place was equal or slower
+    /// (forward at 16x16 336 -> 315, kernel gradient at 8x8 319 -> 256). `RECIPE_IM2COL=1` turns
+    /// it off (for comparisons).
+    fn implicit(&self) -> bool {
+        static OFF: OnceLock<bool> = OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var("RECIPE_IM2COL").as_deref() == Ok("1"));
+        let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
+        !off && self.s == 1 && !self.pointwise() && shape
+    }
+
+    /// Width of the zero-padded image.
+    fn wp(&self) -> usize {
+        self.w + 2 * self.p
+    }
+
+    /// Columns of the "wide" output grid: every output row computed at the padded width, the
+    /// last `wp - ow` values of each row unused.
+    fn wide(&self) -> usize {
+        self.oh * self.wp()
+    }
+
+    /// Values of one padded plane: `(h + 2p) * wp`.
+    fn plane_len(&self) -> usize {
+        (self.h + 2 * self.p) * self.wp()
+    }
+
+    /// Writes one image [C, H, W] as `kw` shifted copies of each zero-padded plane:
+    /// `buf[(ci * kw + kx) * P + q] = padded[ci][q + kx]` (zero past the plane's end), with
+    /// `P = plane_len()`. The unfolded image of kernel row `ky` is then the view
+    /// `B[(ci, kx), q] = buf[(ci * kw + kx) * P + ky * wp + q]` over the wide output grid: rows at
+    /// stride `P`, positions contiguous, so the product reads it as it is. That is `kw` copies of
+    /// the image instead of im2col's `kh * kw`.
+    fn pad_shifted<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+        let (h, w, p, wp, kw) = (self.h, self.w, self.p, self.wp(), self.kw);
+        let plane = self.plane_len();
+        for (ci, planes) in buf.chunks_exact_mut(kw * plane).enumerate() {
+            let (first, rest) = planes.split_at_mut(plane);
+            first[..p * wp].fill(T::zero());
+            first[(h + p) * wp..].fill(T::zero());
+            for (y, row) in first[p * wp..(h + p) * wp].chunks_exact_mut(wp).enumerate() {
+                row[..p].fill(T::zero());
+                row[p + w..].fill(T::zero());
+                row[p..p + w].copy_from_slice(&img[(ci * h + y) * w..][..w]);
+            }
+            for (kx, shifted) in rest.chunks_exact_mut(plane).enumerate() {
+                let kx = kx + 1;
+                shifted[..plane - kx].copy_from_slice(&first[kx..]);
+                shifted[plane - kx..].fill(T::zero());
+            }
+        }
+    }
+
+    /// The view of kernel row `ky`'s unfolded image in a `pad_shifted` buffer: [c * kw, wide].
+    fn row_view<'a, T>(&self, buf: &'a [T], ky: usize) -> Mat<'a, T> {
+        Mat {
+            data: &buf[ky * self.wp()..],
+            rs: self.plane_len(),
+            cs: 1,
+        }
+    }
+
+    /// Forward convolution without im2col: per image, `kw` shifted padded copies (`pad_shifted`)
+    /// and one product per kernel row, `acc += K_ky B_ky` with `K_ky` [O, c * kw] and the view
+    /// `B_ky` [c * kw, wide]; the wide rows are then narrowed into the output.
+    fn forward_implicit<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
+        let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
+        let (l, wide, wp, ow) = (self.l(), self.wide(), self.wp(), self.ow);
+        // the kernel as [ky][o][c][kx]
+        let mut rows = vec![T::zero(); k.len()];
+        for oi in 0..o {
+            for ci in 0..c {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        rows[((ky * o + oi) * c + ci) * kw + kx] =
+                            k[((oi * c + ci) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        let kwc = kw * c;
+        let mut out = vec![T::zero(); n * o * l];
+        out.par_chunks_mut(o * l)
+            .zip(x.par_chunks(self.image()))
+            .for_each_init(
+                || {
+                    let shifted = vec![T::zero(); c * kw * self.plane_len()];
+                    (shifted, vec![T::zero(); o * wide])
+                },
+                |(buf, acc), (y, img)| {
+                    self.pad_shifted(img, buf);
+                    for ky in 0..kh {
+                        let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
+                        matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
+                    }
+                    for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
+                        dst.copy_from_slice(&src[..ow]);
+                    }
+                },
+            );
+        out
+    }
+
     fn forward<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
         if let Some(wg) = self.winograd() {
             return wg.forward(n, x, k);
+        }
+        if self.implicit() {
+            return self.forward_implicit(n, x, k);
         }
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let mut out = vec![T::zero(); n * o * l];
@@ -357,36 +517,19 @@ impl Geometry {
         // At most 16 groups, fewer when the partial kernels would pass 16M values (ResNet-50's
         // 512x512x3x3 at batch 16): a function of the shapes only, never of the thread count.
         const GROUPS: usize = 16;
-        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let (o, ckk) = (self.o, self.ckk());
         let groups = GROUPS.min(((16 << 20) / (o * ckk).max(1)).max(2));
         let group = n.div_ceil(groups).max(1);
-        let pointwise = self.pointwise();
+        let implicit = self.implicit();
         let partials: Vec<Vec<T>> = (0..n.div_ceil(group))
             .into_par_iter()
             .map(|g| {
                 let mut acc = vec![T::zero(); ckk * o];
-                let mut cols = if pointwise {
-                    Vec::new()
+                let images = g * group..((g + 1) * group).min(n);
+                if implicit {
+                    self.kernel_products_implicit(x, dy, images, &mut acc);
                 } else {
-                    vec![T::zero(); ckk * l]
-                };
-                for i in g * group..((g + 1) * group).min(n) {
-                    let img = &x[i * self.image()..][..self.image()];
-                    let c: &[T] = if pointwise {
-                        img
-                    } else {
-                        self.im2col(img, &mut cols);
-                        &cols
-                    };
-                    matmul(
-                        ckk,
-                        o,
-                        l,
-                        &mut acc,
-                        i > g * group,
-                        Mat::rows(c, l),
-                        Mat::transposed(&dy[i * o * l..][..o * l], l),
-                    );
+                    self.kernel_products(x, dy, images, &mut acc);
                 }
                 acc
             })
@@ -401,13 +544,122 @@ impl Geometry {
                     .for_each(|(a, &b)| *a += b);
             }
         });
+        // The sums are [C*KH*KW][O] for im2col, [KH][O][KW][C] for the implicit products.
+        let (c, kh, kw) = (self.c, self.kh, self.kw);
         let mut dk = vec![T::zero(); o * ckk];
-        for (j, row) in dk_t.chunks_exact(o).enumerate() {
-            for (oi, &v) in row.iter().enumerate() {
-                dk[oi * ckk + j] = v;
-            }
+        for (j, &v) in dk_t.iter().enumerate() {
+            let at = match implicit {
+                false => (j % o) * ckk + j / o,
+                true => {
+                    let (ci, kx, oi, ky) = (j % c, j / c % kw, j / (c * kw) % o, j / (c * kw * o));
+                    ((oi * c + ci) * kh + ky) * kw + kx
+                }
+            };
+            dk[at] = v;
         }
         dk
+    }
+
+    /// Adds cols dy^T of `images` into `acc` [C*KH*KW, O] (im2col per image).
+    fn kernel_products<T: WithDType>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        images: Range<usize>,
+        acc: &mut [T],
+    ) {
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let pointwise = self.pointwise();
+        let mut cols = if pointwise {
+            Vec::new()
+        } else {
+            vec![T::zero(); ckk * l]
+        };
+        let first = images.start;
+        for i in images {
+            let img = &x[i * self.image()..][..self.image()];
+            let c: &[T] = if pointwise {
+                img
+            } else {
+                self.im2col(img, &mut cols);
+                &cols
+            };
+            let g = Mat::transposed(&dy[i * o * l..][..o * l], l);
+            matmul(ckk, o, l, acc, i > first, Mat::rows(c, l), g);
+        }
+    }
+
+    /// Adds the kernel gradient of `images` into `acc` [KH][O][KW*C] without im2col: per image, a
+    /// zero-padded channel-last copy (`pad_channels_last`) and dy widened to the padded row width
+    /// (zero in the unused columns), then per kernel row `acc_ky += dy_wide B_ky^T`, where
+    /// `B_ky^T` [wide, KW*C] is a strided view of the copy. In the product's own terms its
+    /// long operand is then read in place (no packing), with KW*C rows per block (48 for 16
+    /// channels), where the im2col product has only O = 16 and runs at half speed with AVX-512.
+    fn kernel_products_implicit<T: WithDType>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        images: Range<usize>,
+        acc: &mut [T],
+    ) {
+        let (o, c, l, ow, wp, wide) = (self.o, self.c, self.l(), self.ow, self.wp(), self.wide());
+        let kwc = self.kw * c;
+        let mut buf = vec![T::zero(); self.padded_len()];
+        let mut dyw = vec![T::zero(); o * wide];
+        let first = images.start;
+        for i in images {
+            self.pad_channels_last(&x[i * self.image()..][..self.image()], &mut buf);
+            let g = &dy[i * o * l..][..o * l];
+            for (dst, src) in dyw.chunks_exact_mut(wp).zip(g.chunks_exact(ow)) {
+                dst[..ow].copy_from_slice(src);
+                dst[ow..].fill(T::zero());
+            }
+            for ky in 0..self.kh {
+                let a = &mut acc[ky * o * kwc..][..o * kwc];
+                let b = Mat {
+                    data: &buf[ky * wp * c..],
+                    rs: c,
+                    cs: 1,
+                };
+                matmul(o, kwc, wide, a, i > first, Mat::rows(&dyw, wide), b);
+            }
+        }
+    }
+
+    /// Values of the padded channel-last image: `(h + 2p) * wp` pixels of `c` channels, plus
+    /// `kw - 1` zero pixels that the unused columns of the last output row read.
+    fn padded_len(&self) -> usize {
+        (self.plane_len() + self.kw - 1) * self.c
+    }
+
+    /// Writes one image [C, H, W] zero-padded and channel-last: padded pixel q at `q * c`.
+    fn pad_channels_last<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+        let (c, h, w, p, wp) = (self.c, self.h, self.w, self.p, self.wp());
+        buf[..p * wp * c].fill(T::zero());
+        buf[(h + p) * wp * c..].fill(T::zero());
+        for y in 0..h {
+            let row = &mut buf[(y + p) * wp * c..][..wp * c];
+            row[..p * c].fill(T::zero());
+            row[(p + w) * c..].fill(T::zero());
+            for ci in 0..c {
+                let src = &img[(ci * h + y) * w..][..w];
+                for (d, &v) in row[p * c + ci..].iter_mut().step_by(c).zip(src) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+/// Whether this CPU has AVX-512 (the `gemm` crate then uses its 512-bit kernels).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -444,17 +696,7 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, g) = Geometry::new(x.shape(), k.shape(), self.0)?;
-        let dy = dy.contiguous()?;
-        let dx = match x.track_op() {
-            true => Some(dy.apply_op2_no_bwd(k, &ConvGrad::Input(n, g))?),
-            false => None,
-        };
-        let dk = match k.track_op() {
-            true => Some(x.apply_op2_no_bwd(&dy, &ConvGrad::Kernel(n, g))?),
-            false => None,
-        };
-        Ok((dx, dk))
+        conv2d_backward(x, k, dy, self.0, x.track_op(), k.track_op())
     }
 }
 
@@ -527,8 +769,12 @@ mod tests {
             (1, 9, 5, 6, 10, 3, 1, 0),
             (2, 8, 3, 3, 8, 3, 1, 2),
             (1, 8, 1, 1, 8, 3, 1, 1),
-            // 64 channels: the Winograd path, forward and input gradient
+            // 64 channels: the Winograd path on CPUs without AVX-512
             (2, 64, 6, 5, 64, 3, 1, 1),
+            (2, 3, 6, 10, 4, 3, 1, 1),
+            (1, 2, 5, 16, 3, 5, 1, 2),
+            (1, 2, 6, 8, 3, 2, 1, 1),
+            (1, 3, 4, 5, 2, 1, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -573,6 +819,11 @@ mod tests {
             (2, 2, 6, 7, 3, 3, 1, 0),
             (2, 8, 5, 7, 9, 3, 1, 1),
             (1, 8, 4, 4, 8, 3, 1, 0),
+            // the products without im2col (at most 16 output channels, rows padded by <= 1/4)
+            (2, 3, 6, 10, 4, 3, 1, 1),
+            (1, 2, 5, 16, 3, 5, 1, 2),
+            (1, 2, 6, 8, 3, 2, 1, 1),
+            (1, 3, 4, 5, 2, 1, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {
