@@ -364,17 +364,10 @@ impl Geometry {
         let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
         let (l, wide, wp, ow) = (self.l(), self.wide(), self.wp(), self.ow);
         // the kernel as [ky][o][c][kx]
-        let mut rows = vec![T::zero(); k.len()];
-        for oi in 0..o {
-            for ci in 0..c {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        rows[((ky * o + oi) * c + ci) * kw + kx] =
-                            k[((oi * c + ci) * kh + ky) * kw + kx];
-                    }
-                }
-            }
-        }
+        let rows = self.rearranged_kernel(k, |oi, ci, ky, kx| {
+            let src = ((oi * c + ci) * kh + ky) * kw + kx;
+            (((ky * o + oi) * c + ci) * kw + kx, src)
+        });
         let kwc = kw * c;
         let mut out = vec![T::zero(); n * o * l];
         out.par_chunks_mut(o * l)
@@ -495,18 +488,31 @@ impl Geometry {
     /// The kernel [O, C, KH, KW] as [C, O, KH, KW], each window rotated by 180 degrees.
     fn flipped_kernel<T: WithDType>(&self, k: &[T]) -> Vec<T> {
         let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
-        let mut f = vec![T::zero(); k.len()];
-        for oi in 0..o {
-            for ci in 0..c {
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        f[((ci * o + oi) * kh + ky) * kw + kx] =
-                            k[((oi * c + ci) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx)];
+        self.rearranged_kernel(k, |oi, ci, ky, kx| {
+            let src = ((oi * c + ci) * kh + (kh - 1 - ky)) * kw + (kw - 1 - kx);
+            (((ci * o + oi) * kh + ky) * kw + kx, src)
+        })
+    }
+
+    /// A copy of the kernel with element `src` moved to `dst`, where `(dst, src) = at(o, c, ky,
+    /// kx)` for every kernel position.
+    fn rearranged_kernel<T: WithDType>(
+        &self,
+        k: &[T],
+        at: impl Fn(usize, usize, usize, usize) -> (usize, usize),
+    ) -> Vec<T> {
+        let mut out = vec![T::zero(); k.len()];
+        for oi in 0..self.o {
+            for ci in 0..self.c {
+                for ky in 0..self.kh {
+                    for kx in 0..self.kw {
+                        let (dst, src) = at(oi, ci, ky, kx);
+                        out[dst] = k[src];
                     }
                 }
             }
         }
-        f
+        out
     }
 
     /// Gradient of the kernel: the sum over images of dy cols^T, computed transposed (cols dy^T,
