@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::model::{ParamBuilder, ParamKind};
 use crate::ops::{self, BatchNormStats, Conv2dParams};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 pub struct Conv2d {
     weight: Tensor,
@@ -88,12 +88,27 @@ impl BatchNorm2d {
 
     /// Batch norm followed by a ReLU when `relu` (fused on CPU).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        self.forward_with(x, train, relu, None)
+    }
+
+    /// Training forward with the batch statistics of `x` already computed (mean, biased variance).
+    fn forward_given(&self, x: &Tensor, relu: bool, stats: (Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+        self.forward_with(x, true, relu, Some(stats))
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        given: Option<(Vec<f64>, Vec<f64>)>,
+    ) -> Result<Tensor> {
         let stats = BatchNormStats {
             running_mean: &self.running_mean,
             running_var: &self.running_var,
             momentum: self.momentum,
         };
-        Ok(ops::batch_norm(
+        Ok(ops::batch_norm_given(
             x,
             &self.weight,
             &self.bias,
@@ -101,6 +116,7 @@ impl BatchNorm2d {
             self.eps,
             train,
             relu,
+            given,
         )?)
     }
 }
@@ -152,7 +168,16 @@ impl ConvBn {
         })
     }
 
+    /// In training on CPU the convolution also computes the batch statistics of its output while
+    /// each image is in cache, and the batch norm uses them (one pass over the activations
+    /// instead of three).
     pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if train && cpu && self.conv.bias.is_none() {
+            let (y, mean, var) =
+                ops::conv2d_with_batch_stats(x, &self.conv.weight, self.conv.params)?;
+            return self.bn.forward_given(&y, relu, (mean, var));
+        }
         self.bn.forward_act(&self.conv.forward(x)?, train, relu)
     }
 }

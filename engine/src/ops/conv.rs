@@ -10,11 +10,11 @@
 
 use super::gemm::{matmul, Mat};
 use super::winograd::Winograd;
-use super::{contiguous_slice, out_size};
+use super::{contiguous_slice, lane_sum, out_size};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::Range;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -78,6 +78,15 @@ pub fn conv2d_backward(
 }
 
 fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let op = Conv2d {
+        params: p,
+        moments: None,
+    };
+    checked(x, w, p)?.apply_op2(&w.contiguous()?, op)
+}
+
+/// `x` made contiguous, after checking that it and the kernel make a convolution.
+fn checked(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     let (_, c2, _, _) = w.dims4()?;
     if c != c2 {
@@ -93,7 +102,7 @@ fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
             w.dims()
         );
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d(p))
+    x.contiguous()
 }
 
 /// The shape of one image's convolution.
@@ -360,7 +369,13 @@ impl Geometry {
     /// Forward convolution without im2col: per image, `kw` shifted padded copies (`pad_shifted`)
     /// and one product per kernel row, `acc += K_ky B_ky` with `K_ky` [O, c * kw] and the view
     /// `B_ky` [c * kw, wide]; the wide rows are then narrowed into the output.
-    fn forward_implicit<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
+    fn forward_implicit<T: WithDType>(
+        &self,
+        n: usize,
+        x: &[T],
+        k: &[T],
+        moments: Option<&mut [Moments]>,
+    ) -> Vec<T> {
         let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
         let (l, wide, wp, ow) = (self.l(), self.wide(), self.wp(), self.ow);
         // the kernel as [ky][o][c][kx]
@@ -370,14 +385,18 @@ impl Geometry {
         });
         let kwc = kw * c;
         let mut out = vec![T::zero(); n * o * l];
+        let want = moments.is_some();
+        let mut own = Vec::new();
+        let slots = moment_slots(moments, &mut own, n * o);
         out.par_chunks_mut(o * l)
             .zip(x.par_chunks(self.image()))
+            .zip(slots.par_chunks_mut(o))
             .for_each_init(
                 || {
                     let shifted = vec![T::zero(); c * kw * self.plane_len()];
                     (shifted, vec![T::zero(); o * wide])
                 },
-                |(buf, acc), (y, img)| {
+                |(buf, acc), ((y, img), m)| {
                     self.pad_shifted(img, buf);
                     for ky in 0..kh {
                         let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
@@ -386,23 +405,44 @@ impl Geometry {
                     for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
                         dst.copy_from_slice(&src[..ow]);
                     }
+                    if want {
+                        row_moments(y, l, m);
+                    }
                 },
             );
         out
     }
 
-    fn forward<T: WithDType>(&self, n: usize, x: &[T], k: &[T]) -> Vec<T> {
+    /// The convolution of `n` images; with `moments`, also each output row's moments
+    /// (`[N][O]`, for the batch norm that follows).
+    fn forward<T: WithDType>(
+        &self,
+        n: usize,
+        x: &[T],
+        k: &[T],
+        moments: Option<&mut [Moments]>,
+    ) -> Vec<T> {
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
         if let Some(wg) = self.winograd() {
-            return wg.forward(n, x, k);
+            let out = wg.forward(n, x, k);
+            if let Some(m) = moments {
+                out.par_chunks(o * l)
+                    .zip(m.par_chunks_mut(o))
+                    .for_each(|(y, m)| row_moments(y, l, m));
+            }
+            return out;
         }
         if self.implicit() {
-            return self.forward_implicit(n, x, k);
+            return self.forward_implicit(n, x, k, moments);
         }
-        let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let mut out = vec![T::zero(); n * o * l];
         let pointwise = self.pointwise();
+        let want = moments.is_some();
+        let mut own = Vec::new();
+        let slots = moment_slots(moments, &mut own, n * o);
         out.par_chunks_mut(o * l)
             .zip(x.par_chunks(self.image()))
+            .zip(slots.par_chunks_mut(o))
             .for_each_init(
                 || {
                     if pointwise {
@@ -411,7 +451,7 @@ impl Geometry {
                         vec![T::zero(); ckk * l]
                     }
                 },
-                |cols, (y, img)| {
+                |cols, ((y, img), m)| {
                     let cols: &[T] = if pointwise {
                         img
                     } else {
@@ -419,6 +459,9 @@ impl Geometry {
                         cols
                     };
                     matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
+                    if want {
+                        row_moments(y, l, m);
+                    }
                 },
             );
         out
@@ -442,7 +485,7 @@ impl Geometry {
                 oh: self.h,
                 ow: self.w,
             };
-            return transposed.forward(n, dy, &self.flipped_kernel(k));
+            return transposed.forward(n, dy, &self.flipped_kernel(k), None);
         }
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let mut dx = vec![T::zero(); n * self.image()];
@@ -669,8 +712,82 @@ fn avx512() -> bool {
     }
 }
 
-/// The convolution as a candle op on (input, kernel), with its own backward.
-struct Conv2d(Conv2dParams);
+/// Moments of one output row (one image, one channel): its sum and its sum of squares about its
+/// own mean, in f64.
+pub(crate) type Moments = (f64, f64);
+
+/// The caller's moment slots, or `len` unused ones in `own`: the parallel loops keep one shape
+/// whether or not the moments are wanted.
+fn moment_slots<'a>(
+    moments: Option<&'a mut [Moments]>,
+    own: &'a mut Vec<Moments>,
+    len: usize,
+) -> &'a mut [Moments] {
+    match moments {
+        Some(m) => m,
+        None => {
+            *own = vec![(0.0, 0.0); len];
+            own
+        }
+    }
+}
+
+/// The moments of each row of `l` values of one image's output (still in cache).
+fn row_moments<T: WithDType>(y: &[T], l: usize, m: &mut [Moments]) {
+    for (row, m) in y.chunks_exact(l).zip(m.iter_mut()) {
+        let sum = lane_sum(row, |v| v);
+        let mean = sum / l as f64;
+        let mt = T::from_f64(mean);
+        // squares about the rounded mean, corrected to the exact one
+        let m2 = lane_sum(row, |v| (v - mt) * (v - mt));
+        let d = mean - mt.to_f64();
+        *m = (sum, (m2 - l as f64 * d * d).max(0.0));
+    }
+}
+
+/// `conv2d` (CPU, f32 or f64, no bias) and the per-channel batch mean and biased variance of its
+/// output, computed while each image's output is still in cache (the batch norm that follows
+/// then needs one pass instead of three). Rows are combined in image order (Chan et al.'s
+/// pairwise update), so the statistics do not depend on the thread count.
+pub(crate) fn conv2d_with_batch_stats(
+    x: &Tensor,
+    w: &Tensor,
+    p: Conv2dParams,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let sink = Arc::new(OnceLock::new());
+    let op = Conv2d {
+        params: p,
+        moments: Some(sink.clone()),
+    };
+    let y = checked(x, w, p)?.apply_op2(&w.contiguous()?, op)?;
+    let Some(rows) = sink.get() else {
+        candle_core::bail!("conv2d: the forward pass kept no statistics");
+    };
+    let (n, o, oh, ow) = y.dims4()?;
+    let l = (oh * ow) as f64;
+    let (mut mean, mut var) = (vec![0.0; o], vec![0.0; o]);
+    for oi in 0..o {
+        let (mut count, mut mu, mut m2) = (0.0, 0.0, 0.0);
+        for &(sum, sq) in rows.iter().skip(oi).step_by(o).take(n) {
+            let mean_i = sum / l;
+            let total = count + l;
+            let delta = mean_i - mu;
+            mu += delta * l / total;
+            m2 += sq + delta * delta * count * l / total;
+            count = total;
+        }
+        mean[oi] = mu;
+        var[oi] = m2 / count.max(1.0);
+    }
+    Ok((y, mean, var))
+}
+
+/// The convolution as a candle op on (input, kernel), with its own backward; with `moments`,
+/// the forward pass also leaves the moments of each output row there.
+struct Conv2d {
+    params: Conv2dParams,
+    moments: Option<Arc<OnceLock<Vec<Moments>>>>,
+}
 
 impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
@@ -684,12 +801,18 @@ impl CustomOp2 for Conv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, g) = Geometry::new(l1.shape(), l2.shape(), self.0)?;
+        let (n, g) = Geometry::new(l1.shape(), l2.shape(), self.params)?;
+        let mut rows = vec![(0.0, 0.0); if self.moments.is_some() { n * g.o } else { 0 }];
+        let want = self.moments.is_some().then_some(&mut rows[..]);
         let out = float_storage!(s1, "conv2d", |T| g.forward(
             n,
             contiguous_slice::<T>(s1, l1, "conv2d")?,
             contiguous_slice::<T>(s2, l2, "conv2d")?,
+            want,
         ));
+        if let Some(sink) = &self.moments {
+            let _ = sink.set(rows);
+        }
         Ok((out, Shape::from((n, g.o, g.oh, g.ow))))
     }
 
@@ -702,7 +825,7 @@ impl CustomOp2 for Conv2d {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        conv2d_backward(x, k, dy, self.0, x.track_op(), k.track_op())
+        conv2d_backward(x, k, dy, self.params, x.track_op(), k.track_op())
     }
 }
 
@@ -806,6 +929,45 @@ mod tests {
                     g2.get(v.as_tensor()).unwrap(),
                 );
                 assert!(max_rel_err(a, b) < 1e-4, "gradient {case}");
+            }
+        }
+    }
+
+    /// The batch statistics computed with the convolution (every forward path: im2col, in place,
+    /// Winograd) match the mean and biased variance of its output, in f32 and f64; the output is
+    /// the plain convolution's.
+    #[test]
+    fn batch_statistics_match_the_output() {
+        for dtype in [DType::F32, DType::F64] {
+            for (n, c, h, o, k, s, p) in [
+                (3, 3, 9, 4, 3, 1, 1),
+                (5, 8, 10, 16, 3, 1, 1),
+                (4, 16, 8, 32, 3, 1, 1),
+                (2, 64, 6, 64, 3, 1, 1),
+                (3, 4, 7, 5, 3, 2, 1),
+                (2, 6, 5, 3, 1, 1, 0),
+            ] {
+                let case = format!("{dtype:?} {n} {c} {h} {o} {k} {s} {p}");
+                let x = (rand_tensor(&[n, c, h, h], 6, dtype) + 0.5).unwrap();
+                let kt = rand_tensor(&[o, c, k, k], 7, dtype);
+                let params = Conv2dParams {
+                    stride: s,
+                    padding: p,
+                };
+                let (y, mean, var) = conv2d_with_batch_stats(&x, &kt, params).unwrap();
+                let plain = conv2d_cpu(&x, &kt, params).unwrap();
+                assert!(max_rel_err(&y, &plain) == 0.0, "output {case}");
+                let y64 = y.to_dtype(DType::F64).unwrap();
+                let m = y64.mean_keepdim((0, 2, 3)).unwrap();
+                let v = y64.broadcast_sub(&m).unwrap().sqr().unwrap();
+                let v = v.mean_keepdim((0, 2, 3)).unwrap();
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-10 };
+                for (got, want) in [(mean, m), (var, v)] {
+                    let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() <= tol * b.abs().max(1.0), "{case}: {a} {b}");
+                    }
+                }
             }
         }
     }

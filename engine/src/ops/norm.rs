@@ -29,6 +29,23 @@ pub fn batch_norm(
     train: bool,
     relu: bool,
 ) -> Result<Tensor> {
+    batch_norm_given(x, weight, bias, stats, eps, train, relu, None)
+}
+
+/// `batch_norm`, with the batch statistics (per-channel mean and biased variance) given when the
+/// op that produced `x` computed them (`conv::conv2d_with_batch_stats`); used in train mode on
+/// CPU, where it saves the passes that compute them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_given(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: BatchNormStats,
+    eps: f64,
+    train: bool,
+    relu: bool,
+    given: Option<(Vec<f64>, Vec<f64>)>,
+) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let act = |y: Tensor| if relu { y.relu() } else { Ok(y) };
     let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
@@ -51,10 +68,16 @@ pub fn batch_norm(
     }
     let (y, mean, var) = if fused {
         let kept = Arc::new(OnceLock::new());
+        let given = match given {
+            Some((mean, var)) if mean.len() == c && var.len() == c => Some(Saved { mean, var }),
+            Some(_) => candle_core::bail!("batch_norm: given statistics are not one per channel"),
+            None => None,
+        };
         let op = FusedBatchNorm {
             eps,
             relu,
             saved: kept.clone(),
+            given,
         };
         let y = x.contiguous()?.apply_op3(weight, bias, op)?;
         let Some(saved) = kept.get() else {
@@ -158,6 +181,8 @@ struct FusedBatchNorm {
     eps: f64,
     relu: bool,
     saved: Arc<OnceLock<Saved>>,
+    /// Batch statistics computed by the op that produced the input, if any.
+    given: Option<Saved>,
 }
 
 impl FusedBatchNorm {
@@ -168,7 +193,13 @@ impl FusedBatchNorm {
         b: &[T],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let st = stats_of(x, n, c, hw);
+        let st = match &self.given {
+            Some(g) => Saved {
+                mean: g.mean.clone(),
+                var: g.var.clone(),
+            },
+            None => stats_of(x, n, c, hw),
+        };
         let scale: Vec<f64> = (0..c)
             .map(|ch| wt[ch].to_f64() / (st.var[ch] + self.eps).sqrt())
             .collect();
@@ -421,6 +452,7 @@ mod tests {
                         eps: 1e-5,
                         relu,
                         saved: Default::default(),
+                        given: None,
                     },
                 )
                 .unwrap()
