@@ -377,39 +377,55 @@ impl Geometry {
         moments: Option<&mut [Moments]>,
     ) -> Vec<T> {
         let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
-        let (l, wide, wp, ow) = (self.l(), self.wide(), self.wp(), self.ow);
+        let (wide, wp, ow) = (self.wide(), self.wp(), self.ow);
         // the kernel as [ky][o][c][kx]
         let rows = self.rearranged_kernel(k, |oi, ci, ky, kx| {
             let src = ((oi * c + ci) * kh + ky) * kw + kx;
             (((ky * o + oi) * c + ci) * kw + kx, src)
         });
         let kwc = kw * c;
+        let init = || {
+            let shifted = vec![T::zero(); c * kw * self.plane_len()];
+            (shifted, vec![T::zero(); o * wide])
+        };
+        self.per_image(n, x, moments, init, |(buf, acc), y, img| {
+            self.pad_shifted(img, buf);
+            for ky in 0..kh {
+                let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
+                matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
+            }
+            for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
+                dst.copy_from_slice(&src[..ow]);
+            }
+        })
+    }
+
+    /// Runs `f(state, y, image)` for every image in parallel, `y` its part of a fresh output
+    /// [N, O, OH*OW] and `state` one `init()` per rayon job; with `moments`, then the moments of
+    /// each of its output rows while they are in cache.
+    fn per_image<T: WithDType, S>(
+        &self,
+        n: usize,
+        x: &[T],
+        moments: Option<&mut [Moments]>,
+        init: impl Fn() -> S + Sync + Send,
+        f: impl Fn(&mut S, &mut [T], &[T]) + Sync + Send,
+    ) -> Vec<T> {
+        let (o, l) = (self.o, self.l());
         let mut out = vec![T::zero(); n * o * l];
         let want = moments.is_some();
-        let mut own = Vec::new();
-        let slots = moment_slots(moments, &mut own, n * o);
+        // one slot per image and channel whether or not they are wanted (one loop shape)
+        let mut own = vec![(0.0, 0.0); if want { 0 } else { n * o }];
+        let slots = moments.unwrap_or(&mut own);
         out.par_chunks_mut(o * l)
             .zip(x.par_chunks(self.image()))
             .zip(slots.par_chunks_mut(o))
-            .for_each_init(
-                || {
-                    let shifted = vec![T::zero(); c * kw * self.plane_len()];
-                    (shifted, vec![T::zero(); o * wide])
-                },
-                |(buf, acc), ((y, img), m)| {
-                    self.pad_shifted(img, buf);
-                    for ky in 0..kh {
-                        let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
-                        matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
-                    }
-                    for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
-                        dst.copy_from_slice(&src[..ow]);
-                    }
-                    if want {
-                        row_moments(y, l, m);
-                    }
-                },
-            );
+            .for_each_init(init, |state, ((y, img), m)| {
+                f(state, y, img);
+                if want {
+                    row_moments(y, l, m);
+                }
+            });
         out
     }
 
@@ -435,36 +451,20 @@ impl Geometry {
         if self.implicit() {
             return self.forward_implicit(n, x, k, moments);
         }
-        let mut out = vec![T::zero(); n * o * l];
         let pointwise = self.pointwise();
-        let want = moments.is_some();
-        let mut own = Vec::new();
-        let slots = moment_slots(moments, &mut own, n * o);
-        out.par_chunks_mut(o * l)
-            .zip(x.par_chunks(self.image()))
-            .zip(slots.par_chunks_mut(o))
-            .for_each_init(
-                || {
-                    if pointwise {
-                        Vec::new()
-                    } else {
-                        vec![T::zero(); ckk * l]
-                    }
-                },
-                |cols, ((y, img), m)| {
-                    let cols: &[T] = if pointwise {
-                        img
-                    } else {
-                        self.im2col(img, cols);
-                        cols
-                    };
-                    matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
-                    if want {
-                        row_moments(y, l, m);
-                    }
-                },
-            );
-        out
+        let init = || match pointwise {
+            true => Vec::new(),
+            false => vec![T::zero(); ckk * l],
+        };
+        self.per_image(n, x, moments, init, |cols, y, img| {
+            let cols: &[T] = if pointwise {
+                img
+            } else {
+                self.im2col(img, cols);
+                cols
+            };
+            matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
+        })
     }
 
     /// Gradient of the input. Stride 1 with a square kernel: the "full" convolution of dy with the
@@ -715,22 +715,6 @@ fn avx512() -> bool {
 /// Moments of one output row (one image, one channel): its sum and its sum of squares about its
 /// own mean, in f64.
 pub(crate) type Moments = (f64, f64);
-
-/// The caller's moment slots, or `len` unused ones in `own`: the parallel loops keep one shape
-/// whether or not the moments are wanted.
-fn moment_slots<'a>(
-    moments: Option<&'a mut [Moments]>,
-    own: &'a mut Vec<Moments>,
-    len: usize,
-) -> &'a mut [Moments] {
-    match moments {
-        Some(m) => m,
-        None => {
-            *own = vec![(0.0, 0.0); len];
-            own
-        }
-    }
-}
 
 /// The moments of each row of `l` values of one image's output (still in cache).
 fn row_moments<T: WithDType>(y: &[T], l: usize, m: &mut [Moments]) {
