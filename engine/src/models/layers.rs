@@ -92,7 +92,7 @@ impl BatchNorm2d {
     }
 
     /// Training forward with the batch statistics of `x` already computed (mean, biased variance).
-    fn forward_given(&self, x: &Tensor, relu: bool, stats: (Vec<f64>, Vec<f64>)) -> Result<Tensor> {
+    fn forward_given(&self, x: &Tensor, relu: bool, stats: ops::Saved) -> Result<Tensor> {
         self.forward_with(x, true, relu, Some(stats))
     }
 
@@ -101,7 +101,7 @@ impl BatchNorm2d {
         x: &Tensor,
         train: bool,
         relu: bool,
-        given: Option<(Vec<f64>, Vec<f64>)>,
+        given: Option<ops::Saved>,
     ) -> Result<Tensor> {
         let stats = BatchNormStats {
             running_mean: &self.running_mean,
@@ -174,9 +174,8 @@ impl ConvBn {
     pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
         if train && cpu && self.conv.bias.is_none() {
-            let (y, mean, var) =
-                ops::conv2d_with_batch_stats(x, &self.conv.weight, self.conv.params)?;
-            return self.bn.forward_given(&y, relu, (mean, var));
+            let (y, stats) = ops::conv2d_with_batch_stats(x, &self.conv.weight, self.conv.params)?;
+            return self.bn.forward_given(&y, relu, stats);
         }
         self.bn.forward_act(&self.conv.forward(x)?, train, relu)
     }

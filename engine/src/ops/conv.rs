@@ -9,6 +9,7 @@
 //! candle's convolution.
 
 use super::gemm::{matmul, Mat};
+use super::norm::Saved;
 use super::winograd::Winograd;
 use super::{contiguous_slice, lane_sum, out_size};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -48,7 +49,7 @@ pub fn conv2d_backward(
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
     if !x.device().is_cpu() || !matches!(x.dtype(), DType::F32 | DType::F64) {
         candle_core::bail!(
-            "conv2d_backward: runs on the CPU in f32 or f64, got {:?} on {:?}",
+            "conv2d_backward runs on the CPU in f32 or f64, got {:?} on {:?}; elsewhere take the gradients from Tensor::backward",
             x.dtype(),
             x.device()
         );
@@ -57,7 +58,7 @@ pub fn conv2d_backward(
     let want = Shape::from((n, g.o, g.oh, g.ow));
     if dy.shape() != &want {
         candle_core::bail!(
-            "conv2d_backward: output gradient {:?} does not match the output shape {:?}",
+            "conv2d_backward: output gradient {:?} does not match the convolution's output shape {:?}; pass the gradient of conv2d(x, w) with the same parameters",
             dy.dims(),
             want.dims()
         );
@@ -730,14 +731,15 @@ fn row_moments<T: WithDType>(y: &[T], l: usize, m: &mut [Moments]) {
 }
 
 /// `conv2d` (CPU, f32 or f64, no bias) and the per-channel batch mean and biased variance of its
-/// output, computed while each image's output is still in cache (the batch norm that follows
-/// then needs one pass instead of three). Rows are combined in image order (Chan et al.'s
-/// pairwise update), so the statistics do not depend on the thread count.
+/// output, computed while each image's output is still in cache (in a pass after it on the
+/// Winograd path), so the batch norm that follows needs one pass instead of three. Rows are
+/// combined in image order (Chan et al.'s pairwise update), so the statistics do not depend on
+/// the thread count.
 pub(crate) fn conv2d_with_batch_stats(
     x: &Tensor,
     w: &Tensor,
     p: Conv2dParams,
-) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+) -> Result<(Tensor, Saved)> {
     let sink = Arc::new(OnceLock::new());
     let op = Conv2d {
         params: p,
@@ -763,7 +765,7 @@ pub(crate) fn conv2d_with_batch_stats(
         mean[oi] = mu;
         var[oi] = m2 / count.max(1.0);
     }
-    Ok((y, mean, var))
+    Ok((y, Saved { mean, var }))
 }
 
 /// The convolution as a candle op on (input, kernel), with its own backward; with `moments`,
@@ -938,7 +940,7 @@ mod tests {
                     stride: s,
                     padding: p,
                 };
-                let (y, mean, var) = conv2d_with_batch_stats(&x, &kt, params).unwrap();
+                let (y, stats) = conv2d_with_batch_stats(&x, &kt, params).unwrap();
                 let plain = conv2d_cpu(&x, &kt, params).unwrap();
                 assert!(max_rel_err(&y, &plain) == 0.0, "output {case}");
                 let y64 = y.to_dtype(DType::F64).unwrap();
@@ -946,7 +948,7 @@ mod tests {
                 let v = y64.broadcast_sub(&m).unwrap().sqr().unwrap();
                 let v = v.mean_keepdim((0, 2, 3)).unwrap();
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1e-10 };
-                for (got, want) in [(mean, m), (var, v)] {
+                for (got, want) in [(stats.mean, m), (stats.var, v)] {
                     let want = want.flatten_all().unwrap().to_vec1::<f64>().unwrap();
                     for (a, b) in got.iter().zip(&want) {
                         assert!((a - b).abs() <= tol * b.abs().max(1.0), "{case}: {a} {b}");

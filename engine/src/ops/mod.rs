@@ -44,8 +44,8 @@ pub use act::add_relu;
 pub(crate) use conv::conv2d_with_batch_stats;
 pub use conv::{conv2d, conv2d_backward, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, Targets};
-pub(crate) use norm::batch_norm_given;
 pub use norm::{batch_norm, BatchNormStats};
+pub(crate) use norm::{batch_norm_given, Saved};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};

@@ -1,7 +1,8 @@
 //! Batch normalisation over (N, H, W) per channel, train and eval modes, with an optional fused
 //! ReLU. On CPU, training runs as fused kernels with their own backward: the statistics in two
 //! passes (mean, then centred variance, summed in f32 lanes per row and f64 across rows), or
-//! given by the convolution that produced the input (`batch_norm_given`), the output in one pass, and the backward in two passes that read x, dy and the output in place
+//! given by the convolution that produced the input (`batch_norm_given`), the output in one pass,
+//! and the backward in two passes that read x, dy and the output in place
 //! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
 use super::{contiguous_slice, lane_sum};
@@ -32,9 +33,9 @@ pub fn batch_norm(
     batch_norm_given(x, weight, bias, stats, eps, train, relu, None)
 }
 
-/// `batch_norm`, with the batch statistics (per-channel mean and biased variance) given when the
-/// op that produced `x` computed them (`conv::conv2d_with_batch_stats`); used in train mode on
-/// CPU, where it saves the passes that compute them.
+/// `batch_norm`, with the batch statistics given when the op that produced `x` computed them
+/// (`conv::conv2d_with_batch_stats`); they are used in train mode on CPU, where they save the
+/// passes that compute them, and ignored otherwise.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batch_norm_given(
     x: &Tensor,
@@ -44,7 +45,7 @@ pub(crate) fn batch_norm_given(
     eps: f64,
     train: bool,
     relu: bool,
-    given: Option<(Vec<f64>, Vec<f64>)>,
+    given: Option<Saved>,
 ) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let act = |y: Tensor| if relu { y.relu() } else { Ok(y) };
@@ -68,11 +69,12 @@ pub(crate) fn batch_norm_given(
     }
     let (y, mean, var) = if fused {
         let kept = Arc::new(OnceLock::new());
-        let given = match given {
-            Some((mean, var)) if mean.len() == c && var.len() == c => Some(Saved { mean, var }),
-            Some(_) => candle_core::bail!("batch_norm: given statistics are not one per channel"),
-            None => None,
-        };
+        if given
+            .as_ref()
+            .is_some_and(|g| g.mean.len() != c || g.var.len() != c)
+        {
+            candle_core::bail!("batch_norm: given statistics are not one per channel");
+        }
         let op = FusedBatchNorm {
             eps,
             relu,
@@ -143,10 +145,11 @@ fn grad_sums<T: WithDType>(
 }
 
 /// Per-channel batch statistics, kept from the forward pass for the backward one.
-struct Saved {
-    mean: Vec<f64>,
+#[derive(Clone)]
+pub(crate) struct Saved {
+    pub(crate) mean: Vec<f64>,
     /// Biased variance.
-    var: Vec<f64>,
+    pub(crate) var: Vec<f64>,
 }
 
 /// Mean and biased variance per channel (two passes: mean, then centred squares), parallel over
@@ -194,10 +197,7 @@ impl FusedBatchNorm {
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
         let st = match &self.given {
-            Some(g) => Saved {
-                mean: g.mean.clone(),
-                var: g.var.clone(),
-            },
+            Some(g) => g.clone(),
             None => stats_of(x, n, c, hw),
         };
         let scale: Vec<f64> = (0..c)
