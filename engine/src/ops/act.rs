@@ -1,7 +1,7 @@
 //! The residual join of a ResNet block, `relu(a + b)`, as one pass forward and one backward (the
 //! separate add, ReLU and ReLU-gradient ops of candle are four passes and three allocations).
 
-use super::contiguous_slice;
+use super::{contiguous_slice, par_new};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -24,15 +24,16 @@ struct AddRelu;
 
 /// `f(a[i], b[i])` for every element, in parallel chunks.
 fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
+    par_new(
+        a.len(),
+        CHUNK,
+        a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)),
+        |o, (a, b)| {
             for ((o, &x), &y) in o.iter_mut().zip(a).zip(b) {
                 *o = f(x, y);
             }
-        });
-    out
+        },
+    )
 }
 
 fn add_relu_kernel<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {

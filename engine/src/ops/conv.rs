@@ -11,7 +11,7 @@
 use super::gemm::{matmul, Mat};
 use super::norm::Saved;
 use super::winograd::Winograd;
-use super::{contiguous_slice, lane_sum, out_size};
+use super::{contiguous_slice, lane_sum, out_size, par_new_with};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -413,21 +413,17 @@ impl Geometry {
         f: impl Fn(&mut S, &mut [T], &[T]) + Sync + Send,
     ) -> Vec<T> {
         let (o, l) = (self.o, self.l());
-        let mut out = vec![T::zero(); n * o * l];
         let want = moments.is_some();
         // one slot per image and channel whether or not they are wanted (one loop shape)
         let mut own = vec![(0.0, 0.0); if want { 0 } else { n * o }];
         let slots = moments.unwrap_or(&mut own);
-        out.par_chunks_mut(o * l)
-            .zip(x.par_chunks(self.image()))
-            .zip(slots.par_chunks_mut(o))
-            .for_each_init(init, |state, ((y, img), m)| {
-                f(state, y, img);
-                if want {
-                    row_moments(y, l, m);
-                }
-            });
-        out
+        let items = x.par_chunks(self.image()).zip(slots.par_chunks_mut(o));
+        par_new_with(n * o * l, o * l, items, init, |state, y, (img, m)| {
+            f(state, y, img);
+            if want {
+                row_moments(y, l, m);
+            }
+        })
     }
 
     /// The convolution of `n` images; with `moments`, also each output row's moments
@@ -489,44 +485,43 @@ impl Geometry {
             return transposed.forward(n, dy, &self.flipped_kernel(k), None);
         }
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
-        let mut dx = vec![T::zero(); n * self.image()];
         let pointwise = self.pointwise();
-        dx.par_chunks_mut(self.image())
-            .zip(dy.par_chunks(o * l))
-            .for_each_init(
-                || {
-                    if pointwise {
-                        Vec::new()
-                    } else {
-                        vec![T::zero(); ckk * l]
-                    }
-                },
-                |dcols, (dimg, g)| {
-                    if pointwise {
-                        matmul(
-                            ckk,
-                            l,
-                            o,
-                            dimg,
-                            false,
-                            Mat::transposed(k, ckk),
-                            Mat::rows(g, l),
-                        );
-                    } else {
-                        matmul(
-                            ckk,
-                            l,
-                            o,
-                            dcols,
-                            false,
-                            Mat::transposed(k, ckk),
-                            Mat::rows(g, l),
-                        );
-                        self.col2im(dcols, dimg);
-                    }
-                },
-            );
-        dx
+        par_new_with(
+            n * self.image(),
+            self.image(),
+            dy.par_chunks(o * l),
+            || {
+                if pointwise {
+                    Vec::new()
+                } else {
+                    vec![T::zero(); ckk * l]
+                }
+            },
+            |dcols, dimg, g| {
+                if pointwise {
+                    matmul(
+                        ckk,
+                        l,
+                        o,
+                        dimg,
+                        false,
+                        Mat::transposed(k, ckk),
+                        Mat::rows(g, l),
+                    );
+                } else {
+                    matmul(
+                        ckk,
+                        l,
+                        o,
+                        dcols,
+                        false,
+                        Mat::transposed(k, ckk),
+                        Mat::rows(g, l),
+                    );
+                    self.col2im(dcols, dimg);
+                }
+            },
+        )
     }
 
     /// The kernel [O, C, KH, KW] as [C, O, KH, KW], each window rotated by 180 degrees.

@@ -5,7 +5,7 @@
 //! and the backward in two passes that read x, dy and the output in place
 //! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
-use super::{contiguous_slice, lane_sum};
+use super::{contiguous_slice, lane_sum, par_new};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -207,26 +207,21 @@ impl FusedBatchNorm {
             .map(|ch| b[ch].to_f64() - st.mean[ch] * scale[ch])
             .collect();
         let _ = self.saved.set(st);
-        let mut out = vec![T::zero(); x.len()];
         let relu = self.relu;
-        out.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(p, (o, xs))| {
-                let ch = p % c;
-                let (s, t) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
-                if relu {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        let y = v * s + t;
-                        *o = if y > T::zero() { y } else { T::zero() };
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = v * s + t;
-                    }
+        par_new(x.len(), hw, x.par_chunks(hw).enumerate(), |o, (p, xs)| {
+            let ch = p % c;
+            let (s, t) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
+            if relu {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    let y = v * s + t;
+                    *o = if y > T::zero() { y } else { T::zero() };
                 }
-            });
-        out
+            } else {
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    *o = v * s + t;
+                }
+            }
+        })
     }
 }
 
@@ -374,8 +369,7 @@ impl BatchNormGrad {
                 (T::from_f64(k), T::from_f64(b), T::from_f64(cc))
             })
             .collect();
-        let mut dx = vec![T::zero(); x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+        let dx = par_new(x.len(), hw, (0..n * c).into_par_iter(), |o, p| {
             let (a, b, cc) = coef[p % c];
             let off = p * hw;
             let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);

@@ -2,7 +2,7 @@
 //! windows, the usual 2x2 pool, take a tiled path without per-cell bounds checks), and global
 //! average pooling.
 
-use super::{contiguous_slice, lane_sum, out_size};
+use super::{contiguous_slice, lane_sum, out_size, par_new};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -74,10 +74,9 @@ fn gap_forward<T: WithDType>(x: &[T], hw: usize) -> Vec<T> {
 
 fn gap_backward<T: WithDType>(g: &[T], planes: usize, hw: usize) -> Vec<T> {
     let inv = T::from_f64(1.0 / hw.max(1) as f64);
-    let mut dx = vec![T::zero(); planes * hw];
-    dx.par_chunks_mut(hw.max(1))
-        .zip(g.par_iter())
-        .for_each(|(plane, &v)| plane.fill(v * inv));
+    let dx = par_new(planes * hw, hw, g.par_iter(), |plane, &v| {
+        plane.fill(v * inv)
+    });
     dx
 }
 
@@ -218,10 +217,11 @@ impl Pool {
         let (oh, ow) = self.geometry(h, w)?;
         if self.tiled() {
             let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
-            let mut out = vec![T::zero(); planes * oh * ow];
-            out.par_chunks_mut(oh * ow)
-                .zip(x.par_chunks(h * w))
-                .for_each(|(o, plane)| {
+            let out = par_new(
+                planes * oh * ow,
+                oh * ow,
+                x.par_chunks(h * w),
+                |o, plane| {
                     for oy in 0..oh {
                         for ox in 0..ow {
                             o[oy * ow + ox] = match self.mode {
@@ -248,7 +248,8 @@ impl Pool {
                             };
                         }
                     }
-                });
+                },
+            );
             return Ok(out);
         }
         let init = match self.mode {
@@ -256,10 +257,12 @@ impl Pool {
             Mode::Avg => T::zero(),
         };
         let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
-        let mut out = vec![init; planes * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(o, plane)| {
+        let out = par_new(
+            planes * oh * ow,
+            oh * ow,
+            x.par_chunks(h * w),
+            |o, plane| {
+                o.fill(init);
                 self.windows(h, w, oh, ow, |oi, ii| match self.mode {
                     Mode::Max => {
                         if plane[ii] > o[oi] {
@@ -271,7 +274,8 @@ impl Pool {
                 if self.mode == Mode::Avg {
                     o.iter_mut().for_each(|v| *v *= inv);
                 }
-            });
+            },
+        );
         Ok(out)
     }
 
@@ -285,31 +289,28 @@ impl Pool {
     ) -> Result<Vec<T>> {
         let (oh, ow) = self.geometry(h, w)?;
         let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
-        let mut out = vec![T::zero(); planes * h * w];
+        let items = x.par_chunks(h * w).zip(g.par_chunks(oh * ow));
         if self.tiled() {
-            out.par_chunks_mut(h * w)
-                .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-                .for_each(|(dx, (plane, go))| {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let gv = go[oy * ow + ox];
-                            match self.mode {
-                                Mode::Max => dx[self.tile_argmax(plane, w, oy, ox)] = gv,
-                                Mode::Avg => {
-                                    for ky in 0..self.k {
-                                        let start = (oy * self.k + ky) * w + ox * self.k;
-                                        dx[start..start + self.k].fill(gv * inv);
-                                    }
+            let out = par_new(planes * h * w, h * w, items, |dx, (plane, go)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let gv = go[oy * ow + ox];
+                        match self.mode {
+                            Mode::Max => dx[self.tile_argmax(plane, w, oy, ox)] = gv,
+                            Mode::Avg => {
+                                for ky in 0..self.k {
+                                    let start = (oy * self.k + ky) * w + ox * self.k;
+                                    dx[start..start + self.k].fill(gv * inv);
                                 }
                             }
                         }
                     }
-                });
+                }
+            });
             return Ok(out);
         }
-        out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-            .for_each(|(dx, (plane, go))| match self.mode {
+        let out = par_new(planes * h * w, h * w, items, |dx, (plane, go)| {
+            match self.mode {
                 Mode::Avg => self.windows(h, w, oh, ow, |oi, ii| dx[ii] += go[oi] * inv),
                 Mode::Max => {
                     // The gradient goes to the first maximum of each window.
@@ -325,7 +326,8 @@ impl Pool {
                         }
                     }
                 }
-            });
+            }
+        });
         Ok(out)
     }
 }

@@ -17,6 +17,7 @@
 //! (ResNet-20 stage 3: 2.2-2.7 ms per convolution against 2.0 with im2col), so it is off.
 
 use super::gemm::{matmul, Mat};
+use super::par_new_with;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -245,38 +246,37 @@ impl Winograd {
             .min(by_memory)
             .clamp(1, n.div_ceil(2).max(1));
         let u = self.transform_kernel(k);
-        let mut out = vec![T::zero(); n * o * self.oh * self.ow];
-        out.par_chunks_mut(group * o * self.oh * self.ow)
-            .zip(x.par_chunks(group * c * self.h * self.w))
-            .for_each_init(
-                || {
-                    let t = group * per_img;
-                    let scratch = 32 * group * tw + 2 * (tw + 1);
-                    (
-                        vec![T::zero(); 16 * c * t],
-                        vec![T::zero(); 16 * o * t],
-                        vec![T::zero(); scratch],
-                    )
-                },
-                |(v, m, scratch), (y, xs)| {
-                    let imgs = xs.len() / (c * self.h * self.w);
-                    let t = imgs * per_img;
-                    self.transform_input(xs, imgs, v, scratch);
-                    for xi in 0..16 {
-                        matmul(
-                            o,
-                            t,
-                            c,
-                            &mut m[xi * o * t..][..o * t],
-                            false,
-                            Mat::rows(&u[xi * o * c..][..o * c], c),
-                            Mat::rows(&v[xi * c * t..][..c * t], t),
-                        );
-                    }
-                    self.transform_output(m, imgs, y, scratch);
-                },
-            );
-        out
+        par_new_with(
+            n * o * self.oh * self.ow,
+            group * o * self.oh * self.ow,
+            x.par_chunks(group * c * self.h * self.w),
+            || {
+                let t = group * per_img;
+                let scratch = 32 * group * tw + 2 * (tw + 1);
+                (
+                    vec![T::zero(); 16 * c * t],
+                    vec![T::zero(); 16 * o * t],
+                    vec![T::zero(); scratch],
+                )
+            },
+            |(v, m, scratch), y, xs| {
+                let imgs = xs.len() / (c * self.h * self.w);
+                let t = imgs * per_img;
+                self.transform_input(xs, imgs, v, scratch);
+                for xi in 0..16 {
+                    matmul(
+                        o,
+                        t,
+                        c,
+                        &mut m[xi * o * t..][..o * t],
+                        false,
+                        Mat::rows(&u[xi * o * c..][..o * c], c),
+                        Mat::rows(&v[xi * c * t..][..c * t], t),
+                    );
+                }
+                self.transform_output(m, imgs, y, scratch);
+            },
+        )
     }
 }
 
