@@ -161,106 +161,149 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 
-    /// The output positions `o < out` whose input position `o * s + k - p` lies in `0..input`.
-    fn valid(&self, k: usize, input: usize, out: usize) -> (usize, usize) {
-        let (s, p) = (self.s, self.p);
-        let lo = p.saturating_sub(k).div_ceil(s).min(out);
-        let hi = (input + p).saturating_sub(k).div_ceil(s).clamp(lo, out);
-        (lo, hi)
+    /// Size of the phase planes of a strided convolution: the image split into `s * s` planes
+    /// of every `s`-th row and column, `(ceil(h / s), ceil(w / s))`; the image itself when s = 1.
+    fn phase_dims(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.s), self.w.div_ceil(self.s))
     }
 
-    /// The output columns `ox` whose input column `ox * s + kx - p` lies inside the image.
-    fn valid_cols(&self, kx: usize) -> (usize, usize) {
-        self.valid(kx, self.w, self.ow)
+    /// Values of scratch `im2col` and `col2im` need: the unfolded image, and for strided
+    /// convolutions the phase planes after it.
+    fn cols_len(&self) -> usize {
+        let (ph, pw) = self.phase_dims();
+        let phases = if self.s > 1 {
+            self.s * self.s * self.c * ph * pw
+        } else {
+            0
+        };
+        self.ckk() * self.l() + phases
     }
 
-    /// The output rows `oy` whose input row `oy * s + ky - p` lies inside the image.
-    fn valid_rows(&self, ky: usize) -> (usize, usize) {
-        self.valid(ky, self.h, self.oh)
+    /// Where kernel tap `k` (row or column) reads: phase `(k - p) mod s` at offset
+    /// `floor((k - p) / s)` from the output position.
+    fn tap(&self, k: usize) -> (usize, isize) {
+        let t = k as isize - self.p as isize;
+        let s = self.s as isize;
+        (t.rem_euclid(s) as usize, t.div_euclid(s))
     }
 
-    /// Unfolds one image [C, H, W] into cols [C*KH*KW, OH*OW] (zero padding).
-    fn im2col<T: WithDType>(&self, img: &[T], cols: &mut [T]) {
-        let (l, ow, s) = (self.l(), self.ow, self.s);
-        // "Same" stride-1 convolutions: each row of cols is the image plane shifted by a constant
-        // offset, so it is one copy, then the wrapped-around border columns are zeroed.
-        let shifted = s == 1 && ow == self.w;
-        for ci in 0..self.c {
-            let plane = &img[ci * self.h * self.w..][..self.h * self.w];
-            for ky in 0..self.kh {
-                let (ylo, yhi) = self.valid_rows(ky);
-                for kx in 0..self.kw {
-                    let row = &mut cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
-                    let (lo, hi) = self.valid_cols(kx);
-                    if shifted {
-                        let off = (ky as isize - self.p as isize) * self.w as isize + kx as isize
-                            - self.p as isize;
-                        let plane_len = plane.len() as isize;
-                        let a = ((ylo * ow) as isize).max(-off).min(l as isize) as usize;
-                        let b = ((yhi * ow) as isize).min(plane_len - off).max(a as isize) as usize;
-                        row[..a].fill(T::zero());
-                        row[b..].fill(T::zero());
-                        if a < b {
-                            // a >= -off and b <= plane_len - off: the source range is inside
-                            let src = (a as isize + off) as usize;
-                            row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
-                        }
-                        if lo > 0 || hi < ow {
-                            for r in row[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
-                                r[..lo].fill(T::zero());
-                                r[hi..].fill(T::zero());
-                            }
-                        }
-                        continue;
-                    }
-                    for oy in 0..self.oh {
-                        let dst = &mut row[oy * ow..][..ow];
-                        if oy < ylo || oy >= yhi || lo == hi {
+    /// Whether some kernel tap reads phase row/column `a`.
+    fn phase_used(&self, a: usize, k: usize) -> bool {
+        (0..k).any(|i| self.tap(i).0 == a)
+    }
+
+    /// The plane of channel `ci` that tap `(ky, kx)` reads from, with its offsets: the image
+    /// plane for stride 1, else a phase plane of `phases`.
+    fn tap_plane<'a, T>(
+        &self,
+        img: &'a [T],
+        phases: &'a [T],
+        ci: usize,
+        ky: usize,
+        kx: usize,
+    ) -> (&'a [T], (isize, isize)) {
+        let ((a, dy), (b, dx)) = (self.tap(ky), self.tap(kx));
+        let (ph, pw) = self.phase_dims();
+        let plane = match self.s {
+            1 => &img[ci * ph * pw..][..ph * pw],
+            s => &phases[((a * s + b) * self.c + ci) * ph * pw..][..ph * pw],
+        };
+        (plane, (dy, dx))
+    }
+
+    /// Splits one image [C, H, W] into its phase planes `[s][s][C][ph][pw]` (zero past the
+    /// image's edge); only the phases some kernel tap reads are written.
+    fn split_phases<T: WithDType>(&self, img: &[T], phases: &mut [T]) {
+        let (s, c, h, w) = (self.s, self.c, self.h, self.w);
+        let (ph, pw) = self.phase_dims();
+        for a in (0..s).filter(|&a| self.phase_used(a, self.kh)) {
+            for b in (0..s).filter(|&b| self.phase_used(b, self.kw)) {
+                let count = (w - b.min(w)).div_ceil(s);
+                for ci in 0..c {
+                    let plane = &mut phases[((a * s + b) * c + ci) * ph * pw..][..ph * pw];
+                    for (i, dst) in plane.chunks_exact_mut(pw).enumerate() {
+                        let y = i * s + a;
+                        if y >= h {
                             dst.fill(T::zero());
                             continue;
                         }
-                        let iy = oy * s + ky - self.p;
-                        let src = &plane[iy * self.w..][..self.w];
-                        dst[..lo].fill(T::zero());
-                        dst[hi..].fill(T::zero());
-                        let x0 = lo * s + kx - self.p;
-                        if s == 1 {
-                            dst[lo..hi].copy_from_slice(&src[x0..x0 + hi - lo]);
-                        } else {
-                            for (d, v) in dst[lo..hi].iter_mut().zip(src[x0..].iter().step_by(s)) {
-                                *d = *v;
-                            }
+                        let src = &img[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
+                        for (d, v) in dst[..count].iter_mut().zip(src.iter().step_by(s)) {
+                            *d = *v;
                         }
+                        dst[count..].fill(T::zero());
                     }
                 }
             }
         }
     }
 
-    /// Folds cols [C*KH*KW, OH*OW] back into an image [C, H, W], summing overlaps (the adjoint of
-    /// `im2col`); `img` is overwritten.
-    fn col2im<T: WithDType>(&self, cols: &[T], img: &mut [T]) {
-        img.fill(T::zero());
-        let (l, ow, s) = (self.l(), self.ow, self.s);
+    /// Unfolds one image [C, H, W] into cols [C*KH*KW, OH*OW] (zero padding), in the first
+    /// `ckk * l` values of `buf` (`cols_len()` long). Every row of cols is a shifted copy of one
+    /// plane: of the image for stride 1, of a phase plane for stride s (each tap of a strided
+    /// convolution reads every s-th row and column from one phase, so the image is split once
+    /// into phases and every row is then contiguous copies, not strided gathers).
+    fn im2col<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+        let l = self.l();
+        let (cols, phases) = buf.split_at_mut(self.ckk() * l);
+        if self.s > 1 {
+            self.split_phases(img, phases);
+        }
+        let dims = self.phase_dims();
         for ci in 0..self.c {
-            let plane = &mut img[ci * self.h * self.w..][..self.h * self.w];
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = &mut cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
+                    let (plane, off) = self.tap_plane(img, phases, ci, ky, kx);
+                    shifted_copy(plane, dims, (self.oh, self.ow), off, row);
+                }
+            }
+        }
+    }
+
+    /// Folds cols [C*KH*KW, OH*OW] back into an image [C, H, W], summing overlaps (the adjoint of
+    /// `im2col`); `img` is overwritten, `scratch` is `cols_len() - ckk * l` long.
+    fn col2im<T: WithDType>(&self, cols: &[T], img: &mut [T], scratch: &mut [T]) {
+        let (l, s, c, h, w) = (self.l(), self.s, self.c, self.h, self.w);
+        let (ph, pw) = self.phase_dims();
+        let used = |a: usize, b: usize| self.phase_used(a, self.kh) && self.phase_used(b, self.kw);
+        let phase = |a: usize, b: usize| (a * s + b) * c * ph * pw..(a * s + b + 1) * c * ph * pw;
+        let planes: &mut [T] = if s == 1 { &mut *img } else { &mut *scratch };
+        for (a, b) in (0..s).flat_map(|a| (0..s).map(move |b| (a, b))) {
+            if used(a, b) {
+                planes[phase(a, b)].fill(T::zero());
+            }
+        }
+        for ci in 0..c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = &cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
-                    let (lo, hi) = self.valid_cols(kx);
-                    if lo == hi {
-                        continue;
-                    }
-                    let x0 = lo * s + kx - self.p;
-                    for oy in 0..self.oh {
-                        let iy = (oy * s + ky) as isize - self.p as isize;
-                        if iy < 0 || iy >= self.h as isize {
-                            continue;
+                    let ((a, dy), (b, dx)) = (self.tap(ky), self.tap(kx));
+                    let plane = &mut planes[((a * s + b) * c + ci) * ph * pw..][..ph * pw];
+                    shifted_add(row, (self.oh, self.ow), (dy, dx), plane, (ph, pw));
+                }
+            }
+        }
+        if s == 1 {
+            return;
+        }
+        // Interleave the phases back into the image; pixels no tap reads have no gradient.
+        if (0..s).any(|a| (0..s).any(|b| !used(a, b))) {
+            img.fill(T::zero());
+        }
+        for a in 0..s {
+            for b in (0..s).filter(|&b| used(a, b)) {
+                let count = (w - b.min(w)).div_ceil(s);
+                for ci in 0..c {
+                    let plane = &scratch[((a * s + b) * c + ci) * ph * pw..][..ph * pw];
+                    for (i, src) in plane.chunks_exact(pw).enumerate() {
+                        let y = i * s + a;
+                        if y >= h {
+                            break;
                         }
-                        let dst = &mut plane[iy as usize * self.w..][..self.w];
-                        let src = &row[oy * ow + lo..oy * ow + hi];
-                        for (d, &v) in dst[x0..].iter_mut().step_by(s).zip(src) {
-                            *d += v;
+                        let dst = &mut img[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
+                        for (d, v) in dst.iter_mut().step_by(s).zip(&src[..count]) {
+                            *d = *v;
                         }
                     }
                 }
@@ -451,14 +494,14 @@ impl Geometry {
         let pointwise = self.pointwise();
         let init = || match pointwise {
             true => Vec::new(),
-            false => vec![T::zero(); ckk * l],
+            false => vec![T::zero(); self.cols_len()],
         };
-        self.per_image(n, x, moments, init, |cols, y, img| {
+        self.per_image(n, x, moments, init, |buf, y, img| {
             let cols: &[T] = if pointwise {
                 img
             } else {
-                self.im2col(img, cols);
-                cols
+                self.im2col(img, buf);
+                &buf[..ckk * l]
             };
             matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
         })
@@ -494,10 +537,10 @@ impl Geometry {
                 if pointwise {
                     Vec::new()
                 } else {
-                    vec![T::zero(); ckk * l]
+                    vec![T::zero(); self.cols_len()]
                 }
             },
-            |dcols, dimg, g| {
+            |buf, dimg, g| {
                 if pointwise {
                     matmul(
                         ckk,
@@ -509,6 +552,7 @@ impl Geometry {
                         Mat::rows(g, l),
                     );
                 } else {
+                    let (dcols, scratch) = buf.split_at_mut(ckk * l);
                     matmul(
                         ckk,
                         l,
@@ -518,7 +562,7 @@ impl Geometry {
                         Mat::transposed(k, ckk),
                         Mat::rows(g, l),
                     );
-                    self.col2im(dcols, dimg);
+                    self.col2im(dcols, dimg, scratch);
                 }
             },
         )
@@ -615,10 +659,10 @@ impl Geometry {
     ) {
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let pointwise = self.pointwise();
-        let mut cols = if pointwise {
+        let mut buf = if pointwise {
             Vec::new()
         } else {
-            vec![T::zero(); ckk * l]
+            vec![T::zero(); self.cols_len()]
         };
         let first = images.start;
         for i in images {
@@ -626,8 +670,8 @@ impl Geometry {
             let c: &[T] = if pointwise {
                 img
             } else {
-                self.im2col(img, &mut cols);
-                &cols
+                self.im2col(img, &mut buf);
+                &buf[..ckk * l]
             };
             let g = Mat::transposed(&dy[i * o * l..][..o * l], l);
             matmul(ckk, o, l, acc, i > first, Mat::rows(c, l), g);
@@ -692,6 +736,81 @@ impl Geometry {
                     *d = v;
                 }
             }
+        }
+    }
+}
+
+/// The output positions `0..out` whose source `o + d` lies in `0..len`.
+fn valid_range(d: isize, len: usize, out: usize) -> (usize, usize) {
+    let lo = (-d).clamp(0, out as isize) as usize;
+    let hi = (len as isize - d).clamp(lo as isize, out as isize) as usize;
+    (lo, hi)
+}
+
+/// `row[oy * ow + ox] = plane[(oy + dy) * pw + ox + dx]`, zero where that lies outside the plane
+/// [ph, pw]. When the plane is as wide as the output the whole row is one copy (then the
+/// columns that wrapped around are zeroed), else one copy per output row.
+fn shifted_copy<T: WithDType>(
+    plane: &[T],
+    (ph, pw): (usize, usize),
+    (oh, ow): (usize, usize),
+    (dy, dx): (isize, isize),
+    row: &mut [T],
+) {
+    let (ylo, yhi) = valid_range(dy, ph, oh);
+    let (lo, hi) = valid_range(dx, pw, ow);
+    if pw == ow {
+        let off = dy * pw as isize + dx;
+        let len = plane.len() as isize;
+        let a = ((ylo * ow) as isize).max(-off).min((oh * ow) as isize) as usize;
+        let b = ((yhi * ow) as isize).min(len - off).max(a as isize) as usize;
+        row[..a].fill(T::zero());
+        row[b..].fill(T::zero());
+        if a < b {
+            // a >= -off and b <= len - off: the source range is inside the plane
+            let src = (a as isize + off) as usize;
+            row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
+        }
+        if lo > 0 || hi < ow {
+            for r in row[ylo * ow..yhi * ow].chunks_exact_mut(ow) {
+                r[..lo].fill(T::zero());
+                r[hi..].fill(T::zero());
+            }
+        }
+        return;
+    }
+    for (oy, dst) in row.chunks_exact_mut(ow).enumerate() {
+        if oy < ylo || oy >= yhi || lo == hi {
+            dst.fill(T::zero());
+            continue;
+        }
+        let src = ((oy as isize + dy) as usize * pw) as isize + dx;
+        dst[..lo].fill(T::zero());
+        dst[hi..].fill(T::zero());
+        let src = (src + lo as isize) as usize;
+        dst[lo..hi].copy_from_slice(&plane[src..src + hi - lo]);
+    }
+}
+
+/// The adjoint of `shifted_copy`: `plane[(oy + dy) * pw + ox + dx] += row[oy * ow + ox]` where
+/// that lies inside the plane.
+fn shifted_add<T: WithDType>(
+    row: &[T],
+    (oh, ow): (usize, usize),
+    (dy, dx): (isize, isize),
+    plane: &mut [T],
+    (ph, pw): (usize, usize),
+) {
+    let (ylo, yhi) = valid_range(dy, ph, oh);
+    let (lo, hi) = valid_range(dx, pw, ow);
+    if lo == hi {
+        return;
+    }
+    for oy in ylo..yhi {
+        let src = &row[oy * ow + lo..oy * ow + hi];
+        let at = (((oy as isize + dy) as usize * pw) as isize + dx + lo as isize) as usize;
+        for (d, &v) in plane[at..at + hi - lo].iter_mut().zip(src) {
+            *d += v;
         }
     }
 }
@@ -885,6 +1004,14 @@ mod tests {
             (1, 2, 5, 16, 3, 5, 1, 2),
             (1, 2, 6, 8, 3, 2, 1, 1),
             (1, 3, 4, 5, 2, 1, 1, 1),
+            // strided: phase planes narrower than the output rows, stride 3, images narrower
+            // than the stride, a kernel taller than the stride
+            (1, 2, 7, 7, 3, 3, 3, 1),
+            (2, 2, 2, 2, 2, 2, 3, 0),
+            (1, 3, 9, 9, 2, 3, 2, 0),
+            (1, 2, 7, 7, 2, 5, 3, 2),
+            (2, 16, 32, 32, 32, 3, 2, 1),
+            (2, 16, 32, 32, 32, 1, 2, 0),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -973,6 +1100,10 @@ mod tests {
             (1, 2, 5, 16, 3, 5, 1, 2),
             (1, 2, 6, 8, 3, 2, 1, 1),
             (1, 3, 4, 5, 2, 1, 1, 1),
+            // strided, through phase planes
+            (1, 2, 7, 8, 2, 3, 3, 1),
+            (1, 2, 2, 1, 2, 1, 3, 0),
+            (1, 2, 7, 6, 2, 2, 2, 0),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {
