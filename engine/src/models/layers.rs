@@ -103,21 +103,45 @@ impl BatchNorm2d {
         relu: bool,
         given: Option<ops::Saved>,
     ) -> Result<Tensor> {
-        let stats = BatchNormStats {
-            running_mean: &self.running_mean,
-            running_var: &self.running_var,
-            momentum: self.momentum,
-        };
         Ok(ops::batch_norm_given(
             x,
             &self.weight,
             &self.bias,
-            stats,
+            self.stats(),
             self.eps,
             train,
             relu,
             given,
         )?)
+    }
+
+    /// `relu(batch_norm(x) + residual)`, the join of a residual block (one fused pass in training
+    /// on CPU), with the batch statistics of `x` when already computed.
+    fn forward_add_relu(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        train: bool,
+        given: Option<ops::Saved>,
+    ) -> Result<Tensor> {
+        Ok(ops::batch_norm_add_relu(
+            x,
+            &self.weight,
+            &self.bias,
+            residual,
+            self.stats(),
+            self.eps,
+            train,
+            given,
+        )?)
+    }
+
+    fn stats(&self) -> BatchNormStats<'_> {
+        BatchNormStats {
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            momentum: self.momentum,
+        }
     }
 }
 
@@ -168,15 +192,31 @@ impl ConvBn {
         })
     }
 
-    /// In training on CPU the convolution also computes the batch statistics of its output while
-    /// each image is in cache, and the batch norm uses them (one pass over the activations
-    /// instead of three).
+    /// Conv, batch norm, and a ReLU when `relu`.
     pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (y, stats) = self.conv_with_stats(x, train)?;
+        match stats {
+            Some(stats) => self.bn.forward_given(&y, relu, stats),
+            None => self.bn.forward_act(&y, train, relu),
+        }
+    }
+
+    /// `relu(bn(conv(x)) + residual)`: the last layer of a residual branch joined with the
+    /// shortcut.
+    pub fn forward_residual(&self, x: &Tensor, train: bool, residual: &Tensor) -> Result<Tensor> {
+        let (y, stats) = self.conv_with_stats(x, train)?;
+        self.bn.forward_add_relu(&y, residual, train, stats)
+    }
+
+    /// The convolution, and in training on CPU the batch statistics of its output, computed
+    /// while each image is in cache (the batch norm then makes one pass over the activations
+    /// instead of three).
+    fn conv_with_stats(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<ops::Saved>)> {
         let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
         if train && cpu && self.conv.bias.is_none() {
             let (y, stats) = ops::conv2d_with_batch_stats(x, &self.conv.weight, self.conv.params)?;
-            return self.bn.forward_given(&y, relu, stats);
+            return Ok((y, Some(stats)));
         }
-        self.bn.forward_act(&self.conv.forward(x)?, train, relu)
+        Ok((self.conv.forward(x)?, None))
     }
 }

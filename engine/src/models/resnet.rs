@@ -73,17 +73,21 @@ impl Block {
         Ok((Block { convs, downsample }, c_out))
     }
 
+    /// `relu(branch(x) + shortcut(x))`; the last batch norm of the branch, the add and the ReLU
+    /// run as one op.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.clone();
-        let last = self.convs.len() - 1;
-        for (i, c) in self.convs.iter().enumerate() {
-            h = c.forward(&h, train, i < last)?;
-        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x, train, false)?,
             None => x.clone(),
         };
-        Ok(ops::add_relu(&h, &shortcut)?)
+        let Some((last, inner)) = self.convs.split_last() else {
+            return Ok(ops::add_relu(x, &shortcut)?);
+        };
+        let mut h = x.clone();
+        for c in inner {
+            h = c.forward(&h, train, true)?;
+        }
+        last.forward_residual(&h, train, &shortcut)
     }
 }
 

@@ -78,9 +78,15 @@ impl CustomOp2 for AddRelu {
         res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = dy.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?;
+        let g = relu_grad(&dy.contiguous()?, res)?;
         Ok((Some(g.clone()), Some(g)))
     }
+}
+
+/// The ReLU's input gradient: `dy` where the output `y` is positive, else 0 (both contiguous, on
+/// CPU).
+pub(crate) fn relu_grad(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    dy.apply_op2_no_bwd(y, &ReluGrad)
 }
 
 /// The ReLU's input gradient from (dy, output).

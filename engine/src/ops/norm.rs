@@ -60,51 +60,114 @@ pub(crate) fn batch_norm_given(
             .broadcast_mul(&scale.reshape(s4)?)?
             .broadcast_add(&shift.reshape(s4)?)?);
     }
-    let count = (n * h * w) as f64;
+    if fused {
+        return train_fused(x, stats, eps, relu, given, |x, op| {
+            x.apply_op3(weight, bias, op)
+        });
+    }
+    check_count(x)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+    let y = centered
+        .broadcast_div(&(&var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
+    update_running(
+        &stats,
+        mean.flatten_all()?.detach(),
+        var.flatten_all()?.detach(),
+        (n * h * w) as f64,
+    )?;
+    act(y)
+}
+
+/// `relu(batch_norm(x) + residual)`: the join of a residual block. Training on CPU runs it as
+/// one fused op (the normalisation, the add and the ReLU in one pass over the activations, where
+/// a batch norm and then `add_relu` make two and write one more tensor); otherwise it is
+/// `add_relu` after `batch_norm_given`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_add_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    stats: BatchNormStats,
+    eps: f64,
+    train: bool,
+    given: Option<Saved>,
+) -> Result<Tensor> {
+    let fused = train
+        && x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && residual.dtype() == x.dtype()
+        && residual.shape() == x.shape();
+    if !fused {
+        let y = batch_norm_given(x, weight, bias, stats, eps, train, false, given)?;
+        return super::add_relu(&y, residual);
+    }
+    x.dims4()?;
+    // weight and bias as the rows of one [2, C] input (a custom op takes at most three)
+    let wb = Tensor::stack(&[weight, bias], 0)?;
+    let residual = residual.contiguous()?;
+    train_fused(x, stats, eps, true, given, |x, op| {
+        x.apply_op3(&wb, &residual, BatchNormAddRelu(op))
+    })
+}
+
+fn check_count(x: &Tensor) -> Result<()> {
+    let (n, _, h, w) = x.dims4()?;
     if n * h * w < 2 {
         candle_core::bail!(
             "batch norm in training needs more than one value per channel, got input {:?}; use a larger batch or drop the last incomplete batch",
             x.dims()
         );
     }
-    let (y, mean, var) = if fused {
-        let kept = Arc::new(OnceLock::new());
-        if given
-            .as_ref()
-            .is_some_and(|g| g.mean.len() != c || g.var.len() != c)
-        {
-            candle_core::bail!("batch_norm: given statistics are not one per channel");
-        }
-        let op = FusedBatchNorm {
-            eps,
-            relu,
-            saved: kept.clone(),
-            given,
-        };
-        let y = x.contiguous()?.apply_op3(weight, bias, op)?;
-        let Some(saved) = kept.get() else {
-            candle_core::bail!("batch_norm: the forward pass kept no statistics");
-        };
-        let dev = x.device();
-        (
-            y,
-            Tensor::from_slice(&saved.mean, c, dev)?.to_dtype(x.dtype())?,
-            Tensor::from_slice(&saved.var, c, dev)?.to_dtype(x.dtype())?,
-        )
-    } else {
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-        let y = centered
-            .broadcast_div(&(&var + eps)?.sqrt()?)?
-            .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-        (
-            act(y)?,
-            mean.flatten_all()?.detach(),
-            var.flatten_all()?.detach(),
-        )
+    Ok(())
+}
+
+/// Training through a fused op on CPU: `apply` runs `op` on the contiguous input; the batch
+/// statistics it keeps then update the running ones.
+fn train_fused(
+    x: &Tensor,
+    stats: BatchNormStats,
+    eps: f64,
+    relu: bool,
+    given: Option<Saved>,
+    apply: impl FnOnce(&Tensor, FusedBatchNorm) -> Result<Tensor>,
+) -> Result<Tensor> {
+    check_count(x)?;
+    let (n, c, h, w) = x.dims4()?;
+    if given
+        .as_ref()
+        .is_some_and(|g| g.mean.len() != c || g.var.len() != c)
+    {
+        candle_core::bail!("batch_norm: given statistics are not one per channel");
+    }
+    let kept = Arc::new(OnceLock::new());
+    let op = FusedBatchNorm {
+        eps,
+        relu,
+        saved: kept.clone(),
+        given,
     };
+    let y = apply(&x.contiguous()?, op)?;
+    let Some(saved) = kept.get() else {
+        candle_core::bail!("batch_norm: the forward pass kept no statistics");
+    };
+    let dev = x.device();
+    update_running(
+        &stats,
+        Tensor::from_slice(&saved.mean, c, dev)?.to_dtype(x.dtype())?,
+        Tensor::from_slice(&saved.var, c, dev)?.to_dtype(x.dtype())?,
+        (n * h * w) as f64,
+    )?;
+    Ok(y)
+}
+
+/// Running statistics after one batch: momentum-weighted, with the unbiased variance of `count`
+/// values (PyTorch's convention).
+fn update_running(stats: &BatchNormStats, mean: Tensor, var: Tensor, count: f64) -> Result<()> {
     let m = stats.momentum;
     let unbiased = (var * (count / (count - 1.0).max(1.0)))?;
     let rm = ((stats.running_mean.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?;
@@ -114,8 +177,7 @@ pub(crate) fn batch_norm_given(
         .set(&rm.to_dtype(stats.running_mean.dtype())?)?;
     stats
         .running_var
-        .set(&rv.to_dtype(stats.running_var.dtype())?)?;
-    Ok(y)
+        .set(&rv.to_dtype(stats.running_var.dtype())?)
 }
 
 /// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, y)`: the masked row is written to `tmp`
@@ -189,11 +251,13 @@ struct FusedBatchNorm {
 }
 
 impl FusedBatchNorm {
+    /// The output, plus `residual` before the ReLU when given.
     fn forward<T: WithDType>(
         &self,
         x: &[T],
         wt: &[T],
         b: &[T],
+        residual: Option<&[T]>,
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
         let st = match &self.given {
@@ -211,7 +275,12 @@ impl FusedBatchNorm {
         par_new(x.len(), hw, x.par_chunks(hw).enumerate(), |o, (p, xs)| {
             let ch = p % c;
             let (s, t) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
-            if relu {
+            if let Some(r) = residual {
+                for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[p * hw..][..hw]) {
+                    let y = v * s + t + r;
+                    *o = if y > T::zero() { y } else { T::zero() };
+                }
+            } else if relu {
                 for (o, &v) in o.iter_mut().zip(xs) {
                     let y = v * s + t;
                     *o = if y > T::zero() { y } else { T::zero() };
@@ -244,6 +313,7 @@ impl CustomOp3 for FusedBatchNorm {
             contiguous_slice::<T>(s1, l1, "batch_norm")?,
             contiguous_slice::<T>(s2, l2, "batch_norm")?,
             contiguous_slice::<T>(s3, l3, "batch_norm")?,
+            None,
             (n, c, h * w),
         ));
         Ok((out, l1.shape().clone()))
@@ -257,26 +327,97 @@ impl CustomOp3 for FusedBatchNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.gradients(x, weight, res, &grad.contiguous()?, self.relu)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl FusedBatchNorm {
+    /// The gradients of x, weight and bias from the output gradient `grad` (masked by the ReLU
+    /// through the output `res` when `relu`).
+    fn gradients(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        relu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let Some(saved) = self.saved.get() else {
             candle_core::bail!("batch_norm backward: no statistics from the forward pass");
         };
         let c = x.dim(1)?;
         let op = BatchNormGrad {
             eps: self.eps,
-            relu: self.relu,
+            relu,
             mean: saved.mean.clone(),
             var: saved.var.clone(),
             weight: weight.to_dtype(DType::F64)?.to_vec1()?,
             sums: OnceLock::new(),
         };
-        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, res, &op)?;
+        let dx = x.apply_op3_no_bwd(grad, res, &op)?;
         let Some((sdy, sdxhat)) = op.sums.get() else {
             candle_core::bail!("batch_norm backward: the gradient pass kept no sums");
         };
         let dev = x.device();
         let dw = Tensor::from_slice(sdxhat, c, dev)?.to_dtype(weight.dtype())?;
         let db = Tensor::from_slice(sdy, c, dev)?.to_dtype(weight.dtype())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, dw, db))
+    }
+}
+
+/// `relu(batch_norm(x) + residual)` as one op on (x, [weight; bias], residual).
+struct BatchNormAddRelu(FusedBatchNorm);
+
+impl CustomOp3 for BatchNormAddRelu {
+    fn name(&self) -> &'static str {
+        "batch_norm_add_relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l2.shape().dims() != [2, c] || l3.shape() != l1.shape() {
+            candle_core::bail!(
+                "{name}: expected weight and bias [2, {c}] and a residual {:?}, got {:?} and {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let out = float_storage!(s1, name, |T| {
+            let wb = contiguous_slice::<T>(s2, l2, name)?;
+            self.0.forward(
+                contiguous_slice::<T>(s1, l1, name)?,
+                &wb[..c],
+                &wb[c..],
+                Some(contiguous_slice::<T>(s3, l3, name)?),
+                (n, c, h * w),
+            )
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// The residual's gradient is dy masked by the ReLU; the batch norm's backward runs on it.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        wb: &Tensor,
+        _residual: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = super::act::relu_grad(&grad.contiguous()?, res)?;
+        let (dx, dw, db) = self.0.gradients(x, &wb.get(0)?, res, &g, false)?;
+        Ok((Some(dx), Some(Tensor::stack(&[dw, db], 0)?), Some(g)))
     }
 }
 
@@ -503,6 +644,75 @@ mod tests {
                 assert!(max_rel_err(a, e) < 1e-4, "gradient {case}");
             }
         }
+    }
+
+    /// The fused residual join against batch norm then add and ReLU by candle's ops: forward,
+    /// the four gradients and the running statistics in f32, and finite differences in f64.
+    #[test]
+    fn batch_norm_add_relu_matches_the_composed_join() {
+        for (n, c, h, w) in [(4, 3, 5, 5), (16, 8, 12, 12), (1, 2, 7, 3)] {
+            let case = format!("{n} {c} {h} {w}");
+            let var = |seed| Var::from_tensor(&rand_tensor(&[n, c, h, w], seed, DType::F32));
+            let (x, r) = (var(21).unwrap(), var(22).unwrap());
+            let wt = Var::from_tensor(&rand_tensor(&[c], 23, DType::F32)).unwrap();
+            let b = Var::from_tensor(&rand_tensor(&[c], 24, DType::F32)).unwrap();
+            let running = || {
+                (
+                    Var::zeros(c, DType::F32, &Device::Cpu).unwrap(),
+                    Var::ones(c, DType::F32, &Device::Cpu).unwrap(),
+                )
+            };
+            let ((m1, v1), (m2, v2)) = (running(), running());
+            let stats = |m, v| BatchNormStats {
+                running_mean: m,
+                running_var: v,
+                momentum: 0.1,
+            };
+            let ours =
+                batch_norm_add_relu(&x, &wt, &b, &r, stats(&m1, &v1), 1e-5, true, None).unwrap();
+            let normed = batch_norm(&x, &wt, &b, stats(&m2, &v2), 1e-5, true, false).unwrap();
+            let want = (normed + r.as_tensor()).unwrap().relu().unwrap();
+            assert!(max_rel_err(&ours, &want) < 1e-5, "forward {case}");
+            assert!(
+                max_rel_err(m1.as_tensor(), m2.as_tensor()) < 1e-6,
+                "mean {case}"
+            );
+            assert!(
+                max_rel_err(v1.as_tensor(), v2.as_tensor()) < 1e-6,
+                "var {case}"
+            );
+            let up = rand_tensor(&[n, c, h, w], 25, DType::F32);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &wt, &b, &r] {
+                let (a, e) = (
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                );
+                assert!(max_rel_err(a, e) < 1e-4, "gradient {case}");
+            }
+        }
+        let (m, v) = (
+            Var::zeros(3, DType::F64, &Device::Cpu).unwrap(),
+            Var::ones(3, DType::F64, &Device::Cpu).unwrap(),
+        );
+        let shape = [2, 3, 4, 5];
+        let x = rand_tensor(&shape, 31, DType::F64);
+        let r = rand_tensor(&shape, 32, DType::F64);
+        let wt = rand_tensor(&[3], 33, DType::F64);
+        let b = rand_tensor(&[3], 34, DType::F64);
+        let join = |x: &Tensor, wt: &Tensor, b: &Tensor, r: &Tensor| {
+            let stats = BatchNormStats {
+                running_mean: &m,
+                running_var: &v,
+                momentum: 0.1,
+            };
+            batch_norm_add_relu(x, wt, b, r, stats, 1e-5, true, None).unwrap()
+        };
+        check_grad_fd(|t| join(t, &wt, &b, &r), &x, 1, 1e-6, "input");
+        check_grad_fd(|t| join(&x, t, &b, &r), &wt, 1, 1e-6, "weight");
+        check_grad_fd(|t| join(&x, &wt, t, &r), &b, 1, 1e-6, "bias");
+        check_grad_fd(|t| join(&x, &wt, &b, t), &r, 1, 1e-6, "residual");
     }
 
     #[test]
