@@ -6,7 +6,9 @@
 //! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
 use super::{contiguous_slice, lane_sum, par_new};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType,
+};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
@@ -180,20 +182,19 @@ fn update_running(stats: &BatchNormStats, mean: Tensor, var: Tensor, count: f64)
         .set(&rv.to_dtype(stats.running_var.dtype())?)
 }
 
-/// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, y)`: the masked row is written to `tmp`
+/// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, x)`: the masked row is written to `tmp`
 /// first (a loop that vectorises; a select inside a reduction does not), then summed in 8 lanes of
 /// `T` added up in f64.
 #[inline]
 fn grad_sums<T: WithDType>(
     g: &[T],
-    y: &[T],
     x: &[T],
     mask: impl Fn(T, T) -> T,
     tmp: &mut [T],
 ) -> (f64, f64) {
     let tmp = &mut tmp[..g.len()];
-    for ((t, &g), &y) in tmp.iter_mut().zip(g).zip(y) {
-        *t = mask(g, y);
+    for ((t, &g), &x) in tmp.iter_mut().zip(g).zip(x) {
+        *t = mask(g, x);
     }
     let s1 = lane_sum(tmp, |v| v);
     let (mut acc, (ct, rt), (cx, rx)) = ([T::zero(); 8], tmp.as_chunks::<8>(), x.as_chunks::<8>());
@@ -240,6 +241,18 @@ fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Saved {
     Saved { mean, var }
 }
 
+/// The normalisation and affine map of each channel as one `x * s + t`, in `T`: the forward pass
+/// computes its output with these values, and the backward pass recomputes the ReLU's mask from
+/// x with the same ones (so it need not read the output).
+fn affine<T: WithDType>(st: &Saved, weight: &[f64], bias: &[f64], eps: f64) -> Vec<(T, T)> {
+    (0..weight.len())
+        .map(|ch| {
+            let s = weight[ch] / (st.var[ch] + eps).sqrt();
+            (T::from_f64(s), T::from_f64(bias[ch] - st.mean[ch] * s))
+        })
+        .collect()
+}
+
 /// y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics, then max(y, 0) when
 /// `relu`. The statistics are kept for the backward pass.
 struct FusedBatchNorm {
@@ -264,17 +277,13 @@ impl FusedBatchNorm {
             Some(g) => g.clone(),
             None => stats_of(x, n, c, hw),
         };
-        let scale: Vec<f64> = (0..c)
-            .map(|ch| wt[ch].to_f64() / (st.var[ch] + self.eps).sqrt())
-            .collect();
-        let shift: Vec<f64> = (0..c)
-            .map(|ch| b[ch].to_f64() - st.mean[ch] * scale[ch])
-            .collect();
+        let wt: Vec<f64> = wt.iter().map(|v| v.to_f64()).collect();
+        let b: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
+        let affine: Vec<(T, T)> = affine(&st, &wt, &b, self.eps);
         let _ = self.saved.set(st);
         let relu = self.relu;
         par_new(x.len(), hw, x.par_chunks(hw).enumerate(), |o, (p, xs)| {
-            let ch = p % c;
-            let (s, t) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
+            let (s, t) = affine[p % c];
             if let Some(r) = residual {
                 for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[p * hw..][..hw]) {
                     let y = v * s + t + r;
@@ -323,23 +332,23 @@ impl CustomOp3 for FusedBatchNorm {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
-        res: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.gradients(x, weight, res, &grad.contiguous()?, self.relu)?;
+        let (dx, dw, db) = self.gradients(x, weight, bias, &grad.contiguous()?, self.relu)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
 impl FusedBatchNorm {
     /// The gradients of x, weight and bias from the output gradient `grad` (masked by the ReLU
-    /// through the output `res` when `relu`).
+    /// when `relu`).
     fn gradients(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        res: &Tensor,
+        bias: &Tensor,
         grad: &Tensor,
         relu: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -353,9 +362,10 @@ impl FusedBatchNorm {
             mean: saved.mean.clone(),
             var: saved.var.clone(),
             weight: weight.to_dtype(DType::F64)?.to_vec1()?,
+            bias: bias.to_dtype(DType::F64)?.to_vec1()?,
             sums: OnceLock::new(),
         };
-        let dx = x.apply_op3_no_bwd(grad, res, &op)?;
+        let dx = x.apply_op2_no_bwd(grad, &op)?;
         let Some((sdy, sdxhat)) = op.sums.get() else {
             candle_core::bail!("batch_norm backward: the gradient pass kept no sums");
         };
@@ -416,34 +426,30 @@ impl CustomOp3 for BatchNormAddRelu {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = super::act::relu_grad(&grad.contiguous()?, res)?;
-        let (dx, dw, db) = self.0.gradients(x, &wb.get(0)?, res, &g, false)?;
+        let (dx, dw, db) = self.0.gradients(x, &wb.get(0)?, &wb.get(1)?, &g, false)?;
         Ok((Some(dx), Some(Tensor::stack(&[dw, db], 0)?), Some(g)))
     }
 }
 
-/// The input gradient of the fused batch norm from (x, dy, y), reading all three in place; the
-/// weight and bias gradients (per-channel sums it needs anyway) are kept in `sums`.
+/// The input gradient of the fused batch norm from (x, dy), reading both in place (the ReLU's
+/// mask is recomputed from x, see `affine`); the weight and bias gradients (per-channel sums it
+/// needs anyway) are kept in `sums`.
 struct BatchNormGrad {
     eps: f64,
     relu: bool,
     mean: Vec<f64>,
     var: Vec<f64>,
     weight: Vec<f64>,
+    bias: Vec<f64>,
     /// (Σ dy, Σ dy * xhat) per channel, with dy masked by the ReLU.
     sums: OnceLock<(Vec<f64>, Vec<f64>)>,
 }
 
 impl BatchNormGrad {
-    fn backward<T: WithDType>(
-        &self,
-        x: &[T],
-        dy: &[T],
-        y: &[T],
-        dims: (usize, usize, usize),
-    ) -> Vec<T> {
+    fn backward<T: WithDType>(&self, x: &[T], dy: &[T], dims: (usize, usize, usize)) -> Vec<T> {
         match self.relu {
-            true => self.backward_with::<T, true>(x, dy, y, dims),
-            false => self.backward_with::<T, false>(x, dy, y, dims),
+            true => self.backward_with::<T, true>(x, dy, dims),
+            false => self.backward_with::<T, false>(x, dy, dims),
         }
     }
 
@@ -453,14 +459,22 @@ impl BatchNormGrad {
         &self,
         x: &[T],
         dy: &[T],
-        y: &[T],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let mask = |g: T, y: T| {
-            if !RELU || y > T::zero() {
-                g
-            } else {
-                T::zero()
+        let saved = Saved {
+            mean: self.mean.clone(),
+            var: self.var.clone(),
+        };
+        let affine: Vec<(T, T)> = affine(&saved, &self.weight, &self.bias, self.eps);
+        // dy where the forward output x * s + t was positive (the same arithmetic as the forward)
+        let mask = |ch: usize| {
+            let (s, t) = affine[ch];
+            move |g: T, x: T| {
+                if !RELU || x * s + t > T::zero() {
+                    g
+                } else {
+                    T::zero()
+                }
             }
         };
         let invstd: Vec<f64> = self
@@ -480,8 +494,8 @@ impl BatchNormGrad {
                 for i in blk * IMAGES..((blk + 1) * IMAGES).min(n) {
                     for (ch, a) in acc.iter_mut().enumerate() {
                         let off = (i * c + ch) * hw;
-                        let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
-                        let (s1, s2) = grad_sums(gs, ys, xs, mask, &mut tmp);
+                        let (xs, gs) = (&x[off..][..hw], &dy[off..][..hw]);
+                        let (s1, s2) = grad_sums(gs, xs, mask(ch), &mut tmp);
                         a.0 += s1;
                         a.1 += s2;
                     }
@@ -512,10 +526,10 @@ impl BatchNormGrad {
             .collect();
         let dx = par_new(x.len(), hw, (0..n * c).into_par_iter(), |o, p| {
             let (a, b, cc) = coef[p % c];
+            let mask = mask(p % c);
             let off = p * hw;
-            let (xs, gs, ys) = (&x[off..][..hw], &dy[off..][..hw], &y[off..][..hw]);
-            for (((o, &xv), &g), &yv) in o.iter_mut().zip(xs).zip(gs).zip(ys) {
-                *o = a * mask(g, yv) + b * xv + cc;
+            for ((o, &xv), &g) in o.iter_mut().zip(&x[off..][..hw]).zip(&dy[off..][..hw]) {
+                *o = a * mask(g, xv) + b * xv + cc;
             }
         });
         let _ = self.sums.set((sdy, sdxhat));
@@ -523,7 +537,7 @@ impl BatchNormGrad {
     }
 }
 
-impl CustomOp3 for BatchNormGrad {
+impl CustomOp2 for BatchNormGrad {
     fn name(&self) -> &'static str {
         "batch_norm_grad"
     }
@@ -534,15 +548,12 @@ impl CustomOp3 for BatchNormGrad {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let name = "batch_norm_grad";
         let out = float_storage!(s1, name, |T| self.backward(
             contiguous_slice::<T>(s1, l1, name)?,
             contiguous_slice::<T>(s2, l2, name)?,
-            contiguous_slice::<T>(s3, l3, name)?,
             (n, c, h * w),
         ));
         Ok((out, l1.shape().clone()))
