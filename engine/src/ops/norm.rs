@@ -5,7 +5,7 @@
 //! and the backward in two passes that read x, dy and the output in place
 //! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
 
-use super::{contiguous_slice, lane_sum, par_new};
+use super::{contiguous_slice, lane_sum, par_new, LANES};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType,
 };
@@ -183,8 +183,8 @@ fn update_running(stats: &BatchNormStats, mean: Tensor, var: Tensor, count: f64)
 }
 
 /// `(Σ g', Σ g' x)` over one row, with `g' = mask(g, x)`: the masked row is written to `tmp`
-/// first (a loop that vectorises; a select inside a reduction does not), then summed in 8 lanes of
-/// `T` added up in f64.
+/// first (a loop that vectorises; a select inside a reduction does not), then summed in `LANES` lanes
+/// of `T` added up in f64.
 #[inline]
 fn grad_sums<T: WithDType>(
     g: &[T],
@@ -197,9 +197,11 @@ fn grad_sums<T: WithDType>(
         *t = mask(g, x);
     }
     let s1 = lane_sum(tmp, |v| v);
-    let (mut acc, (ct, rt), (cx, rx)) = ([T::zero(); 8], tmp.as_chunks::<8>(), x.as_chunks::<8>());
+    let (ct, rt) = tmp.as_chunks::<LANES>();
+    let (cx, rx) = x.as_chunks::<LANES>();
+    let mut acc = [T::zero(); LANES];
     for (t, x) in ct.iter().zip(cx) {
-        for j in 0..8 {
+        for j in 0..LANES {
             acc[j] += t[j] * x[j];
         }
     }
