@@ -353,10 +353,21 @@ impl Geometry {
     /// (forward at 16x16 336 -> 315, kernel gradient at 8x8 319 -> 256). `RECIPE_IM2COL=1` turns
     /// it off (for comparisons).
     fn implicit(&self) -> bool {
-        static OFF: OnceLock<bool> = OnceLock::new();
-        let off = *OFF.get_or_init(|| std::env::var("RECIPE_IM2COL").as_deref() == Ok("1"));
         let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
-        !off && self.s == 1 && !self.pointwise() && shape
+        !im2col_forced() && self.s == 1 && !self.pointwise() && shape
+    }
+
+    /// Whether the kernel gradient reads the unfolded image in place
+    /// (`kernel_products_implicit`): where the forward does, and also with more output channels
+    /// when the padded rows are at most 1/8 wider than the output rows. Its products then read
+    /// the channel-last copy without packing, 3C rows per block, where the im2col product's rows
+    /// are the O output channels (half what the AVX-512 kernels take at 32). Measured (`cargo
+    /// bench --bench kernels -- conv/backward_kernel`, GFLOP/s, im2col -> in place): 32 channels
+    /// at 16x16 230-249 -> 245-270, at 28x28 272-276 -> 290-293; at 8x8 (rows 1/4 wider) 274-279
+    /// -> 223-229, so not there.
+    fn implicit_kernel(&self) -> bool {
+        let narrow = 8 * self.wp() <= 9 * self.ow && self.c >= 8;
+        self.implicit() || (!im2col_forced() && self.s == 1 && !self.pointwise() && narrow)
     }
 
     /// Width of the zero-padded image.
@@ -609,7 +620,7 @@ impl Geometry {
         let (o, ckk) = (self.o, self.ckk());
         let groups = GROUPS.min(((16 << 20) / (o * ckk).max(1)).max(2));
         let group = n.div_ceil(groups).max(1);
-        let implicit = self.implicit();
+        let implicit = self.implicit_kernel();
         let partials: Vec<Vec<T>> = (0..n.div_ceil(group))
             .into_par_iter()
             .map(|g| {
@@ -815,6 +826,12 @@ fn shifted_add<T: WithDType>(
     }
 }
 
+/// `RECIPE_IM2COL=1`: every convolution through im2col (for comparisons).
+fn im2col_forced() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("RECIPE_IM2COL").as_deref() == Ok("1"))
+}
+
 /// Whether this CPU has AVX-512 (the `gemm` crate then uses its 512-bit kernels).
 fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -1012,6 +1029,8 @@ mod tests {
             (1, 2, 7, 7, 2, 5, 3, 2),
             (2, 16, 32, 32, 32, 3, 2, 1),
             (2, 16, 32, 32, 32, 1, 2, 0),
+            // the kernel gradient in place with more than 16 output channels
+            (2, 8, 16, 16, 24, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -1104,6 +1123,7 @@ mod tests {
             (1, 2, 7, 8, 2, 3, 3, 1),
             (1, 2, 2, 1, 2, 1, 3, 0),
             (1, 2, 7, 6, 2, 2, 2, 0),
+            (1, 8, 16, 16, 17, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {
