@@ -1,12 +1,14 @@
 //! 2-D convolution on CPU: per image, im2col into a reused buffer and one matrix product that
 //! writes the NCHW output directly; for stride-1 layers with at most 16 output channels the
 //! products read the unfolded image in place from a padded copy instead (`Geometry::implicit`).
-//! The input gradient of a stride-1 convolution is the forward convolution of dy with the
-//! flipped, transposed kernel (same code, same speed); of a strided one, the transposed product
-//! folded back with col2im. The kernel gradient is the product cols dy^T per image, summed in
-//! groups fixed by the shapes, so it does not depend on the thread count. Gradients are computed
-//! by ops reading the tensors in place, and only those the graph needs. Other devices use
-//! candle's convolution.
+//! Strided convolutions split each image once into phase planes (every s-th row and column), so
+//! im2col is contiguous copies there too. The input gradient of a stride-1 convolution is the
+//! forward convolution of dy with the flipped, transposed kernel (same code, same speed); of a
+//! strided one, the transposed product folded back with col2im. The kernel gradient is the
+//! product cols dy^T per image (or in place from a channel-last padded copy,
+//! `Geometry::implicit_kernel`), summed in groups fixed by the shapes, so it does not depend on
+//! the thread count. Gradients are computed by ops reading the tensors in place, and only those
+//! the graph needs. Other devices use candle's convolution.
 
 use super::gemm::{matmul, Mat};
 use super::norm::Saved;

@@ -5,12 +5,14 @@
 //! both cores with rayon: convolution (per image im2col + one matrix product from the `gemm`
 //! crate; the input gradient of stride-1 convolutions is itself a forward convolution; the kernel
 //! gradient is summed in a fixed order so results do not depend on the thread count), batch norm
-//! with an optional fused ReLU, the residual `relu(a + b)`, max/average pooling of any kernel,
-//! stride and padding, global average pooling, and softmax cross entropy with hard or soft
-//! targets. Backward passes read their inputs in place and compute only the gradients the graph
-//! needs. On other devices the models use candle's own ops. `benches/kernels.rs` measures each.
-//! 3x3 stride-1 convolutions with 64 channels or more (and so their input gradients) run as
-//! Winograd F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it off).
+//! with an optional fused ReLU or fused with a residual join `relu(bn(x) + r)`, the residual
+//! `relu(a + b)`, max/average pooling of any kernel, stride and padding, global average pooling,
+//! and softmax cross entropy with hard or soft targets. Backward passes read their inputs in
+//! place and compute only the gradients the graph needs; outputs are written chunk by chunk in
+//! parallel (`par_new`) without zeroing the whole buffer first. On other devices the models use
+//! candle's own ops. `benches/kernels.rs` measures each. On CPUs without AVX-512, 3x3 stride-1
+//! convolutions with 64 channels or more (and so their input gradients) run as Winograd
+//! F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it off).
 
 /// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
 /// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.

@@ -1,9 +1,10 @@
 //! Batch normalisation over (N, H, W) per channel, train and eval modes, with an optional fused
-//! ReLU. On CPU, training runs as fused kernels with their own backward: the statistics in two
-//! passes (mean, then centred variance, summed in f32 lanes per row and f64 across rows), or
-//! given by the convolution that produced the input (`batch_norm_given`), the output in one pass,
-//! and the backward in two passes that read x, dy and the output in place
-//! (the statistics are kept from the forward pass). Other devices use candle's tensor ops.
+//! ReLU, or fused with a residual block's join, `relu(bn(x) + residual)` (`batch_norm_add_relu`).
+//! On CPU, training runs as fused kernels with their own backward: the statistics in two passes
+//! (mean, then centred variance, summed in f32 lanes per row and f64 across rows), or given by the
+//! convolution that produced the input (`batch_norm_given`), the output in one pass, and the
+//! backward in two passes that read x and dy in place (the statistics are kept from the forward
+//! pass, and the ReLU's mask is recomputed from x). Other devices use candle's tensor ops.
 
 use super::{contiguous_slice, lane_sum, par_new, LANES};
 use candle_core::{
