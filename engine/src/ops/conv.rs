@@ -1033,6 +1033,9 @@ mod tests {
             (2, 16, 32, 32, 32, 1, 2, 0),
             // the kernel gradient in place with more than 16 output channels
             (2, 8, 16, 16, 24, 3, 1, 1),
+            // batches of several images per kernel-gradient group
+            (40, 4, 6, 6, 5, 3, 2, 1),
+            (34, 3, 5, 5, 4, 3, 1, 0),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -1126,6 +1129,7 @@ mod tests {
             (1, 2, 2, 1, 2, 1, 3, 0),
             (1, 2, 7, 6, 2, 2, 2, 0),
             (1, 8, 16, 16, 17, 3, 1, 1),
+            (17, 2, 4, 4, 2, 3, 2, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let params = Conv2dParams {
