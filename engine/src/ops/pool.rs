@@ -138,6 +138,13 @@ fn pool(x: &Tensor, op: Pool) -> Result<Tensor> {
             op.k
         );
     }
+    let (_, _, h, w) = x.dims4()?;
+    if h * w == 0 {
+        candle_core::bail!(
+            "pooling: input {:?} has empty planes; the image is too small for the model's downsampling (use larger inputs or a model with fewer stride-2 stages)",
+            x.dims()
+        );
+    }
     let cpu_ok = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if cpu_ok {
         return x.contiguous()?.apply_op1(op);
@@ -425,6 +432,13 @@ mod tests {
     /// Non-overlapping windows (the tiled fast path), odd sizes included (the last row and
     /// column are then dropped, as in PyTorch): forward against candle, gradients against the
     /// general path and finite differences.
+    #[test]
+    fn empty_planes_are_an_error_not_a_panic() {
+        let x = Tensor::zeros((1, 2, 0, 0), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let err = max_pool2d(&x, 2, 2, 1).unwrap_err().to_string();
+        assert!(err.contains("empty planes"), "{err}");
+    }
+
     #[test]
     fn tiled_pools_equal_candle_and_the_general_path() {
         use candle_core::Var;
