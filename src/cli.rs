@@ -278,7 +278,7 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     false => e.callbacks.join(", "),
                 };
                 println!(
-                    "engine: step {trainer:.1} ms in the trainer ({cbs}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (rounds: trainer {} ms; bare {} ms)",
+                    "engine: step {trainer:.1} ms in the trainer ({cbs}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (fastest rounds; all rounds: trainer {} ms; bare {} ms)",
                     list(&e.trainer_ms),
                     list(&e.bare_ms),
                 );

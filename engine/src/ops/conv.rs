@@ -56,6 +56,7 @@ pub fn conv2d_backward(
             x.device()
         );
     }
+    let x = checked(x, w, p)?;
     let (n, g) = Geometry::new(x.shape(), w.shape(), p)?;
     let want = Shape::from((n, g.o, g.oh, g.ow));
     if dy.shape() != &want {
@@ -71,10 +72,7 @@ pub fn conv2d_backward(
         false => None,
     };
     let dk = match kernel {
-        true => Some(
-            x.contiguous()?
-                .apply_op2_no_bwd(&dy, &ConvGrad::Kernel(n, g))?,
-        ),
+        true => Some(x.apply_op2_no_bwd(&dy, &ConvGrad::Kernel(n, g))?),
         false => None,
     };
     Ok((dx, dk))
@@ -1107,6 +1105,24 @@ mod tests {
     /// Also where candle's own backward is wrong (it drops the last row or column when
     /// (size + 2 pad - kernel) is not a multiple of the stride): finite differences in f64, for
     /// the input and the kernel.
+    /// The public gradient entry point checks its operands like the forward does: an empty
+    /// input or a kernel for other channels is an error, not a panic in the kernels.
+    #[test]
+    fn backward_of_mismatched_operands_is_an_error() {
+        let p = Conv2dParams {
+            stride: 2,
+            padding: 0,
+        };
+        let empty = rand_tensor(&[1, 0, 4, 4], 1, DType::F32);
+        let k0 = rand_tensor(&[2, 0, 3, 3], 2, DType::F32);
+        let dy = rand_tensor(&[1, 2, 1, 1], 3, DType::F32);
+        assert!(conv2d_backward(&empty, &k0, &dy, p, true, true).is_err());
+        let x = rand_tensor(&[1, 3, 4, 4], 4, DType::F32);
+        let k2 = rand_tensor(&[2, 2, 3, 3], 5, DType::F32);
+        let err = conv2d_backward(&x, &k2, &dy, p, true, true).unwrap_err();
+        assert!(err.to_string().contains("channels"), "{err}");
+    }
+
     #[test]
     fn gradients_match_finite_differences() {
         for (n, c, h, w, o, k, s, p) in [

@@ -78,17 +78,20 @@ where
         "par_new: one item per chunk"
     );
     let mut v = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len]
+    let written: usize = v.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk)
         .zip(items)
-        .for_each_init(init, |state, (c, item)| {
+        .map_init(init, |state, (c, item)| {
             c.fill(MaybeUninit::new(T::zero()));
             // SAFETY: every element of `c` was initialised just above.
             let c = unsafe { &mut *(c as *mut [MaybeUninit<T>] as *mut [T]) };
-            f(state, c, item)
-        });
-    // SAFETY: the zip visited every chunk (one item per chunk, asserted above) and each chunk
-    // was initialised, so the first `len` values are.
+            f(state, c, item);
+            c.len()
+        })
+        .sum();
+    // Counted, not trusted to the iterator's reported length.
+    assert_eq!(written, len, "par_new: every chunk written");
+    // SAFETY: `written == len` values were initialised: every chunk, each in full.
     unsafe { v.set_len(len) };
     v
 }

@@ -64,6 +64,7 @@ pub(crate) fn batch_norm_given(
             .broadcast_add(&shift.reshape(s4)?)?);
     }
     if fused {
+        check_affine(weight, bias, c)?;
         return train_fused(x, stats, eps, relu, given, |x, op| {
             x.apply_op3(weight, bias, op)
         });
@@ -109,13 +110,25 @@ pub(crate) fn batch_norm_add_relu(
         let y = batch_norm_given(x, weight, bias, stats, eps, train, false, given)?;
         return super::add_relu(&y, residual);
     }
-    x.dims4()?;
+    check_affine(weight, bias, x.dims4()?.1)?;
     // weight and bias as the rows of one [2, C] input (a custom op takes at most three)
     let wb = Tensor::stack(&[weight, bias], 0)?;
     let residual = residual.contiguous()?;
     train_fused(x, stats, eps, true, given, |x, op| {
         x.apply_op3(&wb, &residual, BatchNormAddRelu(op))
     })
+}
+
+/// Weight and bias must be one value per channel.
+fn check_affine(weight: &Tensor, bias: &Tensor, c: usize) -> Result<()> {
+    if weight.dims() != [c] || bias.dims() != [c] {
+        candle_core::bail!(
+            "batch norm: weight {:?} and bias {:?} must both be [{c}], one value per channel of the input",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    Ok(())
 }
 
 fn check_count(x: &Tensor) -> Result<()> {
@@ -727,6 +740,30 @@ mod tests {
         check_grad_fd(|t| join(&x, t, &b, &r), &wt, 1, 1e-6, "weight");
         check_grad_fd(|t| join(&x, &wt, t, &r), &b, 1, 1e-6, "bias");
         check_grad_fd(|t| join(&x, &wt, &b, t), &r, 1, 1e-6, "residual");
+    }
+
+    /// A weight or bias that is not one value per channel is an error naming the shapes, in
+    /// every training path, not an index panic in the kernel.
+    #[test]
+    fn affine_parameters_of_the_wrong_shape_are_an_error() {
+        let x = rand_tensor(&[2, 3, 2, 2], 41, DType::F32);
+        let (rm, rv) = (
+            Var::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            Var::ones(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let stats = || BatchNormStats {
+            running_mean: &rm,
+            running_var: &rv,
+            momentum: 0.1,
+        };
+        let (w4, b3) = (
+            rand_tensor(&[4], 42, DType::F32),
+            rand_tensor(&[3], 43, DType::F32),
+        );
+        let err = batch_norm(&x, &w4, &b3, stats(), 1e-5, true, true).unwrap_err();
+        assert!(err.to_string().contains("one value per channel"), "{err}");
+        let err = batch_norm_add_relu(&x, &b3, &w4, &x, stats(), 1e-5, true, None).unwrap_err();
+        assert!(err.to_string().contains("one value per channel"), "{err}");
     }
 
     #[test]

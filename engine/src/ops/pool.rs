@@ -429,9 +429,6 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
 
-    /// Non-overlapping windows (the tiled fast path), odd sizes included (the last row and
-    /// column are then dropped, as in PyTorch): forward against candle, gradients against the
-    /// general path and finite differences.
     #[test]
     fn empty_planes_are_an_error_not_a_panic() {
         let x = Tensor::zeros((1, 2, 0, 0), DType::F32, &candle_core::Device::Cpu).unwrap();
@@ -439,6 +436,9 @@ mod tests {
         assert!(err.contains("empty planes"), "{err}");
     }
 
+    /// Non-overlapping windows (the tiled fast path), odd sizes included (the last row and
+    /// column are then dropped, as in PyTorch): forward against candle, gradients against the
+    /// general path and finite differences.
     #[test]
     fn tiled_pools_equal_candle_and_the_general_path() {
         use candle_core::Var;
