@@ -91,14 +91,16 @@ fn checked(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
     let (_, c2, _, _) = w.dims4()?;
     if c != c2 {
-        candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
+        candle_core::bail!(
+            "conv2d: input has {c} channels, kernel expects {c2}; the kernel must be [O, {c}, KH, KW] for this input"
+        );
     }
     if p.stride == 0 {
         candle_core::bail!("conv2d: stride must be at least 1");
     }
     if x.elem_count() == 0 || w.elem_count() == 0 {
         candle_core::bail!(
-            "conv2d: empty input {:?} or kernel {:?}",
+            "conv2d: empty input {:?} or kernel {:?}; every dimension must be at least 1",
             x.dims(),
             w.dims()
         );
@@ -177,6 +179,12 @@ impl Geometry {
             0
         };
         self.ckk() * self.l() + phases
+    }
+
+    /// The im2col/col2im scratch of one job (`cols_len()` values); empty for pointwise
+    /// convolutions, which need none.
+    fn scratch<T: WithDType>(&self) -> Vec<T> {
+        vec![T::zero(); if self.pointwise() { 0 } else { self.cols_len() }]
     }
 
     /// Where kernel tap `k` (row or column) reads: phase `(k - p) mod s` at offset
@@ -503,19 +511,21 @@ impl Geometry {
             return self.forward_implicit(n, x, k, moments);
         }
         let pointwise = self.pointwise();
-        let init = || match pointwise {
-            true => Vec::new(),
-            false => vec![T::zero(); self.cols_len()],
-        };
-        self.per_image(n, x, moments, init, |buf, y, img| {
-            let cols: &[T] = if pointwise {
-                img
-            } else {
-                self.im2col(img, buf);
-                &buf[..ckk * l]
-            };
-            matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
-        })
+        self.per_image(
+            n,
+            x,
+            moments,
+            || self.scratch(),
+            |buf, y, img| {
+                let cols: &[T] = if pointwise {
+                    img
+                } else {
+                    self.im2col(img, buf);
+                    &buf[..ckk * l]
+                };
+                matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
+            },
+        )
     }
 
     /// Gradient of the input. Stride 1 with a square kernel: the "full" convolution of dy with the
@@ -544,35 +554,14 @@ impl Geometry {
             n * self.image(),
             self.image(),
             dy.par_chunks(o * l),
-            || {
-                if pointwise {
-                    Vec::new()
-                } else {
-                    vec![T::zero(); self.cols_len()]
-                }
-            },
+            || self.scratch(),
             |buf, dimg, g| {
-                if pointwise {
-                    matmul(
-                        ckk,
-                        l,
-                        o,
-                        dimg,
-                        false,
-                        Mat::transposed(k, ckk),
-                        Mat::rows(g, l),
-                    );
-                } else {
-                    let (dcols, scratch) = buf.split_at_mut(ckk * l);
-                    matmul(
-                        ckk,
-                        l,
-                        o,
-                        dcols,
-                        false,
-                        Mat::transposed(k, ckk),
-                        Mat::rows(g, l),
-                    );
+                // pointwise: the product is the image's gradient itself
+                let (dcols, scratch) = buf.split_at_mut(if pointwise { 0 } else { ckk * l });
+                let dst = if pointwise { &mut *dimg } else { &mut *dcols };
+                let (kt, gm) = (Mat::transposed(k, ckk), Mat::rows(g, l));
+                matmul(ckk, l, o, dst, false, kt, gm);
+                if !pointwise {
                     self.col2im(dcols, dimg, scratch);
                 }
             },
@@ -670,11 +659,7 @@ impl Geometry {
     ) {
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let pointwise = self.pointwise();
-        let mut buf = if pointwise {
-            Vec::new()
-        } else {
-            vec![T::zero(); self.cols_len()]
-        };
+        let mut buf = self.scratch();
         let first = images.start;
         for i in images {
             let img = &x[i * self.image()..][..self.image()];

@@ -375,8 +375,7 @@ impl FusedBatchNorm {
         let op = BatchNormGrad {
             eps: self.eps,
             relu,
-            mean: saved.mean.clone(),
-            var: saved.var.clone(),
+            saved: saved.clone(),
             weight: weight.to_dtype(DType::F64)?.to_vec1()?,
             bias: bias.to_dtype(DType::F64)?.to_vec1()?,
             sums: OnceLock::new(),
@@ -453,8 +452,8 @@ impl CustomOp3 for BatchNormAddRelu {
 struct BatchNormGrad {
     eps: f64,
     relu: bool,
-    mean: Vec<f64>,
-    var: Vec<f64>,
+    /// The forward pass's batch statistics.
+    saved: Saved,
     weight: Vec<f64>,
     bias: Vec<f64>,
     /// (Σ dy, Σ dy * xhat) per channel, with dy masked by the ReLU.
@@ -477,11 +476,7 @@ impl BatchNormGrad {
         dy: &[T],
         (n, c, hw): (usize, usize, usize),
     ) -> Vec<T> {
-        let saved = Saved {
-            mean: self.mean.clone(),
-            var: self.var.clone(),
-        };
-        let affine: Vec<(T, T)> = affine(&saved, &self.weight, &self.bias, self.eps);
+        let affine: Vec<(T, T)> = affine(&self.saved, &self.weight, &self.bias, self.eps);
         // dy where the forward output x * s + t was positive (the same arithmetic as the forward)
         let mask = |ch: usize| {
             let (s, t) = affine[ch];
@@ -494,6 +489,7 @@ impl BatchNormGrad {
             }
         };
         let invstd: Vec<f64> = self
+            .saved
             .var
             .iter()
             .map(|v| 1.0 / (v + self.eps).sqrt())
@@ -528,7 +524,7 @@ impl BatchNormGrad {
         }
         // Σ dy * xhat = (Σ dy * x - mean Σ dy) * invstd
         let sdxhat: Vec<f64> = (0..c)
-            .map(|ch| (sdyx[ch] - self.mean[ch] * sdy[ch]) * invstd[ch])
+            .map(|ch| (sdyx[ch] - self.saved.mean[ch] * sdy[ch]) * invstd[ch])
             .collect();
         let m = (n * hw) as f64;
         // dx = k (dy - Σdy/m - xhat Σ(dy xhat)/m) = A dy + B x + C per channel, k = weight * invstd
@@ -536,7 +532,7 @@ impl BatchNormGrad {
             .map(|ch| {
                 let k = self.weight[ch] * invstd[ch];
                 let b = -k * invstd[ch] * sdxhat[ch] / m;
-                let cc = -k * sdy[ch] / m - b * self.mean[ch];
+                let cc = -k * sdy[ch] / m - b * self.saved.mean[ch];
                 (T::from_f64(k), T::from_f64(b), T::from_f64(cc))
             })
             .collect();
