@@ -13,7 +13,7 @@ use recipe_engine::plugin::{BindContext, Kind, ModelConfig, OptimizerConfig};
 use recipe_engine::recipe::{parse_spec, Spec};
 use recipe_engine::recipe::{Recipe, RecipeSource};
 use recipe_engine::serde_yaml::Value;
-use recipe_engine::trainer::Trainer;
+use recipe_engine::trainer::{parse_device, Trainer};
 use recipe_engine::{Event, State};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -56,6 +56,9 @@ pub struct ThroughputArgs {
     /// Alternating rounds of bare loop and trainer (with --trainer).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Where to train: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Per-step averages of one measurement.
@@ -95,7 +98,7 @@ fn block(s: &str, what: &str) -> Result<Value> {
 type Parts = (Box<dyn Model>, Box<dyn Optimizer>, f64);
 
 /// Builds the model and the optimizer of a throughput measurement.
-fn build_parts(a: &ThroughputArgs, shape: [usize; 3]) -> Result<Parts> {
+fn build_parts(a: &ThroughputArgs, shape: [usize; 3], dev: &Device) -> Result<Parts> {
     let model_spec: Spec<dyn ModelConfig> =
         parse_spec(Kind::Model, &block(&a.model, "model")?, "model")?;
     let opt_spec: Spec<dyn OptimizerConfig> = parse_spec(
@@ -103,7 +106,7 @@ fn build_parts(a: &ThroughputArgs, shape: [usize; 3]) -> Result<Parts> {
         &block(&a.optimizer, "optimizer")?,
         "optimizer",
     )?;
-    let ctx = BindContext::standalone(&Device::Cpu, shape, a.classes, a.batch);
+    let ctx = BindContext::standalone(dev, shape, a.classes, a.batch);
     let model: Box<dyn Model> = model_spec.config.build(&ctx)?;
     let opt: Box<dyn Optimizer> = opt_spec
         .config
@@ -118,15 +121,16 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         ));
     }
     let shape = parse_input(&a.input)?;
-    let (model, mut opt, lr) = build_parts(a, shape)?;
+    let dev = parse_device(&a.device)?;
+    let (model, mut opt, lr) = build_parts(a, shape, &dev)?;
     let [c, h, w] = shape;
     let mut rng = recipe_engine::rng::stream(0, "bench");
     let pixels: Vec<f32> = (0..a.batch * c * h * w)
         .map(|_| rand::Rng::random_range(&mut rng, -1.0..1.0))
         .collect();
-    let x = Tensor::from_vec(pixels, (a.batch, c, h, w), &Device::Cpu)?;
+    let x = Tensor::from_vec(pixels, (a.batch, c, h, w), &dev)?;
     let labels: Vec<u32> = (0..a.batch).map(|i| (i % a.classes) as u32).collect();
-    let y = Targets::Hard(Tensor::from_vec(labels, a.batch, &Device::Cpu)?);
+    let y = Targets::Hard(Tensor::from_vec(labels, a.batch, &dev)?);
     let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
@@ -134,8 +138,10 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         loss.to_vec0::<f32>()?; // make sure the forward pass is done
         let t1 = Instant::now();
         let grads = loss.backward()?;
+        dev.synchronize()?; // a GPU queues its kernels: wait for them before reading the clock
         let t2 = Instant::now();
         opt.step(model.params(), &grads, lr)?;
+        dev.synchronize()?;
         let t3 = Instant::now();
         if step >= a.warmup {
             f += (t1 - t0).as_secs_f64();
@@ -192,13 +198,14 @@ fn bench_recipe(a: &ThroughputArgs, [c, h, w]: [usize; 3], steps: usize) -> Resu
         "name: bench-throughput\nseed: 0\nmax_duration: {steps}ba\n\
          data: {{name: synthetic, shape: [{c}, {h}, {w}], num_classes: {k}, train_size: {n}, \
          eval_size: 0, batch_size: {b}}}\nmodel: {model}\noptimizer: {opt}\n\
-         schedule: {{name: cosine}}\ncallbacks: [{cbs}]\n",
+         schedule: {{name: cosine}}\ncallbacks: [{cbs}]\ndevice: {dev}\n",
         k = a.classes,
         n = a.batch * steps,
         b = a.batch,
         model = a.model,
         opt = a.optimizer,
         cbs = trainer_callbacks(a).join(", "),
+        dev = a.device,
     );
     let src = RecipeSource::from_text(&text, &[]);
     Recipe::from_raw(src.raw()?, src, true)
@@ -229,7 +236,8 @@ fn steady_ms(marks: &[Instant], warmup: usize) -> f64 {
 }
 
 fn bare_loop(a: &ThroughputArgs, recipe: &Recipe, shape: [usize; 3]) -> Result<f64> {
-    let (model, mut opt, lr) = build_parts(a, shape)?;
+    let dev = parse_device(&a.device)?;
+    let (model, mut opt, lr) = build_parts(a, shape, &dev)?;
     let splits = recipe.data.dataset.config.build(&DataContext {
         seed: recipe.seed,
         path: "data".into(),
@@ -242,7 +250,7 @@ fn bare_loop(a: &ThroughputArgs, recipe: &Recipe, shape: [usize; 3]) -> Result<f
         recipe.seed,
     )?;
     let mut marks = Vec::new();
-    for batch in loader.epoch(0, 0, &Device::Cpu) {
+    for batch in loader.epoch(0, 0, &dev) {
         marks.push(Instant::now());
         let b = batch?;
         let loss = cross_entropy(&model.forward(&b.inputs, true)?, &b.targets)?;
@@ -250,6 +258,7 @@ fn bare_loop(a: &ThroughputArgs, recipe: &Recipe, shape: [usize; 3]) -> Result<f
         let grads = loss.backward()?;
         opt.step(model.params(), &grads, lr)?;
     }
+    dev.synchronize()?;
     marks.push(Instant::now());
     Ok(steady_ms(&marks, a.warmup))
 }

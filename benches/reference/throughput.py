@@ -146,6 +146,7 @@ def main():
     ap.add_argument("--matmul", action="store_true", help="measure the best fp32 matmul instead")
     ap.add_argument("--size", type=int, default=2048, help="matmul size (with --matmul)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (as `recipe bench throughput --device`)")
     a = ap.parse_args()
     try:
         import torch
@@ -162,11 +163,14 @@ def main():
         return
     c, h, w = (int(v) for v in a.input.split("x"))
     rss0 = rss_mb("VmRSS")
-    model = build(a.model, c, a.classes, nn)
+    dev = torch.device(a.device)
+    # a GPU queues its kernels: wait for them before reading the clock (no-op on CPU)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model = build(a.model, c, a.classes, nn).to(dev)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.rand(a.batch, c, h, w) * 2 - 1
-    y = torch.arange(a.batch) % a.classes
+    x = (torch.rand(a.batch, c, h, w) * 2 - 1).to(dev)
+    y = (torch.arange(a.batch) % a.classes).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     f = b = o = 0.0
     for step in range(a.warmup + a.steps):
@@ -175,9 +179,11 @@ def main():
         loss.item()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         if step >= a.warmup:
             f += t1 - t0
@@ -190,6 +196,7 @@ def main():
         "batch": a.batch,
         "input": a.input,
         "threads": a.threads,
+        "device": a.device,
         "images_per_sec": a.batch * n / (f + b + o),
         "forward_ms": 1e3 * f / n,
         "backward_ms": 1e3 * b / n,

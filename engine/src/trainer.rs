@@ -130,7 +130,13 @@ fn check_differences(ckpt: &Checkpoint, d: &[String], force: bool) -> Result<()>
 
 /// Parses the recipe's `device`.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let bad = |m: String| Error::recipe_hint("device", m, "use cpu, cuda or cuda:N");
+    let bad = |m: String| {
+        Error::recipe_hint(
+            "device",
+            m,
+            "use cpu, cuda or cuda:N (CUDA needs a binary built with `--features cuda`)",
+        )
+    };
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(|e| bad(format!("cannot open CUDA device 0: {e}"))),
