@@ -717,14 +717,35 @@ impl Geometry {
         let (c, h, w, p, wp) = (self.c, self.h, self.w, self.p, self.wp());
         buf[..p * wp * c].fill(T::zero());
         buf[(h + p) * wp * c..].fill(T::zero());
+        // A transpose of each row [c][w] -> [w][c] in 8x8 tiles: eight loads of eight values
+        // and eight stores of eight (a scatter of one value at a time was 3% of a ResNet-20
+        // step); the edges one value at a time.
+        const B: usize = 8;
         for y in 0..h {
             let row = &mut buf[(y + p) * wp * c..][..wp * c];
             row[..p * c].fill(T::zero());
             row[(p + w) * c..].fill(T::zero());
+            let px = &mut row[p * c..(p + w) * c];
+            let src = |ci: usize| &img[(ci * h + y) * w..][..w];
+            let (cb, xb) = (c / B * B, w / B * B);
+            for c0 in (0..cb).step_by(B) {
+                for x0 in (0..xb).step_by(B) {
+                    let mut tile = [[T::zero(); B]; B];
+                    for (i, t) in tile.iter_mut().enumerate() {
+                        t.copy_from_slice(&src(c0 + i)[x0..x0 + B]);
+                    }
+                    for j in 0..B {
+                        let dst = &mut px[(x0 + j) * c + c0..][..B];
+                        for i in 0..B {
+                            dst[i] = tile[i][j];
+                        }
+                    }
+                }
+            }
             for ci in 0..c {
-                let src = &img[(ci * h + y) * w..][..w];
-                for (d, &v) in row[p * c + ci..].iter_mut().step_by(c).zip(src) {
-                    *d = v;
+                let xs = if ci < cb { xb..w } else { 0..w };
+                for x in xs {
+                    px[x * c + ci] = src(ci)[x];
                 }
             }
         }
@@ -1017,6 +1038,45 @@ mod tests {
     use super::*;
     use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
     use candle_core::Var;
+
+    /// The tiled channel-last copy equals its definition (padded pixel q's channels at
+    /// `q * c`, zero in the padding), with channel counts and widths on and off the tile size.
+    #[test]
+    fn channel_last_copy_matches_its_definition() {
+        for (c, h, w, p) in [(8, 8, 8, 1), (12, 5, 13, 1), (16, 9, 17, 2), (3, 4, 6, 0)] {
+            let g = Geometry {
+                c,
+                h,
+                w,
+                o: 4,
+                kh: 3,
+                kw: 3,
+                s: 1,
+                p,
+                oh: h + 2 * p - 2,
+                ow: w + 2 * p - 2,
+            };
+            let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 + 1.0).collect();
+            let mut buf = vec![-1f32; g.padded_len()];
+            g.pad_channels_last(&img, &mut buf);
+            let wp = w + 2 * p;
+            for (i, &v) in buf.iter().enumerate() {
+                let (q, ci) = (i / c, i % c);
+                let (y, x) = (
+                    (q / wp) as isize - p as isize,
+                    (q % wp) as isize - p as isize,
+                );
+                let inside = q < (h + 2 * p) * wp
+                    && (0..h as isize).contains(&y)
+                    && (0..w as isize).contains(&x);
+                let want = match inside {
+                    true => img[(ci * h + y as usize) * w + x as usize],
+                    false => 0.0,
+                };
+                assert_eq!(v, want, "c{c} h{h} w{w} p{p} at {i}");
+            }
+        }
+    }
 
     /// The strided gather and scatter of the phase planes equal the plain `step_by` loops, for
     /// every stride and for lengths of both parities.
