@@ -16,7 +16,7 @@ use super::winograd::Winograd;
 use super::{contiguous_slice, lane_sum, out_size, par_new_with};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-use std::ops::Range;
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -424,38 +424,76 @@ impl Geometry {
         }
     }
 
-    /// Forward convolution without im2col: per image, `kw` shifted padded copies (`pad_shifted`)
-    /// and one product per kernel row, `acc += K_ky B_ky` with `K_ky` [O, c * kw] and the view
-    /// `B_ky` [c * kw, wide]; the wide rows are then narrowed into the output.
-    fn forward_implicit<T: WithDType>(
-        &self,
-        n: usize,
-        x: &[T],
-        k: &[T],
-        moments: Option<&mut [Moments]>,
-    ) -> Vec<T> {
+    /// The kernel prepared for `conv_image`: rearranged as [ky][o][c][kx] when the convolution
+    /// runs in place (`implicit`), else as it is (borrowed).
+    fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
+        if !self.implicit() {
+            return Prepared {
+                implicit: false,
+                kernel: k,
+            };
+        }
         let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
-        let (wide, wp, ow) = (self.wide(), self.wp(), self.ow);
-        // the kernel as [ky][o][c][kx]
-        let rows = self.rearranged_kernel(k, |oi, ci, ky, kx| {
+        let rows = self.rearranged_kernel(&k, |oi, ci, ky, kx| {
             let src = ((oi * c + ci) * kh + ky) * kw + kx;
             (((ky * o + oi) * c + ci) * kw + kx, src)
         });
-        let kwc = kw * c;
-        let init = || {
-            let shifted = vec![T::zero(); c * kw * self.plane_len()];
-            (shifted, vec![T::zero(); o * wide])
-        };
-        self.per_image(n, x, moments, init, |(buf, acc), y, img| {
-            self.pad_shifted(img, buf);
-            for ky in 0..kh {
-                let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
-                matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
+        Prepared {
+            implicit: true,
+            kernel: Cow::Owned(rows),
+        }
+    }
+
+    /// Scratch for `conv_image`: (shifted copies, wide output) in place, (cols, nothing) for
+    /// im2col.
+    fn conv_scratch<T: WithDType>(&self, how: &Prepared<T>) -> (Vec<T>, Vec<T>) {
+        match how.implicit {
+            true => (
+                vec![T::zero(); self.c * self.kw * self.plane_len()],
+                vec![T::zero(); self.o * self.wide()],
+            ),
+            false => (self.scratch(), Vec::new()),
+        }
+    }
+
+    /// The convolution of one image `img` [C, H, W] into `y` [O, OH*OW].
+    ///
+    /// In place: `kw` shifted padded copies (`pad_shifted`) and one product per kernel row,
+    /// `acc += K_ky B_ky` with `K_ky` [O, c * kw] and the view `B_ky` [c * kw, wide]; the wide
+    /// rows are then narrowed into the output. Im2col: the unfolded image and one product (the
+    /// image itself for a pointwise convolution).
+    fn conv_image<T: WithDType>(
+        &self,
+        how: &Prepared<T>,
+        (buf, acc): &mut (Vec<T>, Vec<T>),
+        y: &mut [T],
+        img: &[T],
+    ) {
+        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let k: &[T] = &how.kernel;
+        match how.implicit {
+            true => {
+                let rows = k;
+                let (wide, wp, ow, kwc) = (self.wide(), self.wp(), self.ow, self.kw * self.c);
+                self.pad_shifted(img, buf);
+                for ky in 0..self.kh {
+                    let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
+                    matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
+                }
+                for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
+                    dst.copy_from_slice(&src[..ow]);
+                }
             }
-            for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
-                dst.copy_from_slice(&src[..ow]);
+            false => {
+                let cols: &[T] = if self.pointwise() {
+                    img
+                } else {
+                    self.im2col(img, buf);
+                    &buf[..ckk * l]
+                };
+                matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
             }
-        })
+        }
     }
 
     /// Runs `f(state, y, image)` for every image in parallel, `y` its part of a fresh output
@@ -492,7 +530,7 @@ impl Geometry {
         k: &[T],
         moments: Option<&mut [Moments]>,
     ) -> Vec<T> {
-        let (o, ckk, l) = (self.o, self.ckk(), self.l());
+        let (o, l) = (self.o, self.l());
         if let Some(wg) = self.winograd() {
             let out = wg.forward(n, x, k);
             if let Some(m) = moments {
@@ -502,32 +540,21 @@ impl Geometry {
             }
             return out;
         }
-        if self.implicit() {
-            return self.forward_implicit(n, x, k, moments);
-        }
-        let pointwise = self.pointwise();
+        let how = self.prepare(Cow::Borrowed(k));
         self.per_image(
             n,
             x,
             moments,
-            || self.scratch(),
-            |buf, y, img| {
-                let cols: &[T] = if pointwise {
-                    img
-                } else {
-                    self.im2col(img, buf);
-                    &buf[..ckk * l]
-                };
-                matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
-            },
+            || self.conv_scratch(&how),
+            |bufs, y, img| self.conv_image(&how, bufs, y, img),
         )
     }
 
-    /// Gradient of the input. Stride 1 with a square kernel: the "full" convolution of dy with the
-    /// flipped, transposed kernel, which is a forward convolution (one im2col and one product per
-    /// image, as fast as the forward pass). Otherwise: per image, cols' gradient = K^T dy, folded
-    /// back with col2im.
-    fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
+    /// How the input gradient of one image is computed. Stride 1 with a square kernel: the
+    /// "full" convolution of dy with the flipped, transposed kernel, which is a forward
+    /// convolution (`conv_image` of the transposed geometry, as fast as the forward pass).
+    /// Otherwise: cols' gradient = K^T dy, folded back with col2im.
+    fn input_grad<'a, T: WithDType>(&self, k: &'a [T]) -> InputGrad<'a, T> {
         if self.s == 1 && self.kh == self.kw && self.p < self.kh {
             let transposed = Geometry {
                 c: self.o,
@@ -541,25 +568,54 @@ impl Geometry {
                 oh: self.h,
                 ow: self.w,
             };
-            return transposed.forward(n, dy, &self.flipped_kernel(k), None);
+            let flipped = self.flipped_kernel(k);
+            return InputGrad::Transposed(transposed, transposed.prepare(Cow::Owned(flipped)));
         }
-        let (o, ckk, l) = (self.o, self.ckk(), self.l());
-        let pointwise = self.pointwise();
-        par_new_with(
-            n * self.image(),
-            self.image(),
-            dy.par_chunks(o * l),
-            || self.scratch(),
-            |buf, dimg, g| {
+        InputGrad::Folded(k)
+    }
+
+    /// Scratch for `input_grad_image`.
+    fn input_grad_scratch<T: WithDType>(&self, how: &InputGrad<T>) -> (Vec<T>, Vec<T>) {
+        match how {
+            InputGrad::Transposed(t, how) => t.conv_scratch(how),
+            InputGrad::Folded(_) => (self.scratch(), Vec::new()),
+        }
+    }
+
+    /// The input gradient `dimg` [C, H, W] of one image from its output gradient `g`.
+    fn input_grad_image<T: WithDType>(
+        &self,
+        how: &InputGrad<T>,
+        bufs: &mut (Vec<T>, Vec<T>),
+        dimg: &mut [T],
+        g: &[T],
+    ) {
+        match how {
+            InputGrad::Transposed(t, how) => t.conv_image(how, bufs, dimg, g),
+            InputGrad::Folded(k) => {
+                let (o, ckk, l) = (self.o, self.ckk(), self.l());
+                let pointwise = self.pointwise();
                 // pointwise: the product is the image's gradient itself
-                let (dcols, scratch) = buf.split_at_mut(if pointwise { 0 } else { ckk * l });
+                let (dcols, scratch) = bufs.0.split_at_mut(if pointwise { 0 } else { ckk * l });
                 let dst = if pointwise { &mut *dimg } else { &mut *dcols };
                 let (kt, gm) = (Mat::transposed(k, ckk), Mat::rows(g, l));
                 matmul(ckk, l, o, dst, false, kt, gm);
                 if !pointwise {
                     self.col2im(dcols, dimg, scratch);
                 }
-            },
+            }
+        }
+    }
+
+    /// Gradient of the input, image by image in parallel.
+    fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
+        let how = self.input_grad(k);
+        par_new_with(
+            n * self.image(),
+            self.image(),
+            dy.par_chunks(self.o * self.l()),
+            || self.input_grad_scratch(&how),
+            |bufs, dimg, g| self.input_grad_image(&how, bufs, dimg, g),
         )
     }
 
@@ -593,36 +649,83 @@ impl Geometry {
         out
     }
 
-    /// Gradient of the kernel: the sum over images of dy cols^T, computed transposed (cols dy^T,
-    /// [C*KH*KW, O], about twice as fast with these shapes) in a fixed number of groups whose
-    /// partial sums are added in order, so the result does not depend on the thread count (and
-    /// memory stays bounded at GROUPS partial kernels).
-    fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
-        // At most 16 groups, fewer when the partial kernels would pass 16M values (ResNet-50's
-        // 512x512x3x3 at batch 16): a function of the shapes only, never of the thread count.
+    /// The kernel gradient's image groups: at most 16, fewer when the partial kernels would
+    /// pass 16M values (ResNet-50's 512x512x3x3 at batch 16); a function of the shapes only,
+    /// never of the thread count. Returns (images per group, groups).
+    fn kernel_groups(&self, n: usize) -> (usize, usize) {
         const GROUPS: usize = 16;
-        let (o, ckk) = (self.o, self.ckk());
-        let groups = GROUPS.min(((16 << 20) / (o * ckk).max(1)).max(2));
+        let groups = GROUPS.min(((16 << 20) / (self.o * self.ckk()).max(1)).max(2));
         let group = n.div_ceil(groups).max(1);
-        let implicit = self.implicit_kernel();
-        let partials: Vec<Vec<T>> = (0..n.div_ceil(group))
-            .into_par_iter()
-            .map(|g| {
-                let mut acc = vec![T::zero(); ckk * o];
-                let images = g * group..((g + 1) * group).min(n);
-                if implicit {
-                    self.kernel_products_implicit(x, dy, images, &mut acc);
-                } else {
-                    self.kernel_products(x, dy, images, &mut acc);
-                }
-                acc
-            })
-            .collect();
-        // The partial sums added in group order, element by element, in parallel.
+        (group, n.div_ceil(group))
+    }
+
+    /// Scratch for `kernel_grad_image`: (padded channel-last image, widened dy) in place,
+    /// (cols, nothing) for im2col.
+    fn kernel_grad_scratch<T: WithDType>(&self) -> (Vec<T>, Vec<T>) {
+        match self.implicit_kernel() {
+            true => (
+                vec![T::zero(); self.padded_len()],
+                vec![T::zero(); self.o * self.wide()],
+            ),
+            false => (self.scratch(), Vec::new()),
+        }
+    }
+
+    /// Adds the kernel-gradient product of one image (`img`, its output gradient `g`) into
+    /// `acc` (overwriting it when `first`): cols dy^T [C*KH*KW, O] through im2col, or
+    /// [KH][O][KW*C] in place (`implicit_kernel`). In place: a zero-padded channel-last copy
+    /// (`pad_channels_last`) and dy widened to the padded row width (zero in the unused
+    /// columns), then per kernel row `acc_ky += dy_wide B_ky^T`, where `B_ky^T` [wide, KW*C] is
+    /// a strided view of the copy. In the product's own terms its long operand is then read in
+    /// place (no packing), with KW*C rows per block (48 for 16 channels), where the im2col
+    /// product has only O = 16 and runs at half speed with AVX-512.
+    fn kernel_grad_image<T: WithDType>(
+        &self,
+        (buf, dyw): &mut (Vec<T>, Vec<T>),
+        img: &[T],
+        g: &[T],
+        acc: &mut [T],
+        first: bool,
+    ) {
+        let (o, c, l, ow, wp, wide) = (self.o, self.c, self.l(), self.ow, self.wp(), self.wide());
+        if !self.implicit_kernel() {
+            let ckk = self.ckk();
+            let cols: &[T] = if self.pointwise() {
+                img
+            } else {
+                self.im2col(img, buf);
+                &buf[..ckk * l]
+            };
+            let gt = Mat::transposed(g, l);
+            matmul(ckk, o, l, acc, !first, Mat::rows(cols, l), gt);
+            return;
+        }
+        let kwc = self.kw * c;
+        self.pad_channels_last(img, buf);
+        for (dst, src) in dyw.chunks_exact_mut(wp).zip(g.chunks_exact(ow)) {
+            dst[..ow].copy_from_slice(src);
+            dst[ow..].fill(T::zero());
+        }
+        for ky in 0..self.kh {
+            let a = &mut acc[ky * o * kwc..][..o * kwc];
+            let b = Mat {
+                data: &buf[ky * wp * c..],
+                rs: c,
+                cs: 1,
+            };
+            matmul(o, kwc, wide, a, !first, Mat::rows(dyw, wide), b);
+        }
+    }
+
+    /// The kernel gradient from the partial sums of the groups (`partials`, one `ckk * o`
+    /// block per group): added in group order, element by element, in parallel, so the result
+    /// does not depend on the thread count; then laid out as [O, C, KH, KW].
+    fn kernel_from_partials<T: WithDType>(&self, partials: &[T]) -> Vec<T> {
         const SPAN: usize = 1 << 12;
+        let (o, ckk) = (self.o, self.ckk());
         let mut dk_t = vec![T::zero(); ckk * o];
         dk_t.par_chunks_mut(SPAN).enumerate().for_each(|(i, d)| {
-            for part in &partials {
+            for part in partials.chunks_exact(ckk * o) {
                 d.iter_mut()
                     .zip(&part[i * SPAN..])
                     .for_each(|(a, &b)| *a += b);
@@ -630,6 +733,7 @@ impl Geometry {
         });
         // The sums are [C*KH*KW][O] for im2col, [KH][O][KW][C] for the implicit products.
         let (c, kh, kw) = (self.c, self.kh, self.kw);
+        let implicit = self.implicit_kernel();
         let mut dk = vec![T::zero(); o * ckk];
         for (j, &v) in dk_t.iter().enumerate() {
             let at = match implicit {
@@ -644,66 +748,24 @@ impl Geometry {
         dk
     }
 
-    /// Adds cols dy^T of `images` into `acc` [C*KH*KW, O] (im2col per image).
-    fn kernel_products<T: WithDType>(
-        &self,
-        x: &[T],
-        dy: &[T],
-        images: Range<usize>,
-        acc: &mut [T],
-    ) {
-        let (o, ckk, l) = (self.o, self.ckk(), self.l());
-        let pointwise = self.pointwise();
-        let mut buf = self.scratch();
-        let first = images.start;
-        for i in images {
-            let img = &x[i * self.image()..][..self.image()];
-            let c: &[T] = if pointwise {
-                img
-            } else {
-                self.im2col(img, &mut buf);
-                &buf[..ckk * l]
-            };
-            let g = Mat::transposed(&dy[i * o * l..][..o * l], l);
-            matmul(ckk, o, l, acc, i > first, Mat::rows(c, l), g);
-        }
-    }
-
-    /// Adds the kernel gradient of `images` into `acc` [KH][O][KW*C] without im2col: per image, a
-    /// zero-padded channel-last copy (`pad_channels_last`) and dy widened to the padded row width
-    /// (zero in the unused columns), then per kernel row `acc_ky += dy_wide B_ky^T`, where
-    /// `B_ky^T` [wide, KW*C] is a strided view of the copy. In the product's own terms its
-    /// long operand is then read in place (no packing), with KW*C rows per block (48 for 16
-    /// channels), where the im2col product has only O = 16 and runs at half speed with AVX-512.
-    fn kernel_products_implicit<T: WithDType>(
-        &self,
-        x: &[T],
-        dy: &[T],
-        images: Range<usize>,
-        acc: &mut [T],
-    ) {
-        let (o, c, l, ow, wp, wide) = (self.o, self.c, self.l(), self.ow, self.wp(), self.wide());
-        let kwc = self.kw * c;
-        let mut buf = vec![T::zero(); self.padded_len()];
-        let mut dyw = vec![T::zero(); o * wide];
-        let first = images.start;
-        for i in images {
-            self.pad_channels_last(&x[i * self.image()..][..self.image()], &mut buf);
-            let g = &dy[i * o * l..][..o * l];
-            for (dst, src) in dyw.chunks_exact_mut(wp).zip(g.chunks_exact(ow)) {
-                dst[..ow].copy_from_slice(src);
-                dst[ow..].fill(T::zero());
-            }
-            for ky in 0..self.kh {
-                let a = &mut acc[ky * o * kwc..][..o * kwc];
-                let b = Mat {
-                    data: &buf[ky * wp * c..],
-                    rs: c,
-                    cs: 1,
-                };
-                matmul(o, kwc, wide, a, i > first, Mat::rows(&dyw, wide), b);
-            }
-        }
+    /// Gradient of the kernel: the sum over images of dy cols^T, computed transposed (cols dy^T,
+    /// [C*KH*KW, O], about twice as fast with these shapes) in a fixed number of groups whose
+    /// partial sums are added in order, so the result does not depend on the thread count (and
+    /// memory stays bounded at 16 partial kernels).
+    fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
+        let (o, ckk, l, image) = (self.o, self.ckk(), self.l(), self.image());
+        let (group, groups) = self.kernel_groups(n);
+        let mut partials = vec![T::zero(); groups * ckk * o];
+        partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
+            || self.kernel_grad_scratch(),
+            |bufs, (gi, acc)| {
+                for i in gi * group..((gi + 1) * group).min(n) {
+                    let (img, g) = (&x[i * image..][..image], &dy[i * o * l..][..o * l]);
+                    self.kernel_grad_image(bufs, img, g, acc, i == gi * group);
+                }
+            },
+        );
+        self.kernel_from_partials(&partials)
     }
 
     /// Values of the padded channel-last image: `(h + 2p) * wp` pixels of `c` channels, plus
@@ -789,6 +851,22 @@ fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
     for (d, v) in dst.iter_mut().step_by(s).zip(src) {
         *d = *v;
     }
+}
+
+/// A kernel prepared for one image's forward convolution (`Geometry::prepare`).
+struct Prepared<'a, T: Clone> {
+    /// Whether the convolution runs in place (`Geometry::implicit`); the kernel is then
+    /// rearranged as [ky][o][c][kx].
+    implicit: bool,
+    kernel: Cow<'a, [T]>,
+}
+
+/// One image's input gradient (`Geometry::input_grad`): the forward convolution of the
+/// transposed geometry with the flipped kernel, or the transposed product folded back with
+/// col2im.
+enum InputGrad<'a, T: Clone> {
+    Transposed(Geometry, Prepared<'a, T>),
+    Folded(&'a [T]),
 }
 
 /// The output positions `0..out` whose source `o + d` lies in `0..len`.
