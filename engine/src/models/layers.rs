@@ -117,7 +117,7 @@ impl BatchNorm2d {
 
     /// `relu(batch_norm(x) + residual)`, the join of a residual block (one fused pass in training
     /// on CPU), with the batch statistics of `x` when already computed.
-    fn forward_add_relu(
+    pub(crate) fn forward_add_relu(
         &self,
         x: &Tensor,
         residual: &Tensor,
@@ -208,10 +208,46 @@ impl ConvBn {
         self.bn.forward_add_relu(&y, residual, train, stats)
     }
 
+    /// `conv(relu(prev(z)))` for the batch norm `prev` of the layer before, and in training on
+    /// CPU the batch statistics of the output. With the batch statistics of `z` given (training
+    /// on CPU), `prev` runs inside the convolution and its output is never written
+    /// (`ops::bn_relu_conv2d`); otherwise it is applied first.
+    pub(crate) fn conv_after(
+        &self,
+        prev: &BatchNorm2d,
+        z: &Tensor,
+        train: bool,
+        z_stats: Option<ops::Saved>,
+    ) -> Result<(Tensor, Option<ops::Saved>)> {
+        match z_stats {
+            Some(st) if train && self.conv.bias.is_none() => {
+                let (y, stats) = ops::bn_relu_conv2d(
+                    z,
+                    &prev.weight,
+                    &prev.bias,
+                    prev.stats(),
+                    prev.eps,
+                    st,
+                    &self.conv.weight,
+                    self.conv.params,
+                )?;
+                Ok((y, Some(stats)))
+            }
+            st => {
+                let h = prev.forward_with(z, train, true, st)?;
+                self.conv_with_stats(&h, train)
+            }
+        }
+    }
+
     /// The convolution, and in training on CPU the batch statistics of its output, computed
     /// while each image is in cache (the batch norm then makes one pass over the activations
     /// instead of three).
-    fn conv_with_stats(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<ops::Saved>)> {
+    pub(crate) fn conv_with_stats(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Option<ops::Saved>)> {
         let cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
         if train && cpu && self.conv.bias.is_none() {
             let (y, stats) = ops::conv2d_with_batch_stats(x, &self.conv.weight, self.conv.params)?;

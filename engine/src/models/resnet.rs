@@ -73,21 +73,24 @@ impl Block {
         Ok((Block { convs, downsample }, c_out))
     }
 
-    /// `relu(branch(x) + shortcut(x))`; the last batch norm of the branch, the add and the ReLU
-    /// run as one op.
+    /// `relu(branch(x) + shortcut(x))`. Each batch norm + ReLU inside the branch runs inside
+    /// the convolution after it (`ConvBn::conv_after`), and the last batch norm, the add and
+    /// the ReLU run as one op.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x, train, false)?,
             None => x.clone(),
         };
-        let Some((last, inner)) = self.convs.split_last() else {
+        let Some((first, rest)) = self.convs.split_first() else {
             return Ok(ops::add_relu(x, &shortcut)?);
         };
-        let mut h = x.clone();
-        for c in inner {
-            h = c.forward(&h, train, true)?;
+        let (mut z, mut stats) = first.conv_with_stats(x, train)?;
+        let mut bn = &first.bn;
+        for c in rest {
+            (z, stats) = c.conv_after(bn, &z, train, stats)?;
+            bn = &c.bn;
         }
-        last.forward_residual(&h, train, &shortcut)
+        bn.forward_add_relu(&z, &shortcut, train, stats)
     }
 }
 

@@ -13,8 +13,10 @@
 use super::gemm::{matmul, Mat};
 use super::norm::Saved;
 use super::winograd::Winograd;
-use super::{contiguous_slice, lane_sum, out_size, par_new_with};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use super::{contiguous_slice, lane_sum, out_size, par_new, par_new_with};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
@@ -396,7 +398,7 @@ impl Geometry {
     /// `B[(ci, kx), q] = buf[(ci * kw + kx) * P + ky * wp + q]` over the wide output grid: rows at
     /// stride `P`, positions contiguous, so the product reads it as it is. That is `kw` copies of
     /// the image instead of im2col's `kh * kw`.
-    fn pad_shifted<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+    fn pad_shifted<T: WithDType>(&self, img: &[T], buf: &mut [T], prologue: Option<&[(T, T)]>) {
         let (h, w, p, wp, kw) = (self.h, self.w, self.p, self.wp(), self.kw);
         let plane = self.plane_len();
         for (ci, planes) in buf.chunks_exact_mut(kw * plane).enumerate() {
@@ -405,7 +407,11 @@ impl Geometry {
             // columns is two memset calls per row)
             first.fill(T::zero());
             for (y, row) in first[p * wp..(h + p) * wp].chunks_exact_mut(wp).enumerate() {
-                row[p..p + w].copy_from_slice(&img[(ci * h + y) * w..][..w]);
+                let src = &img[(ci * h + y) * w..][..w];
+                match prologue {
+                    None => row[p..p + w].copy_from_slice(src),
+                    Some(st) => bn_relu_row(src, st[ci], &mut row[p..p + w]),
+                }
             }
             for (kx, shifted) in rest.chunks_exact_mut(plane).enumerate() {
                 let kx = kx + 1;
@@ -468,6 +474,7 @@ impl Geometry {
         (buf, acc): &mut (Vec<T>, Vec<T>),
         y: &mut [T],
         img: &[T],
+        prologue: Prologue<T>,
     ) {
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let k: &[T] = &how.kernel;
@@ -475,7 +482,7 @@ impl Geometry {
             true => {
                 let rows = k;
                 let (wide, wp, ow, kwc) = (self.wide(), self.wp(), self.ow, self.kw * self.c);
-                self.pad_shifted(img, buf);
+                self.pad_shifted(img, buf, prologue.map(|(st, _)| st));
                 for ky in 0..self.kh {
                     let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
                     matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
@@ -485,6 +492,10 @@ impl Geometry {
                 }
             }
             false => {
+                let img = match prologue {
+                    Some((st, tmp)) => self.with_prologue(img, Some(st), tmp),
+                    None => img,
+                };
                 let cols: &[T] = if self.pointwise() {
                     img
                 } else {
@@ -530,9 +541,25 @@ impl Geometry {
         k: &[T],
         moments: Option<&mut [Moments]>,
     ) -> Vec<T> {
+        self.forward_after(n, x, k, moments, None)
+    }
+
+    /// `forward`, of `relu(x * s + t)` per input channel when a `prologue` [C] of (s, t) is
+    /// given (a batch norm and ReLU before the convolution): each image is transformed into
+    /// scratch (in cache) just before it is convolved, so the normalised activations are never
+    /// written out.
+    fn forward_after<T: WithDType>(
+        &self,
+        n: usize,
+        x: &[T],
+        k: &[T],
+        moments: Option<&mut [Moments]>,
+        prologue: Option<&[(T, T)]>,
+    ) -> Vec<T> {
         let (o, l) = (self.o, self.l());
         if let Some(wg) = self.winograd() {
-            let out = wg.forward(n, x, k);
+            let a = prologue.map(|st| self.bn_relu_batch(x, st));
+            let out = wg.forward(n, a.as_deref().unwrap_or(x), k);
             if let Some(m) = moments {
                 out.par_chunks(o * l)
                     .zip(m.par_chunks_mut(o))
@@ -541,13 +568,44 @@ impl Geometry {
             return out;
         }
         let how = self.prepare(Cow::Borrowed(k));
+        let tmp = if prologue.is_some() { self.image() } else { 0 };
         self.per_image(
             n,
             x,
             moments,
-            || self.conv_scratch(&how),
-            |bufs, y, img| self.conv_image(&how, bufs, y, img),
+            || (self.conv_scratch(&how), vec![T::zero(); tmp]),
+            |(bufs, tmp), y, img| {
+                let prologue = prologue.map(|st| (st, &mut tmp[..]));
+                self.conv_image(&how, bufs, y, img, prologue)
+            },
         )
+    }
+
+    /// `img`, or `relu(img * s + t)` per channel written into `tmp` when a `prologue` is given:
+    /// the arithmetic of the batch norm's own forward pass (`norm::affine`), so the result is
+    /// bitwise what that pass would have written.
+    fn with_prologue<'a, T: WithDType>(
+        &self,
+        img: &'a [T],
+        prologue: Option<&[(T, T)]>,
+        tmp: &'a mut [T],
+    ) -> &'a [T] {
+        let Some(st) = prologue else {
+            return img;
+        };
+        let hw = self.h * self.w;
+        for ((dst, src), &st) in tmp.chunks_exact_mut(hw).zip(img.chunks_exact(hw)).zip(st) {
+            bn_relu_row(src, st, dst);
+        }
+        tmp
+    }
+
+    /// `relu(x * s + t)` for a whole batch (the Winograd path takes the batch at once).
+    fn bn_relu_batch<T: WithDType>(&self, x: &[T], st: &[(T, T)]) -> Vec<T> {
+        let image = self.image();
+        par_new(x.len(), image, x.par_chunks(image), |dst, img| {
+            self.with_prologue(img, Some(st), dst);
+        })
     }
 
     /// How the input gradient of one image is computed. Stride 1 with a square kernel: the
@@ -591,7 +649,7 @@ impl Geometry {
         g: &[T],
     ) {
         match how {
-            InputGrad::Transposed(t, how) => t.conv_image(how, bufs, dimg, g),
+            InputGrad::Transposed(t, how) => t.conv_image(how, bufs, dimg, g, None),
             InputGrad::Folded(k) => {
                 let (o, ckk, l) = (self.o, self.ckk(), self.l());
                 let pointwise = self.pointwise();
@@ -686,9 +744,14 @@ impl Geometry {
         g: &[T],
         acc: &mut [T],
         first: bool,
+        prologue: Prologue<T>,
     ) {
         let (o, c, l, ow, wp, wide) = (self.o, self.c, self.l(), self.ow, self.wp(), self.wide());
         if !self.implicit_kernel() {
+            let img = match prologue {
+                Some((st, tmp)) => self.with_prologue(img, Some(st), tmp),
+                None => img,
+            };
             let ckk = self.ckk();
             let cols: &[T] = if self.pointwise() {
                 img
@@ -701,7 +764,7 @@ impl Geometry {
             return;
         }
         let kwc = self.kw * c;
-        self.pad_channels_last(img, buf);
+        self.pad_channels_last(img, buf, prologue.map(|(st, _)| st));
         for (dst, src) in dyw.chunks_exact_mut(wp).zip(g.chunks_exact(ow)) {
             dst[..ow].copy_from_slice(src);
             dst[ow..].fill(T::zero());
@@ -752,16 +815,24 @@ impl Geometry {
     /// [C*KH*KW, O], about twice as fast with these shapes) in a fixed number of groups whose
     /// partial sums are added in order, so the result does not depend on the thread count (and
     /// memory stays bounded at 16 partial kernels).
-    fn grad_kernel<T: WithDType>(&self, n: usize, x: &[T], dy: &[T]) -> Vec<T> {
+    fn grad_kernel<T: WithDType>(
+        &self,
+        n: usize,
+        x: &[T],
+        dy: &[T],
+        prologue: Option<&[(T, T)]>,
+    ) -> Vec<T> {
         let (o, ckk, l, image) = (self.o, self.ckk(), self.l(), self.image());
         let (group, groups) = self.kernel_groups(n);
+        let tmp = if prologue.is_some() { image } else { 0 };
         let mut partials = vec![T::zero(); groups * ckk * o];
         partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
-            || self.kernel_grad_scratch(),
-            |bufs, (gi, acc)| {
+            || (self.kernel_grad_scratch(), vec![T::zero(); tmp]),
+            |(bufs, tmp), (gi, acc)| {
                 for i in gi * group..((gi + 1) * group).min(n) {
                     let (img, g) = (&x[i * image..][..image], &dy[i * o * l..][..o * l]);
-                    self.kernel_grad_image(bufs, img, g, acc, i == gi * group);
+                    let prologue = prologue.map(|st| (st, &mut tmp[..]));
+                    self.kernel_grad_image(bufs, img, g, acc, i == gi * group, prologue);
                 }
             },
         );
@@ -775,7 +846,17 @@ impl Geometry {
     }
 
     /// Writes one image [C, H, W] zero-padded and channel-last: padded pixel q at `q * c`.
-    fn pad_channels_last<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+    fn pad_channels_last<T: WithDType>(
+        &self,
+        img: &[T],
+        buf: &mut [T],
+        prologue: Option<&[(T, T)]>,
+    ) {
+        // the value of channel ci at v, after the prologue if any
+        let f = |ci: usize, v: T| match prologue {
+            Some(st) => bn_relu(v, st[ci]),
+            None => v,
+        };
         let (c, h, w, p, wp) = (self.c, self.h, self.w, self.p, self.wp());
         buf[..p * wp * c].fill(T::zero());
         buf[(h + p) * wp * c..].fill(T::zero());
@@ -794,7 +875,10 @@ impl Geometry {
                 for x0 in (0..xb).step_by(B) {
                     let mut tile = [[T::zero(); B]; B];
                     for (i, t) in tile.iter_mut().enumerate() {
-                        t.copy_from_slice(&src(c0 + i)[x0..x0 + B]);
+                        let ci = c0 + i;
+                        for (t, &v) in t.iter_mut().zip(&src(ci)[x0..x0 + B]) {
+                            *t = f(ci, v);
+                        }
                     }
                     for j in 0..B {
                         let dst = &mut px[(x0 + j) * c + c0..][..B];
@@ -807,10 +891,33 @@ impl Geometry {
             for ci in 0..c {
                 let xs = if ci < cb { xb..w } else { 0..w };
                 for x in xs {
-                    px[x * c + ci] = src(ci)[x];
+                    px[x * c + ci] = f(ci, src(ci)[x]);
                 }
             }
         }
+    }
+}
+
+/// A batch norm + ReLU to apply to an image before it is convolved: the per-channel (s, t) and
+/// scratch for the normalised image (for the paths that cannot apply it while copying).
+type Prologue<'a, T> = Option<(&'a [(T, T)], &'a mut [T])>;
+
+/// `relu(v * s + t)`: a batch norm's output followed by a ReLU, with the arithmetic of the batch
+/// norm's own forward pass (`norm::FusedBatchNorm`), so fused and separate passes agree bitwise.
+#[inline]
+fn bn_relu<T: WithDType>(v: T, (s, t): (T, T)) -> T {
+    let y = v * s + t;
+    if y > T::zero() {
+        y
+    } else {
+        T::zero()
+    }
+}
+
+/// `bn_relu` of every value of `src` into `dst`.
+fn bn_relu_row<T: WithDType>(src: &[T], st: (T, T), dst: &mut [T]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = bn_relu(v, st);
     }
 }
 
@@ -1001,7 +1108,13 @@ pub(crate) fn conv2d_with_batch_stats(
     let Some(rows) = sink.get() else {
         candle_core::bail!("conv2d: the forward pass kept no statistics");
     };
-    let (n, o, oh, ow) = y.dims4()?;
+    let stats = batch_stats(rows, y.dims4()?);
+    Ok((y, stats))
+}
+
+/// Per-channel mean and biased variance of an output [N, O, OH, OW] from the moments of its
+/// rows, combined in image order (Chan et al.'s pairwise update).
+fn batch_stats(rows: &[Moments], (n, o, oh, ow): (usize, usize, usize, usize)) -> Saved {
     let l = (oh * ow) as f64;
     let (mut mean, mut var) = (vec![0.0; o], vec![0.0; o]);
     for oi in 0..o {
@@ -1017,7 +1130,7 @@ pub(crate) fn conv2d_with_batch_stats(
         mean[oi] = mu;
         var[oi] = m2 / count.max(1.0);
     }
-    Ok((y, Saved { mean, var }))
+    Saved { mean, var }
 }
 
 /// The convolution as a candle op on (input, kernel), with its own backward; with `moments`,
@@ -1104,10 +1217,166 @@ impl CustomOp2 for ConvGrad {
                     n,
                     contiguous_slice::<T>(s1, l1, name)?,
                     contiguous_slice::<T>(s2, l2, name)?,
+                    None,
                 ));
                 Ok((out, Shape::from((g.o, g.c, g.kh, g.kw))))
             }
         }
+    }
+}
+
+/// `conv2d(relu(batch_norm(z)), k)` in training on CPU (f32 or f64), with the batch statistics
+/// of `z` given (`saved`, from the convolution that produced it) and the batch norm's weight
+/// and bias as the rows of `wb` [2, C]; also the batch statistics of the output, for the batch
+/// norm after it. The normalised activations are computed image by image inside the
+/// convolution (and again inside its kernel gradient) and never written out: one pass over
+/// the activations and one activation tensor fewer than a batch norm and then a convolution,
+/// with bitwise the same results. The running statistics are the caller's
+/// (`norm::bn_relu_conv2d`).
+pub(crate) fn conv2d_after_bn_relu(
+    z: &Tensor,
+    wb: &Tensor,
+    saved: Saved,
+    eps: f64,
+    k: &Tensor,
+    p: Conv2dParams,
+) -> Result<(Tensor, Saved)> {
+    let sink = Arc::new(OnceLock::new());
+    let op = ConvAfterBn {
+        params: p,
+        eps,
+        saved,
+        moments: sink.clone(),
+    };
+    let y = checked(z, k, p)?.apply_op3(&wb.contiguous()?, &k.contiguous()?, op)?;
+    let Some(rows) = sink.get() else {
+        candle_core::bail!("conv2d: the forward pass kept no statistics");
+    };
+    let stats = batch_stats(rows, y.dims4()?);
+    Ok((y, stats))
+}
+
+/// The per-channel (s, t) of a batch norm with batch statistics `saved` and weight and bias
+/// the rows of `wb` [2, C] (as `norm::affine` computes them for the batch norm's own passes).
+fn bn_affine<T: WithDType>(wb: &[T], saved: &Saved, eps: f64) -> Vec<(T, T)> {
+    let c = wb.len() / 2;
+    let f = |v: &[T]| v.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+    super::norm::affine(saved, &f(&wb[..c]), &f(&wb[c..]), eps)
+}
+
+/// Checks that `wb` is [2, C] for an input of C channels.
+fn check_wb(wb: &Layout, c: usize, name: &str) -> Result<()> {
+    if wb.shape().dims() != [2, c] {
+        candle_core::bail!(
+            "{name}: batch-norm weight and bias must be [2, {c}], got {:?}",
+            wb.shape()
+        );
+    }
+    Ok(())
+}
+
+/// The op of `conv2d_after_bn_relu` on (z, [weight; bias], kernel).
+struct ConvAfterBn {
+    params: Conv2dParams,
+    eps: f64,
+    /// Batch statistics of z.
+    saved: Saved,
+    moments: Arc<OnceLock<Vec<Moments>>>,
+}
+
+impl CustomOp3 for ConvAfterBn {
+    fn name(&self) -> &'static str {
+        "conv2d_after_bn_relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (n, g) = Geometry::new(l1.shape(), l3.shape(), self.params)?;
+        check_wb(l2, g.c, name)?;
+        let mut rows = vec![(0.0, 0.0); n * g.o];
+        let out = float_storage!(s1, name, |T| {
+            let st = bn_affine(contiguous_slice::<T>(s2, l2, name)?, &self.saved, self.eps);
+            g.forward_after(
+                n,
+                contiguous_slice::<T>(s1, l1, name)?,
+                contiguous_slice::<T>(s3, l3, name)?,
+                Some(&mut rows),
+                Some(&st),
+            )
+        });
+        let _ = self.moments.set(rows);
+        Ok((out, Shape::from((n, g.o, g.oh, g.ow))))
+    }
+
+    /// The input gradient of the convolution (`da`), its kernel gradient over the normalised
+    /// activations recomputed image by image, and the batch norm's backward (with the ReLU's
+    /// mask recomputed from z) on `da`.
+    fn bwd(
+        &self,
+        z: &Tensor,
+        wb: &Tensor,
+        k: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, g) = Geometry::new(z.shape(), k.shape(), self.params)?;
+        let dy = dy.contiguous()?;
+        let da = dy.apply_op2_no_bwd(&k.contiguous()?, &ConvGrad::Input(n, g))?;
+        let op = KernelGradAfterBn {
+            n,
+            g,
+            eps: self.eps,
+            saved: self.saved.clone(),
+        };
+        let dk = z.apply_op3_no_bwd(&dy, &wb.contiguous()?, &op)?;
+        let (w, b) = (wb.get(0)?, wb.get(1)?);
+        let (dz, dw, db) = super::norm::bn_relu_gradients(z, &w, &b, &self.saved, self.eps, &da)?;
+        Ok((Some(dz), Some(Tensor::stack(&[dw, db], 0)?), Some(dk)))
+    }
+}
+
+/// The kernel gradient of `conv2d_after_bn_relu` on (z, dy, [weight; bias]).
+struct KernelGradAfterBn {
+    n: usize,
+    g: Geometry,
+    eps: f64,
+    saved: Saved,
+}
+
+impl CustomOp3 for KernelGradAfterBn {
+    fn name(&self) -> &'static str {
+        "conv2d_after_bn_relu_grad_kernel"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (name, n, g) = (self.name(), self.n, self.g);
+        check_wb(l3, g.c, name)?;
+        let out = float_storage!(s1, name, |T| {
+            let st = bn_affine(contiguous_slice::<T>(s3, l3, name)?, &self.saved, self.eps);
+            g.grad_kernel(
+                n,
+                contiguous_slice::<T>(s1, l1, name)?,
+                contiguous_slice::<T>(s2, l2, name)?,
+                Some(&st),
+            )
+        });
+        Ok((out, Shape::from((g.o, g.c, g.kh, g.kw))))
     }
 }
 
@@ -1136,7 +1405,7 @@ mod tests {
             };
             let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 + 1.0).collect();
             let mut buf = vec![-1f32; g.padded_len()];
-            g.pad_channels_last(&img, &mut buf);
+            g.pad_channels_last(&img, &mut buf, None);
             let wp = w + 2 * p;
             for (i, &v) in buf.iter().enumerate() {
                 let (q, ci) = (i / c, i % c);

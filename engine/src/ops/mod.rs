@@ -47,7 +47,7 @@ pub(crate) use conv::conv2d_with_batch_stats;
 pub use conv::{conv2d, conv2d_backward, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, Targets};
 pub use norm::{batch_norm, BatchNormStats};
-pub(crate) use norm::{batch_norm_add_relu, batch_norm_given, Saved};
+pub(crate) use norm::{batch_norm_add_relu, batch_norm_given, bn_relu_conv2d, Saved};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
