@@ -223,7 +223,7 @@ impl Geometry {
 
     /// Splits one image [C, H, W] into its phase planes `[s][s][C][ph][pw]` (zero past the
     /// image's edge); only the phases some kernel tap reads are written.
-    fn split_phases<T: WithDType>(&self, img: &[T], phases: &mut [T]) {
+    fn split_phases<T: WithDType>(&self, img: &[T], phases: &mut [T], prologue: Option<&[(T, T)]>) {
         let (s, c, h, w) = (self.s, self.c, self.h, self.w);
         let (ph, pw) = self.phase_dims();
         for a in (0..s).filter(|&a| self.phase_used(a, self.kh)) {
@@ -239,6 +239,11 @@ impl Geometry {
                         }
                         let src = &img[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
                         gather_every(src, s, &mut dst[..count]);
+                        if let Some(st) = prologue {
+                            dst[..count]
+                                .iter_mut()
+                                .for_each(|v| *v = bn_relu(*v, st[ci]));
+                        }
                         dst[count..].fill(T::zero());
                     }
                 }
@@ -251,19 +256,24 @@ impl Geometry {
     /// plane: of the image for stride 1, of a phase plane for stride s (each tap of a strided
     /// convolution reads every s-th row and column from one phase, so the image is split once
     /// into phases and every row is then contiguous copies, not strided gathers).
-    fn im2col<T: WithDType>(&self, img: &[T], buf: &mut [T]) {
+    fn im2col<T: WithDType>(&self, img: &[T], buf: &mut [T], prologue: Option<&[(T, T)]>) {
         let l = self.l();
         let (cols, phases) = buf.split_at_mut(self.ckk() * l);
         if self.s > 1 {
-            self.split_phases(img, phases);
+            // the prologue is applied once, while splitting
+            self.split_phases(img, phases, prologue);
         }
+        let st = |ci: usize| match self.s {
+            1 => prologue.map(|p| p[ci]),
+            _ => None,
+        };
         let dims = self.phase_dims();
         for ci in 0..self.c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = &mut cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
                     let (plane, off) = self.tap_plane(img, phases, ci, ky, kx);
-                    shifted_copy(plane, dims, (self.oh, self.ow), off, row);
+                    shifted_copy(plane, dims, (self.oh, self.ow), off, row, st(ci));
                 }
             }
         }
@@ -462,6 +472,25 @@ impl Geometry {
         }
     }
 
+    /// The unfolded image [C*KH*KW, OH*OW] of `img`, with the `prologue` applied: im2col into
+    /// `buf` (the prologue applied while copying, zero padding left zero), or for a pointwise
+    /// convolution the image itself (the prologue then written into its scratch).
+    fn cols_of<'a, T: WithDType>(
+        &self,
+        img: &'a [T],
+        buf: &'a mut [T],
+        prologue: Prologue<'a, T>,
+    ) -> &'a [T] {
+        if self.pointwise() {
+            return match prologue {
+                Some((st, tmp)) => self.with_prologue(img, Some(st), tmp),
+                None => img,
+            };
+        }
+        self.im2col(img, buf, prologue.map(|(st, _)| st));
+        &buf[..self.ckk() * self.l()]
+    }
+
     /// The convolution of one image `img` [C, H, W] into `y` [O, OH*OW].
     ///
     /// In place: `kw` shifted padded copies (`pad_shifted`) and one product per kernel row,
@@ -492,16 +521,7 @@ impl Geometry {
                 }
             }
             false => {
-                let img = match prologue {
-                    Some((st, tmp)) => self.with_prologue(img, Some(st), tmp),
-                    None => img,
-                };
-                let cols: &[T] = if self.pointwise() {
-                    img
-                } else {
-                    self.im2col(img, buf);
-                    &buf[..ckk * l]
-                };
+                let cols = self.cols_of(img, buf, prologue);
                 matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
             }
         }
@@ -748,17 +768,8 @@ impl Geometry {
     ) {
         let (o, c, l, ow, wp, wide) = (self.o, self.c, self.l(), self.ow, self.wp(), self.wide());
         if !self.implicit_kernel() {
-            let img = match prologue {
-                Some((st, tmp)) => self.with_prologue(img, Some(st), tmp),
-                None => img,
-            };
             let ckk = self.ckk();
-            let cols: &[T] = if self.pointwise() {
-                img
-            } else {
-                self.im2col(img, buf);
-                &buf[..ckk * l]
-            };
+            let cols = self.cols_of(img, buf, prologue);
             let gt = Mat::transposed(g, l);
             matmul(ckk, o, l, acc, !first, Mat::rows(cols, l), gt);
             return;
@@ -852,12 +863,12 @@ impl Geometry {
         buf: &mut [T],
         prologue: Option<&[(T, T)]>,
     ) {
-        // the value of channel ci at v, after the prologue if any
-        let f = |ci: usize, v: T| match prologue {
-            Some(st) => bn_relu(v, st[ci]),
-            None => v,
-        };
         let (c, h, w, p, wp) = (self.c, self.h, self.w, self.p, self.wp());
+        // a run of one channel's values, through the prologue if any
+        let copy = |ci: usize, src: &[T], dst: &mut [T]| match prologue {
+            None => dst.copy_from_slice(src),
+            Some(st) => bn_relu_row(src, st[ci], dst),
+        };
         buf[..p * wp * c].fill(T::zero());
         buf[(h + p) * wp * c..].fill(T::zero());
         // A transpose of each row [c][w] -> [w][c] in 8x8 tiles: eight loads of eight values
@@ -875,10 +886,7 @@ impl Geometry {
                 for x0 in (0..xb).step_by(B) {
                     let mut tile = [[T::zero(); B]; B];
                     for (i, t) in tile.iter_mut().enumerate() {
-                        let ci = c0 + i;
-                        for (t, &v) in t.iter_mut().zip(&src(ci)[x0..x0 + B]) {
-                            *t = f(ci, v);
-                        }
+                        copy(c0 + i, &src(c0 + i)[x0..x0 + B], t);
                     }
                     for j in 0..B {
                         let dst = &mut px[(x0 + j) * c + c0..][..B];
@@ -890,8 +898,14 @@ impl Geometry {
             }
             for ci in 0..c {
                 let xs = if ci < cb { xb..w } else { 0..w };
+                let st = prologue.map_or((T::one(), T::zero()), |st| st[ci]);
                 for x in xs {
-                    px[x * c + ci] = f(ci, src(ci)[x]);
+                    let v = src(ci)[x];
+                    px[x * c + ci] = if prologue.is_some() {
+                        bn_relu(v, st)
+                    } else {
+                        v
+                    };
                 }
             }
         }
@@ -992,7 +1006,13 @@ fn shifted_copy<T: WithDType>(
     (oh, ow): (usize, usize),
     (dy, dx): (isize, isize),
     row: &mut [T],
+    st: Option<(T, T)>,
 ) {
+    // the copy itself, through `bn_relu` when a prologue is given
+    let copy = |dst: &mut [T], src: &[T]| match st {
+        None => dst.copy_from_slice(src),
+        Some(st) => bn_relu_row(src, st, dst),
+    };
     let (ylo, yhi) = valid_range(dy, ph, oh);
     let (lo, hi) = valid_range(dx, pw, ow);
     if pw == ow {
@@ -1005,7 +1025,7 @@ fn shifted_copy<T: WithDType>(
         if a < b {
             // a >= -off and b <= len - off: the source range is inside the plane
             let src = (a as isize + off) as usize;
-            row[a..b].copy_from_slice(&plane[src..src + (b - a)]);
+            copy(&mut row[a..b], &plane[src..src + (b - a)]);
         }
         // the columns that wrapped around, zeroed one column at a time (strided stores: a
         // `fill` per row is a memset call for one or two values)
@@ -1027,7 +1047,7 @@ fn shifted_copy<T: WithDType>(
         dst[..lo].fill(T::zero());
         dst[hi..].fill(T::zero());
         let src = (src + lo as isize) as usize;
-        dst[lo..hi].copy_from_slice(&plane[src..src + hi - lo]);
+        copy(&mut dst[lo..hi], &plane[src..src + hi - lo]);
     }
 }
 
