@@ -8,7 +8,10 @@
 //! product cols dy^T per image (or in place from a channel-last padded copy,
 //! `Geometry::implicit_kernel`), summed in groups fixed by the shapes, so it does not depend on
 //! the thread count. Gradients are computed by ops reading the tensors in place, and only those
-//! the graph needs. Other devices use candle's convolution.
+//! the graph needs. A batch norm + ReLU before a convolution can run inside it
+//! (`conv2d_after_bn_relu`): applied to each image while it is copied for the products (and
+//! again in the kernel gradient), so its output is never written. Other devices use candle's
+//! convolution.
 
 use super::gemm::{matmul, Mat};
 use super::norm::Saved;
