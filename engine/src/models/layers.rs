@@ -201,13 +201,6 @@ impl ConvBn {
         }
     }
 
-    /// `relu(bn(conv(x)) + residual)`: the last layer of a residual branch joined with the
-    /// shortcut.
-    pub fn forward_residual(&self, x: &Tensor, train: bool, residual: &Tensor) -> Result<Tensor> {
-        let (y, stats) = self.conv_with_stats(x, train)?;
-        self.bn.forward_add_relu(&y, residual, train, stats)
-    }
-
     /// `conv(relu(prev(z)))` for the batch norm `prev` of the layer before, and in training on
     /// CPU the batch statistics of the output. With the batch statistics of `z` given (training
     /// on CPU), `prev` runs inside the convolution and its output is never written

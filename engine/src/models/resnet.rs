@@ -73,9 +73,9 @@ impl Block {
         Ok((Block { convs, downsample }, c_out))
     }
 
-    /// `relu(branch(x) + shortcut(x))`. Each batch norm + ReLU inside the branch runs inside
-    /// the convolution after it (`ConvBn::conv_after`), and the last batch norm, the add and
-    /// the ReLU run as one op.
+    /// `relu(branch(x) + shortcut(x))`. In training on CPU each batch norm + ReLU inside the
+    /// branch runs inside the convolution after it (`ConvBn::conv_after`), and the last batch
+    /// norm, the add and the ReLU run as one op.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x, train, false)?,

@@ -10,11 +10,11 @@
 //! the thread count. Gradients are computed by ops reading the tensors in place, and only those
 //! the graph needs. A batch norm + ReLU before a convolution can run inside it
 //! (`conv2d_after_bn_relu`): applied to each image while it is copied for the products (and
-//! again in the kernel gradient), so its output is never written. Other devices use candle's
-//! convolution.
+//! again in the kernel gradient), so its output is never written (except on the Winograd path,
+//! which takes the normalised batch whole). Other devices use candle's convolution.
 
 use super::gemm::{matmul, Mat};
-use super::norm::Saved;
+use super::norm::{bn_relu, Saved};
 use super::winograd::Winograd;
 use super::{contiguous_slice, lane_sum, out_size, par_new, par_new_with};
 use candle_core::{
@@ -362,7 +362,7 @@ impl Geometry {
     }
 
     /// Whether the products read the unfolded image in place instead of im2col's copy
-    /// (`forward_implicit`, `kernel_products_implicit`): stride 1, at least 8 input and at most
+    /// (`conv_image` with a kernel from `prepare`, and `kernel_grad_image`): stride 1, at least 8 input and at most
     /// 16 output channels, padded rows at most a quarter wider than the output rows (the products
     /// compute the padded width). With so few output channels, writing im2col's nine copies costs
     /// more than half the forward product, and the im2col kernel-gradient product has only 16
@@ -376,8 +376,8 @@ impl Geometry {
         !im2col_forced() && self.s == 1 && !self.pointwise() && shape
     }
 
-    /// Whether the kernel gradient reads the unfolded image in place
-    /// (`kernel_products_implicit`): where the forward does, and also with more output channels
+    /// Whether the kernel gradient reads the unfolded image in place (`kernel_grad_image`):
+    /// where the forward does, and also with more output channels
     /// when the padded rows are at most 1/8 wider than the output rows. Its products then read
     /// the channel-last copy without packing, 3C rows per block, where the im2col product's rows
     /// are the O output channels (half what the AVX-512 kernels take at 32). Measured (`cargo
@@ -568,9 +568,10 @@ impl Geometry {
     }
 
     /// `forward`, of `relu(x * s + t)` per input channel when a `prologue` [C] of (s, t) is
-    /// given (a batch norm and ReLU before the convolution): each image is transformed into
-    /// scratch (in cache) just before it is convolved, so the normalised activations are never
-    /// written out.
+    /// given (a batch norm and ReLU before the convolution): applied to each image while it is
+    /// copied for the products (padded planes, im2col, phase planes; per-image scratch for
+    /// pointwise convolutions), so the normalised activations are never written out, except on
+    /// the Winograd path, which takes the whole normalised batch.
     fn forward_after<T: WithDType>(
         &self,
         n: usize,
@@ -591,7 +592,12 @@ impl Geometry {
             return out;
         }
         let how = self.prepare(Cow::Borrowed(k));
-        let tmp = if prologue.is_some() { self.image() } else { 0 };
+        // scratch for the normalised image: only pointwise convolutions need it (`cols_of`)
+        let tmp = if prologue.is_some() && self.pointwise() {
+            self.image()
+        } else {
+            0
+        };
         self.per_image(
             n,
             x,
@@ -688,9 +694,15 @@ impl Geometry {
         }
     }
 
-    /// Gradient of the input, image by image in parallel.
+    /// Gradient of the input, image by image in parallel (the transposed convolution through
+    /// Winograd where the forward would use it).
     fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
         let how = self.input_grad(k);
+        if let InputGrad::Transposed(t, prepared) = &how {
+            if let (Some(wg), false) = (t.winograd(), prepared.implicit) {
+                return wg.forward(n, dy, &prepared.kernel);
+            }
+        }
         par_new_with(
             n * self.image(),
             self.image(),
@@ -838,7 +850,12 @@ impl Geometry {
     ) -> Vec<T> {
         let (o, ckk, l, image) = (self.o, self.ckk(), self.l(), self.image());
         let (group, groups) = self.kernel_groups(n);
-        let tmp = if prologue.is_some() { image } else { 0 };
+        // scratch for the normalised image: only pointwise convolutions need it (`cols_of`)
+        let tmp = if prologue.is_some() && self.pointwise() {
+            image
+        } else {
+            0
+        };
         let mut partials = vec![T::zero(); groups * ckk * o];
         partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
             || (self.kernel_grad_scratch(), vec![T::zero(); tmp]),
@@ -918,18 +935,6 @@ impl Geometry {
 /// A batch norm + ReLU to apply to an image before it is convolved: the per-channel (s, t) and
 /// scratch for the normalised image (for the paths that cannot apply it while copying).
 type Prologue<'a, T> = Option<(&'a [(T, T)], &'a mut [T])>;
-
-/// `relu(v * s + t)`: a batch norm's output followed by a ReLU, with the arithmetic of the batch
-/// norm's own forward pass (`norm::FusedBatchNorm`), so fused and separate passes agree bitwise.
-#[inline]
-fn bn_relu<T: WithDType>(v: T, (s, t): (T, T)) -> T {
-    let y = v * s + t;
-    if y > T::zero() {
-        y
-    } else {
-        T::zero()
-    }
-}
 
 /// `bn_relu` of every value of `src` into `dst`.
 fn bn_relu_row<T: WithDType>(src: &[T], st: (T, T), dst: &mut [T]) {
@@ -1252,9 +1257,9 @@ impl CustomOp2 for ConvGrad {
 /// of `z` given (`saved`, from the convolution that produced it) and the batch norm's weight
 /// and bias as the rows of `wb` [2, C]; also the batch statistics of the output, for the batch
 /// norm after it. The normalised activations are computed image by image inside the
-/// convolution (and again inside its kernel gradient) and never written out: one pass over
-/// the activations and one activation tensor fewer than a batch norm and then a convolution,
-/// with bitwise the same results. The running statistics are the caller's
+/// convolution (and again inside its kernel gradient) and never written out (except on the
+/// Winograd path): one pass over the activations and one activation tensor fewer than a batch
+/// norm and then a convolution, with bitwise the same results. The running statistics are the caller's
 /// (`norm::bn_relu_conv2d`).
 pub(crate) fn conv2d_after_bn_relu(
     z: &Tensor,
@@ -1280,11 +1285,10 @@ pub(crate) fn conv2d_after_bn_relu(
 }
 
 /// The per-channel (s, t) of a batch norm with batch statistics `saved` and weight and bias
-/// the rows of `wb` [2, C] (as `norm::affine` computes them for the batch norm's own passes).
+/// the rows of `wb` [2, C].
 fn bn_affine<T: WithDType>(wb: &[T], saved: &Saved, eps: f64) -> Vec<(T, T)> {
     let c = wb.len() / 2;
-    let f = |v: &[T]| v.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
-    super::norm::affine(saved, &f(&wb[..c]), &f(&wb[c..]), eps)
+    super::norm::affine_of(saved, &wb[..c], &wb[c..], eps)
 }
 
 /// Checks that `wb` is [2, C] for an input of C channels.
@@ -1339,9 +1343,9 @@ impl CustomOp3 for ConvAfterBn {
         Ok((out, Shape::from((n, g.o, g.oh, g.ow))))
     }
 
-    /// The input gradient of the convolution (`da`), its kernel gradient over the normalised
-    /// activations recomputed image by image, and the batch norm's backward (with the ReLU's
-    /// mask recomputed from z) on `da`.
+    /// The kernel gradient over the normalised activations recomputed image by image, and,
+    /// when the graph needs z's or the batch norm's, the input gradient of the convolution
+    /// (`da`) and the batch norm's backward on it (the ReLU's mask recomputed from z).
     fn bwd(
         &self,
         z: &Tensor,
@@ -1352,17 +1356,25 @@ impl CustomOp3 for ConvAfterBn {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, g) = Geometry::new(z.shape(), k.shape(), self.params)?;
         let dy = dy.contiguous()?;
-        let da = dy.apply_op2_no_bwd(&k.contiguous()?, &ConvGrad::Input(n, g))?;
-        let op = KernelGradAfterBn {
-            n,
-            g,
-            eps: self.eps,
-            saved: self.saved.clone(),
+        let dk = match k.track_op() {
+            true => {
+                let op = KernelGradAfterBn {
+                    n,
+                    g,
+                    eps: self.eps,
+                    saved: self.saved.clone(),
+                };
+                Some(z.apply_op3_no_bwd(&dy, &wb.contiguous()?, &op)?)
+            }
+            false => None,
         };
-        let dk = z.apply_op3_no_bwd(&dy, &wb.contiguous()?, &op)?;
+        if !z.track_op() && !wb.track_op() {
+            return Ok((None, None, dk));
+        }
+        let da = dy.apply_op2_no_bwd(&k.contiguous()?, &ConvGrad::Input(n, g))?;
         let (w, b) = (wb.get(0)?, wb.get(1)?);
         let (dz, dw, db) = super::norm::bn_relu_gradients(z, &w, &b, &self.saved, self.eps, &da)?;
-        Ok((Some(dz), Some(Tensor::stack(&[dw, db], 0)?), Some(dk)))
+        Ok((Some(dz), Some(Tensor::stack(&[dw, db], 0)?), dk))
     }
 }
 
@@ -1426,24 +1438,32 @@ mod tests {
                 oh: h + 2 * p - 2,
                 ow: w + 2 * p - 2,
             };
-            let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 + 1.0).collect();
-            let mut buf = vec![-1f32; g.padded_len()];
-            g.pad_channels_last(&img, &mut buf, None);
-            let wp = w + 2 * p;
-            for (i, &v) in buf.iter().enumerate() {
-                let (q, ci) = (i / c, i % c);
-                let (y, x) = (
-                    (q / wp) as isize - p as isize,
-                    (q % wp) as isize - p as isize,
-                );
-                let inside = q < (h + 2 * p) * wp
-                    && (0..h as isize).contains(&y)
-                    && (0..w as isize).contains(&x);
-                let want = match inside {
-                    true => img[(ci * h + y as usize) * w + x as usize],
-                    false => 0.0,
-                };
-                assert_eq!(v, want, "c{c} h{h} w{w} p{p} at {i}");
+            let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 - 40.0).collect();
+            // without a prologue, and with a batch norm + ReLU that zeroes some values
+            let st: Vec<(f32, f32)> = (0..c).map(|ci| (0.5 + ci as f32, -3.0)).collect();
+            for prologue in [None, Some(&st[..])] {
+                let mut buf = vec![-1f32; g.padded_len()];
+                g.pad_channels_last(&img, &mut buf, prologue);
+                let wp = w + 2 * p;
+                for (i, &v) in buf.iter().enumerate() {
+                    let (q, ci) = (i / c, i % c);
+                    let (y, x) = (
+                        (q / wp) as isize - p as isize,
+                        (q % wp) as isize - p as isize,
+                    );
+                    let inside = q < (h + 2 * p) * wp
+                        && (0..h as isize).contains(&y)
+                        && (0..w as isize).contains(&x);
+                    let want = match inside {
+                        true => {
+                            let v = img[(ci * h + y as usize) * w + x as usize];
+                            prologue.map_or(v, |st| bn_relu(v, st[ci]))
+                        }
+                        false => 0.0,
+                    };
+                    let on = prologue.is_some();
+                    assert_eq!(v, want, "c{c} h{h} w{w} p{p} at {i}, prologue {on}");
+                }
             }
         }
     }
@@ -1575,9 +1595,6 @@ mod tests {
         }
     }
 
-    /// Also where candle's own backward is wrong (it drops the last row or column when
-    /// (size + 2 pad - kernel) is not a multiple of the stride): finite differences in f64, for
-    /// the input and the kernel.
     /// The public gradient entry point checks its operands like the forward does: an empty
     /// input or a kernel for other channels is an error, not a panic in the kernels.
     #[test]
@@ -1596,6 +1613,9 @@ mod tests {
         assert!(err.to_string().contains("channels"), "{err}");
     }
 
+    /// Also where candle's own backward is wrong (it drops the last row or column when
+    /// (size + 2 pad - kernel) is not a multiple of the stride): finite differences in f64, for
+    /// the input and the kernel.
     #[test]
     fn gradients_match_finite_differences() {
         for (n, c, h, w, o, k, s, p) in [

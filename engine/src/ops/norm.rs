@@ -4,7 +4,10 @@
 //! (mean, then centred variance, summed in f32 lanes per row and f64 across rows), or given by the
 //! convolution that produced the input (`batch_norm_given`), the output in one pass, and the
 //! backward in two passes that read x and dy in place (the statistics are kept from the forward
-//! pass, and the ReLU's mask is recomputed from x). Other devices use candle's tensor ops.
+//! pass, and the ReLU's mask is recomputed from x). A batch norm + ReLU followed by a convolution
+//! can also run inside the convolution (`bn_relu_conv2d`, with `conv::conv2d_after_bn_relu`), its
+//! output never written; `bn_relu` and `affine` are the arithmetic both share. Other devices use
+//! candle's tensor ops.
 
 use super::{contiguous_slice, lane_sum, par_new, LANES};
 use candle_core::{
@@ -135,18 +138,10 @@ pub(crate) fn bn_relu_conv2d(
     p: super::Conv2dParams,
 ) -> Result<(Tensor, Saved)> {
     check_count(x)?;
-    let (n, c, h, w) = x.dims4()?;
+    let c = x.dim(1)?;
     check_affine(weight, bias, c)?;
-    if given.mean.len() != c || given.var.len() != c {
-        candle_core::bail!("batch_norm: given statistics are not one per channel");
-    }
-    let dev = x.device();
-    update_running(
-        &stats,
-        Tensor::from_slice(&given.mean, c, dev)?.to_dtype(x.dtype())?,
-        Tensor::from_slice(&given.var, c, dev)?.to_dtype(x.dtype())?,
-        (n * h * w) as f64,
-    )?;
+    check_given(&given, c)?;
+    update_running_from(&stats, &given, x)?;
     let wb = Tensor::stack(&[weight, bias], 0)?;
     super::conv::conv2d_after_bn_relu(x, &wb, given, eps, k, p)
 }
@@ -205,12 +200,9 @@ fn train_fused(
     apply: impl FnOnce(&Tensor, FusedBatchNorm) -> Result<Tensor>,
 ) -> Result<Tensor> {
     check_count(x)?;
-    let (n, c, h, w) = x.dims4()?;
-    if given
-        .as_ref()
-        .is_some_and(|g| g.mean.len() != c || g.var.len() != c)
-    {
-        candle_core::bail!("batch_norm: given statistics are not one per channel");
+    let c = x.dim(1)?;
+    if let Some(g) = &given {
+        check_given(g, c)?;
     }
     let kept = Arc::new(OnceLock::new());
     let op = FusedBatchNorm {
@@ -223,14 +215,32 @@ fn train_fused(
     let Some(saved) = kept.get() else {
         candle_core::bail!("batch_norm: the forward pass kept no statistics");
     };
+    update_running_from(&stats, saved, x)?;
+    Ok(y)
+}
+
+/// Batch statistics given by the op that produced the input must be one per channel.
+fn check_given(given: &Saved, c: usize) -> Result<()> {
+    if given.mean.len() != c || given.var.len() != c {
+        candle_core::bail!(
+            "batch_norm: {} means and {} variances given for {c} channels; pass the statistics of this input (one per channel) or none",
+            given.mean.len(),
+            given.var.len()
+        );
+    }
+    Ok(())
+}
+
+/// `update_running` with the batch statistics of `x` (N, C, H, W) in `saved`.
+fn update_running_from(stats: &BatchNormStats, saved: &Saved, x: &Tensor) -> Result<()> {
+    let (n, c, h, w) = x.dims4()?;
     let dev = x.device();
     update_running(
-        &stats,
+        stats,
         Tensor::from_slice(&saved.mean, c, dev)?.to_dtype(x.dtype())?,
         Tensor::from_slice(&saved.var, c, dev)?.to_dtype(x.dtype())?,
         (n * h * w) as f64,
-    )?;
-    Ok(y)
+    )
 }
 
 /// Running statistics after one batch: momentum-weighted, with the unbiased variance of `count`
@@ -326,6 +336,31 @@ pub(crate) fn affine<T: WithDType>(
         .collect()
 }
 
+/// `affine` from weight and bias as they are stored (converted to f64 first).
+pub(crate) fn affine_of<T: WithDType>(
+    st: &Saved,
+    weight: &[T],
+    bias: &[T],
+    eps: f64,
+) -> Vec<(T, T)> {
+    let f = |v: &[T]| v.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+    affine(st, &f(weight), &f(bias), eps)
+}
+
+/// `relu(v * s + t)` for one value with its channel's (s, t) from `affine`: the batch norm +
+/// ReLU of the forward pass, also applied by the convolutions that run it inside
+/// (`conv::conv2d_after_bn_relu`), so fused and separate passes agree bitwise. The backward's
+/// mask is the same comparison (`x * s + t > 0`).
+#[inline]
+pub(crate) fn bn_relu<T: WithDType>(v: T, (s, t): (T, T)) -> T {
+    let y = v * s + t;
+    if y > T::zero() {
+        y
+    } else {
+        T::zero()
+    }
+}
+
 /// y = (x - mean) / sqrt(var + eps) * weight + bias with batch statistics, then max(y, 0) when
 /// `relu`. The statistics are kept for the backward pass.
 struct FusedBatchNorm {
@@ -350,9 +385,7 @@ impl FusedBatchNorm {
             Some(g) => g.clone(),
             None => stats_of(x, n, c, hw),
         };
-        let wt: Vec<f64> = wt.iter().map(|v| v.to_f64()).collect();
-        let b: Vec<f64> = b.iter().map(|v| v.to_f64()).collect();
-        let affine: Vec<(T, T)> = affine(&st, &wt, &b, self.eps);
+        let affine: Vec<(T, T)> = affine_of(&st, wt, b, self.eps);
         let _ = self.saved.set(st);
         let relu = self.relu;
         par_new(x.len(), hw, x.par_chunks(hw).enumerate(), |o, (p, xs)| {
@@ -364,8 +397,7 @@ impl FusedBatchNorm {
                 }
             } else if relu {
                 for (o, &v) in o.iter_mut().zip(xs) {
-                    let y = v * s + t;
-                    *o = if y > T::zero() { y } else { T::zero() };
+                    *o = bn_relu(v, (s, t));
                 }
             } else {
                 for (o, &v) in o.iter_mut().zip(xs) {
@@ -869,6 +901,8 @@ mod tests {
             (3, 8, 16, 9, 3, 1, 1),
             (2, 6, 20, 8, 3, 1, 1),
             (2, 8, 24, 16, 3, 1, 1),
+            (2, 6, 5, 8, 3, 1, 0),
+            (2, 64, 64, 6, 3, 1, 1),
             (3, 5, 7, 9, 3, 2, 1),
             (2, 4, 6, 6, 1, 1, 0),
             (2, 4, 6, 7, 1, 2, 0),

@@ -1,6 +1,7 @@
 //! Max and average pooling of any kernel, stride and padding, with backward passes (non-overlapping
 //! windows, the usual 2x2 pool, take a tiled path without per-cell bounds checks), and global
-//! average pooling.
+//! average pooling. Other devices, and CPU tensors that are not f32 or f64, get the same pooling
+//! composed of candle ops (`pool_composed`).
 
 use super::{contiguous_slice, lane_sum, out_size, par_new};
 use candle_core::{
@@ -175,8 +176,8 @@ fn pool_composed(x: &Tensor, op: Pool) -> Result<Tensor> {
             let (hp, wp) = (h + 2 * p, w + 2 * p);
             let fence: Vec<f32> = (0..hp * wp)
                 .map(|i| {
-                    let (y, x) = (i / wp, i % wp);
-                    let inside = (p..p + h).contains(&y) && (p..p + w).contains(&x);
+                    let (row, col) = (i / wp, i % wp);
+                    let inside = (p..p + h).contains(&row) && (p..p + w).contains(&col);
                     if inside {
                         0.0
                     } else {
@@ -195,11 +196,12 @@ fn pool_composed(x: &Tensor, op: Pool) -> Result<Tensor> {
         let idx: Vec<u32> = (0..count).map(|i| (start + i * op.s) as u32).collect();
         Tensor::from_vec(idx, count, dev)
     };
+    let cols: Vec<Tensor> = (0..op.k).map(|dx| picks(dx, ow)).collect::<Result<_>>()?;
     let mut acc: Option<Tensor> = None;
     for dy in 0..op.k {
         let rows = xp.index_select(&picks(dy, oh)?, 2)?;
-        for dx in 0..op.k {
-            let v = rows.index_select(&picks(dx, ow)?, 3)?;
+        for c in &cols {
+            let v = rows.index_select(c, 3)?;
             acc = Some(match (acc, op.mode) {
                 (None, _) => v,
                 (Some(a), Mode::Max) => a.maximum(&v)?,
