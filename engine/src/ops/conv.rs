@@ -679,17 +679,14 @@ impl Geometry {
     ) {
         match how {
             InputGrad::Transposed(t, how) => t.conv_image(how, bufs, dimg, g, None),
+            // strided or otherwise not "full"-convolvable; never pointwise (`input_grad` sends
+            // those to the transposed forward)
             InputGrad::Folded(k) => {
                 let (o, ckk, l) = (self.o, self.ckk(), self.l());
-                let pointwise = self.pointwise();
-                // pointwise: the product is the image's gradient itself
-                let (dcols, scratch) = bufs.0.split_at_mut(if pointwise { 0 } else { ckk * l });
-                let dst = if pointwise { &mut *dimg } else { &mut *dcols };
+                let (dcols, scratch) = bufs.0.split_at_mut(ckk * l);
                 let (kt, gm) = (Mat::transposed(k, ckk), Mat::rows(g, l));
-                matmul(ckk, l, o, dst, false, kt, gm);
-                if !pointwise {
-                    self.col2im(dcols, dimg, scratch);
-                }
+                matmul(ckk, l, o, dcols, false, kt, gm);
+                self.col2im(dcols, dimg, scratch);
             }
         }
     }
