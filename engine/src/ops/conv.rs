@@ -13,6 +13,7 @@
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
 //! which takes the normalised batch whole). Other devices use candle's convolution.
 
+use super::direct::Direct;
 use super::gemm::{matmul, Mat};
 use super::norm::{bn_relu, Saved};
 use super::winograd::Winograd;
@@ -21,6 +22,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
+use std::any::TypeId;
 use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
@@ -443,12 +445,30 @@ impl Geometry {
         }
     }
 
-    /// The kernel prepared for `conv_image`: rearranged as [ky][o][c][kx] when the convolution
-    /// runs in place (`implicit`), else as it is (borrowed).
+    /// The direct convolution of this geometry (`direct.rs`), where it applies: f32, AVX-512,
+    /// stride 1, an odd square kernel with "same" padding, a multiple of 8 output channels.
+    fn direct<T: WithDType>(&self) -> Option<Direct> {
+        if TypeId::of::<T>() != TypeId::of::<f32>() || im2col_forced() {
+            return None;
+        }
+        Direct::new(
+            (self.c, self.h, self.w, self.o),
+            (self.kh, self.kw, self.s, self.p),
+        )
+    }
+
+    /// The kernel prepared for `conv_image`: in tiles for the direct convolution, rearranged as
+    /// [ky][o][c][kx] when the convolution runs in place (`implicit`), else as it is (borrowed).
     fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
+        if let Some(d) = self.direct::<T>() {
+            return Prepared {
+                path: Path::Direct(d, d.masks()),
+                kernel: Cow::Owned(d.kernel(&k)),
+            };
+        }
         if !self.implicit() {
             return Prepared {
-                implicit: false,
+                path: Path::Im2col,
                 kernel: k,
             };
         }
@@ -458,20 +478,21 @@ impl Geometry {
             (((ky * o + oi) * c + ci) * kw + kx, src)
         });
         Prepared {
-            implicit: true,
+            path: Path::Implicit,
             kernel: Cow::Owned(rows),
         }
     }
 
     /// Scratch for `conv_image`: (shifted copies, wide output) in place, (cols, nothing) for
-    /// im2col.
+    /// im2col, (the image with margins, nothing) for the direct convolution.
     fn conv_scratch<T: WithDType>(&self, how: &Prepared<T>) -> (Vec<T>, Vec<T>) {
-        match how.implicit {
-            true => (
+        match &how.path {
+            Path::Implicit => (
                 vec![T::zero(); self.c * self.kw * self.plane_len()],
                 vec![T::zero(); self.o * self.wide()],
             ),
-            false => (self.scratch(), Vec::new()),
+            Path::Im2col => (self.scratch(), Vec::new()),
+            Path::Direct(d, _) => (vec![T::zero(); d.buf_len()], Vec::new()),
         }
     }
 
@@ -510,8 +531,15 @@ impl Geometry {
     ) {
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let k: &[T] = &how.kernel;
-        match how.implicit {
-            true => {
+        match &how.path {
+            Path::Direct(d, masks) => {
+                match prologue {
+                    None => d.pad(img, buf, |_, v| v),
+                    Some((st, _)) => d.pad(img, buf, |ci, v| bn_relu(v, st[ci])),
+                }
+                d.run(f32s(k), masks, f32s(buf), f32s_mut(y));
+            }
+            Path::Implicit => {
                 let rows = k;
                 let (wide, wp, ow, kwc) = (self.wide(), self.wp(), self.ow, self.kw * self.c);
                 self.pad_shifted(img, buf, prologue.map(|(st, _)| st));
@@ -523,7 +551,7 @@ impl Geometry {
                     dst.copy_from_slice(&src[..ow]);
                 }
             }
-            false => {
+            Path::Im2col => {
                 let cols = self.cols_of(img, buf, prologue);
                 matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
             }
@@ -696,7 +724,7 @@ impl Geometry {
     fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
         let how = self.input_grad(k);
         if let InputGrad::Transposed(t, prepared) = &how {
-            if let (Some(wg), false) = (t.winograd(), prepared.implicit) {
+            if let (Some(wg), Path::Im2col) = (t.winograd(), &prepared.path) {
                 return wg.forward(n, dy, &prepared.kernel);
             }
         }
@@ -981,10 +1009,41 @@ fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
 
 /// A kernel prepared for one image's forward convolution (`Geometry::prepare`).
 struct Prepared<'a, T: Clone> {
-    /// Whether the convolution runs in place (`Geometry::implicit`); the kernel is then
-    /// rearranged as [ky][o][c][kx].
-    implicit: bool,
+    path: Path,
     kernel: Cow<'a, [T]>,
+}
+
+/// How one image's forward convolution runs.
+enum Path {
+    /// im2col and one product; the kernel as it is.
+    Im2col,
+    /// The products read the unfolded image in place (`Geometry::implicit`); the kernel
+    /// rearranged as [ky][o][c][kx].
+    Implicit,
+    /// The direct convolution (`direct.rs`) with its load masks; the kernel in its tiles.
+    Direct(Direct, Vec<u16>),
+}
+
+/// `v` as f32 values (the direct convolution's paths are taken only when T is f32).
+fn f32s<T: WithDType>(v: &[T]) -> &[f32] {
+    assert_eq!(
+        TypeId::of::<T>(),
+        TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// `f32s` for a mutable slice.
+fn f32s_mut<T: WithDType>(v: &mut [T]) -> &mut [f32] {
+    assert_eq!(
+        TypeId::of::<T>(),
+        TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
 }
 
 /// One image's input gradient (`Geometry::input_grad`): the forward convolution of the
@@ -1524,6 +1583,15 @@ mod tests {
             // batches of several images per kernel-gradient group
             (40, 4, 6, 6, 5, 3, 2, 1),
             (34, 3, 5, 5, 4, 3, 1, 0),
+            // the direct convolution (`direct_convolution_covers_the_same_convolutions`): tiles
+            // of 3 and 2 vectors, rows not dividing the vectors, a last vector of one pixel,
+            // 5x5 and 7x7 kernels, kernels larger than the image
+            (2, 3, 28, 28, 16, 3, 1, 1),
+            (1, 5, 9, 11, 16, 5, 1, 2),
+            (1, 4, 13, 7, 8, 7, 1, 3),
+            (2, 16, 4, 4, 32, 3, 1, 1),
+            (1, 8, 2, 3, 8, 5, 1, 2),
+            (1, 8, 7, 7, 16, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -1550,6 +1618,45 @@ mod tests {
                 );
                 assert!(max_rel_err(a, b) < 1e-4, "gradient {case}");
             }
+        }
+    }
+
+    /// On a CPU with AVX-512 the direct convolution is what runs the stride-1 "same" shapes of
+    /// `matches_candle_forward_and_gradients` (forward and input gradient) in f32, and nothing
+    /// else: not f64, not pointwise, strided, narrower-padded or 12-channel ones.
+    #[test]
+    fn direct_convolution_covers_the_same_convolutions() {
+        let geometry = |c, h, w, o, k, s, p| {
+            let x = Shape::from((1, c, h, w));
+            Geometry::new(
+                &x,
+                &Shape::from((o, c, k, k)),
+                Conv2dParams {
+                    stride: s,
+                    padding: p,
+                },
+            )
+            .unwrap()
+            .1
+        };
+        let avx512 = avx512() && std::env::var("RECIPE_DIRECT").as_deref() != Ok("0");
+        for (c, h, w, o, k) in [
+            (3, 28, 28, 16, 3),
+            (5, 9, 11, 16, 5),
+            (4, 13, 7, 8, 7),
+            (8, 2, 3, 8, 5),
+        ] {
+            let g = geometry(c, h, w, o, k, 1, k / 2);
+            assert_eq!(g.direct::<f32>().is_some(), avx512, "{c} {h} {w} {o} {k}");
+            assert!(g.direct::<f64>().is_none());
+        }
+        for (c, h, w, o, k, s, p) in [
+            (8, 8, 8, 8, 1, 1, 0),
+            (8, 8, 8, 8, 3, 2, 1),
+            (8, 8, 8, 8, 3, 1, 0),
+            (8, 8, 8, 12, 3, 1, 1),
+        ] {
+            assert!(geometry(c, h, w, o, k, s, p).direct::<f32>().is_none());
         }
     }
 

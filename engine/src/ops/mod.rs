@@ -34,6 +34,7 @@ macro_rules! float_storage {
 
 mod act;
 mod conv;
+mod direct;
 pub mod gemm;
 mod loss;
 mod norm;
