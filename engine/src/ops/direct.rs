@@ -31,13 +31,13 @@ pub(super) struct Direct {
 
 impl Direct {
     /// The direct convolution of this shape, where it applies: f32 (the caller's check), an
-    /// AVX-512 CPU, stride 1, an odd square kernel larger than 1x1 with "same" padding, and a
-    /// multiple of 8 output channels.
+    /// AVX-512 CPU, stride 1, a 3x3, 5x5 or 7x7 kernel with "same" padding, and a multiple of 8
+    /// output channels.
     pub(super) fn new(
         (c, h, w, o): (usize, usize, usize, usize),
         (kh, kw, s, p): (usize, usize, usize, usize),
     ) -> Option<Self> {
-        let fits = s == 1 && kh == kw && kh % 2 == 1 && kh > 1 && p == kh / 2 && o % NK == 0;
+        let fits = s == 1 && kh == kw && matches!(kh, 3 | 5 | 7) && p == kh / 2 && o % NK == 0;
         (fits && available() && c > 0 && h * w > 0).then_some(Direct { c, h, w, o, k: kh })
     }
 
@@ -124,10 +124,6 @@ impl Direct {
                 && y.len() >= self.o * l,
             "direct convolution: operands do not match the shape {self:?}"
         );
-        let p = (self.k / 2) as isize;
-        let offsets: Vec<isize> = (0..kk)
-            .map(|t| ((t / self.k) as isize - p) * self.w as isize + (t % self.k) as isize - p)
-            .collect();
         // tiles of 3 vectors; a remainder of 1 as two tiles of 2 (a tile of 1 is load-bound)
         let nv = self.vectors();
         let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(nv / 3 + 2);
@@ -147,8 +143,8 @@ impl Direct {
                 let tile = Tile {
                     c: self.c,
                     k: self.k,
+                    w: self.w,
                     stride: self.stride(),
-                    offsets: &offsets,
                     wk,
                     masks: &masks[v0 * self.k..],
                 };
@@ -173,8 +169,8 @@ impl Direct {
 struct Tile<'a> {
     c: usize,
     k: usize,
+    w: usize,
     stride: usize,
-    offsets: &'a [isize],
     /// This block's kernel, [C][K * K][8].
     wk: &'a [f32],
     /// The masks from the tile's first vector on, [vector][kx].
@@ -196,53 +192,70 @@ fn available() -> bool {
 }
 
 impl Tile<'_> {
-    /// `y[j * l + 16 v + i] = Σ_ci Σ_t wk[ci][t][j] x[ci * stride + 16 v + i + offsets[t]]` over
-    /// the tile's NV vectors (masked lanes read as zero and are not stored).
+    /// `run_k` for this tile's kernel size.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; for every vector v < NV and lane i unmasked by `masks`, the loads
-    /// `x[ci * stride + 16 v + i + offsets[t]]` (for every ci < c and tap t) and the stores
-    /// `y[j * l + 16 v + i]` (j < 8) are in bounds.
+    /// As `run_k`.
+    unsafe fn run<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+        match self.k {
+            3 => self.run_k::<NV, 3>(x, y, l),
+            5 => self.run_k::<NV, 5>(x, y, l),
+            _ => self.run_k::<NV, 7>(x, y, l),
+        }
+    }
+
+    /// `y[j * l + 16 v + i] = Σ_ci Σ_(ky,kx) wk[ci][ky K + kx][j] x[ci * stride + 16 v + i +
+    /// (ky - p) w + kx - p]` over the tile's NV vectors (masked lanes read as zero and are not
+    /// stored); the taps unrolled for the kernel size K.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `self.k == K`; `masks` holds NV * K values and `wk` C * K * K * 8;
+    /// for every vector v < NV and lane i unmasked by `masks`, the loads (for every ci < c and
+    /// tap) and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+    unsafe fn run_k<const NV: usize, const K: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
         use std::arch::x86_64::*;
-        let kk = self.k * self.k;
+        let p = K / 2;
+        let w = self.w as isize;
         let mut acc = [[_mm512_setzero_ps(); NK]; NV];
+        let mut mask = [[0u16; K]; NV];
+        for (v, m) in mask.iter_mut().enumerate() {
+            m.copy_from_slice(&self.masks[v * K..][..K]);
+        }
         let xp = x.as_ptr();
-        let masks = &self.masks[..NV * self.k];
+        let mut wp = self.wk.as_ptr();
         for ci in 0..self.c {
             let xc = xp.add(ci * self.stride);
-            let wc = &self.wk[ci * kk * NK..][..kk * NK];
-            for (t, &off) in self.offsets.iter().enumerate() {
-                let kx = t % self.k;
-                let src = xc.offset(off);
-                let mut xv = [_mm512_setzero_ps(); NV];
-                for (v, xv) in xv.iter_mut().enumerate() {
-                    *xv = _mm512_maskz_loadu_ps(masks[v * self.k + kx], src.add(v * LANES));
-                }
-                let wt = &wc[t * NK..][..NK];
-                for j in 0..NK {
-                    let b = _mm512_set1_ps(wt[j]);
-                    for v in 0..NV {
-                        acc[v][j] = _mm512_fmadd_ps(xv[v], b, acc[v][j]);
+            for ky in 0..K {
+                let row = xc.offset((ky as isize - p as isize) * w - p as isize);
+                for kx in 0..K {
+                    let src = row.add(kx);
+                    let mut xv = [_mm512_setzero_ps(); NV];
+                    for (v, xv) in xv.iter_mut().enumerate() {
+                        *xv = _mm512_maskz_loadu_ps(mask[v][kx], src.add(v * LANES));
                     }
+                    for j in 0..NK {
+                        let b = _mm512_set1_ps(*wp.add(j));
+                        for v in 0..NV {
+                            acc[v][j] = _mm512_fmadd_ps(xv[v], b, acc[v][j]);
+                        }
+                    }
+                    wp = wp.add(NK);
                 }
             }
         }
-        let p = self.k / 2;
         let yp = y.as_mut_ptr();
         for (v, acc) in acc.iter().enumerate() {
             // the centre column's mask is the pixels of the vector
-            let keep = masks[v * self.k + p];
             for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), keep, *a);
+                _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), mask[v][p], *a);
             }
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run<const NV: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+    unsafe fn run_k<const NV: usize, const K: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
         unreachable!("the direct convolution is built only for x86_64 (`available()`)")
     }
 }
