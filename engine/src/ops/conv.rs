@@ -13,7 +13,7 @@
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
 //! which takes the normalised batch whole). Other devices use candle's convolution.
 
-use super::direct::Direct;
+use super::direct::{Direct, NK};
 use super::gemm::{matmul, Mat};
 use super::norm::{bn_relu, Saved};
 use super::winograd::Winograd;
@@ -834,7 +834,7 @@ impl Geometry {
     /// The kernel gradient from the partial sums of the groups (`partials`, one `ckk * o`
     /// block per group): added in group order, element by element, in parallel, so the result
     /// does not depend on the thread count; then laid out as [O, C, KH, KW].
-    fn kernel_from_partials<T: WithDType>(&self, partials: &[T]) -> Vec<T> {
+    fn kernel_from_partials<T: WithDType>(&self, partials: &[T], direct: bool) -> Vec<T> {
         const SPAN: usize = 1 << 12;
         let (o, ckk) = (self.o, self.ckk());
         let mut dk_t = vec![T::zero(); ckk * o];
@@ -845,14 +845,19 @@ impl Geometry {
                     .for_each(|(a, &b)| *a += b);
             }
         });
-        // The sums are [C*KH*KW][O] for im2col, [KH][O][KW][C] for the implicit products.
+        // The sums are [C*KH*KW][O] for im2col, [KH][O][KW][C] for the implicit products,
+        // [O/8][C*KH*KW][8] for the direct kernel gradient.
         let (c, kh, kw) = (self.c, self.kh, self.kw);
         let implicit = self.implicit_kernel();
         let mut dk = vec![T::zero(); o * ckk];
         for (j, &v) in dk_t.iter().enumerate() {
-            let at = match implicit {
-                false => (j % o) * ckk + j / o,
-                true => {
+            let at = match (direct, implicit) {
+                (true, _) => {
+                    let (jj, t, kb) = (j % NK, j / NK % ckk, j / (NK * ckk));
+                    (kb * NK + jj) * ckk + t
+                }
+                (false, false) => (j % o) * ckk + j / o,
+                (false, true) => {
                     let (ci, kx, oi, ky) = (j % c, j / c % kw, j / (c * kw) % o, j / (c * kw * o));
                     ((oi * c + ci) * kh + ky) * kw + kx
                 }
@@ -882,6 +887,29 @@ impl Geometry {
             0
         };
         let mut partials = vec![T::zero(); groups * ckk * o];
+        if let Some(d) = self.direct::<T>().filter(|d| d.has_kernel_grad()) {
+            // the direct kernel gradient: each group's images copied with margins (through
+            // the prologue), then summed by `Direct::kernel_grad`
+            let masks = d.masks();
+            let len = d.buf_len();
+            partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
+                || vec![T::zero(); group * len],
+                |xbuf, (gi, acc)| {
+                    let first = gi * group;
+                    let images = group.min(n - first);
+                    for (j, buf) in xbuf.chunks_exact_mut(len).take(images).enumerate() {
+                        let img = &x[(first + j) * image..][..image];
+                        match prologue {
+                            None => d.pad(img, buf, |_, v| v),
+                            Some(st) => d.pad(img, buf, |ci, v| bn_relu(v, st[ci])),
+                        }
+                    }
+                    let g = &dy[first * o * l..(first + images) * o * l];
+                    d.kernel_grad(&masks, f32s(xbuf), images, f32s(g), f32s_mut(acc));
+                },
+            );
+            return self.kernel_from_partials(&partials, true);
+        }
         partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
             || (self.kernel_grad_scratch(), vec![T::zero(); tmp]),
             |(bufs, tmp), (gi, acc)| {
@@ -892,7 +920,7 @@ impl Geometry {
                 }
             },
         );
-        self.kernel_from_partials(&partials)
+        self.kernel_from_partials(&partials, false)
     }
 
     /// Values of the padded channel-last image: `(h + 2p) * wp` pixels of `c` channels, plus
@@ -1592,6 +1620,9 @@ mod tests {
             (2, 16, 4, 4, 32, 3, 1, 1),
             (1, 8, 2, 3, 8, 5, 1, 2),
             (1, 8, 7, 7, 16, 3, 1, 1),
+            // the direct kernel gradient over groups of images, in one pass and in several
+            (40, 8, 6, 6, 8, 3, 1, 1),
+            (34, 3, 24, 24, 8, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();

@@ -163,6 +163,141 @@ impl Direct {
             }
         }
     }
+
+    /// Whether `kernel_grad` takes this shape (3x3 kernels: its 24 sums, 3 kernel columns by 8
+    /// output channels, and the 3 loaded pixel vectors fill the registers).
+    pub(super) fn has_kernel_grad(&self) -> bool {
+        self.k == 3
+    }
+
+    /// The kernel gradient of `images` images, `out` [O / 8][C][K * K][8] (overwritten):
+    /// `Σ_img Σ_q dy[img][o][q] x_img[c][q + (ky - p) w + kx - p]`, from their copies `xbuf`
+    /// (`pad`, one `buf_len()` after the other) and their output gradients `dy` [images, O,
+    /// H*W]. Each sum runs over passes of images in order (as many as keep a pass's output
+    /// gradients in L1), 16 lanes of pixels at a time, its lanes added at the end of each pass:
+    /// the result depends on the shapes only.
+    pub(super) fn kernel_grad(
+        &self,
+        masks: &[u16],
+        xbuf: &[f32],
+        images: usize,
+        dy: &[f32],
+        out: &mut [f32],
+    ) {
+        let (c, k, l) = (self.c, self.k, self.l());
+        assert!(
+            self.has_kernel_grad()
+                && masks.len() == self.vectors() * k
+                && xbuf.len() >= images * self.buf_len()
+                && dy.len() >= images * self.o * l
+                && out.len() == self.o * c * k * k,
+            "direct kernel gradient: operands do not match the shape {self:?}"
+        );
+        let p = k / 2;
+        // images per pass: the 8 channels' output gradients of a pass, read again for every
+        // input channel and kernel row, stay within 32 KB (the L1 cache)
+        let chunk = (1024 / l).clamp(1, images.max(1));
+        for first in (0..images).step_by(chunk) {
+            let count = chunk.min(images - first);
+            for kb in 0..self.o / NK {
+                for ci in 0..c {
+                    for ky in 0..k {
+                        // where kernel row ky reads in image `first`'s plane ci, column 0
+                        let x = first * self.buf_len()
+                            + ci * self.stride()
+                            + self.margin()
+                            + ky * self.w
+                            - p * self.w
+                            - p;
+                        let row = GradRow {
+                            x: &xbuf[x..],
+                            image: self.buf_len(),
+                            dy: &dy[first * self.o * l + kb * NK * l..],
+                            dy_image: self.o * l,
+                            l,
+                            images: count,
+                            masks,
+                        };
+                        let at = ((kb * c + ci) * k + ky) * k * NK;
+                        // SAFETY: `available()` held when `new` built this shape (AVX-512F);
+                        // the assertion above keeps every unmasked load inside `xbuf` and `dy`.
+                        unsafe { row.run(&mut out[at..at + k * NK], first > 0) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One kernel row's gradient for 8 output channels, summed over a group of images.
+struct GradRow<'a> {
+    /// Image 0's plane at the tap (ky, 0); image i at `i * image` after it.
+    x: &'a [f32],
+    image: usize,
+    /// Image 0's output gradient for the first of the 8 channels; image i at `i * dy_image`.
+    dy: &'a [f32],
+    dy_image: usize,
+    l: usize,
+    images: usize,
+    /// `[vector][kx]`, from `Direct::masks`.
+    masks: &'a [u16],
+}
+
+impl GradRow<'_> {
+    /// `out[kx * 8 + j] (+)= Σ_img Σ_q dy[img][j][q] x[img][q + kx]` over the masked lanes: 24
+    /// vector sums (3 columns by 8 channels) and the 3 pixel vectors of one position in
+    /// registers, each output gradient vector loaded once per position.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the kernel is 3x3 (`masks` is `[vector][3]`); every load unmasked
+    /// by `masks` is in bounds (`Direct::kernel_grad`'s assertion).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn run(&self, out: &mut [f32], add: bool) {
+        use std::arch::x86_64::*;
+        const K: usize = 3;
+        let nv = self.l.div_ceil(LANES);
+        // sum (kx, j) at 3 j + kx; every index a constant (the loops over channels written out
+        // by hand: an index that is not a constant keeps all the sums on the stack)
+        let mut acc = [_mm512_setzero_ps(); K * NK];
+        let l = self.l;
+        for img in 0..self.images {
+            let xi = self.x.as_ptr().add(img * self.image);
+            let di = self.dy.as_ptr().add(img * self.dy_image);
+            for v in 0..nv {
+                let m = self.masks.as_ptr().add(v * K);
+                let at = v * LANES;
+                let x0 = _mm512_maskz_loadu_ps(*m, xi.add(at));
+                let x1 = _mm512_maskz_loadu_ps(*m.add(1), xi.add(at + 1));
+                let x2 = _mm512_maskz_loadu_ps(*m.add(2), xi.add(at + 2));
+                // the centre column's mask is the pixels of the vector
+                let keep = *m.add(1);
+                macro_rules! channel {
+                    ($($j:literal)*) => {$(
+                        let d = _mm512_maskz_loadu_ps(keep, di.add($j * l + at));
+                        acc[3 * $j] = _mm512_fmadd_ps(x0, d, acc[3 * $j]);
+                        acc[3 * $j + 1] = _mm512_fmadd_ps(x1, d, acc[3 * $j + 1]);
+                        acc[3 * $j + 2] = _mm512_fmadd_ps(x2, d, acc[3 * $j + 2]);
+                    )*};
+                }
+                channel!(0 1 2 3 4 5 6 7);
+            }
+        }
+        // constant indices here too: one loop indexing `acc` and the sums live on the stack
+        macro_rules! reduce {
+            ($($i:literal)*) => {$(
+                let sum = _mm512_reduce_add_ps(acc[$i]);
+                let o = &mut out[($i % K) * NK + $i / K];
+                *o = if add { *o + sum } else { sum };
+            )*};
+        }
+        reduce!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run(&self, _out: &mut [f32], _add: bool) {
+        unreachable!("the direct convolution is built only for x86_64 (`available()`)")
+    }
 }
 
 /// The operands of one tile (8 output channels by 1 to 3 vectors of pixels).
@@ -184,7 +319,8 @@ fn available() -> bool {
     *ON.get_or_init(|| {
         let off = std::env::var("RECIPE_DIRECT").as_deref() == Ok("0");
         #[cfg(target_arch = "x86_64")]
-        let cpu = std::arch::is_x86_feature_detected!("avx512f");
+        let cpu = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl");
         #[cfg(not(target_arch = "x86_64"))]
         let cpu = false;
         cpu && !off
@@ -213,7 +349,7 @@ impl Tile<'_> {
     /// for every vector v < NV and lane i unmasked by `masks`, the loads (for every ci < c and
     /// tap) and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn run_k<const NV: usize, const K: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
         use std::arch::x86_64::*;
         let p = K / 2;
