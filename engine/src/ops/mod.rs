@@ -2,9 +2,11 @@
 //! replace them without touching a model: convolution, pooling, batch norm, losses.
 //!
 //! On CPU (f32 and f64) every op here is a candle custom op with its own backward, parallel over
-//! both cores with rayon: convolution (per image im2col + one matrix product from the `gemm`
-//! crate; the input gradient of stride-1 convolutions is itself a forward convolution; the kernel
-//! gradient is summed in a fixed order so results do not depend on the thread count), batch norm
+//! both cores with rayon: convolution (a direct convolution of our own for stride-1 "same"
+//! layers in f32 on AVX-512 CPUs, `direct.rs`; otherwise per image im2col + one matrix product
+//! from the `gemm` crate; the input gradient of stride-1 convolutions is itself a forward
+//! convolution; the kernel gradient is summed in a fixed order so results do not depend on the
+//! thread count), batch norm
 //! with an optional fused ReLU or fused with a residual join `relu(bn(x) + r)`, the residual
 //! `relu(a + b)`, max/average pooling of any kernel, stride and padding, global average pooling,
 //! and softmax cross entropy with hard or soft targets. Backward passes read their inputs in
