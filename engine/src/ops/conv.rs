@@ -1002,7 +1002,7 @@ fn bn_relu_row<T: WithDType>(src: &[T], st: (T, T), dst: &mut [T]) {
 /// `dst[i] = src[i * s]` for every i of `dst` (`src` holds at least `(dst.len() - 1) * s + 1`
 /// values). Stride 2 goes through pairs, which the compiler turns into vector shuffles; a
 /// `step_by` gather is one scalar load and store per value (it was 3% of a ResNet-20 step).
-fn gather_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
+pub(super) fn gather_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
     if s == 2 {
         let (pairs, _) = src.as_chunks::<2>();
         let n = pairs.len().min(dst.len());
@@ -1626,6 +1626,10 @@ mod tests {
             // the direct kernel gradient over groups of images, in one pass and in several
             (40, 8, 6, 6, 8, 3, 1, 1),
             (34, 3, 24, 24, 8, 3, 1, 1),
+            // strided direct convolutions: odd sizes, a 1x1 projection, several passes of images
+            (2, 8, 7, 9, 8, 3, 2, 1),
+            (1, 4, 9, 7, 16, 1, 2, 0),
+            (20, 3, 50, 50, 8, 3, 2, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -1655,9 +1659,9 @@ mod tests {
         }
     }
 
-    /// On a CPU with AVX-512 the direct convolution is what runs the stride-1 "same" shapes of
-    /// `matches_candle_forward_and_gradients` (forward and input gradient) in f32, and nothing
-    /// else: not f64, not pointwise, strided, narrower-padded or 12-channel ones.
+    /// On a CPU with AVX-512 the direct convolution is what runs the stride-1 "same" and the
+    /// stride-2 downsampling shapes of `matches_candle_forward_and_gradients` in f32, and
+    /// nothing else: not f64, not pointwise, stride 3, narrower-padded or 12-channel ones.
     #[test]
     fn direct_convolution_covers_the_same_convolutions() {
         let geometry = |c, h, w, o, k, s, p| {
@@ -1673,20 +1677,27 @@ mod tests {
             .unwrap()
             .1
         };
-        let avx512 = avx512() && std::env::var("RECIPE_DIRECT").as_deref() != Ok("0");
-        for (c, h, w, o, k) in [
-            (3, 28, 28, 16, 3),
-            (5, 9, 11, 16, 5),
-            (4, 13, 7, 8, 7),
-            (8, 2, 3, 8, 5),
+        let on = super::super::direct::available() && !im2col_forced();
+        for (c, h, w, o, k, s, p) in [
+            (3, 28, 28, 16, 3, 1, 1),
+            (5, 9, 11, 16, 5, 1, 2),
+            (4, 13, 7, 8, 7, 1, 3),
+            (8, 2, 3, 8, 5, 1, 2),
+            (8, 7, 9, 8, 3, 2, 1),
+            (4, 9, 7, 16, 1, 2, 0),
         ] {
-            let g = geometry(c, h, w, o, k, 1, k / 2);
-            assert_eq!(g.direct::<f32>().is_some(), avx512, "{c} {h} {w} {o} {k}");
+            let g = geometry(c, h, w, o, k, s, p);
+            assert_eq!(
+                g.direct::<f32>().is_some(),
+                on,
+                "{c} {h} {w} {o} {k} {s} {p}"
+            );
             assert!(g.direct::<f64>().is_none());
         }
         for (c, h, w, o, k, s, p) in [
             (8, 8, 8, 8, 1, 1, 0),
-            (8, 8, 8, 8, 3, 2, 1),
+            (8, 9, 9, 8, 3, 3, 1),
+            (8, 8, 8, 8, 5, 2, 2),
             (8, 8, 8, 8, 3, 1, 0),
             (8, 8, 8, 12, 3, 1, 1),
         ] {

@@ -19,6 +19,7 @@
 //! is about 240), where im2col and the product's own repacking of it cost about a fifth of the
 //! convolutions' time. `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
 
+use super::conv::gather_every;
 use candle_core::WithDType;
 
 /// Output channels per tile (the broadcast weights of one tap).
@@ -27,7 +28,9 @@ pub(super) const NK: usize = 8;
 const LANES: usize = 16;
 
 /// One image's direct convolution: `c` input channels of `h x w`, `o` output channels (a
-/// multiple of `NK`), an odd `k x k` kernel with padding `k / 2`, stride 1.
+/// multiple of `NK`), a `k x k` kernel, stride `s`, padding `p`. For stride 2 the image is split
+/// into its phase planes (every other row and column, `ph x pw`), whose rows are as wide as the
+/// output's, so every tap is again one shifted read of one plane.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Direct {
     c: usize,
@@ -35,31 +38,109 @@ pub(super) struct Direct {
     w: usize,
     o: usize,
     k: usize,
+    s: usize,
+    p: usize,
+    ph: usize,
+    pw: usize,
+    oh: usize,
+    /// `margin()`, and the smallest column shift and the number of distinct ones
+    /// (`dx_range()`), kept from `new`.
+    margin: usize,
+    dx: (isize, usize),
+}
+
+/// Where one kernel tap reads: phase plane `a * s + b`, shifted by `(dy, dx)` in it.
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    phase: usize,
+    dy: isize,
+    dx: isize,
 }
 
 impl Direct {
     /// The direct convolution of this shape, where it applies: f32 (the caller's check), an
-    /// AVX-512 CPU, stride 1, a 3x3, 5x5 or 7x7 kernel with "same" padding, and a multiple of 8
-    /// output channels.
+    /// AVX-512 CPU, a multiple of 8 output channels, and either stride 1 with a 3x3, 5x5 or 7x7
+    /// kernel and "same" padding, or stride 2 with a 3x3 kernel and padding 1 or a 1x1 kernel
+    /// and none (ResNet downsampling), where the output is as wide as the phase planes.
     pub(super) fn new(
         (c, h, w, o): (usize, usize, usize, usize),
         (kh, kw, s, p): (usize, usize, usize, usize),
     ) -> Option<Self> {
-        let fits = s == 1 && kh == kw && matches!(kh, 3 | 5 | 7) && p == kh / 2 && o % NK == 0;
-        (fits && available() && c > 0 && h * w > 0).then_some(Direct { c, h, w, o, k: kh })
+        let kernel = kh == kw
+            && match s {
+                1 => matches!(kh, 3 | 5 | 7) && p == kh / 2,
+                2 => (kh == 3 && p == 1) || (kh == 1 && p == 0),
+                _ => false,
+            };
+        if !kernel || o % NK != 0 || c == 0 || h * w == 0 || h + 2 * p < kh || w + 2 * p < kw {
+            return None;
+        }
+        let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        let (ph, pw) = (h.div_ceil(s), w.div_ceil(s));
+        let mut d = Direct {
+            c,
+            h,
+            w,
+            o,
+            k: kh,
+            s,
+            p,
+            ph,
+            pw,
+            oh,
+            margin: 0,
+            dx: (0, 0),
+        };
+        let max = |f: fn(&Tap) -> isize| d.taps().iter().map(|t| f(t).unsigned_abs()).max();
+        d.margin = max(|t| t.dy).unwrap_or(0) * pw + max(|t| t.dx).unwrap_or(0);
+        let dx: Vec<isize> = (0..kw).map(|kx| d.tap1(kx).1).collect();
+        let (lo, hi) = (dx.iter().min().copied(), dx.iter().max().copied());
+        d.dx = (
+            lo.unwrap_or(0),
+            (hi.unwrap_or(0) - lo.unwrap_or(0) + 1) as usize,
+        );
+        (ow == pw && oh <= ph && available()).then_some(d)
     }
 
+    /// Output pixels.
     fn l(&self) -> usize {
-        self.h * self.w
+        self.oh * self.pw
+    }
+    /// Phase plane (row or column) and offset from the output position that kernel row or
+    /// column `k` reads.
+    fn tap1(&self, k: usize) -> (usize, isize) {
+        let (t, s) = (k as isize - self.p as isize, self.s as isize);
+        (t.rem_euclid(s) as usize, t.div_euclid(s))
+    }
+    /// The taps in kernel order (`ky * k + kx`).
+    fn taps(&self) -> Vec<Tap> {
+        let k = self.k;
+        (0..k * k)
+            .map(|t| {
+                let ((a, dy), (b, dx)) = (self.tap1(t / k), self.tap1(t % k));
+                Tap {
+                    phase: a * self.s + b,
+                    dy,
+                    dx,
+                }
+            })
+            .collect()
+    }
+    /// The smallest column shift and the number of distinct ones (the columns of the masks).
+    fn dx_range(&self) -> (isize, usize) {
+        self.dx
+    }
+    /// The mask column of shift 0 (the output's own pixels).
+    fn keep(&self) -> usize {
+        (-self.dx.0) as usize
     }
     /// Zero values before and after each plane: every tap's shift stays inside them.
     fn margin(&self) -> usize {
-        let p = self.k / 2;
-        p * self.w + p
+        self.margin
     }
     /// Values between the starts of two planes of the copy.
     fn stride(&self) -> usize {
-        self.l() + 2 * self.margin()
+        self.ph * self.pw + 2 * self.margin()
     }
     fn vectors(&self) -> usize {
         self.l().div_ceil(LANES)
@@ -68,7 +149,7 @@ impl Direct {
     /// Values of the image copy `pad` writes (one vector of slack after the last plane, where
     /// the last vector's masked-off lanes point).
     pub(super) fn buf_len(&self) -> usize {
-        self.c * self.stride() + LANES
+        self.s * self.s * self.c * self.stride() + LANES
     }
 
     /// The kernel [O, C, K, K] laid out as the tiles read it: [O / 8][C][K * K][8].
@@ -87,18 +168,20 @@ impl Direct {
         out
     }
 
-    /// The load masks, `[vector][kx]`: lane i of vector v (pixel `q = 16 v + i`) is read for
-    /// kernel column `kx` when `q` is a pixel and its column `q % w + kx - p` lies in the row.
+    /// The load masks, `[vector][column shift]`: lane i of vector v (output pixel `q = 16 v +
+    /// i`) is read at column shift `dx` when `q` is a pixel and its column `q % pw + dx` lies
+    /// in the plane's row.
     pub(super) fn masks(&self) -> Vec<u16> {
-        let (l, w, p) = (self.l(), self.w, self.k / 2);
-        let mut m = vec![0u16; self.vectors() * self.k];
+        let (l, pw) = (self.l(), self.pw);
+        let (lo, cols) = self.dx_range();
+        let mut m = vec![0u16; self.vectors() * cols];
         for v in 0..self.vectors() {
-            for kx in 0..self.k {
+            for col in 0..cols {
                 for i in 0..LANES {
                     let q = v * LANES + i;
-                    let x = (q % w + kx) as isize - p as isize;
-                    if q < l && (0..w as isize).contains(&x) {
-                        m[v * self.k + kx] |= 1 << i;
+                    let x = (q % pw) as isize + lo + col as isize;
+                    if q < l && (0..pw as isize).contains(&x) {
+                        m[v * cols + col] |= 1 << i;
                     }
                 }
             }
@@ -106,28 +189,55 @@ impl Direct {
         m
     }
 
-    /// Writes one image [C, H, W] into `buf` (`buf_len()` values): plane `ci` at
-    /// `ci * stride() + margin()`, zero margins around it, each value through `map(ci, v)`.
+    /// Writes one image [C, H, W] into `buf` (`buf_len()` values): the plane of phase
+    /// `a * s + b` and channel `ci` at `((a * s + b) * C + ci) * stride() + margin()` (for
+    /// stride 1 the image's own planes), zero margins and zero past the image, each value
+    /// through `map(ci, v)`; phases no tap reads are left as they are.
     pub(super) fn pad<T: WithDType>(&self, img: &[T], buf: &mut [T], map: impl Fn(usize, T) -> T) {
-        let (l, m, s) = (self.l(), self.margin(), self.stride());
+        let (c, h, w, s) = (self.c, self.h, self.w, self.s);
+        let (m, stride, plane) = (self.margin(), self.stride(), self.ph * self.pw);
         let zero = T::zero();
-        for (ci, plane) in buf[..self.c * s].chunks_exact_mut(s).enumerate() {
-            plane[..m].fill(zero);
-            plane[m + l..].fill(zero);
-            for (d, &v) in plane[m..m + l].iter_mut().zip(&img[ci * l..][..l]) {
-                *d = map(ci, v);
+        let taps = self.taps();
+        for phase in 0..s * s {
+            if !taps.iter().any(|t| t.phase == phase) {
+                continue;
+            }
+            let (a, b) = (phase / s, phase % s);
+            let count = (w - b.min(w)).div_ceil(s);
+            for ci in 0..c {
+                let dst = &mut buf[(phase * c + ci) * stride..][..stride];
+                dst[..m].fill(zero);
+                dst[m + plane..].fill(zero);
+                let src = &img[ci * h * w..][..h * w];
+                if s == 1 {
+                    for (d, &v) in dst[m..m + plane].iter_mut().zip(src) {
+                        *d = map(ci, v);
+                    }
+                    continue;
+                }
+                for (i, row) in dst[m..m + plane].chunks_exact_mut(self.pw).enumerate() {
+                    let y = i * s + a;
+                    if y >= h {
+                        row.fill(zero);
+                        continue;
+                    }
+                    // every s-th value through pairs (vector shuffles, not scalar gathers)
+                    gather_every(&src[y * w + b.min(w)..(y + 1) * w], s, &mut row[..count]);
+                    row[..count].iter_mut().for_each(|v| *v = map(ci, *v));
+                    row[count..].fill(zero);
+                }
             }
         }
-        buf[self.c * s..].fill(zero);
+        buf[s * s * c * stride..].fill(zero);
     }
 
     /// The convolution of one image from its copy `buf` (`pad`) with a kernel from `kernel`,
-    /// into `y` [O, H*W]; `masks` from `masks`.
+    /// into `y` [O, OH*OW]; `masks` from `masks`.
     pub(super) fn run(&self, kernel: &[f32], masks: &[u16], buf: &[f32], y: &mut [f32]) {
-        let (kk, l) = (self.k * self.k, self.l());
+        let (kk, l, cols) = (self.k * self.k, self.l(), self.dx_range().1);
         assert!(
             kernel.len() == self.o * self.c * kk
-                && masks.len() == self.vectors() * self.k
+                && masks.len() == self.vectors() * cols
                 && buf.len() >= self.buf_len()
                 && y.len() >= self.o * l,
             "direct convolution: operands do not match the shape {self:?}"
@@ -145,27 +255,53 @@ impl Direct {
             tiles.push((v, take));
             v += take;
         }
+        // strided: each tap's offset from its channel's first plane, and its mask column
+        let (lo, m, stride) = (self.dx_range().0, self.margin() as isize, self.stride());
+        let taps: Vec<(usize, usize)> = match self.s {
+            1 => Vec::new(),
+            _ => self
+                .taps()
+                .iter()
+                .map(|t| {
+                    let plane = (t.phase * self.c * stride) as isize;
+                    let at = plane + m + t.dy * self.pw as isize + t.dx;
+                    (at as usize, (t.dx - lo) as usize)
+                })
+                .collect(),
+        };
         for kb in 0..self.o / NK {
             let wk = &kernel[kb * self.c * kk * NK..][..self.c * kk * NK];
             for &(v0, nvec) in &tiles {
                 let tile = Tile {
                     c: self.c,
                     k: self.k,
-                    w: self.w,
-                    stride: self.stride(),
+                    w: self.pw,
+                    stride,
                     wk,
-                    masks: &masks[v0 * self.k..],
+                    masks: &masks[v0 * cols..],
+                    cols,
+                    keep: self.keep(),
+                    taps: &taps,
                 };
-                let x = &buf[self.margin() + v0 * LANES..];
                 let y = &mut y[kb * NK * l + v0 * LANES..];
-                // SAFETY: `available()` held when `new` built this shape (AVX-512F); the
-                // assertion above keeps every unmasked load inside `buf` (planes plus margins
-                // plus one vector of slack) and every unmasked store inside `y`.
+                // SAFETY: `available()` held when `new` built this shape (AVX-512 F and VL);
+                // the assertion above keeps every unmasked load inside `buf` (planes plus
+                // margins plus one vector of slack) and every unmasked store inside `y`.
                 unsafe {
-                    match nvec {
-                        3 => tile.run::<3>(x, y, l),
-                        2 => tile.run::<2>(x, y, l),
-                        _ => tile.run::<1>(x, y, l),
+                    if self.s == 1 {
+                        let x = &buf[self.margin() + v0 * LANES..];
+                        match nvec {
+                            3 => tile.run::<3>(x, y, l),
+                            2 => tile.run::<2>(x, y, l),
+                            _ => tile.run::<1>(x, y, l),
+                        }
+                    } else {
+                        let x = &buf[v0 * LANES..];
+                        match nvec {
+                            3 => tile.run_taps::<3>(x, y, l),
+                            2 => tile.run_taps::<2>(x, y, l),
+                            _ => tile.run_taps::<1>(x, y, l),
+                        }
                     }
                 }
             }
@@ -179,11 +315,11 @@ impl Direct {
     }
 
     /// The kernel gradient of `images` images, `out` [O / 8][C][K * K][8] (overwritten):
-    /// `Σ_img Σ_q dy[img][o][q] x_img[c][q + (ky - p) w + kx - p]`, from their copies `xbuf`
-    /// (`pad`, one `buf_len()` after the other) and their output gradients `dy` [images, O,
-    /// H*W]. Each sum runs over passes of images in order (as many as keep a pass's output
-    /// gradients in L1), 16 lanes of pixels at a time, its lanes added at the end of each pass:
-    /// the result depends on the shapes only.
+    /// `Σ_img Σ_q dy[img][o][q] x_img[c][tap (ky, kx) of q]`, from their copies `xbuf` (`pad`,
+    /// one `buf_len()` after the other) and their output gradients `dy` [images, O, OH*OW].
+    /// Each sum runs over passes of images in order (as many as keep a pass's output gradients
+    /// in L1), 16 lanes of pixels at a time, its lanes added at the end of each pass: the result
+    /// depends on the shapes only.
     pub(super) fn kernel_grad(
         &self,
         masks: &[u16],
@@ -193,15 +329,16 @@ impl Direct {
         out: &mut [f32],
     ) {
         let (c, k, l) = (self.c, self.k, self.l());
+        let (lo, cols) = self.dx_range();
         assert!(
             self.has_kernel_grad()
-                && masks.len() == self.vectors() * k
+                && masks.len() == self.vectors() * cols
                 && xbuf.len() >= images * self.buf_len()
                 && dy.len() >= images * self.o * l
                 && out.len() == self.o * c * k * k,
             "direct kernel gradient: operands do not match the shape {self:?}"
         );
-        let p = k / 2;
+        let (taps, m, stride) = (self.taps(), self.margin() as isize, self.stride());
         // images per pass: the 8 channels' output gradients of a pass, read again for every
         // input channel and kernel row, stay within 32 KB (the L1 cache)
         let chunk = (1024 / l).clamp(1, images.max(1));
@@ -210,15 +347,19 @@ impl Direct {
             for kb in 0..self.o / NK {
                 for ci in 0..c {
                     for ky in 0..k {
-                        // where kernel row ky reads in image `first`'s plane ci, column 0
-                        let x = first * self.buf_len()
-                            + ci * self.stride()
-                            + self.margin()
-                            + ky * self.w
-                            - p * self.w
-                            - p;
+                        // where the row's taps read in image `first`'s copy, and their masks
+                        let tap = |kx: usize| {
+                            let t = taps[ky * k + kx];
+                            let plane = ((t.phase * c + ci) * stride) as isize;
+                            let at = plane + m + t.dy * self.pw as isize + t.dx;
+                            (at as usize, (t.dx - lo) as usize)
+                        };
                         let row = GradRow {
-                            x: &xbuf[x..],
+                            x: &xbuf[first * self.buf_len()..],
+                            at: [tap(0).0, tap(1).0, tap(2).0],
+                            mask: [tap(0).1, tap(1).1, tap(2).1],
+                            cols,
+                            keep: self.keep(),
                             image: self.buf_len(),
                             dy: &dy[first * self.o * l + kb * NK * l..],
                             dy_image: self.o * l,
@@ -227,8 +368,9 @@ impl Direct {
                             masks,
                         };
                         let at = ((kb * c + ci) * k + ky) * k * NK;
-                        // SAFETY: `available()` held when `new` built this shape (AVX-512F);
-                        // the assertion above keeps every unmasked load inside `xbuf` and `dy`.
+                        // SAFETY: `available()` held when `new` built this shape (AVX-512 F
+                        // and VL); the assertion above keeps every unmasked load inside `xbuf`
+                        // and `dy`.
                         unsafe { row.run(&mut out[at..at + k * NK], first > 0) };
                     }
                 }
@@ -237,17 +379,25 @@ impl Direct {
     }
 }
 
-/// One kernel row's gradient for 8 output channels, summed over a group of images.
+/// One kernel row's gradient for 8 output channels, summed over a pass of images.
 struct GradRow<'a> {
-    /// Image 0's plane at the tap (ky, 0); image i at `i * image` after it.
+    /// The pass's first image's copy; image i at `i * image` after it.
     x: &'a [f32],
+    /// Where each of the row's 3 taps reads output pixel 0, from the start of an image's copy,
+    /// and its mask column.
+    at: [usize; 3],
+    mask: [usize; 3],
+    /// Mask columns per vector, and the column of the output's own pixels.
+    cols: usize,
+    keep: usize,
     image: usize,
-    /// Image 0's output gradient for the first of the 8 channels; image i at `i * dy_image`.
+    /// The first image's output gradient for the first of the 8 channels; image i at
+    /// `i * dy_image`.
     dy: &'a [f32],
     dy_image: usize,
     l: usize,
     images: usize,
-    /// `[vector][kx]`, from `Direct::masks`.
+    /// `[vector][column shift]`, from `Direct::masks`.
     masks: &'a [u16],
 }
 
@@ -272,14 +422,14 @@ impl GradRow<'_> {
         for img in 0..self.images {
             let xi = self.x.as_ptr().add(img * self.image);
             let di = self.dy.as_ptr().add(img * self.dy_image);
+            let (x0, x1, x2) = (xi.add(self.at[0]), xi.add(self.at[1]), xi.add(self.at[2]));
             for v in 0..nv {
-                let m = self.masks.as_ptr().add(v * K);
+                let m = self.masks.as_ptr().add(v * self.cols);
                 let at = v * LANES;
-                let x0 = _mm512_maskz_loadu_ps(*m, xi.add(at));
-                let x1 = _mm512_maskz_loadu_ps(*m.add(1), xi.add(at + 1));
-                let x2 = _mm512_maskz_loadu_ps(*m.add(2), xi.add(at + 2));
-                // the centre column's mask is the pixels of the vector
-                let keep = *m.add(1);
+                let x0 = _mm512_maskz_loadu_ps(*m.add(self.mask[0]), x0.add(at));
+                let x1 = _mm512_maskz_loadu_ps(*m.add(self.mask[1]), x1.add(at));
+                let x2 = _mm512_maskz_loadu_ps(*m.add(self.mask[2]), x2.add(at));
+                let keep = *m.add(self.keep);
                 macro_rules! channel {
                     ($($j:literal)*) => {$(
                         let d = _mm512_maskz_loadu_ps(keep, di.add($j * l + at));
@@ -312,16 +462,23 @@ impl GradRow<'_> {
 struct Tile<'a> {
     c: usize,
     k: usize,
+    /// Row width of the planes (and of the output).
     w: usize,
     stride: usize,
     /// This block's kernel, [C][K * K][8].
     wk: &'a [f32],
-    /// The masks from the tile's first vector on, [vector][kx].
+    /// The masks from the tile's first vector on, [vector][column shift]; `cols` per vector,
+    /// `keep` the column of the output's own pixels.
     masks: &'a [u16],
+    cols: usize,
+    keep: usize,
+    /// Strided convolutions: each tap's offset from its channel's first plane (margin
+    /// included) and its mask column, in kernel order.
+    taps: &'a [(usize, usize)],
 }
 
 /// Whether the CPU runs the AVX-512 tiles (`RECIPE_DIRECT=0` turns them off, for comparisons).
-fn available() -> bool {
+pub(super) fn available() -> bool {
     use std::sync::OnceLock;
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
@@ -399,6 +556,53 @@ impl Tile<'_> {
                 _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), mask[v][p], *a);
             }
         }
+    }
+
+    /// The tile of a strided convolution: `y[j * l + 16 v + i] = Σ_ci Σ_t wk[ci][t][j]
+    /// x[ci * stride + taps[t].0 + 16 v + i]` (masked lanes read as zero and are not stored),
+    /// `x` starting at the tile's first pixel of the copy.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and VL; `wk` holds C * taps * 8 values and `masks` NV * cols; for
+    /// every vector v < NV and lane i unmasked by `masks`, the loads and the stores are in
+    /// bounds.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl")]
+    #[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
+    unsafe fn run_taps<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); NK]; NV];
+        let (xp, m) = (x.as_ptr(), self.masks.as_ptr());
+        let mut wp = self.wk.as_ptr();
+        for ci in 0..self.c {
+            let xc = xp.add(ci * self.stride);
+            for &(at, col) in self.taps {
+                let src = xc.add(at);
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for v in 0..NV {
+                    xv[v] = _mm512_maskz_loadu_ps(*m.add(v * self.cols + col), src.add(v * LANES));
+                }
+                for j in 0..NK {
+                    let b = _mm512_set1_ps(*wp.add(j));
+                    for v in 0..NV {
+                        acc[v][j] = _mm512_fmadd_ps(xv[v], b, acc[v][j]);
+                    }
+                }
+                wp = wp.add(NK);
+            }
+        }
+        let yp = y.as_mut_ptr();
+        for (v, acc) in acc.iter().enumerate() {
+            let keep = *m.add(v * self.cols + self.keep);
+            for (j, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), keep, *a);
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_taps<const NV: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+        unreachable!("the direct convolution is built only for x86_64 (`available()`)")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
