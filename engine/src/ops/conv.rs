@@ -465,7 +465,7 @@ impl Geometry {
     fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
         if let Some(d) = self.direct::<T>() {
             return Prepared {
-                path: Path::Direct(d, d.masks()),
+                path: Path::Direct(Box::new(d), d.masks()),
                 kernel: Cow::Owned(d.kernel(&k)),
             };
         }
@@ -1052,7 +1052,7 @@ enum Path {
     /// rearranged as [ky][o][c][kx].
     Implicit,
     /// The direct convolution (`direct.rs`) with its load masks; the kernel in its tiles.
-    Direct(Direct, Vec<u16>),
+    Direct(Box<Direct>, Vec<u16>),
 }
 
 /// `v` as f32 values (the direct convolution's paths are taken only when T is f32).
