@@ -16,7 +16,7 @@
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
 //! which takes the normalised batch whole). Other devices use candle's convolution.
 
-use super::direct::{Direct, NK};
+use super::direct::{Direct, StridedGrad, NK};
 use super::gemm::{matmul, Mat};
 use super::norm::{bn_relu, Saved};
 use super::winograd::Winograd;
@@ -689,6 +689,10 @@ impl Geometry {
             let flipped = self.flipped_kernel(k);
             return InputGrad::Transposed(transposed, transposed.prepare(Cow::Owned(flipped)));
         }
+        // strided on AVX-512 (f32): a direct convolution of dy per phase of the input
+        if let Some(sg) = self.direct::<T>().and_then(|d| d.input_grad(f32s(k))) {
+            return InputGrad::Strided(Box::new(sg));
+        }
         InputGrad::Folded(k)
     }
 
@@ -697,6 +701,10 @@ impl Geometry {
         match how {
             InputGrad::Transposed(t, how) => t.conv_scratch(how),
             InputGrad::Folded(_) => (self.scratch(), Vec::new()),
+            InputGrad::Strided(sg) => {
+                let (a, b) = sg.scratch_len();
+                (vec![T::zero(); a], vec![T::zero(); b])
+            }
         }
     }
 
@@ -710,6 +718,10 @@ impl Geometry {
     ) {
         match how {
             InputGrad::Transposed(t, how) => t.conv_image(how, bufs, dimg, g, None),
+            InputGrad::Strided(sg) => {
+                let (buf, planes) = (f32s_mut(&mut bufs.0), f32s_mut(&mut bufs.1));
+                sg.run(buf, planes, f32s(g), f32s_mut(dimg));
+            }
             // strided or otherwise not "full"-convolvable; never pointwise (`input_grad` sends
             // those to the transposed forward)
             InputGrad::Folded(k) => {
@@ -1021,7 +1033,7 @@ pub(super) fn gather_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
 
 /// `dst[i * s] = src[i]` for every i of `src` with `i * s` inside `dst` (the inverse of
 /// `gather_every`; the other values of `dst` are left as they are).
-fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
+pub(super) fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
     if s == 2 {
         let (pairs, _) = dst.as_chunks_mut::<2>();
         let n = pairs.len().min(src.len());
@@ -1083,6 +1095,8 @@ fn f32s_mut<T: WithDType>(v: &mut [T]) -> &mut [f32] {
 enum InputGrad<'a, T: Clone> {
     Transposed(Geometry, Prepared<'a, T>),
     Folded(&'a [T]),
+    /// Strided on AVX-512 (f32): direct convolutions of dy per phase of the input.
+    Strided(Box<StridedGrad>),
 }
 
 /// The output positions `0..out` whose source `o + d` lies in `0..len`.
@@ -1693,6 +1707,14 @@ mod tests {
                 "{c} {h} {w} {o} {k} {s} {p}"
             );
             assert!(g.direct::<f64>().is_none());
+            // strided with a multiple of 8 input channels: the input gradient per phase too
+            let kernel = vec![0f32; o * c * k * k];
+            let strided = matches!(g.input_grad(&kernel), InputGrad::Strided(_));
+            assert_eq!(
+                strided,
+                on && s == 2 && c % 8 == 0,
+                "{c} {h} {w} {o} {k} {s} {p}"
+            );
         }
         for (c, h, w, o, k, s, p) in [
             (8, 8, 8, 8, 1, 1, 0),

@@ -19,7 +19,7 @@
 //! is about 240), where im2col and the product's own repacking of it cost about a fifth of the
 //! convolutions' time. `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
 
-use super::conv::gather_every;
+use super::conv::{gather_every, scatter_every};
 use candle_core::WithDType;
 
 /// Output channels per tile (the broadcast weights of one tap).
@@ -72,7 +72,13 @@ impl Direct {
                 2 => (kh == 3 && p == 1) || (kh == 1 && p == 0),
                 _ => false,
             };
-        if !kernel || o % NK != 0 || c == 0 || h * w == 0 || h + 2 * p < kh || w + 2 * p < kw {
+        if !kernel
+            || !o.is_multiple_of(NK)
+            || c == 0
+            || h * w == 0
+            || h + 2 * p < kh
+            || w + 2 * p < kw
+        {
             return None;
         }
         let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
@@ -308,6 +314,85 @@ impl Direct {
         }
     }
 
+    /// The input gradient of this strided convolution as direct convolutions per phase
+    /// (`StridedGrad`), for a kernel [O, C, K, K]; stride 1 (the transposed forward) and input
+    /// channels not a multiple of 8 have none.
+    pub(super) fn input_grad(&self, k: &[f32]) -> Option<StridedGrad> {
+        if self.s == 1 || !self.c.is_multiple_of(NK) {
+            return None;
+        }
+        let (s, p, kk, o, c) = (self.s as isize, self.p as isize, self.k, self.o, self.c);
+        // input row a * s + Y receives kernel row ky from output row Y + (a + p - ky) / s
+        let shift = |a: usize, kt: usize| {
+            let t = a as isize + p - kt as isize;
+            (t.rem_euclid(s) == 0).then_some(t.div_euclid(s))
+        };
+        let mut taps = vec![Vec::new(); self.s * self.s];
+        for (phase, list) in taps.iter_mut().enumerate() {
+            let (a, b) = (phase / self.s, phase % self.s);
+            for ky in 0..kk {
+                for kx in 0..kk {
+                    if let (Some(dy), Some(dx)) = (shift(a, ky), shift(b, kx)) {
+                        list.push((ky * kk + kx, dy, dx));
+                    }
+                }
+            }
+        }
+        let all = taps.iter().flatten();
+        let max_dy = all.clone().map(|t| t.1.unsigned_abs()).max().unwrap_or(0);
+        let max_dx = all.clone().map(|t| t.2.unsigned_abs()).max().unwrap_or(0);
+        let lo = all.clone().map(|t| t.2).min().unwrap_or(0).min(0);
+        let hi = all.map(|t| t.2).max().unwrap_or(0).max(0);
+        let cols = (hi - lo + 1) as usize;
+        let margin = (max_dy + self.ph - self.oh) * self.pw + max_dx;
+        let (lp, pw) = (self.ph * self.pw, self.pw as isize);
+        let mut masks = vec![0u16; lp.div_ceil(LANES) * cols];
+        for v in 0..lp.div_ceil(LANES) {
+            for col in 0..cols {
+                for i in 0..LANES {
+                    let q = v * LANES + i;
+                    let x = (q as isize % pw) + lo + col as isize;
+                    if q < lp && (0..pw).contains(&x) {
+                        masks[v * cols + col] |= 1 << i;
+                    }
+                }
+            }
+        }
+        let phases = taps
+            .iter()
+            .map(|list| {
+                let at = list
+                    .iter()
+                    .map(|&(_, dy, dx)| {
+                        (
+                            (margin as isize + dy * pw + dx) as usize,
+                            (dx - lo) as usize,
+                        )
+                    })
+                    .collect();
+                let mut wk = Vec::with_capacity(c * o * list.len());
+                for cb in 0..c / NK {
+                    for ki in 0..o {
+                        for &(t, _, _) in list {
+                            for j in 0..NK {
+                                wk.push(k[(ki * c + cb * NK + j) * kk * kk + t]);
+                            }
+                        }
+                    }
+                }
+                (at, wk)
+            })
+            .collect();
+        Some(StridedGrad {
+            d: *self,
+            phases,
+            margin,
+            lo,
+            masks,
+            cols,
+        })
+    }
+
     /// Whether `kernel_grad` takes this shape (3x3 kernels: its 24 sums, 3 kernel columns by 8
     /// output channels, and the 3 loaded pixel vectors fill the registers).
     pub(super) fn has_kernel_grad(&self) -> bool {
@@ -373,6 +458,120 @@ impl Direct {
                         // and `dy`.
                         unsafe { row.run(&mut out[at..at + k * NK], first > 0) };
                     }
+                }
+            }
+        }
+    }
+}
+
+/// One input phase's taps (offset in a dy plane of the copy, mask column) and kernel.
+type PhaseTaps = (Vec<(usize, usize)>, Vec<f32>);
+
+/// The input gradient of a strided direct convolution (`Direct::input_grad`): for each phase
+/// (a, b) of the input, the taps that land there make a stride-1 convolution of dy, written
+/// into that phase's plane; the planes are then interleaved into the image.
+pub(super) struct StridedGrad {
+    d: Direct,
+    /// Per phase: each tap's offset in a dy plane of the copy (margin included) and its mask
+    /// column, and the kernel [C / 8][O][taps][8]; no taps, no gradient there.
+    phases: Vec<PhaseTaps>,
+    /// Zero values around each dy plane, and the smallest column shift.
+    margin: usize,
+    lo: isize,
+    /// `[vector of a phase plane][column shift]`.
+    masks: Vec<u16>,
+    cols: usize,
+}
+
+impl StridedGrad {
+    /// dy planes (`oh * ow` plus margins) between two starts.
+    fn stride(&self) -> usize {
+        self.d.oh * self.d.pw + 2 * self.margin
+    }
+    fn plane(&self) -> usize {
+        self.d.ph * self.d.pw
+    }
+    /// Values of the scratch `run` takes: the dy copy, the phase planes of the gradient.
+    pub(super) fn scratch_len(&self) -> (usize, usize) {
+        let d = &self.d;
+        (d.o * self.stride() + LANES, d.s * d.s * d.c * self.plane())
+    }
+
+    /// The input gradient `dimg` [C, H, W] of one image from its output gradient `g`
+    /// [O, OH*OW], with scratch of `scratch_len()` values.
+    pub(super) fn run(&self, buf: &mut [f32], planes: &mut [f32], g: &[f32], dimg: &mut [f32]) {
+        let d = &self.d;
+        let (l, lp, stride, m) = (d.l(), self.plane(), self.stride(), self.margin);
+        assert!(
+            g.len() >= d.o * l
+                && dimg.len() >= d.c * d.h * d.w
+                && buf.len() >= d.o * stride + LANES
+                && planes.len() >= d.s * d.s * d.c * lp,
+            "strided input gradient: operands do not match the shape {d:?}"
+        );
+        for (ki, dst) in buf[..d.o * stride].chunks_exact_mut(stride).enumerate() {
+            dst[..m].fill(0.0);
+            dst[m..m + l].copy_from_slice(&g[ki * l..][..l]);
+            dst[m + l..].fill(0.0);
+        }
+        let nv = lp.div_ceil(LANES);
+        for (phase, (taps, wk)) in self.phases.iter().enumerate() {
+            if taps.is_empty() {
+                continue;
+            }
+            let out = &mut planes[phase * d.c * lp..][..d.c * lp];
+            for kb in 0..d.c / NK {
+                let wk = &wk[kb * d.o * taps.len() * NK..][..d.o * taps.len() * NK];
+                let mut v0 = 0;
+                while v0 < nv {
+                    let nvec = (nv - v0).min(3);
+                    let tile = Tile {
+                        c: d.o,
+                        k: 0,
+                        w: d.pw,
+                        stride,
+                        wk,
+                        masks: &self.masks[v0 * self.cols..],
+                        cols: self.cols,
+                        keep: (-self.lo) as usize,
+                        taps,
+                    };
+                    let x = &buf[v0 * LANES..];
+                    let y = &mut out[kb * NK * lp + v0 * LANES..];
+                    // SAFETY: `available()` held when the shape was built (AVX-512 F and VL);
+                    // the assertion above and the margins keep every unmasked load inside
+                    // `buf` and every unmasked store inside `out`.
+                    unsafe {
+                        match nvec {
+                            3 => tile.run_taps::<3>(x, y, lp),
+                            2 => tile.run_taps::<2>(x, y, lp),
+                            _ => tile.run_taps::<1>(x, y, lp),
+                        }
+                    }
+                    v0 += nvec;
+                }
+            }
+        }
+        // interleave the phases into the image; pixels no tap reaches have no gradient
+        let (s, h, w, pw) = (d.s, d.h, d.w, d.pw);
+        if self.phases.iter().any(|(t, _)| t.is_empty()) {
+            dimg.fill(0.0);
+        }
+        for (phase, (taps, _)) in self.phases.iter().enumerate() {
+            if taps.is_empty() {
+                continue;
+            }
+            let (a, b) = (phase / s, phase % s);
+            let count = (w - b.min(w)).div_ceil(s);
+            for ci in 0..d.c {
+                let plane = &planes[(phase * d.c + ci) * lp..][..lp];
+                for (i, src) in plane.chunks_exact(pw).enumerate() {
+                    let y = i * s + a;
+                    if y >= h {
+                        break;
+                    }
+                    let dst = &mut dimg[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
+                    scatter_every(&src[..count], s, dst);
                 }
             }
         }
