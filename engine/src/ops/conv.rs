@@ -1,7 +1,8 @@
-//! 2-D convolution on CPU. Stride-1 "same" convolutions (3x3, 5x5, 7x7, a multiple of 8 output
-//! channels) in f32 on CPUs with AVX-512 run as a direct convolution (`direct.rs`): forward,
-//! input gradient and (3x3) kernel gradient read each image in place from one copy with zero
-//! margins. Otherwise, per image, im2col into a reused buffer and one matrix product that writes
+//! 2-D convolution on CPU. Stride-1 "same" convolutions (3x3, 5x5, 7x7) and stride-2
+//! downsampling (3x3 padding 1, 1x1) with a multiple of 8 output channels, in f32 on CPUs with
+//! AVX-512, run as a direct convolution (`direct.rs`): forward, input gradient and (3x3) kernel
+//! gradient read each image from one copy with zero margins (phase planes for stride 2).
+//! Otherwise, per image, im2col into a reused buffer and one matrix product that writes
 //! the NCHW output directly; for stride-1 layers with at most 16 output channels the products
 //! read the unfolded image in place from a padded copy instead (`Geometry::implicit`).
 //! Strided convolutions split each image once into phase planes (every s-th row and column), so

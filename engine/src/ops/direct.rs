@@ -1,23 +1,30 @@
-//! Direct convolution for stride-1 "same" convolutions (3x3, 5x5 or 7x7 kernel, padding `k / 2`)
-//! in f32 on CPUs with AVX-512 (F and VL): no im2col, no padded copy per kernel column, no
-//! product that packs its operands again. Each image is copied once into planes with zero
-//! margins above and below (a batch norm + ReLU prologue applied on the way).
+//! Direct convolution in f32 on CPUs with AVX-512 (F and VL) for stride-1 "same" convolutions
+//! (3x3, 5x5 or 7x7 kernel, padding `k / 2`) and stride-2 downsampling (3x3 with padding 1, 1x1
+//! without): no im2col, no padded copy per kernel column, no product that packs its operands
+//! again. Each image is copied once into planes with zero margins above and below (a batch norm +
+//! ReLU prologue applied on the way); a strided image is split once into its phase planes (every
+//! other row and column), whose rows are as wide as the output's, so every tap is again one
+//! shifted read of one plane.
 //!
-//! - Forward (and the input gradient, the forward of the transposed geometry): a tile of the
-//!   output, 16 to 48 consecutive pixels of the flattened image by 8 output channels, is summed
-//!   in 24 vector registers over every input channel and kernel tap; each tap is one masked load
-//!   of the plane shifted by `(ky - p) * w + (kx - p)` and 8 broadcast weights. The margins make
+//! - Forward (and the stride-1 input gradient, the forward of the transposed geometry): a tile of
+//!   the output, 16 to 48 consecutive pixels of the flattened image by 8 output channels, is
+//!   summed in 24 vector registers over every input channel and kernel tap; each tap is one
+//!   masked load of a plane shifted by `dy * w + dx` and 8 broadcast weights. The margins make
 //!   the rows above and below the image read zero; the mask zeroes the lanes whose column
 //!   wrapped around the row's edge, and the pixels past the image's end.
+//! - Strided input gradient (`StridedGrad`): for each phase of the input, the taps that land
+//!   there make a stride-1 convolution of dy, written into that phase's plane with the same
+//!   tiles; the planes are then interleaved into the image.
 //! - Kernel gradient (3x3): for 8 output channels, one input channel and one kernel row, 24
 //!   vector sums (3 kernel columns by 8 channels) run over the pixels of a pass of images, the
 //!   3 shifted pixel vectors held and each output-gradient vector loaded once; the lanes are
 //!   added at the end of each pass. Passes and groups are fixed by the shapes, so the result
 //!   does not depend on the thread count.
 //!
-//! Both run at about 225 GFLOP/s per core in a ResNet-20 step (the `gemm` crate's best product
-//! is about 240), where im2col and the product's own repacking of it cost about a fifth of the
-//! convolutions' time. `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
+//! In criterion (`cargo bench --bench kernels -- conv/`) the stride-1 layers run at 91-108% of
+//! the `gemm` crate's 2048^3 product rate forward and 77-86% for the kernel gradient, where
+//! im2col and the product's own repacking of it cost about a fifth of the convolutions' time.
+//! `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
 
 use super::conv::{gather_every, scatter_every};
 use candle_core::WithDType;

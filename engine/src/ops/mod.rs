@@ -2,19 +2,19 @@
 //! replace them without touching a model: convolution, pooling, batch norm, losses.
 //!
 //! On CPU (f32 and f64) every op here is a candle custom op with its own backward, parallel over
-//! both cores with rayon: convolution (a direct convolution of our own for stride-1 "same"
-//! layers in f32 on AVX-512 CPUs, `direct.rs`; otherwise per image im2col + one matrix product
-//! from the `gemm` crate; the input gradient of stride-1 convolutions is itself a forward
-//! convolution; the kernel gradient is summed in a fixed order so results do not depend on the
-//! thread count), batch norm
-//! with an optional fused ReLU or fused with a residual join `relu(bn(x) + r)`, the residual
-//! `relu(a + b)`, max/average pooling of any kernel, stride and padding, global average pooling,
-//! and softmax cross entropy with hard or soft targets. Backward passes read their inputs in
-//! place and compute only the gradients the graph needs; outputs are written chunk by chunk in
-//! parallel (`par_new`) without zeroing the whole buffer first. On other devices the models use
-//! candle's own ops. `benches/kernels.rs` measures each. On CPUs without AVX-512, 3x3 stride-1
-//! convolutions with 64 channels or more (and so their input gradients) run as Winograd
-//! F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it off).
+//! both cores with rayon: convolution (a direct convolution of our own for stride-1 "same" and
+//! stride-2 downsampling layers in f32 on AVX-512 CPUs, `direct.rs`; otherwise per image im2col +
+//! one matrix product from the `gemm` crate; the input gradient of stride-1 convolutions is
+//! itself a forward convolution; the kernel gradient is summed in a fixed order so results do not
+//! depend on the thread count), batch norm with an optional fused ReLU or fused with a residual
+//! join `relu(bn(x) + r)`, the residual `relu(a + b)`, max/average pooling of any kernel, stride
+//! and padding, global average pooling, and softmax cross entropy with hard or soft targets.
+//! Backward passes read their inputs in place and compute only the gradients the graph needs;
+//! outputs are written chunk by chunk in parallel (`par_new`) without zeroing the whole buffer
+//! first. On other devices the models use candle's own ops. `benches/kernels.rs` measures each.
+//! On CPUs without AVX-512, 3x3 stride-1 convolutions with 64 channels or more (and so their
+//! input gradients) run as Winograd F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it
+//! off).
 
 /// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
 /// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.
