@@ -8,7 +8,9 @@
 //! Strided convolutions split each image once into phase planes (every s-th row and column), so
 //! im2col is contiguous copies there too. The input gradient of a stride-1 convolution is the
 //! forward convolution of dy with the flipped, transposed kernel (same code, same speed); of a
-//! strided one, the transposed product folded back with col2im. The kernel gradient is the
+//! strided one, direct convolutions of dy per phase of the input where the direct path applies
+//! (`direct::StridedGrad`), else the transposed product folded back with col2im. The kernel
+//! gradient is the
 //! product cols dy^T per image (or in place from a channel-last padded copy,
 //! `Geometry::implicit_kernel`), summed in groups fixed by the shapes, so it does not depend on
 //! the thread count. Gradients are computed by ops reading the tensors in place, and only those
@@ -450,9 +452,12 @@ impl Geometry {
     }
 
     /// The direct convolution of this geometry (`direct.rs`), where it applies: f32, AVX-512,
-    /// stride 1, an odd square kernel with "same" padding, a multiple of 8 output channels.
+    /// a multiple of 8 output channels, stride 1 with a 3x3, 5x5 or 7x7 kernel and "same"
+    /// padding or stride 2 with 3x3 padding 1 or 1x1 (`Direct::new`); not where Winograd is
+    /// forced on (`RECIPE_WINOGRAD=1`), so the forward and its input gradient take one path.
     fn direct<T: WithDType>(&self) -> Option<Direct> {
-        if TypeId::of::<T>() != TypeId::of::<f32>() || im2col_forced() {
+        if TypeId::of::<T>() != TypeId::of::<f32>() || im2col_forced() || self.winograd().is_some()
+        {
             return None;
         }
         Direct::new(
@@ -465,9 +470,10 @@ impl Geometry {
     /// [ky][o][c][kx] when the convolution runs in place (`implicit`), else as it is (borrowed).
     fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
         if let Some(d) = self.direct::<T>() {
+            let kernel = Cow::Owned(d.kernel(&k));
             return Prepared {
-                path: Path::Direct(Box::new(d), d.masks()),
-                kernel: Cow::Owned(d.kernel(&k)),
+                path: Path::Direct(Box::new(d)),
+                kernel,
             };
         }
         if !self.implicit() {
@@ -496,7 +502,7 @@ impl Geometry {
                 vec![T::zero(); self.o * self.wide()],
             ),
             Path::Im2col => (self.scratch(), Vec::new()),
-            Path::Direct(d, _) => (vec![T::zero(); d.buf_len()], Vec::new()),
+            Path::Direct(d) => (vec![T::zero(); d.buf_len()], Vec::new()),
         }
     }
 
@@ -536,12 +542,12 @@ impl Geometry {
         let (o, ckk, l) = (self.o, self.ckk(), self.l());
         let k: &[T] = &how.kernel;
         match &how.path {
-            Path::Direct(d, masks) => {
+            Path::Direct(d) => {
                 match prologue {
                     None => d.pad(img, buf, |_, v| v),
                     Some((st, _)) => d.pad(img, buf, |ci, v| bn_relu(v, st[ci])),
                 }
-                d.run(f32s(k), masks, f32s(buf), f32s_mut(y));
+                d.run(f32s(k), f32s(buf), f32s_mut(y));
             }
             Path::Implicit => {
                 let rows = k;
@@ -672,7 +678,9 @@ impl Geometry {
     /// How the input gradient of one image is computed. Stride 1 with a square kernel: the
     /// "full" convolution of dy with the flipped, transposed kernel, which is a forward
     /// convolution (`conv_image` of the transposed geometry, as fast as the forward pass).
-    /// Otherwise: cols' gradient = K^T dy, folded back with col2im.
+    /// Strided with the direct path (f32, AVX-512, a multiple of 8 input channels): direct
+    /// convolutions of dy per phase of the input (`StridedGrad`). Otherwise: cols' gradient =
+    /// K^T dy, folded back with col2im.
     fn input_grad<'a, T: WithDType>(&self, k: &'a [T]) -> InputGrad<'a, T> {
         if self.s == 1 && self.kh == self.kw && self.p < self.kh {
             let transposed = Geometry {
@@ -723,8 +731,8 @@ impl Geometry {
                 let (buf, planes) = (f32s_mut(&mut bufs.0), f32s_mut(&mut bufs.1));
                 sg.run(buf, planes, f32s(g), f32s_mut(dimg));
             }
-            // strided or otherwise not "full"-convolvable; never pointwise (`input_grad` sends
-            // those to the transposed forward)
+            // strided without the direct path, or otherwise not "full"-convolvable; never
+            // pointwise (`input_grad` sends those to the transposed forward)
             InputGrad::Folded(k) => {
                 let (o, ckk, l) = (self.o, self.ckk(), self.l());
                 let (dcols, scratch) = bufs.0.split_at_mut(ckk * l);
@@ -906,7 +914,6 @@ impl Geometry {
         if let Some(d) = self.direct::<T>().filter(|d| d.has_kernel_grad()) {
             // the direct kernel gradient: each group's images copied with margins (through
             // the prologue), then summed by `Direct::kernel_grad`
-            let masks = d.masks();
             let len = d.buf_len();
             partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
                 || vec![T::zero(); group * len],
@@ -921,7 +928,7 @@ impl Geometry {
                         }
                     }
                     let g = &dy[first * o * l..(first + images) * o * l];
-                    d.kernel_grad(&masks, f32s(xbuf), images, f32s(g), f32s_mut(acc));
+                    d.kernel_grad(f32s(xbuf), images, f32s(g), f32s_mut(acc));
                 },
             );
             return self.kernel_from_partials(&partials, true);
@@ -1064,8 +1071,8 @@ enum Path {
     /// The products read the unfolded image in place (`Geometry::implicit`); the kernel
     /// rearranged as [ky][o][c][kx].
     Implicit,
-    /// The direct convolution (`direct.rs`) with its load masks; the kernel in its tiles.
-    Direct(Box<Direct>, Vec<u16>),
+    /// The direct convolution (`direct.rs`); the kernel in its tiles.
+    Direct(Box<Direct>),
 }
 
 /// `v` as f32 values (the direct convolution's paths are taken only when T is f32).
@@ -1645,6 +1652,11 @@ mod tests {
             (2, 8, 7, 9, 8, 3, 2, 1),
             (1, 4, 9, 7, 16, 1, 2, 0),
             (20, 3, 50, 50, 8, 3, 2, 1),
+            // strided with one-pixel rows or columns; a kernel gradient whose passes of images
+            // do not divide its group (12x12: 7 images a pass, 10 a group)
+            (1, 8, 1, 1, 8, 3, 2, 1),
+            (1, 8, 3, 1, 8, 1, 2, 0),
+            (160, 8, 12, 12, 8, 3, 1, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();

@@ -38,7 +38,7 @@ const LANES: usize = 16;
 /// multiple of `NK`), a `k x k` kernel, stride `s`, padding `p`. For stride 2 the image is split
 /// into its phase planes (every other row and column, `ph x pw`), whose rows are as wide as the
 /// output's, so every tap is again one shifted read of one plane.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Direct {
     c: usize,
     h: usize,
@@ -54,6 +54,45 @@ pub(super) struct Direct {
     /// (`dx_range()`), kept from `new`.
     margin: usize,
     dx: (isize, usize),
+    /// The load masks (`lane_masks`), built by `new` with the shape: the tiles' reads are in
+    /// bounds because of them, so they are never taken from outside.
+    masks: Vec<u16>,
+}
+
+/// The load masks of `l` output pixels in rows of `pw`, `[vector][column shift]` for the
+/// shifts `lo..lo + cols` (`dx`): lane i of vector v (pixel `q = 16 v + i`) is read at shift
+/// `dx` when `q` is a pixel and its column `q % pw + dx` lies in the row.
+fn lane_masks(l: usize, pw: usize, (lo, cols): (isize, usize)) -> Vec<u16> {
+    let mut m = vec![0u16; l.div_ceil(LANES) * cols];
+    for (v, vm) in m.chunks_exact_mut(cols).enumerate() {
+        for (col, mask) in vm.iter_mut().enumerate() {
+            for i in 0..LANES {
+                let q = v * LANES + i;
+                let x = (q % pw) as isize + lo + col as isize;
+                if q < l && (0..pw as isize).contains(&x) {
+                    *mask |= 1 << i;
+                }
+            }
+        }
+    }
+    m
+}
+
+/// Output tiles of up to 3 vectors over `nv` vectors, as (first vector, vectors); a remainder
+/// of 1 as two tiles of 2 (a tile of 1 is load-bound).
+fn tiles(nv: usize) -> Vec<(usize, usize)> {
+    let mut tiles = Vec::with_capacity(nv / 3 + 2);
+    let mut v = 0;
+    while v < nv {
+        let take = match nv - v {
+            r if r >= 5 || r == 3 => 3,
+            4 => 2,
+            r => r,
+        };
+        tiles.push((v, take));
+        v += take;
+    }
+    tiles
 }
 
 /// Where one kernel tap reads: phase plane `a * s + b`, shifted by `(dy, dx)` in it.
@@ -62,6 +101,14 @@ struct Tap {
     phase: usize,
     dy: isize,
     dx: isize,
+}
+
+impl Tap {
+    /// Where the tap reads output pixel 0 in a plane with `margin` zeros before it and rows of
+    /// `pw` (never before the plane's margin).
+    fn at(&self, margin: usize, pw: usize) -> usize {
+        (margin as isize + self.dy * pw as isize + self.dx) as usize
+    }
 }
 
 impl Direct {
@@ -103,6 +150,7 @@ impl Direct {
             oh,
             margin: 0,
             dx: (0, 0),
+            masks: Vec::new(),
         };
         let max = |f: fn(&Tap) -> isize| d.taps().iter().map(|t| f(t).unsigned_abs()).max();
         d.margin = max(|t| t.dy).unwrap_or(0) * pw + max(|t| t.dx).unwrap_or(0);
@@ -112,6 +160,8 @@ impl Direct {
             lo.unwrap_or(0),
             (hi.unwrap_or(0) - lo.unwrap_or(0) + 1) as usize,
         );
+        d.masks = lane_masks(d.l(), pw, d.dx);
+        // always so for the kernels above; flat indexing of the output rows rests on it
         (ow == pw && oh <= ph && available()).then_some(d)
     }
 
@@ -181,27 +231,6 @@ impl Direct {
         out
     }
 
-    /// The load masks, `[vector][column shift]`: lane i of vector v (output pixel `q = 16 v +
-    /// i`) is read at column shift `dx` when `q` is a pixel and its column `q % pw + dx` lies
-    /// in the plane's row.
-    pub(super) fn masks(&self) -> Vec<u16> {
-        let (l, pw) = (self.l(), self.pw);
-        let (lo, cols) = self.dx_range();
-        let mut m = vec![0u16; self.vectors() * cols];
-        for v in 0..self.vectors() {
-            for col in 0..cols {
-                for i in 0..LANES {
-                    let q = v * LANES + i;
-                    let x = (q % pw) as isize + lo + col as isize;
-                    if q < l && (0..pw as isize).contains(&x) {
-                        m[v * cols + col] |= 1 << i;
-                    }
-                }
-            }
-        }
-        m
-    }
-
     /// Writes one image [C, H, W] into `buf` (`buf_len()` values): the plane of phase
     /// `a * s + b` and channel `ci` at `((a * s + b) * C + ci) * stride() + margin()` (for
     /// stride 1 the image's own planes), zero margins and zero past the image, each value
@@ -245,46 +274,32 @@ impl Direct {
     }
 
     /// The convolution of one image from its copy `buf` (`pad`) with a kernel from `kernel`,
-    /// into `y` [O, OH*OW]; `masks` from `masks`.
-    pub(super) fn run(&self, kernel: &[f32], masks: &[u16], buf: &[f32], y: &mut [f32]) {
+    /// into `y` [O, OH*OW].
+    pub(super) fn run(&self, kernel: &[f32], buf: &[f32], y: &mut [f32]) {
         let (kk, l, cols) = (self.k * self.k, self.l(), self.dx_range().1);
         assert!(
             kernel.len() == self.o * self.c * kk
-                && masks.len() == self.vectors() * cols
                 && buf.len() >= self.buf_len()
                 && y.len() >= self.o * l,
             "direct convolution: operands do not match the shape {self:?}"
         );
-        // tiles of 3 vectors; a remainder of 1 as two tiles of 2 (a tile of 1 is load-bound)
-        let nv = self.vectors();
-        let mut tiles: Vec<(usize, usize)> = Vec::with_capacity(nv / 3 + 2);
-        let mut v = 0;
-        while v < nv {
-            let take = match nv - v {
-                r if r >= 5 || r == 3 => 3,
-                4 => 2,
-                r => r,
-            };
-            tiles.push((v, take));
-            v += take;
-        }
+        let masks = &self.masks;
         // strided: each tap's offset from its channel's first plane, and its mask column
-        let (lo, m, stride) = (self.dx_range().0, self.margin() as isize, self.stride());
+        let (lo, stride) = (self.dx_range().0, self.stride());
         let taps: Vec<(usize, usize)> = match self.s {
             1 => Vec::new(),
             _ => self
                 .taps()
                 .iter()
                 .map(|t| {
-                    let plane = (t.phase * self.c * stride) as isize;
-                    let at = plane + m + t.dy * self.pw as isize + t.dx;
-                    (at as usize, (t.dx - lo) as usize)
+                    let plane = t.phase * self.c * stride;
+                    (plane + t.at(self.margin(), self.pw), (t.dx - lo) as usize)
                 })
                 .collect(),
         };
         for kb in 0..self.o / NK {
             let wk = &kernel[kb * self.c * kk * NK..][..self.c * kk * NK];
-            for &(v0, nvec) in &tiles {
+            for (v0, nvec) in tiles(self.vectors()) {
                 let tile = Tile {
                     c: self.c,
                     k: self.k,
@@ -298,15 +313,18 @@ impl Direct {
                 };
                 let y = &mut y[kb * NK * l + v0 * LANES..];
                 // SAFETY: `available()` held when `new` built this shape (AVX-512 F and VL);
-                // the assertion above keeps every unmasked load inside `buf` (planes plus
-                // margins plus one vector of slack) and every unmasked store inside `y`.
+                // with the shape's own masks, the assertion above keeps every unmasked load
+                // inside `buf` (planes plus margins plus one vector of slack) and every
+                // unmasked store inside `y`.
                 unsafe {
                     if self.s == 1 {
-                        let x = &buf[self.margin() + v0 * LANES..];
+                        // the whole copy, the tile's first pixel at `origin` (the taps read
+                        // up to a margin before it)
+                        let origin = self.margin() + v0 * LANES;
                         match nvec {
-                            3 => tile.run::<3>(x, y, l),
-                            2 => tile.run::<2>(x, y, l),
-                            _ => tile.run::<1>(x, y, l),
+                            3 => tile.run::<3>(buf, origin, y, l),
+                            2 => tile.run::<2>(buf, origin, y, l),
+                            _ => tile.run::<1>(buf, origin, y, l),
                         }
                     } else {
                         let x = &buf[v0 * LANES..];
@@ -324,11 +342,11 @@ impl Direct {
     /// The input gradient of this strided convolution as direct convolutions per phase
     /// (`StridedGrad`), for a kernel [O, C, K, K]; stride 1 (the transposed forward) and input
     /// channels not a multiple of 8 have none.
-    pub(super) fn input_grad(&self, k: &[f32]) -> Option<StridedGrad> {
+    pub(super) fn input_grad(&self, kernel: &[f32]) -> Option<StridedGrad> {
         if self.s == 1 || !self.c.is_multiple_of(NK) {
             return None;
         }
-        let (s, p, kk, o, c) = (self.s as isize, self.p as isize, self.k, self.o, self.c);
+        let (s, p, k, o, c) = (self.s as isize, self.p as isize, self.k, self.o, self.c);
         // input row a * s + Y receives kernel row ky from output row Y + (a + p - ky) / s
         let shift = |a: usize, kt: usize| {
             let t = a as isize + p - kt as isize;
@@ -337,10 +355,10 @@ impl Direct {
         let mut taps = vec![Vec::new(); self.s * self.s];
         for (phase, list) in taps.iter_mut().enumerate() {
             let (a, b) = (phase / self.s, phase % self.s);
-            for ky in 0..kk {
-                for kx in 0..kk {
+            for ky in 0..k {
+                for kx in 0..k {
                     if let (Some(dy), Some(dx)) = (shift(a, ky), shift(b, kx)) {
-                        list.push((ky * kk + kx, dy, dx));
+                        list.push((ky * k + kx, dy, dx));
                     }
                 }
             }
@@ -351,20 +369,10 @@ impl Direct {
         let lo = all.clone().map(|t| t.2).min().unwrap_or(0).min(0);
         let hi = all.map(|t| t.2).max().unwrap_or(0).max(0);
         let cols = (hi - lo + 1) as usize;
+        // (ph - oh is 0 for the kernels `new` takes; kept so a taller phase plane reads zeros)
         let margin = (max_dy + self.ph - self.oh) * self.pw + max_dx;
         let (lp, pw) = (self.ph * self.pw, self.pw as isize);
-        let mut masks = vec![0u16; lp.div_ceil(LANES) * cols];
-        for v in 0..lp.div_ceil(LANES) {
-            for col in 0..cols {
-                for i in 0..LANES {
-                    let q = v * LANES + i;
-                    let x = (q as isize % pw) + lo + col as isize;
-                    if q < lp && (0..pw).contains(&x) {
-                        masks[v * cols + col] |= 1 << i;
-                    }
-                }
-            }
-        }
+        let masks = lane_masks(lp, self.pw, (lo, cols));
         let phases = taps
             .iter()
             .map(|list| {
@@ -382,7 +390,7 @@ impl Direct {
                     for ki in 0..o {
                         for &(t, _, _) in list {
                             for j in 0..NK {
-                                wk.push(k[(ki * c + cb * NK + j) * kk * kk + t]);
+                                wk.push(kernel[(ki * c + cb * NK + j) * k * k + t]);
                             }
                         }
                     }
@@ -391,7 +399,7 @@ impl Direct {
             })
             .collect();
         Some(StridedGrad {
-            d: *self,
+            d: self.clone(),
             phases,
             margin,
             lo,
@@ -412,25 +420,18 @@ impl Direct {
     /// Each sum runs over passes of images in order (as many as keep a pass's output gradients
     /// in L1), 16 lanes of pixels at a time, its lanes added at the end of each pass: the result
     /// depends on the shapes only.
-    pub(super) fn kernel_grad(
-        &self,
-        masks: &[u16],
-        xbuf: &[f32],
-        images: usize,
-        dy: &[f32],
-        out: &mut [f32],
-    ) {
+    pub(super) fn kernel_grad(&self, xbuf: &[f32], images: usize, dy: &[f32], out: &mut [f32]) {
         let (c, k, l) = (self.c, self.k, self.l());
         let (lo, cols) = self.dx_range();
+        let masks = &self.masks;
         assert!(
             self.has_kernel_grad()
-                && masks.len() == self.vectors() * cols
                 && xbuf.len() >= images * self.buf_len()
                 && dy.len() >= images * self.o * l
                 && out.len() == self.o * c * k * k,
             "direct kernel gradient: operands do not match the shape {self:?}"
         );
-        let (taps, m, stride) = (self.taps(), self.margin() as isize, self.stride());
+        let (taps, stride) = (self.taps(), self.stride());
         // images per pass: the 8 channels' output gradients of a pass, read again for every
         // input channel and kernel row, stay within 32 KB (the L1 cache)
         let chunk = (1024 / l).clamp(1, images.max(1));
@@ -442,9 +443,8 @@ impl Direct {
                         // where the row's taps read in image `first`'s copy, and their masks
                         let tap = |kx: usize| {
                             let t = taps[ky * k + kx];
-                            let plane = ((t.phase * c + ci) * stride) as isize;
-                            let at = plane + m + t.dy * self.pw as isize + t.dx;
-                            (at as usize, (t.dx - lo) as usize)
+                            let plane = (t.phase * c + ci) * stride;
+                            (plane + t.at(self.margin(), self.pw), (t.dx - lo) as usize)
                         };
                         let row = GradRow {
                             x: &xbuf[first * self.buf_len()..],
@@ -461,8 +461,9 @@ impl Direct {
                         };
                         let at = ((kb * c + ci) * k + ky) * k * NK;
                         // SAFETY: `available()` held when `new` built this shape (AVX-512 F
-                        // and VL); the assertion above keeps every unmasked load inside `xbuf`
-                        // and `dy`.
+                        // and VL); with the shape's own masks, the assertion above keeps every
+                        // unmasked load inside `xbuf` and `dy` (masked-off lanes, which may
+                        // point past `dy`, are not read: masked loads do not touch them).
                         unsafe { row.run(&mut out[at..at + k * NK], first > 0) };
                     }
                 }
@@ -521,7 +522,6 @@ impl StridedGrad {
             dst[m..m + l].copy_from_slice(&g[ki * l..][..l]);
             dst[m + l..].fill(0.0);
         }
-        let nv = lp.div_ceil(LANES);
         for (phase, (taps, wk)) in self.phases.iter().enumerate() {
             if taps.is_empty() {
                 continue;
@@ -529,9 +529,7 @@ impl StridedGrad {
             let out = &mut planes[phase * d.c * lp..][..d.c * lp];
             for kb in 0..d.c / NK {
                 let wk = &wk[kb * d.o * taps.len() * NK..][..d.o * taps.len() * NK];
-                let mut v0 = 0;
-                while v0 < nv {
-                    let nvec = (nv - v0).min(3);
+                for (v0, nvec) in tiles(lp.div_ceil(LANES)) {
                     let tile = Tile {
                         c: d.o,
                         k: 0,
@@ -555,7 +553,6 @@ impl StridedGrad {
                             _ => tile.run_taps::<1>(x, y, lp),
                         }
                     }
-                    v0 += nvec;
                 }
             }
         }
@@ -603,7 +600,7 @@ struct GradRow<'a> {
     dy_image: usize,
     l: usize,
     images: usize,
-    /// `[vector][column shift]`, from `Direct::masks`.
+    /// `[vector][column shift]`, the shape's own (`lane_masks`).
     masks: &'a [u16],
 }
 
@@ -613,8 +610,9 @@ impl GradRow<'_> {
     /// registers, each output gradient vector loaded once per position.
     ///
     /// # Safety
-    /// The CPU has AVX-512F and VL; the kernel is 3x3 (`masks` is `[vector][3]`); every load
-    /// unmasked by `masks` is in bounds (`Direct::kernel_grad`'s assertion).
+    /// The CPU has AVX-512F and VL; the kernel is 3x3 (3 taps per row; `masks` is
+    /// `[vector][cols]`, `mask` and `keep` columns of it); every load unmasked by `masks` is in
+    /// bounds (`Direct::kernel_grad`'s assertion and the shape's own masks).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn run(&self, out: &mut [f32], add: bool) {
@@ -703,11 +701,12 @@ impl Tile<'_> {
     ///
     /// # Safety
     /// As `run_k`.
-    unsafe fn run<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+    unsafe fn run<const NV: usize>(&self, x: &[f32], origin: usize, y: &mut [f32], l: usize) {
         match self.k {
-            3 => self.run_k::<NV, 3>(x, y, l),
-            5 => self.run_k::<NV, 5>(x, y, l),
-            _ => self.run_k::<NV, 7>(x, y, l),
+            3 => self.run_k::<NV, 3>(x, origin, y, l),
+            5 => self.run_k::<NV, 5>(x, origin, y, l),
+            7 => self.run_k::<NV, 7>(x, origin, y, l),
+            k => unreachable!("direct convolution: no tiles for {k}x{k} (`Direct::new`)"),
         }
     }
 
@@ -717,14 +716,21 @@ impl Tile<'_> {
     ///
     /// # Safety
     /// The CPU has AVX-512F and VL; `self.k == K`; `masks` holds NV * K values and `wk`
-    /// C * K * K * 8; for every vector v < NV and lane i unmasked by `masks`, the loads (for
-    /// every ci < c and tap) and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds.
+    /// C * K * K * 8; for every vector v < NV and lane i unmasked by `masks`, the loads
+    /// `x[origin + ci * stride + 16 v + i + (ky - p) w + kx - p]` (for every ci < c and tap)
+    /// and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512vl")]
     // index loops over constant ranges: unrolled, every index of `acc` is a constant and the
     // sums stay in registers
     #[allow(clippy::needless_range_loop)]
-    unsafe fn run_k<const NV: usize, const K: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+    unsafe fn run_k<const NV: usize, const K: usize>(
+        &self,
+        x: &[f32],
+        origin: usize,
+        y: &mut [f32],
+        l: usize,
+    ) {
         use std::arch::x86_64::*;
         let p = K / 2;
         let w = self.w as isize;
@@ -733,7 +739,7 @@ impl Tile<'_> {
         for (v, m) in mask.iter_mut().enumerate() {
             m.copy_from_slice(&self.masks[v * K..][..K]);
         }
-        let xp = x.as_ptr();
+        let xp = x.as_ptr().add(origin);
         let mut wp = self.wk.as_ptr();
         for ci in 0..self.c {
             let xc = xp.add(ci * self.stride);
@@ -812,7 +818,13 @@ impl Tile<'_> {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run_k<const NV: usize, const K: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+    unsafe fn run_k<const NV: usize, const K: usize>(
+        &self,
+        _x: &[f32],
+        _origin: usize,
+        _y: &mut [f32],
+        _l: usize,
+    ) {
         unreachable!("the direct convolution is built only for x86_64 (`available()`)")
     }
 }
