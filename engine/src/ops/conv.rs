@@ -317,25 +317,8 @@ impl Geometry {
             return;
         }
         // Interleave the phases back into the image; pixels no tap reads have no gradient.
-        if (0..s).any(|a| (0..s).any(|b| !used(a, b))) {
-            img.fill(T::zero());
-        }
-        for a in 0..s {
-            for b in (0..s).filter(|&b| used(a, b)) {
-                let count = (w - b.min(w)).div_ceil(s);
-                for ci in 0..c {
-                    let plane = &scratch[((a * s + b) * c + ci) * ph * pw..][..ph * pw];
-                    for (i, src) in plane.chunks_exact(pw).enumerate() {
-                        let y = i * s + a;
-                        if y >= h {
-                            break;
-                        }
-                        let dst = &mut img[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
-                        scatter_every(&src[..count], s, dst);
-                    }
-                }
-            }
-        }
+        let used = |phase: usize| used(phase / s, phase % s);
+        interleave_phases(scratch, used, (s, c, h, w), (ph, pw), img);
     }
 
     /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster: on CPUs
@@ -1039,9 +1022,39 @@ pub(super) fn gather_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
     }
 }
 
+/// Writes phase planes `[s * s][C][ph][pw]` back into an image [C, H, W]: value (i, j) of
+/// phase `a * s + b` to pixel `(i s + a, j s + b)`; the phases not `used` are zero (the image is
+/// cleared first when there are any).
+pub(super) fn interleave_phases<T: WithDType>(
+    planes: &[T],
+    used: impl Fn(usize) -> bool,
+    (s, c, h, w): (usize, usize, usize, usize),
+    (ph, pw): (usize, usize),
+    img: &mut [T],
+) {
+    if (0..s * s).any(|phase| !used(phase)) {
+        img.fill(T::zero());
+    }
+    for phase in (0..s * s).filter(|&phase| used(phase)) {
+        let (a, b) = (phase / s, phase % s);
+        let count = (w - b.min(w)).div_ceil(s);
+        for ci in 0..c {
+            let plane = &planes[(phase * c + ci) * ph * pw..][..ph * pw];
+            for (i, src) in plane.chunks_exact(pw).enumerate() {
+                let y = i * s + a;
+                if y >= h {
+                    break;
+                }
+                let dst = &mut img[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
+                scatter_every(&src[..count], s, dst);
+            }
+        }
+    }
+}
+
 /// `dst[i * s] = src[i]` for every i of `src` with `i * s` inside `dst` (the inverse of
 /// `gather_every`; the other values of `dst` are left as they are).
-pub(super) fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
+fn scatter_every<T: WithDType>(src: &[T], s: usize, dst: &mut [T]) {
     if s == 2 {
         let (pairs, _) = dst.as_chunks_mut::<2>();
         let n = pairs.len().min(src.len());

@@ -26,7 +26,7 @@
 //! im2col and the product's own repacking of it cost about a fifth of the convolutions' time.
 //! `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
 
-use super::conv::{gather_every, scatter_every};
+use super::conv::{gather_every, interleave_phases};
 use candle_core::WithDType;
 
 /// Output channels per tile (the broadcast weights of one tap).
@@ -557,28 +557,8 @@ impl StridedGrad {
             }
         }
         // interleave the phases into the image; pixels no tap reaches have no gradient
-        let (s, h, w, pw) = (d.s, d.h, d.w, d.pw);
-        if self.phases.iter().any(|(t, _)| t.is_empty()) {
-            dimg.fill(0.0);
-        }
-        for (phase, (taps, _)) in self.phases.iter().enumerate() {
-            if taps.is_empty() {
-                continue;
-            }
-            let (a, b) = (phase / s, phase % s);
-            let count = (w - b.min(w)).div_ceil(s);
-            for ci in 0..d.c {
-                let plane = &planes[(phase * d.c + ci) * lp..][..lp];
-                for (i, src) in plane.chunks_exact(pw).enumerate() {
-                    let y = i * s + a;
-                    if y >= h {
-                        break;
-                    }
-                    let dst = &mut dimg[(ci * h + y) * w + b.min(w)..(ci * h + y + 1) * w];
-                    scatter_every(&src[..count], s, dst);
-                }
-            }
-        }
+        let used = |phase: usize| !self.phases[phase].0.is_empty();
+        interleave_phases(planes, used, (d.s, d.c, d.h, d.w), (d.ph, d.pw), dimg);
     }
 }
 
