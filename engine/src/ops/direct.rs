@@ -297,9 +297,10 @@ impl Direct {
                 })
                 .collect(),
         };
+        let plan = tiles(self.vectors());
         for kb in 0..self.o / NK {
             let wk = &kernel[kb * self.c * kk * NK..][..self.c * kk * NK];
-            for (v0, nvec) in tiles(self.vectors()) {
+            for &(v0, nvec) in &plan {
                 let tile = Tile {
                     c: self.c,
                     k: self.k,
@@ -522,6 +523,7 @@ impl StridedGrad {
             dst[m..m + l].copy_from_slice(&g[ki * l..][..l]);
             dst[m + l..].fill(0.0);
         }
+        let plan = tiles(lp.div_ceil(LANES));
         for (phase, (taps, wk)) in self.phases.iter().enumerate() {
             if taps.is_empty() {
                 continue;
@@ -529,7 +531,7 @@ impl StridedGrad {
             let out = &mut planes[phase * d.c * lp..][..d.c * lp];
             for kb in 0..d.c / NK {
                 let wk = &wk[kb * d.o * taps.len() * NK..][..d.o * taps.len() * NK];
-                for (v0, nvec) in tiles(lp.div_ceil(LANES)) {
+                for &(v0, nvec) in &plan {
                     let tile = Tile {
                         c: d.o,
                         k: 0,
