@@ -57,6 +57,12 @@ pub(super) struct Direct {
     /// The load masks (`lane_masks`), built by `new` with the shape: the tiles' reads are in
     /// bounds because of them, so they are never taken from outside.
     masks: Vec<u16>,
+    /// The taps in kernel order; for stride 2 also each tap's offset from its channel's first
+    /// plane of the copy (margin included) and its mask column; the output tiles (`tiles`).
+    /// Built once by `new`, not per image.
+    taps: Vec<Tap>,
+    strided: Vec<(usize, usize)>,
+    plan: Vec<(usize, usize)>,
 }
 
 /// The load masks of `l` output pixels in rows of `pw`, `[vector][column shift]` for the
@@ -151,8 +157,21 @@ impl Direct {
             margin: 0,
             dx: (0, 0),
             masks: Vec::new(),
+            taps: Vec::new(),
+            strided: Vec::new(),
+            plan: Vec::new(),
         };
-        let max = |f: fn(&Tap) -> isize| d.taps().iter().map(|t| f(t).unsigned_abs()).max();
+        d.taps = (0..kh * kw)
+            .map(|t| {
+                let ((a, dy), (b, dx)) = (d.tap1(t / kw), d.tap1(t % kw));
+                Tap {
+                    phase: a * s + b,
+                    dy,
+                    dx,
+                }
+            })
+            .collect();
+        let max = |f: fn(&Tap) -> isize| d.taps.iter().map(|t| f(t).unsigned_abs()).max();
         d.margin = max(|t| t.dy).unwrap_or(0) * pw + max(|t| t.dx).unwrap_or(0);
         let dx: Vec<isize> = (0..kw).map(|kx| d.tap1(kx).1).collect();
         let (lo, hi) = (dx.iter().min().copied(), dx.iter().max().copied());
@@ -161,6 +180,16 @@ impl Direct {
             (hi.unwrap_or(0) - lo.unwrap_or(0) + 1) as usize,
         );
         d.masks = lane_masks(d.l(), pw, d.dx);
+        d.plan = tiles(d.vectors());
+        if s > 1 {
+            let (stride, lo) = (d.stride(), d.dx.0);
+            d.strided = (d.taps.iter())
+                .map(|t| {
+                    let plane = t.phase * c * stride;
+                    (plane + t.at(d.margin, pw), (t.dx - lo) as usize)
+                })
+                .collect();
+        }
         // always so for the kernels above; flat indexing of the output rows rests on it
         (ow == pw && oh <= ph && available()).then_some(d)
     }
@@ -176,18 +205,8 @@ impl Direct {
         (t.rem_euclid(s) as usize, t.div_euclid(s))
     }
     /// The taps in kernel order (`ky * k + kx`).
-    fn taps(&self) -> Vec<Tap> {
-        let k = self.k;
-        (0..k * k)
-            .map(|t| {
-                let ((a, dy), (b, dx)) = (self.tap1(t / k), self.tap1(t % k));
-                Tap {
-                    phase: a * self.s + b,
-                    dy,
-                    dx,
-                }
-            })
-            .collect()
+    fn taps(&self) -> &[Tap] {
+        &self.taps
     }
     /// The smallest column shift and the number of distinct ones (the columns of the masks).
     fn dx_range(&self) -> (isize, usize) {
@@ -283,24 +302,10 @@ impl Direct {
                 && y.len() >= self.o * l,
             "direct convolution: operands do not match the shape {self:?}"
         );
-        let masks = &self.masks;
-        // strided: each tap's offset from its channel's first plane, and its mask column
-        let (lo, stride) = (self.dx_range().0, self.stride());
-        let taps: Vec<(usize, usize)> = match self.s {
-            1 => Vec::new(),
-            _ => self
-                .taps()
-                .iter()
-                .map(|t| {
-                    let plane = t.phase * self.c * stride;
-                    (plane + t.at(self.margin(), self.pw), (t.dx - lo) as usize)
-                })
-                .collect(),
-        };
-        let plan = tiles(self.vectors());
+        let (masks, stride) = (&self.masks, self.stride());
         for kb in 0..self.o / NK {
             let wk = &kernel[kb * self.c * kk * NK..][..self.c * kk * NK];
-            for &(v0, nvec) in &plan {
+            for &(v0, nvec) in &self.plan {
                 let tile = Tile {
                     c: self.c,
                     k: self.k,
@@ -310,7 +315,7 @@ impl Direct {
                     masks: &masks[v0 * cols..],
                     cols,
                     keep: self.keep(),
-                    taps: &taps,
+                    taps: &self.strided,
                 };
                 let y = &mut y[kb * NK * l + v0 * LANES..];
                 // SAFETY: `available()` held when `new` built this shape (AVX-512 F and VL);
@@ -406,6 +411,7 @@ impl Direct {
             lo,
             masks,
             cols,
+            plan: tiles(lp.div_ceil(LANES)),
         })
     }
 
@@ -490,6 +496,8 @@ pub(super) struct StridedGrad {
     /// `[vector of a phase plane][column shift]`.
     masks: Vec<u16>,
     cols: usize,
+    /// The output tiles of a phase plane (`tiles`).
+    plan: Vec<(usize, usize)>,
 }
 
 impl StridedGrad {
@@ -523,7 +531,6 @@ impl StridedGrad {
             dst[m..m + l].copy_from_slice(&g[ki * l..][..l]);
             dst[m + l..].fill(0.0);
         }
-        let plan = tiles(lp.div_ceil(LANES));
         for (phase, (taps, wk)) in self.phases.iter().enumerate() {
             if taps.is_empty() {
                 continue;
@@ -531,7 +538,7 @@ impl StridedGrad {
             let out = &mut planes[phase * d.c * lp..][..d.c * lp];
             for kb in 0..d.c / NK {
                 let wk = &wk[kb * d.o * taps.len() * NK..][..d.o * taps.len() * NK];
-                for &(v0, nvec) in &plan {
+                for &(v0, nvec) in &self.plan {
                     let tile = Tile {
                         c: d.o,
                         k: 0,
