@@ -189,7 +189,7 @@ fn the_full_fashion_mnist_loads_from_the_debian_package_when_present() {
 fn budgeted_convergence_measures_the_full_training_gradient() {
     use recipe_callbacks::budgeted_convergence::measure;
     use recipe_engine::candle_core::{DType, Tensor};
-    use recipe_engine::ops::{cross_entropy, Targets};
+    use recipe_engine::kernels::{cross_entropy, Targets};
     let dir = tempfile::tempdir().unwrap();
     let text = TINY.replace(
         "  eval_subset: 64\n",

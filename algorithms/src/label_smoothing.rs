@@ -15,7 +15,7 @@
 
 use candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::ops::Targets;
+use recipe_engine::kernels::Targets;
 use recipe_engine::plugin::{Algorithm, AlgorithmConfig, BindContext, TimeParams};
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};

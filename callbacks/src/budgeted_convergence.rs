@@ -12,7 +12,7 @@
 use crate::optimizer_monitor::sq_sum;
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::ops::{cross_entropy, Targets};
+use recipe_engine::kernels::{cross_entropy, Targets};
 use recipe_engine::plugin::{
     BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
 };

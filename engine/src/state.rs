@@ -1,9 +1,9 @@
 //! The training state that algorithms and callbacks read and change.
 
 use crate::model::Model;
-use crate::ops::Targets;
 use crate::time::{Clock, Timestamp};
 use candle_core::{Device, Tensor};
+use recipe_kernels::Targets;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

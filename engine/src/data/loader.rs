@@ -7,12 +7,12 @@
 
 use super::{Dataset, DatasetInfo};
 use crate::error::{Error, Result};
-use crate::ops::Targets;
 use crate::state::Batch;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rayon::prelude::*;
+use recipe_kernels::Targets;
 use serde::{Deserialize, Serialize};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;

@@ -2,8 +2,8 @@
 
 use crate::error::Result;
 use crate::model::{ParamBuilder, ParamKind};
-use crate::ops::{self, BatchNormStats, Conv2dParams};
 use candle_core::{DType, Tensor, Var};
+use recipe_kernels::{self as ops, BatchNormStats, Conv2dParams};
 
 pub struct Conv2d {
     weight: Tensor,

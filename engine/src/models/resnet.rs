@@ -6,9 +6,9 @@
 use super::layers::{ConvBn, Linear};
 use crate::error::{Error, Result};
 use crate::model::{Model, ParamBuilder, ParamStore};
-use crate::ops;
 use crate::plugin::{BindContext, ModelConfig, TimeParams};
 use candle_core::Tensor;
+use recipe_kernels as ops;
 use serde::{Deserialize, Serialize};
 
 /// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.

@@ -1,9 +1,9 @@
 use super::layers::{ConvBn, Linear};
 use crate::error::{Error, Result};
 use crate::model::{Model, ParamBuilder, ParamStore};
-use crate::ops;
 use crate::plugin::{BindContext, ModelConfig, TimeParams};
 use candle_core::Tensor;
+use recipe_kernels as ops;
 use serde::{Deserialize, Serialize};
 
 /// A small CNN: stages of 3x3 conv + batch norm + ReLU, each followed by a 2x2 max pool except the

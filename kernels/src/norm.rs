@@ -9,7 +9,7 @@
 //! output never written; `bn_relu` and `affine` are the arithmetic both share. Other devices use
 //! candle's tensor ops.
 
-use super::{contiguous_slice, lane_sum, par_new, LANES};
+use crate::{contiguous_slice, lane_sum, par_new, LANES};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var, WithDType,
 };
@@ -43,7 +43,7 @@ pub fn batch_norm(
 /// (`conv::conv2d_with_batch_stats`); they are used in train mode on CPU, where they save the
 /// passes that compute them, and ignored otherwise.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn batch_norm_given(
+pub fn batch_norm_given(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -94,7 +94,7 @@ pub(crate) fn batch_norm_given(
 /// a batch norm and then `add_relu` make two and write one more tensor); otherwise it is
 /// `add_relu` after `batch_norm_given`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn batch_norm_add_relu(
+pub fn batch_norm_add_relu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -122,30 +122,6 @@ pub(crate) fn batch_norm_add_relu(
     })
 }
 
-/// `conv2d(relu(batch_norm(x)), k)` in training on CPU with the batch statistics of `x` given
-/// (`conv::conv2d_with_batch_stats`): the batch norm runs inside the convolution
-/// (`conv::conv2d_after_bn_relu`), so its output is never written. Updates the running
-/// statistics like `batch_norm`; returns the convolution's output and its batch statistics.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn bn_relu_conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    stats: BatchNormStats,
-    eps: f64,
-    given: Saved,
-    k: &Tensor,
-    p: super::Conv2dParams,
-) -> Result<(Tensor, Saved)> {
-    check_count(x)?;
-    let c = x.dim(1)?;
-    check_affine(weight, bias, c)?;
-    check_given(&given, c)?;
-    update_running_from(&stats, &given, x)?;
-    let wb = Tensor::stack(&[weight, bias], 0)?;
-    super::conv::conv2d_after_bn_relu(x, &wb, given, eps, k, p)
-}
-
 /// The gradients of x, weight and bias of `relu(batch_norm(x))` (batch statistics `saved`)
 /// from the output gradient `grad`: the fused batch norm's backward, for ops that compute the
 /// batch norm themselves (`conv::conv2d_after_bn_relu`).
@@ -167,7 +143,7 @@ pub(crate) fn bn_relu_gradients(
 }
 
 /// Weight and bias must be one value per channel.
-fn check_affine(weight: &Tensor, bias: &Tensor, c: usize) -> Result<()> {
+pub(crate) fn check_affine(weight: &Tensor, bias: &Tensor, c: usize) -> Result<()> {
     if weight.dims() != [c] || bias.dims() != [c] {
         candle_core::bail!(
             "batch norm: weight {:?} and bias {:?} must both be [{c}], one value per channel of the input",
@@ -178,7 +154,7 @@ fn check_affine(weight: &Tensor, bias: &Tensor, c: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_count(x: &Tensor) -> Result<()> {
+pub(crate) fn check_count(x: &Tensor) -> Result<()> {
     let (n, _, h, w) = x.dims4()?;
     if n * h * w < 2 {
         candle_core::bail!(
@@ -220,7 +196,7 @@ fn train_fused(
 }
 
 /// Batch statistics given by the op that produced the input must be one per channel.
-fn check_given(given: &Saved, c: usize) -> Result<()> {
+pub(crate) fn check_given(given: &Saved, c: usize) -> Result<()> {
     if given.mean.len() != c || given.var.len() != c {
         candle_core::bail!(
             "batch_norm: {} means and {} variances given for {c} channels; pass the statistics of this input (one per channel) or none",
@@ -232,7 +208,7 @@ fn check_given(given: &Saved, c: usize) -> Result<()> {
 }
 
 /// `update_running` with the batch statistics of `x` (N, C, H, W) in `saved`.
-fn update_running_from(stats: &BatchNormStats, saved: &Saved, x: &Tensor) -> Result<()> {
+pub(crate) fn update_running_from(stats: &BatchNormStats, saved: &Saved, x: &Tensor) -> Result<()> {
     let (n, c, h, w) = x.dims4()?;
     let dev = x.device();
     update_running(
@@ -287,7 +263,7 @@ fn grad_sums<T: WithDType>(
 
 /// Per-channel batch statistics, kept from the forward pass for the backward one.
 #[derive(Clone)]
-pub(crate) struct Saved {
+pub struct Saved {
     pub(crate) mean: Vec<f64>,
     /// Biased variance.
     pub(crate) var: Vec<f64>,
@@ -295,7 +271,7 @@ pub(crate) struct Saved {
 
 /// Mean and biased variance per channel (two passes: mean, then centred squares), parallel over
 /// channels.
-fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Saved {
+pub(crate) fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> Saved {
     let m = (n * hw) as f64;
     let rows = |ch: usize| (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
     let per: Vec<(f64, f64)> = (0..c)
@@ -664,7 +640,7 @@ impl CustomOp2 for BatchNormGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
+    use crate::testing::{check_grad_fd, max_rel_err, rand_tensor};
     use candle_core::Device;
 
     /// The composed (candle ops) batch norm, as the reference.
@@ -887,113 +863,5 @@ mod tests {
         let want_v = ((var.flatten_all().unwrap() * 0.1).unwrap() + 0.9).unwrap();
         assert!(max_rel_err(rm.as_tensor(), &want_m) < 1e-5);
         assert!(max_rel_err(rv.as_tensor(), &want_v) < 1e-5);
-    }
-
-    /// `bn_relu_conv2d` (the batch norm and ReLU inside the convolution, never written out)
-    /// gives bitwise the composed batch norm + ReLU + convolution: output, batch statistics,
-    /// running statistics and every gradient, on the in-place, im2col, strided and pointwise
-    /// paths; in f64 its input gradient matches finite differences.
-    #[test]
-    fn batch_norm_inside_the_next_convolution_equals_the_composed_ops() {
-        use crate::ops::{conv2d_with_batch_stats, Conv2dParams};
-        // (n, c, o, h, k, stride, padding)
-        for (n, c, o, h, k, s, p) in [
-            (3, 8, 16, 9, 3, 1, 1),
-            (2, 6, 20, 8, 3, 1, 1),
-            (2, 8, 24, 16, 3, 1, 1),
-            (2, 6, 5, 8, 3, 1, 0),
-            (2, 64, 64, 6, 3, 1, 1),
-            (3, 5, 7, 9, 3, 2, 1),
-            (2, 4, 6, 6, 1, 1, 0),
-            (2, 4, 6, 7, 1, 2, 0),
-        ] {
-            let case = format!("n{n} c{c} o{o} h{h} k{k} s{s} p{p}");
-            let params = Conv2dParams {
-                stride: s,
-                padding: p,
-            };
-            let x = Var::from_tensor(&rand_tensor(&[n, 3, h, h], 1, DType::F32)).unwrap();
-            let k0 = Var::from_tensor(&rand_tensor(&[c, 3, 3, 3], 2, DType::F32)).unwrap();
-            let wt = Var::from_tensor(&rand_tensor(&[c], 3, DType::F32)).unwrap();
-            let b = Var::from_tensor(&rand_tensor(&[c], 4, DType::F32)).unwrap();
-            let k1 = Var::from_tensor(&rand_tensor(&[o, c, k, k], 5, DType::F32)).unwrap();
-            let p0 = Conv2dParams {
-                stride: 1,
-                padding: 1,
-            };
-            let run = |fused: bool| {
-                let rm = Var::zeros(c, DType::F32, &Device::Cpu).unwrap();
-                let rv = Var::ones(c, DType::F32, &Device::Cpu).unwrap();
-                let stats = BatchNormStats {
-                    running_mean: &rm,
-                    running_var: &rv,
-                    momentum: 0.1,
-                };
-                let (z, given) = conv2d_with_batch_stats(&x, &k0, p0).unwrap();
-                let (y, y_stats) = match fused {
-                    true => bn_relu_conv2d(&z, &wt, &b, stats, 1e-5, given, &k1, params).unwrap(),
-                    false => {
-                        let a = batch_norm_given(&z, &wt, &b, stats, 1e-5, true, true, Some(given))
-                            .unwrap();
-                        conv2d_with_batch_stats(&a, &k1, params).unwrap()
-                    }
-                };
-                let up = rand_tensor(y.dims(), 6, DType::F32);
-                let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
-                let mut out = vec![y, rm.as_tensor().clone(), rv.as_tensor().clone()];
-                for v in [&x, &k0, &wt, &b, &k1] {
-                    out.push(grads.get(v.as_tensor()).unwrap().clone());
-                }
-                (out, y_stats.mean, y_stats.var)
-            };
-            let bits = |t: &Tensor| -> Vec<u32> {
-                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-                v.into_iter().map(f32::to_bits).collect()
-            };
-            let (fused, fm, fv) = run(true);
-            let (composed, cm, cv) = run(false);
-            let names = [
-                "output",
-                "running mean",
-                "running var",
-                "dx",
-                "dk0",
-                "dweight",
-                "dbias",
-                "dk1",
-            ];
-            for ((a, b), what) in fused.iter().zip(&composed).zip(names) {
-                assert_eq!(bits(a), bits(b), "{what}, {case}");
-            }
-            assert_eq!((fm, fv), (cm, cv), "output statistics, {case}");
-            // f64: the gradient of z through the fused op, its statistics a function of z
-            let z = rand_tensor(&[n, c, h, h], 7, DType::F64);
-            let (w64, b64) = (
-                wt.to_dtype(DType::F64).unwrap(),
-                b.to_dtype(DType::F64).unwrap(),
-            );
-            let k64 = k1.to_dtype(DType::F64).unwrap();
-            check_grad_fd(
-                |z| {
-                    let rm = Var::zeros(c, DType::F64, &Device::Cpu).unwrap();
-                    let rv = Var::ones(c, DType::F64, &Device::Cpu).unwrap();
-                    let stats = BatchNormStats {
-                        running_mean: &rm,
-                        running_var: &rv,
-                        momentum: 0.1,
-                    };
-                    let (zn, _, zh, zw) = z.dims4().unwrap();
-                    let flat: Vec<f64> = z.flatten_all().unwrap().to_vec1().unwrap();
-                    let given = stats_of(&flat, zn, c, zh * zw);
-                    bn_relu_conv2d(z, &w64, &b64, stats, 1e-5, given, &k64, params)
-                        .unwrap()
-                        .0
-                },
-                &z,
-                3,
-                1e-6,
-                &format!("input {case}"),
-            );
-        }
     }
 }

@@ -16,8 +16,8 @@
 //! AVX-512 kernels the products run twice as fast and the transforms do not: there it lost
 //! (ResNet-20 stage 3: 2.2-2.7 ms per convolution against 2.0 with im2col), so it is off.
 
-use super::gemm::{matmul, Mat};
-use super::par_new_with;
+use crate::gemm::{matmul, Mat};
+use crate::par_new_with;
 use candle_core::WithDType;
 use rayon::prelude::*;
 
@@ -283,7 +283,7 @@ impl Winograd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{max_rel_err, rand_tensor};
+    use crate::testing::{max_rel_err, rand_tensor};
     use candle_core::{DType, Device, Tensor};
 
     /// Against candle's direct convolution: f32 to 1e-5 of the output's scale, f64 to 1e-12,

@@ -24,9 +24,9 @@
 //! In criterion (`cargo bench --bench kernels -- conv/`) the stride-1 layers run at 91-108% of
 //! the `gemm` crate's 2048^3 product rate forward and 77-86% for the kernel gradient, where
 //! im2col and the product's own repacking of it cost about a fifth of the convolutions' time.
-//! `RECIPE_DIRECT=0` turns the direct convolution off (for comparisons).
+//! `Paths::direct` (`RECIPE_DIRECT=0`) turns the direct convolution off, for comparisons.
 
-use super::conv::{gather_every, interleave_phases};
+use super::layout::{gather_every, interleave_phases};
 use candle_core::WithDType;
 
 /// Output channels per tile (the broadcast weights of one tap).
@@ -670,19 +670,10 @@ struct Tile<'a> {
     taps: &'a [(usize, usize)],
 }
 
-/// Whether the CPU runs the AVX-512 tiles (`RECIPE_DIRECT=0` turns them off, for comparisons).
+/// Whether the CPU runs the AVX-512 tiles (AVX-512 F and VL) and the direct path is not
+/// switched off ([`crate::paths`]).
 pub(super) fn available() -> bool {
-    use std::sync::OnceLock;
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let off = std::env::var("RECIPE_DIRECT").as_deref() == Ok("0");
-        #[cfg(target_arch = "x86_64")]
-        let cpu = std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl");
-        #[cfg(not(target_arch = "x86_64"))]
-        let cpu = false;
-        cpu && !off
-    })
+    crate::paths::direct_enabled()
 }
 
 impl Tile<'_> {

@@ -303,7 +303,7 @@ mod tests {
     /// error, not a panic.
     #[test]
     fn fused_matches_candle_and_finite_differences() {
-        use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
+        use crate::testing::{check_grad_fd, max_rel_err, rand_tensor};
         use candle_core::Var;
         let (n, k) = (7, 5);
         let z = Var::from_tensor(&(rand_tensor(&[n, k], 1, DType::F32) * 4.0).unwrap()).unwrap();

@@ -1,7 +1,7 @@
 //! The residual join of a ResNet block, `relu(a + b)`, as one pass forward and one backward (the
 //! separate add, ReLU and ReLU-gradient ops of candle are four passes and three allocations).
 
-use super::{contiguous_slice, par_new};
+use crate::{contiguous_slice, par_new};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -115,7 +115,7 @@ impl CustomOp2 for ReluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
+    use crate::testing::{check_grad_fd, max_rel_err, rand_tensor};
     use candle_core::Var;
 
     #[test]

@@ -3,25 +3,32 @@
 //! compare with the machine's best matrix product (`matmul/2048`, and PyTorch's in
 //! `benches/reference/throughput.py --matmul`).
 //!
-//!     cargo bench --bench kernels            # all
-//!     cargo bench --bench kernels -- conv    # the convolutions only
+//!     cargo bench -p recipe-kernels --bench kernels            # all
+//!     cargo bench -p recipe-kernels --bench kernels -- conv    # the convolutions only
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use recipe_engine::ops::gemm::{matmul_threads, Mat};
-use recipe_engine::ops::{self, BatchNormStats, Conv2dParams};
+use recipe_kernels::gemm::{matmul_threads, Mat};
+use recipe_kernels::{self as ops, BatchNormStats, Conv2dParams};
 use std::hint::black_box;
 
-// The allocator and its setting of the `recipe` binary.
+// The allocator of the `recipe` binary, with the same setting (`src/alloc.rs`: freed memory is
+// kept for reuse, so steps do not pay page faults).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn keep_freed_memory() {
+    // SAFETY: sets an integer option (15: `mi_option_purge_delay`); mimalloc reads options
+    // atomically.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) }
+}
 
 fn rand(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("random tensor")
 }
 
 fn matmul(c: &mut Criterion) {
-    recipe::alloc::keep_freed_memory();
+    keep_freed_memory();
     let mut g = c.benchmark_group("matmul");
     g.sample_size(10);
     for n in [512usize, 2048] {

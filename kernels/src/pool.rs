@@ -3,7 +3,7 @@
 //! average pooling. Other devices, and CPU tensors that are not f32 or f64, get the same pooling
 //! composed of candle ops (`pool_composed`).
 
-use super::{contiguous_slice, lane_sum, out_size, par_new};
+use crate::{contiguous_slice, lane_sum, out_size, par_new};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -481,7 +481,7 @@ impl CustomOp2 for PoolGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::testing::{check_grad_fd, max_rel_err, rand_tensor};
+    use crate::testing::{check_grad_fd, max_rel_err, rand_tensor};
 
     #[test]
     fn empty_planes_are_an_error_not_a_panic() {

@@ -1,20 +1,22 @@
-//! Differentiable operations the models are built from, in one place so that faster kernels can
-//! replace them without touching a model: convolution, pooling, batch norm, losses.
+//! `recipe-kernels`: the differentiable operations the models are built from, as candle custom ops
+//! with their own backward, so that faster kernels replace them without touching a model. It
+//! depends on candle alone, not on the engine.
 //!
-//! On CPU (f32 and f64) every op here is a candle custom op with its own backward, parallel over
-//! both cores with rayon: convolution (a direct convolution of our own for stride-1 "same" and
-//! stride-2 downsampling layers in f32 on AVX-512 CPUs, `direct.rs`; otherwise per image im2col +
-//! one matrix product from the `gemm` crate; the input gradient of stride-1 convolutions is
-//! itself a forward convolution; the kernel gradient is summed in a fixed order so results do not
-//! depend on the thread count), batch norm with an optional fused ReLU or fused with a residual
-//! join `relu(bn(x) + r)`, the residual `relu(a + b)`, max/average pooling of any kernel, stride
-//! and padding, global average pooling, and softmax cross entropy with hard or soft targets.
-//! Backward passes read their inputs in place and compute only the gradients the graph needs;
-//! outputs are written chunk by chunk in parallel (`par_new`) without zeroing the whole buffer
-//! first. On other devices the models use candle's own ops. `benches/kernels.rs` measures each.
-//! On CPUs without AVX-512, 3x3 stride-1 convolutions with 64 channels or more (and so their
-//! input gradients) run as Winograd F(2x2, 3x3) (`winograd.rs`; `RECIPE_WINOGRAD=0` turns it
-//! off).
+//! - [`conv`]: 2-D convolution: path choice and geometry, im2col/col2im and the layout copies, the
+//!   direct AVX-512 convolution, Winograd F(2x2, 3x3), the passes over a batch, and a batch norm +
+//!   ReLU fused into the convolution that follows it.
+//! - [`norm`]: batch norm, with an optional fused ReLU or residual join `relu(bn(x) + r)`.
+//! - [`pool`]: max and average pooling of any kernel, stride and padding; global average pooling.
+//! - [`act`]: the residual join `relu(a + b)`.
+//! - [`loss`]: softmax cross entropy with hard or soft targets; top-1 accuracy.
+//! - [`gemm`]: the matrix product (the `gemm` crate) the convolutions run on.
+//! - [`paths`]: which path each kernel takes, set in one place (from code, or the environment).
+//!
+//! On CPU (f32 and f64) every op is parallel over the cores with rayon. Backward passes read
+//! their inputs in place and compute only the gradients the graph needs; outputs are written
+//! chunk by chunk in parallel (`par_new`) without zeroing the whole buffer first; sums run in an
+//! order fixed by the shapes, so results do not depend on the thread count. On other devices the
+//! ops fall back to candle's own. `benches/kernels.rs` (criterion) measures each.
 
 /// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
 /// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.
@@ -34,24 +36,25 @@ macro_rules! float_storage {
     };
 }
 
-mod act;
-mod conv;
-mod direct;
+pub mod act;
+pub mod conv;
 pub mod gemm;
-mod loss;
-mod norm;
-mod pool;
+pub mod loss;
+pub mod norm;
+pub mod paths;
+pub mod pool;
 #[cfg(test)]
 pub(crate) mod testing;
-mod winograd;
 
 pub use act::add_relu;
-pub(crate) use conv::conv2d_with_batch_stats;
-pub use conv::{conv2d, conv2d_backward, Conv2dParams};
+pub use conv::{bn_relu_conv2d, conv2d, conv2d_backward, conv2d_with_batch_stats, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, Targets};
-pub use norm::{batch_norm, BatchNormStats};
-pub(crate) use norm::{batch_norm_add_relu, batch_norm_given, bn_relu_conv2d, Saved};
+pub use norm::{batch_norm, batch_norm_add_relu, batch_norm_given, BatchNormStats, Saved};
+pub use paths::{paths, set_paths, Paths, Switch};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
+
+// Re-exported so that callers use the same candle as the kernels.
+pub use candle_core;
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use rayon::prelude::*;

@@ -1,0 +1,299 @@
+//! The shape of one image's convolution, and the choice of path for it: direct (AVX-512),
+//! Winograd, the products reading the image in place, or im2col. The choice depends on the
+//! shapes, the CPU and [`crate::paths`] only.
+
+use super::direct::{Direct, StridedGrad};
+use super::winograd::Winograd;
+use super::Conv2dParams;
+use crate::out_size;
+use candle_core::{Result, Shape, WithDType};
+use std::any::TypeId;
+use std::borrow::Cow;
+
+/// The shape of one image's convolution.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geometry {
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) s: usize,
+    pub(super) p: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+}
+
+impl Geometry {
+    pub(super) fn new(x: &Shape, k: &Shape, p: Conv2dParams) -> Result<(usize, Self)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (o, _, kh, kw) = k.dims4()?;
+        let (oh, ow) = (
+            out_size(h, kh, p.stride, p.padding)?,
+            out_size(w, kw, p.stride, p.padding)?,
+        );
+        Ok((
+            n,
+            Geometry {
+                c,
+                h,
+                w,
+                o,
+                kh,
+                kw,
+                s: p.stride,
+                p: p.padding,
+                oh,
+                ow,
+            },
+        ))
+    }
+
+    /// Rows of the unfolded image: one per kernel element.
+    pub(super) fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Columns of the unfolded image: one per output pixel.
+    pub(super) fn l(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    pub(super) fn image(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// A 1x1 stride-1 convolution without padding needs no unfolding: the image is its own cols.
+    pub(super) fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
+    }
+
+    /// Size of the phase planes of a strided convolution: the image split into `s * s` planes
+    /// of every `s`-th row and column, `(ceil(h / s), ceil(w / s))`; the image itself when s = 1.
+    pub(super) fn phase_dims(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.s), self.w.div_ceil(self.s))
+    }
+
+    /// Values of scratch `im2col` and `col2im` need: the unfolded image, and for strided
+    /// convolutions the phase planes after it.
+    pub(super) fn cols_len(&self) -> usize {
+        let (ph, pw) = self.phase_dims();
+        let phases = if self.s > 1 {
+            self.s * self.s * self.c * ph * pw
+        } else {
+            0
+        };
+        self.ckk() * self.l() + phases
+    }
+
+    /// The im2col/col2im scratch of one job (`cols_len()` values); empty for pointwise
+    /// convolutions, which need none.
+    pub(super) fn scratch<T: WithDType>(&self) -> Vec<T> {
+        vec![T::zero(); if self.pointwise() { 0 } else { self.cols_len() }]
+    }
+
+    /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster: on CPUs
+    /// without AVX-512, for 64 channels or more in and out (+25% on ResNet-20's last stage with
+    /// AVX2 products; below 64 channels its transforms cost more than the multiplications
+    /// saved). With AVX-512 the products run twice as fast and the transforms do not, so it is
+    /// off there (ResNet-20's last stage: 2.0 ms per convolution with im2col against 2.2-2.7 with
+    /// Winograd). `RECIPE_WINOGRAD=0` turns it off, `RECIPE_WINOGRAD=1` uses it from 8 channels.
+    pub(super) fn winograd(&self) -> Option<Winograd> {
+        let min_channels = crate::paths::winograd_min_channels()?;
+        let fits = self.kh == 3 && self.kw == 3 && self.s == 1;
+        (fits && self.c >= min_channels && self.o >= min_channels).then_some(Winograd {
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            o: self.o,
+            p: self.p,
+            oh: self.oh,
+            ow: self.ow,
+        })
+    }
+
+    /// Whether the products read the unfolded image in place instead of im2col's copy
+    /// (`conv_image` with a kernel from `prepare`, and `kernel_grad_image`): stride 1, at least 8 input and at most
+    /// 16 output channels, padded rows at most a quarter wider than the output rows (the products
+    /// compute the padded width). With so few output channels, writing im2col's nine copies costs
+    /// more than half the forward product, and the im2col kernel-gradient product has only 16
+    /// rows per block, half of what the AVX-512 kernels take. Measured (`cargo bench --bench
+    /// kernels -- conv/`, GFLOP/s, im2col -> in place), 16 channels at 32x32: forward 236-263 ->
+    /// 291, kernel gradient 176 -> 294; with 32 or 64 channels in place was equal or slower
+    /// (forward at 16x16 336 -> 315, kernel gradient at 8x8 319 -> 256). `RECIPE_IM2COL=1` turns
+    /// it off (for comparisons).
+    pub(super) fn implicit(&self) -> bool {
+        let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
+        !crate::paths::paths().im2col_only && self.s == 1 && !self.pointwise() && shape
+    }
+
+    /// Whether the kernel gradient reads the unfolded image in place (`kernel_grad_image`):
+    /// where the forward does, and also with more output channels
+    /// when the padded rows are at most 1/8 wider than the output rows. Its products then read
+    /// the channel-last copy without packing, 3C rows per block, where the im2col product's rows
+    /// are the O output channels (half what the AVX-512 kernels take at 32). Measured (`cargo
+    /// bench --bench kernels -- conv/backward_kernel`, GFLOP/s, im2col -> in place): 32 channels
+    /// at 16x16 230-249 -> 245-270, at 28x28 272-276 -> 290-293; at 8x8 (rows 1/4 wider) 274-279
+    /// -> 223-229, so not there.
+    pub(super) fn implicit_kernel(&self) -> bool {
+        let narrow = 8 * self.wp() <= 9 * self.ow && self.c >= 8;
+        self.implicit()
+            || (!crate::paths::paths().im2col_only && self.s == 1 && !self.pointwise() && narrow)
+    }
+
+    /// Width of the zero-padded image.
+    pub(super) fn wp(&self) -> usize {
+        self.w + 2 * self.p
+    }
+
+    /// Columns of the "wide" output grid: every output row computed at the padded width, the
+    /// last `wp - ow` values of each row unused.
+    pub(super) fn wide(&self) -> usize {
+        self.oh * self.wp()
+    }
+
+    /// Values of one padded plane: `(h + 2p) * wp`.
+    pub(super) fn plane_len(&self) -> usize {
+        (self.h + 2 * self.p) * self.wp()
+    }
+
+    /// The direct convolution of this geometry (`direct.rs`), where it applies: f32, AVX-512,
+    /// a multiple of 8 output channels, stride 1 with a 3x3, 5x5 or 7x7 kernel and "same"
+    /// padding or stride 2 with 3x3 padding 1 or 1x1 (`Direct::new`); not where Winograd is
+    /// forced on (`RECIPE_WINOGRAD=1`), so the forward and its input gradient take one path.
+    pub(super) fn direct<T: WithDType>(&self) -> Option<Direct> {
+        if TypeId::of::<T>() != TypeId::of::<f32>()
+            || crate::paths::paths().im2col_only
+            || self.winograd().is_some()
+        {
+            return None;
+        }
+        Direct::new(
+            (self.c, self.h, self.w, self.o),
+            (self.kh, self.kw, self.s, self.p),
+        )
+    }
+
+    /// The kernel prepared for `conv_image`: in tiles for the direct convolution, rearranged as
+    /// [ky][o][c][kx] when the convolution runs in place (`implicit`), else as it is (borrowed).
+    pub(super) fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
+        if let Some(d) = self.direct::<T>() {
+            let kernel = Cow::Owned(d.kernel(&k));
+            return Prepared {
+                path: Path::Direct(Box::new(d)),
+                kernel,
+            };
+        }
+        if !self.implicit() {
+            return Prepared {
+                path: Path::Im2col,
+                kernel: k,
+            };
+        }
+        let (o, c, kh, kw) = (self.o, self.c, self.kh, self.kw);
+        let rows = self.rearranged_kernel(&k, |oi, ci, ky, kx| {
+            let src = ((oi * c + ci) * kh + ky) * kw + kx;
+            (((ky * o + oi) * c + ci) * kw + kx, src)
+        });
+        Prepared {
+            path: Path::Implicit,
+            kernel: Cow::Owned(rows),
+        }
+    }
+
+    /// How the input gradient of one image is computed. Stride 1 with a square kernel: the
+    /// "full" convolution of dy with the flipped, transposed kernel, which is a forward
+    /// convolution (`conv_image` of the transposed geometry, as fast as the forward pass).
+    /// Strided with the direct path (f32, AVX-512, a multiple of 8 input channels): direct
+    /// convolutions of dy per phase of the input (`StridedGrad`). Otherwise: cols' gradient =
+    /// K^T dy, folded back with col2im.
+    pub(super) fn input_grad<'a, T: WithDType>(&self, k: &'a [T]) -> InputGrad<'a, T> {
+        if self.s == 1 && self.kh == self.kw && self.p < self.kh {
+            let transposed = Geometry {
+                c: self.o,
+                h: self.oh,
+                w: self.ow,
+                o: self.c,
+                kh: self.kh,
+                kw: self.kw,
+                s: 1,
+                p: self.kh - 1 - self.p,
+                oh: self.h,
+                ow: self.w,
+            };
+            let flipped = self.flipped_kernel(k);
+            return InputGrad::Transposed(transposed, transposed.prepare(Cow::Owned(flipped)));
+        }
+        // strided on AVX-512 (f32): a direct convolution of dy per phase of the input
+        if let Some(sg) = self.direct::<T>().and_then(|d| d.input_grad(f32s(k))) {
+            return InputGrad::Strided(Box::new(sg));
+        }
+        InputGrad::Folded(k)
+    }
+
+    /// The kernel gradient's image groups: at most 16, fewer when the partial kernels would
+    /// pass 16M values (ResNet-50's 512x512x3x3 at batch 16); a function of the shapes only,
+    /// never of the thread count. Returns (images per group, groups).
+    pub(super) fn kernel_groups(&self, n: usize) -> (usize, usize) {
+        const GROUPS: usize = 16;
+        let groups = GROUPS.min(((16 << 20) / (self.o * self.ckk()).max(1)).max(2));
+        let group = n.div_ceil(groups).max(1);
+        (group, n.div_ceil(group))
+    }
+
+    /// Values of the padded channel-last image: `(h + 2p) * wp` pixels of `c` channels, plus
+    /// `kw - 1` zero pixels that the unused columns of the last output row read.
+    pub(super) fn padded_len(&self) -> usize {
+        (self.plane_len() + self.kw - 1) * self.c
+    }
+}
+
+/// A kernel prepared for one image's forward convolution (`Geometry::prepare`).
+pub(super) struct Prepared<'a, T: Clone> {
+    pub(super) path: Path,
+    pub(super) kernel: Cow<'a, [T]>,
+}
+
+/// How one image's forward convolution runs.
+pub(super) enum Path {
+    /// im2col and one product; the kernel as it is.
+    Im2col,
+    /// The products read the unfolded image in place (`Geometry::implicit`); the kernel
+    /// rearranged as [ky][o][c][kx].
+    Implicit,
+    /// The direct convolution (`direct.rs`); the kernel in its tiles.
+    Direct(Box<Direct>),
+}
+
+/// One image's input gradient (`Geometry::input_grad`): the forward convolution of the
+/// transposed geometry with the flipped kernel, or the transposed product folded back with
+/// col2im.
+pub(super) enum InputGrad<'a, T: Clone> {
+    Transposed(Geometry, Prepared<'a, T>),
+    Folded(&'a [T]),
+    /// Strided on AVX-512 (f32): direct convolutions of dy per phase of the input.
+    Strided(Box<StridedGrad>),
+}
+
+/// `v` as f32 values (the direct convolution's paths are taken only when T is f32).
+pub(super) fn f32s<T: WithDType>(v: &[T]) -> &[f32] {
+    assert_eq!(
+        TypeId::of::<T>(),
+        TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// `f32s` for a mutable slice.
+pub(super) fn f32s_mut<T: WithDType>(v: &mut [T]) -> &mut [f32] {
+    assert_eq!(
+        TypeId::of::<T>(),
+        TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
