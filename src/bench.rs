@@ -1,17 +1,20 @@
 //! `recipe bench throughput`: training speed of one model on synthetic input, with the step split
 //! into forward (with the loss), backward and optimizer, and the peak resident memory.
 
+use recipe_engine::callback::Callback;
 use recipe_engine::candle_core::{Device, Tensor};
 use recipe_engine::data::{DataContext, Loader};
 use recipe_engine::engine::Named;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::kernels::{cross_entropy, Targets};
 use recipe_engine::model::Model;
+use recipe_engine::model::ModelConfig;
 use recipe_engine::optim::Optimizer;
-use recipe_engine::plugin::Callback;
-use recipe_engine::plugin::{BindContext, Kind, ModelConfig, OptimizerConfig};
+use recipe_engine::optim::OptimizerConfig;
+use recipe_engine::plugin::BindContext;
 use recipe_engine::recipe::{parse_spec, Spec};
 use recipe_engine::recipe::{Recipe, RecipeSource};
+use recipe_engine::registry::Kind;
 use recipe_engine::serde_yaml::Value;
 use recipe_engine::trainer::{parse_device, Trainer};
 use recipe_engine::{Event, State};

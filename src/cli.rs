@@ -3,8 +3,8 @@
 use clap::{Parser, Subcommand};
 use recipe_engine::checkpoint::{self, Checkpoint};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{registered, Kind};
 use recipe_engine::recipe::{Recipe, RecipeSource};
+use recipe_engine::registry::{registered, Kind};
 use recipe_engine::serde_yaml::{Mapping, Value};
 use recipe_engine::trainer::{new_run_dir, Resume, Trainer};
 use std::path::PathBuf;

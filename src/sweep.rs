@@ -8,9 +8,9 @@
 
 use crate::cli::{load, RecipeArgs};
 use crate::plot::{draw, pareto_front, Panel, Series};
-use recipe_engine::checkpoint;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::trainer::{Resume, Trainer};
+use recipe_engine::{atomic, checkpoint};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -304,7 +304,7 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
                 );
                 let text = serde_json::to_string_pretty(&r)
                     .map_err(|e| Error::msg(format!("cannot serialize a cell result: {e}")))?;
-                checkpoint::write_atomic(&result_file, text.as_bytes())?;
+                atomic::write_atomic(&result_file, text.as_bytes())?;
                 results.push(r);
             }
         }
@@ -374,7 +374,7 @@ fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<A
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    checkpoint::write_atomic(path, text.as_bytes())
+    atomic::write_atomic(path, text.as_bytes())
 }
 
 /// Tables (CSV, JSON, a Markdown budget table) and plots (accuracy against wall time and against
@@ -713,7 +713,7 @@ pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> 
                     _ => "did not reach it".into(),
                 }
             );
-            checkpoint::write_atomic(
+            atomic::write_atomic(
                 &curve_file,
                 serde_json::to_string_pretty(&c)
                     .unwrap_or_default()

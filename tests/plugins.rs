@@ -1,7 +1,8 @@
 //! Walks every registered plugin: its example block parses, and every time parameter it holds is
 //! exposed to ScaleSchedule through the visitor, with a policy, and scales accordingly.
 
-use recipe_engine::plugin::{registered, Kind, PluginConfig, Policy, Registration};
+use recipe_engine::plugin::{PluginConfig, Policy};
+use recipe_engine::registry::{registered, Kind, Registration};
 use recipe_engine::serde_yaml::Value;
 use recipe_engine::Time;
 use std::collections::BTreeSet;
@@ -95,12 +96,12 @@ where
 #[test]
 fn every_registered_plugin_exposes_its_time_parameters() {
     let counts = [
-        check_kind::<dyn recipe_engine::plugin::AlgorithmConfig>(Kind::Algorithm),
-        check_kind::<dyn recipe_engine::plugin::CallbackConfig>(Kind::Callback),
-        check_kind::<dyn recipe_engine::plugin::ScheduleConfig>(Kind::Schedule),
-        check_kind::<dyn recipe_engine::plugin::OptimizerConfig>(Kind::Optimizer),
-        check_kind::<dyn recipe_engine::plugin::ModelConfig>(Kind::Model),
-        check_kind::<dyn recipe_engine::plugin::DatasetConfig>(Kind::Dataset),
+        check_kind::<dyn recipe_engine::algorithm::AlgorithmConfig>(Kind::Algorithm),
+        check_kind::<dyn recipe_engine::callback::CallbackConfig>(Kind::Callback),
+        check_kind::<dyn recipe_engine::schedule::ScheduleConfig>(Kind::Schedule),
+        check_kind::<dyn recipe_engine::optim::OptimizerConfig>(Kind::Optimizer),
+        check_kind::<dyn recipe_engine::model::ModelConfig>(Kind::Model),
+        check_kind::<dyn recipe_engine::data::DatasetConfig>(Kind::Dataset),
     ];
     for (kind, n) in Kind::ALL.iter().zip(counts) {
         assert_eq!(n, registered(*kind).len());

@@ -32,12 +32,11 @@
 //! **Expected effect.** A run that picks its own LR per stage; compare at equal total steps
 //! (search included) with `recipe bench speedup` or `recipe bench sweep`.
 
+use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
-use recipe_engine::checkpoint::StateDict;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{
-    Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
+use recipe_engine::state_dict::StateDict;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 

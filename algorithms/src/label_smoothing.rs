@@ -14,9 +14,10 @@
 //! or better eval accuracy; nothing changes in throughput.
 
 use candle_core::{DType, Tensor};
+use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::kernels::Targets;
-use recipe_engine::plugin::{Algorithm, AlgorithmConfig, BindContext, TimeParams};
+use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 

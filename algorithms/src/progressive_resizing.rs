@@ -19,10 +19,9 @@
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
+use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{
-    Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::rng::Streams;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};

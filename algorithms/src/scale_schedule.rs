@@ -22,9 +22,10 @@
 //! **Expected effect.** Cost proportional to `s`; accuracy falls gracefully with `s` when the
 //! schedule is budget-aware (linear, cosine, REX to zero).
 
+use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{Algorithm, AlgorithmConfig, BindContext, Policy, TimeParams};
-use recipe_engine::recipe::{Recipe, RecipeTransform};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams};
+use recipe_engine::transform::{RecipeTransform, RecipeView};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +40,7 @@ pub struct ScaledTime {
 
 /// The pure core: scales every time parameter of `recipe` whose policy is `scaled` by `ratio`,
 /// and records the ratio. Returns what changed.
-pub fn scale_recipe(recipe: &mut Recipe, ratio: f64) -> Result<Vec<ScaledTime>> {
+pub fn scale_recipe(recipe: &mut dyn RecipeView, ratio: f64) -> Result<Vec<ScaledTime>> {
     check_ratio(ratio)?;
     let mut rows = Vec::new();
     recipe.visit_times(&mut |key, _owner, t, policy| {
@@ -54,7 +55,7 @@ pub fn scale_recipe(recipe: &mut Recipe, ratio: f64) -> Result<Vec<ScaledTime>> 
             policy,
         });
     });
-    recipe.scale_ratio *= ratio;
+    *recipe.scale_ratio_mut() *= ratio;
     Ok(rows)
 }
 
@@ -82,7 +83,7 @@ struct ScaleTransform {
 }
 
 impl RecipeTransform for ScaleTransform {
-    fn apply(&self, recipe: &mut Recipe) -> Result<()> {
+    fn apply(&self, recipe: &mut dyn RecipeView) -> Result<()> {
         scale_recipe(recipe, self.ratio).map(|_| ())
     }
 }

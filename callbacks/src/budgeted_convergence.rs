@@ -10,12 +10,11 @@
 //! `subset` bounds that (the same first samples every time).
 
 use crate::optimizer_monitor::sq_sum;
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::kernels::{cross_entropy, Targets};
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 
@@ -142,11 +141,11 @@ impl BudgetedConvergence {
 
 impl Callback for BudgetedConvergence {
     /// The step of the last measurement, so a resumed run does not measure it twice.
-    fn state_dict(&self) -> Result<recipe_engine::checkpoint::StateDict> {
-        Ok(recipe_engine::checkpoint::StateDict::encode(&self.last))
+    fn state_dict(&self) -> Result<recipe_engine::state_dict::StateDict> {
+        Ok(recipe_engine::state_dict::StateDict::encode(&self.last))
     }
 
-    fn load_state_dict(&mut self, state: &recipe_engine::checkpoint::StateDict) -> Result<()> {
+    fn load_state_dict(&mut self, state: &recipe_engine::state_dict::StateDict) -> Result<()> {
         self.last = state.decode("budgeted_convergence")?;
         Ok(())
     }

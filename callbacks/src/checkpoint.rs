@@ -8,11 +8,10 @@
 //! EPOCH_CHECKPOINT (after the epoch's metrics are logged); anything else saves at
 //! BATCH_CHECKPOINT every that many batches.
 
-use recipe_engine::checkpoint::StateDict;
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
+use recipe_engine::state_dict::StateDict;
 use recipe_engine::time::TimeUnit;
 use recipe_engine::trainer::checkpoint_file_name;
 use recipe_engine::{Event, State, Time};

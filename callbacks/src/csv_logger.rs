@@ -6,9 +6,11 @@
 //! dropped and the resumed run writes them again.
 
 use crate::resume_log::belongs_to_next_step;
-use recipe_engine::checkpoint::{write_atomic, StateDict};
+use recipe_engine::atomic::write_atomic;
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
+use recipe_engine::plugin::{BindContext, TimeParams};
+use recipe_engine::state_dict::StateDict;
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -6,11 +6,10 @@
 //! current batch. `patience` describes a phase of training, so ScaleSchedule scales it with the
 //! run; its best value and where it was seen are saved in checkpoints.
 
-use recipe_engine::checkpoint::StateDict;
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
+use recipe_engine::state_dict::StateDict;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 

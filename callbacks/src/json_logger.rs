@@ -4,9 +4,10 @@
 //! dropped (the resumed run writes them again).
 
 use crate::resume_log::before_checkpoint;
-use recipe_engine::checkpoint::write_atomic;
+use recipe_engine::atomic::write_atomic;
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
+use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::time::Timestamp;
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};

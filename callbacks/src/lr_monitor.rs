@@ -1,9 +1,8 @@
 //! Logs the learning rate of every step (`lr`), and the schedule's multiplier (`lr_multiplier`).
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 

@@ -2,10 +2,9 @@
 //! (`memory/peak_rss_mb`), in MiB, from the operating system (Linux `/proc`). On other systems it
 //! logs nothing.
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::sysinfo::{peak_rss_mb, rss_mb};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};

@@ -5,11 +5,10 @@
 //! Training ends with an error; the checkpoints already written are untouched, and the message
 //! names the last good one to resume from (perhaps with a lower LR and `--force`).
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 

@@ -6,11 +6,10 @@
 //! the optimizer state the step will update), and logged at BATCH_END with the step's other
 //! metrics.
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 

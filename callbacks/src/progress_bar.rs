@@ -2,8 +2,9 @@
 //! epoch and per evaluation: train loss and accuracy, eval loss and accuracy.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
+use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;

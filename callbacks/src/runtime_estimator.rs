@@ -3,10 +3,9 @@
 //! steps (warm-up of caches and allocators) are left out of the pace; on resume the estimate
 //! starts again from the resumed step.
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;

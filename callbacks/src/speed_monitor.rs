@@ -1,10 +1,9 @@
 //! Logs throughput (`throughput/samples_per_sec`) and step time (`time/step_ms`), averaged over a
 //! window of steps, and the wall time since the start of training (`time/train_sec`).
 
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::Result;
-use recipe_engine::plugin::{
-    BindContext, Callback, CallbackConfig, Policy, TimeParams, TimeVisitor,
-};
+use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;

@@ -2,8 +2,9 @@
 //! time-to-accuracy runs stop where the target is met.
 
 use crate::early_stopper::{check_monitor, Mode};
+use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{BindContext, Callback, CallbackConfig, TimeParams};
+use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 

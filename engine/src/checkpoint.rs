@@ -13,14 +13,15 @@
 //! renamed over the target, so a crash (even SIGKILL) mid-write leaves the previous checkpoint
 //! intact; truncation and flipped bytes are caught by the length and the checksum.
 
+use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::state::{EpochMetrics, EvalResult};
+use crate::state_dict::StateDict;
 use crate::time::Timestamp;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"RCPCKPT1";
@@ -29,41 +30,6 @@ const HEADER_LEN: usize = 8 + 4 + 4 + 8;
 const META_KEY: &str = "recipe.checkpoint";
 /// The file extension of checkpoints.
 pub const EXTENSION: &str = "ckpt";
-
-/// The saved state of one plugin (algorithm, callback, schedule, optimizer): plain values and
-/// named tensors. Most plugins have neither; the default is empty.
-#[derive(Debug, Clone, Default)]
-pub struct StateDict {
-    pub values: Value,
-    pub tensors: BTreeMap<String, Tensor>,
-}
-
-impl StateDict {
-    pub fn from_values(values: Value) -> Self {
-        StateDict {
-            values,
-            tensors: BTreeMap::new(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_null() && self.tensors.is_empty()
-    }
-
-    /// Deserializes the values into a plugin's own state struct, naming the plugin on error.
-    pub fn decode<T: serde::de::DeserializeOwned>(&self, owner: &str) -> Result<T> {
-        serde_yaml::from_value(self.values.clone()).map_err(|e| {
-            Error::msg(format!(
-                "the checkpoint's state for {owner} does not fit this version of it: {e}"
-            ))
-        })
-    }
-
-    /// Serializes a plugin's own state struct.
-    pub fn encode<T: Serialize>(state: &T) -> Self {
-        StateDict::from_values(serde_yaml::to_value(state).unwrap_or(Value::Null))
-    }
-}
 
 /// The run length and batch geometry the checkpoint was taken under.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -252,57 +218,6 @@ fn verify<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
         ));
     }
     Ok(payload)
-}
-
-/// Writes `bytes` to `path` so that `path` holds either its old content or all of the new:
-/// a temporary file in the same folder, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable; not every filesystem allows syncing a folder.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
-}
-
-/// Deletes temporary files that an earlier process left in `dir` when it died mid-write
-/// (`.<name>.tmp-<pid>` of another pid); returns how many.
-pub fn remove_stale_temporaries(dir: &Path) -> usize {
-    let own = format!(".tmp-{}", std::process::id());
-    let mut n = 0;
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.')
-                && name.contains(".tmp-")
-                && !name.ends_with(&own)
-                && std::fs::remove_file(e.path()).is_ok()
-            {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// The batch count in a checkpoint's file name (`ep3-ba1407.ckpt` -> 1407).

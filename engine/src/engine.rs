@@ -5,9 +5,10 @@
 //! 3. algorithms, then callbacks, then loggers; at INIT loggers first;
 //! 4. what ran is traced at debug level.
 
+use crate::algorithm::Algorithm;
+use crate::callback::Callback;
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::plugin::{Algorithm, Callback};
 use crate::state::State;
 
 /// A named plugin instance (its place and name in the recipe).
@@ -62,7 +63,8 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::{BindContext, ModelConfig};
+    use crate::model::ModelConfig;
+    use crate::plugin::BindContext;
     use crate::time::Timestamp;
     use candle_core::Device;
     use std::cell::RefCell;
@@ -75,7 +77,7 @@ mod tests {
         let model = crate::models::MlpConfig { hidden: vec![2] }
             .build(&ctx)
             .unwrap();
-        let optimizer = crate::plugin::OptimizerConfig::build(
+        let optimizer = crate::optim::OptimizerConfig::build(
             &crate::optim::SgdConfig {
                 lr: 0.1,
                 momentum: 0.0,

@@ -6,7 +6,8 @@
 //! adds it (the number of training steps, which is what PyTorch counts when every step runs the
 //! layer in training mode), so `model.load_state_dict(...)` accepts the file with `strict=True`.
 
-use crate::checkpoint::{write_atomic, Checkpoint};
+use crate::atomic::write_atomic;
+use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_yaml::Value;
@@ -70,7 +71,8 @@ pub fn write_torch_weights(ckpt: &Checkpoint, to: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plugin::{BindContext, ModelConfig};
+    use crate::model::ModelConfig;
+    use crate::plugin::BindContext;
     use candle_core::Device;
 
     /// The keys of torchvision's `resnet18().state_dict()`, generated from its layout.

@@ -9,6 +9,9 @@
 //! - [`checkpoint`], [`export`]: checkpoint files (atomic, checksummed), resume, weight export.
 //! - [`schedule`], [`optim`], [`data`], [`model`], [`models`], [`ops`]: the built-in parts.
 
+pub mod algorithm;
+pub mod atomic;
+pub mod callback;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
@@ -21,16 +24,21 @@ pub mod models;
 pub mod optim;
 pub mod plugin;
 pub mod recipe;
+pub mod registry;
 pub mod rng;
 pub mod schedule;
 pub mod state;
+pub mod state_dict;
 pub mod sysinfo;
 pub mod time;
 pub mod trainer;
+pub mod transform;
 
+pub use algorithm::Algorithm;
+pub use callback::Callback;
 pub use error::{Error, Result};
 pub use event::Event;
-pub use plugin::{Algorithm, Callback, Policy, TimeParams, TimeVisitor};
+pub use plugin::{Policy, TimeParams, TimeVisitor};
 pub use recipe::Recipe;
 pub use state::State;
 pub use time::{Time, TimeUnit};

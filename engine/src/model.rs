@@ -2,6 +2,7 @@
 //! from the project's seeded generator (candle's CPU generator cannot be seeded).
 
 use crate::error::{Error, Result};
+use crate::plugin::{BindContext, PluginConfig};
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
@@ -19,6 +20,11 @@ pub trait Model {
     fn any_input_size(&self) -> bool {
         true
     }
+}
+
+/// How a recipe block builds the runtime object.
+pub trait ModelConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Model>>;
 }
 
 /// What a named tensor is, which decides its optimizer treatment.

@@ -4,10 +4,10 @@
 //!
 //! Biases and normalisation parameters get no weight decay unless `decay_norm_and_bias: true`.
 
-use crate::checkpoint::StateDict;
 use crate::error::{Error, Result};
 use crate::model::{ParamKind, ParamStore};
-use crate::plugin::{BindContext, OptimizerConfig, TimeParams};
+use crate::plugin::{BindContext, PluginConfig, TimeParams};
+use crate::state_dict::StateDict;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,13 @@ pub trait Optimizer {
     fn state_dict(&self) -> Result<StateDict>;
     /// Restores a state saved by `state_dict` for the same parameters.
     fn load_state_dict(&mut self, state: &StateDict, params: &ParamStore) -> Result<()>;
+}
+
+/// How a recipe block builds the runtime object.
+pub trait OptimizerConfig: PluginConfig {
+    /// The base learning rate that the schedule multiplies.
+    fn lr(&self) -> f64;
+    fn build(&self, ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>>;
 }
 
 /// Puts each saved `<slot>.<parameter>` tensor into `slots[slot][index of parameter]`, checking

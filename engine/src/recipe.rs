@@ -16,13 +16,18 @@
 //!   - lr_monitor
 //! ```
 
+use crate::algorithm::AlgorithmConfig;
+use crate::callback::CallbackConfig;
+use crate::data::DatasetConfig;
 use crate::data::{DatasetInfo, LoaderConfig};
 use crate::error::{join_key, Error, Result};
-use crate::plugin::{
-    lookup, nearest, parse_block, AlgorithmConfig, CallbackConfig, DatasetConfig, Kind,
-    ModelConfig, OptimizerConfig, Policy, Registration, ScheduleConfig,
-};
+use crate::model::ModelConfig;
+use crate::optim::OptimizerConfig;
+use crate::plugin::{nearest, parse_block, Policy};
+use crate::registry::{lookup, Kind, Registration};
+use crate::schedule::ScheduleConfig;
 use crate::time::{Clock, Time};
+use crate::transform::{RecipeTransform, RecipeView};
 use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -420,11 +425,6 @@ pub struct DataSpec {
     pub loader: LoaderConfig,
 }
 
-/// A transform of the whole recipe before it is bound (ScaleSchedule is one).
-pub trait RecipeTransform {
-    fn apply(&self, recipe: &mut Recipe) -> Result<()>;
-}
-
 /// One time parameter of a recipe, as the table of `recipe show` lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimeRow {
@@ -515,7 +515,7 @@ where
     Registration<C>: inventory::Collect,
 {
     let names = || {
-        crate::plugin::registered(kind)
+        crate::registry::registered(kind)
             .iter()
             .map(|p| p.name)
             .collect::<Vec<_>>()
@@ -965,8 +965,17 @@ impl Recipe {
     }
 }
 
+impl RecipeView for Recipe {
+    fn visit_times(&mut self, f: &mut dyn FnMut(&str, &str, &mut Time, Policy)) {
+        Recipe::visit_times(self, f)
+    }
+    fn scale_ratio_mut(&mut self) -> &mut f64 {
+        &mut self.scale_ratio
+    }
+}
+
 fn missing(key: &str, kind: Kind) -> Error {
-    let names: Vec<&str> = crate::plugin::registered(kind)
+    let names: Vec<&str> = crate::registry::registered(kind)
         .iter()
         .map(|p| p.name)
         .collect();

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::plugin::{
-    visit_list, visit_opt, BindContext, Policy, ScheduleConfig, TimeParams, TimeVisitor,
+    visit_list, visit_opt, BindContext, PluginConfig, Policy, TimeParams, TimeVisitor,
 };
 use crate::time::Time;
 use serde::{Deserialize, Serialize};
@@ -21,12 +21,17 @@ pub trait Schedule {
     /// `batch`, before the callbacks run; metric-driven schedules (reduce_on_plateau) use it.
     fn observe(&mut self, _metrics: &std::collections::BTreeMap<String, f64>, _batch: u64) {}
     /// State to carry across a checkpoint; the built-in schedules are stateless.
-    fn state_dict(&self) -> Result<crate::checkpoint::StateDict> {
+    fn state_dict(&self) -> Result<crate::state_dict::StateDict> {
         Ok(Default::default())
     }
-    fn load_state_dict(&mut self, _state: &crate::checkpoint::StateDict) -> Result<()> {
+    fn load_state_dict(&mut self, _state: &crate::state_dict::StateDict) -> Result<()> {
         Ok(())
     }
+}
+
+/// How a recipe block builds the runtime object.
+pub trait ScheduleConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Schedule>>;
 }
 
 /// The shape of a schedule after warmup, with its times resolved into batches.
@@ -665,11 +670,11 @@ impl Schedule for ReduceOnPlateau {
         }
     }
 
-    fn state_dict(&self) -> Result<crate::checkpoint::StateDict> {
-        Ok(crate::checkpoint::StateDict::encode(&self.st))
+    fn state_dict(&self) -> Result<crate::state_dict::StateDict> {
+        Ok(crate::state_dict::StateDict::encode(&self.st))
     }
 
-    fn load_state_dict(&mut self, state: &crate::checkpoint::StateDict) -> Result<()> {
+    fn load_state_dict(&mut self, state: &crate::state_dict::StateDict) -> Result<()> {
         self.st = state.decode("reduce_on_plateau")?;
         Ok(())
     }

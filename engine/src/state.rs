@@ -1,29 +1,11 @@
 //! The training state that algorithms and callbacks read and change.
 
+use crate::data::Batch;
 use crate::model::Model;
 use crate::time::{Clock, Timestamp};
 use candle_core::{Device, Tensor};
-use recipe_kernels::Targets;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-
-/// One batch: inputs [N, C, H, W] and targets (class indices, or distributions while an algorithm
-/// such as label smoothing has swapped them in). `labels` always holds the class indices.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub inputs: Tensor,
-    pub targets: Targets,
-    pub labels: Tensor,
-}
-
-impl Batch {
-    pub fn len(&self) -> usize {
-        self.inputs.dim(0).unwrap_or(0)
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// Results of one evaluation pass.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -2,7 +2,7 @@
 //! callbacks), fires every event in order, evaluates at the recipe's interval, and stops at
 //! max_duration.
 
-use crate::checkpoint::{recipe_differences, Checkpoint, CheckpointMeta, ClockMeta, StateDict};
+use crate::checkpoint::{recipe_differences, Checkpoint, CheckpointMeta, ClockMeta};
 use crate::data::{synthetic_splits, DataContext, Loader};
 use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
@@ -11,6 +11,7 @@ use crate::plugin::BindContext;
 use crate::recipe::Recipe;
 use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, EvalResult, State};
+use crate::state_dict::StateDict;
 use crate::time::Timestamp;
 use candle_core::{Device, Tensor};
 use recipe_kernels::{cross_entropy, top1_correct};
@@ -481,7 +482,7 @@ impl Trainer {
     pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent() {
             if self.cleaned.insert(dir.to_path_buf()) {
-                let n = crate::checkpoint::remove_stale_temporaries(dir);
+                let n = crate::atomic::remove_stale_temporaries(dir);
                 if n > 0 {
                     tracing::info!(
                         "removed {n} partial checkpoint file(s) left in {} by an interrupted write",
@@ -780,7 +781,7 @@ impl Trainer {
         self.serve_checkpoint_requests()
     }
 
-    fn batch(&self) -> Result<&crate::state::Batch> {
+    fn batch(&self) -> Result<&crate::data::Batch> {
         self.state
             .batch
             .as_ref()

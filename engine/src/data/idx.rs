@@ -2,8 +2,9 @@
 //! embedded mini set.
 
 use super::{DataContext, Dataset, DatasetInfo, Splits};
+use crate::data::DatasetConfig;
 use crate::error::{Error, Result};
-use crate::plugin::{DatasetConfig, TimeParams};
+use crate::plugin::TimeParams;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};

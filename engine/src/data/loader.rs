@@ -5,9 +5,8 @@
 //! epoch, augmentation from a stream per sample position, so threads never change the result and
 //! a run can restart at any batch of an epoch.
 
-use super::{Dataset, DatasetInfo};
+use super::{Batch, Dataset, DatasetInfo};
 use crate::error::{Error, Result};
-use crate::state::Batch;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::Rng;

@@ -9,7 +9,29 @@ pub use idx::{read_idx, Idx, ImageSet};
 pub use loader::{Loader, LoaderConfig};
 pub use synthetic::{synthetic_splits, Synthetic, SyntheticConfig};
 
+use crate::error::Result;
+use crate::plugin::PluginConfig;
+use candle_core::Tensor;
+use recipe_kernels::Targets;
 use std::sync::Arc;
+
+/// One batch: inputs [N, C, H, W] and targets (class indices, or distributions while an algorithm
+/// such as label smoothing has swapped them in). `labels` always holds the class indices.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Tensor,
+    pub targets: Targets,
+    pub labels: Tensor,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.inputs.dim(0).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Random access to labelled images.
 pub trait Dataset: Send + Sync {
@@ -19,6 +41,13 @@ pub trait Dataset: Send + Sync {
     }
     /// Writes sample `index` (C*H*W values in [0, 1], channel-major) into `out`; returns its label.
     fn get(&self, index: usize, out: &mut [f32]) -> u32;
+}
+
+/// How a recipe block builds the runtime object.
+pub trait DatasetConfig: PluginConfig {
+    /// Shape and sizes, known without reading any file (synthetic stand-ins use them).
+    fn info(&self) -> DatasetInfo;
+    fn build(&self, ctx: &DataContext) -> Result<Splits>;
 }
 
 /// What is known about a dataset without reading it.

@@ -2,8 +2,9 @@
 //! memory), learnable: each class has a smooth prototype, each sample adds its own noise.
 
 use super::{DataContext, Dataset, DatasetInfo, Splits};
+use crate::data::DatasetConfig;
 use crate::error::{Error, Result};
-use crate::plugin::{DatasetConfig, TimeParams};
+use crate::plugin::TimeParams;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

@@ -1,7 +1,8 @@
 use super::layers::{ConvBn, Linear};
 use crate::error::{Error, Result};
+use crate::model::ModelConfig;
 use crate::model::{Model, ParamBuilder, ParamStore};
-use crate::plugin::{BindContext, ModelConfig, TimeParams};
+use crate::plugin::{BindContext, TimeParams};
 use candle_core::Tensor;
 use recipe_kernels as ops;
 use serde::{Deserialize, Serialize};

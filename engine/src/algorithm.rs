@@ -1,0 +1,36 @@
+//! Algorithms: training speed-up methods that run at the events they match and change the
+//! training state. The runtime trait and its config trait (how a recipe block builds one).
+
+use crate::error::Result;
+use crate::event::Event;
+use crate::plugin::{BindContext, PluginConfig};
+use crate::state::State;
+use crate::state_dict::StateDict;
+use crate::transform::RecipeTransform;
+
+/// A training speed-up method: runs at the events it matches and changes the training state.
+///
+/// Dispatch: for one event every algorithm's `matches` is evaluated before any `apply`;
+/// algorithms run in recipe order, reversed on after/end events.
+pub trait Algorithm {
+    fn matches(&self, event: Event, state: &State) -> bool;
+    fn apply(&mut self, event: Event, state: &mut State) -> Result<()>;
+    /// State to carry across a checkpoint (counters, moving averages). Most algorithms are a
+    /// function of the timestamp and keep none.
+    fn state_dict(&self) -> Result<StateDict> {
+        Ok(StateDict::default())
+    }
+    /// Restores what `state_dict` saved (called between BEFORE_LOAD and AFTER_LOAD on resume).
+    fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub trait AlgorithmConfig: PluginConfig {
+    fn build(&self, ctx: &BindContext) -> Result<Box<dyn Algorithm>>;
+    /// An algorithm may also transform the whole recipe before it is bound (ScaleSchedule does).
+    /// The transforms run once, in recipe order, in [`crate::recipe::Recipe::prepare`].
+    fn recipe_transform(&self) -> Option<Box<dyn RecipeTransform>> {
+        None
+    }
+}
