@@ -1,12 +1,12 @@
 //! The `recipe` command line: `run` (with `--resume`), `export`, `show`, `list`, `bench`.
 
+use crate::load::{load, RecipeArgs};
 use clap::{Parser, Subcommand};
 use recipe_engine::checkpoint::{self, Checkpoint};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::recipe::{Recipe, RecipeSource};
 use recipe_engine::registry::{registered, Kind};
-use recipe_engine::serde_yaml::{Mapping, Value};
-use recipe_engine::trainer::{new_run_dir, Resume, Trainer};
+use recipe_engine::run_dir::new_run_dir;
+use recipe_engine::trainer::{Resume, Trainer};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -25,20 +25,6 @@ pub struct Cli {
     /// More output: -v shows which algorithms ran at which event (debug), -vv everything.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-}
-
-/// Options that select and adjust a recipe.
-#[derive(clap::Args, Debug, Clone)]
-pub struct RecipeArgs {
-    /// The recipe file (YAML).
-    pub file: PathBuf,
-    /// Shrink (< 1) or stretch (> 1) the whole recipe: run length, LR schedule with its warmup,
-    /// and every phase time of every algorithm and callback.
-    #[arg(long, value_name = "RATIO")]
-    pub scale: Option<f64>,
-    /// Override a recipe value: --set optimizer.lr=0.2, --set algorithms.label_smoothing.smoothing=0.2.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -307,131 +293,10 @@ pub fn run_command(cmd: Command) -> Result<()> {
     }
 }
 
-/// Reads a recipe with its overrides and `--scale` (added as a `scale_schedule` algorithm, so the
-/// ratio is part of the recipe that is saved with the run). `prepare` runs the transforms.
-pub fn load(args: &RecipeArgs, extra_callbacks: &[&str], prepare: bool) -> Result<Recipe> {
-    let src = RecipeSource::read(&args.file, &args.sets)?;
-    let mut raw = src.raw()?;
-    let m = raw
-        .as_mapping_mut()
-        .ok_or_else(|| Error::msg("a recipe is a YAML mapping"))?;
-    if let Some(ratio) = args.scale {
-        let mut block = Mapping::new();
-        block.insert("name".into(), "scale_schedule".into());
-        block.insert("ratio".into(), ratio.into());
-        push_entry(m, "algorithms", Value::Mapping(block))?;
-    }
-    for cb in extra_callbacks {
-        // A name (`json_logger`) or a YAML block (`{name: threshold_stopper, ...}`).
-        let entry: Value = if cb.starts_with('{') {
-            recipe_engine::serde_yaml::from_str(cb)
-                .map_err(|e| Error::msg(format!("callback block {cb}: {e}")))?
-        } else {
-            Value::String(cb.to_string())
-        };
-        let name = entry_name(&entry).unwrap_or_default().to_string();
-        let present = match m.get("callbacks") {
-            Some(Value::Sequence(s)) => s.iter().any(|v| entry_name(v) == Some(&name)),
-            _ => false,
-        };
-        if !present || cb.starts_with('{') {
-            push_entry(m, "callbacks", entry)?;
-        }
-    }
-    Recipe::from_raw(raw, src, prepare)
-}
-
 /// Threads of the global rayon pool, which the CPU kernels run on (RAYON_NUM_THREADS, or one per
 /// core).
 fn rayon_threads() -> usize {
     recipe_engine::rayon::current_num_threads()
-}
-
-fn entry_name(v: &Value) -> Option<&str> {
-    match v {
-        Value::String(s) => Some(s),
-        Value::Mapping(m) => m.get("name").and_then(Value::as_str),
-        _ => None,
-    }
-}
-
-fn push_entry(m: &mut Mapping, key: &str, entry: Value) -> Result<()> {
-    let list = m.entry(key.into()).or_insert(Value::Sequence(Vec::new()));
-    if list.is_null() {
-        *list = Value::Sequence(Vec::new());
-    }
-    match list {
-        Value::Sequence(s) => {
-            s.push(entry);
-            Ok(())
-        }
-        _ => Err(Error::recipe(key, "must be a list")),
-    }
-}
-
-/// The newest run folder of a recipe that holds a checkpoint: `<runs_dir>/<name>-<n>`, highest n.
-fn newest_run_with_checkpoint(runs_dir: &std::path::Path, name: &str) -> Option<PathBuf> {
-    let mut runs: Vec<(u64, PathBuf)> = std::fs::read_dir(runs_dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let file_name = e.file_name();
-            let n = file_name.to_str()?.strip_prefix(name)?.strip_prefix('-')?;
-            Some((n.parse().ok()?, e.path()))
-        })
-        .collect();
-    runs.sort_by_key(|r| std::cmp::Reverse(r.0));
-    runs.into_iter()
-        .map(|(_, p)| p)
-        .find(|p| !checkpoint::list(p).is_empty())
-}
-
-/// The run folder a checkpoint belongs to: the nearest ancestor (up to two levels) holding a
-/// recipe.yaml.
-fn run_folder_of(ckpt: &std::path::Path) -> Option<PathBuf> {
-    let ckpt = std::fs::canonicalize(ckpt).ok()?;
-    ckpt.ancestors()
-        .skip(1)
-        .take(2)
-        .find(|d| d.join("recipe.yaml").is_file())
-        .map(|d| d.to_path_buf())
-}
-
-/// Finds the checkpoint `--resume` names and the run folder to continue in.
-fn resolve_resume(
-    spec: &str,
-    recipe: &Recipe,
-    run_dir: Option<&PathBuf>,
-) -> Result<(Checkpoint, PathBuf)> {
-    let cpu = recipe_engine::candle_core::Device::Cpu;
-    let ckpt = if spec == "latest" {
-        let folder = match run_dir {
-            Some(d) => d.clone(),
-            None => newest_run_with_checkpoint(&recipe.runs_dir, &recipe.name).ok_or_else(|| {
-                Error::msg(format!(
-                    "--resume latest: no run folder {}/{}-<n> holds a checkpoint; give the checkpoint's path, or --run-dir",
-                    recipe.runs_dir.display(),
-                    recipe.name
-                ))
-            })?,
-        };
-        checkpoint::latest(&folder, &cpu)?
-    } else {
-        let p = PathBuf::from(spec);
-        if p.is_dir() {
-            checkpoint::latest(&p, &cpu)?
-        } else {
-            Checkpoint::read(&p, &cpu)?
-        }
-    };
-    let dir = match run_dir {
-        Some(d) => d.clone(),
-        None => match run_folder_of(&ckpt.path) {
-            Some(d) => d,
-            None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
-        },
-    };
-    Ok((ckpt, dir))
 }
 
 fn run(
@@ -449,7 +314,12 @@ fn run(
     let recipe = load(args, extra, true)?;
     let mut trainer = match resume {
         Some(spec) => {
-            let (checkpoint, dir) = resolve_resume(spec, &recipe, run_dir.as_ref())?;
+            let (checkpoint, dir) =
+                checkpoint::resolve(spec, &recipe.runs_dir, &recipe.name, run_dir.as_deref())?;
+            let dir = match dir {
+                Some(d) => d,
+                None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+            };
             let ts = &checkpoint.meta.timestamp;
             eprintln!(
                 "resuming {} at epoch {}, batch {} from {}",

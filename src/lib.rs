@@ -10,6 +10,7 @@
 pub mod alloc;
 pub mod bench;
 pub mod cli;
+pub mod load;
 pub mod plot;
 pub mod sweep;
 

@@ -6,7 +6,7 @@
 //! the same command is given again; a cell cut off mid-run resumes from its newest checkpoint when
 //! the recipe has the `checkpoint` callback, and starts over otherwise.
 
-use crate::cli::{load, RecipeArgs};
+use crate::load::{load, RecipeArgs};
 use crate::plot::{draw, pareto_front, Panel, Series};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::trainer::{Resume, Trainer};

@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use recipe::cli::{load, RecipeArgs};
+use recipe::load::{load, RecipeArgs};
 use recipe_engine::trainer::Trainer;
 use std::path::Path;
 

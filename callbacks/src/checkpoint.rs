@@ -9,11 +9,11 @@
 //! BATCH_CHECKPOINT every that many batches.
 
 use recipe_engine::callback::{Callback, CallbackConfig};
+use recipe_engine::checkpoint;
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::state_dict::StateDict;
 use recipe_engine::time::TimeUnit;
-use recipe_engine::trainer::checkpoint_file_name;
 use recipe_engine::{Event, State, Time};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -103,7 +103,7 @@ impl CallbackConfig for CheckpointConfig {
 
 impl Saver {
     fn save(&mut self, state: &mut State) {
-        let path = PathBuf::from(&self.folder).join(checkpoint_file_name(&state.timestamp));
+        let path = PathBuf::from(&self.folder).join(checkpoint::file_name(&state.timestamp));
         self.saved.retain(|p| p != &path);
         self.saved.push_back(path.clone());
         let mut prune = Vec::new();

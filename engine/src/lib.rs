@@ -26,6 +26,7 @@ pub mod plugin;
 pub mod recipe;
 pub mod registry;
 pub mod rng;
+pub mod run_dir;
 pub mod schedule;
 pub mod state;
 pub mod state_dict;

@@ -1,19 +1,24 @@
-//! The trainer loop: binds a prepared recipe (data, model, optimizer, schedule, algorithms,
-//! callbacks), fires every event in order, evaluates at the recipe's interval, and stops at
-//! max_duration.
+//! The trainer: binds a prepared recipe (data, model, optimizer, schedule, algorithms,
+//! callbacks), then runs the fit loop: fires every event in order, steps, evaluates at the
+//! recipe's interval, serves the checkpoints callbacks ask for, and stops at max_duration, when
+//! asked to, or on a signal. Continuing from a checkpoint is in `resume.rs`.
 
-use crate::checkpoint::{recipe_differences, Checkpoint, CheckpointMeta, ClockMeta};
+mod resume;
+
+pub use resume::Resume;
+
+use crate::checkpoint::{self, PluginState, RunInfo};
 use crate::data::{synthetic_splits, DataContext, Loader};
 use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::plugin::BindContext;
 use crate::recipe::Recipe;
+use crate::run_dir;
 use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, EvalResult, State};
-use crate::state_dict::StateDict;
 use crate::time::Timestamp;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use recipe_kernels::{cross_entropy, top1_correct};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +40,7 @@ pub struct Trainer {
     pub state: State,
     pub engine: Engine,
     optimizer_key: String,
-    schedule: Option<(String, Box<dyn Schedule>)>,
+    schedule: NamedSchedule,
     train: Loader,
     eval: Option<Loader>,
     eval_every: u64,
@@ -52,81 +57,12 @@ pub struct Trainer {
     prior_seconds: f64,
 }
 
-/// How a run continues from a checkpoint.
-pub struct Resume {
-    pub checkpoint: Checkpoint,
-    /// Continue even though the recipe or the scale ratio differ from the checkpoint's.
-    pub force: bool,
-}
-
-/// The key of a plugin's state in a checkpoint: its place and its name.
-fn plugin_key(path: &str, name: &str) -> String {
-    format!("{path}:{name}")
-}
-
-/// The file name of a checkpoint taken at `ts`: `ep3-ba1407.ckpt`.
-pub fn checkpoint_file_name(ts: &Timestamp) -> String {
-    format!(
-        "ep{}-ba{}.{}",
-        ts.epoch,
-        ts.batch,
-        crate::checkpoint::EXTENSION
-    )
-}
-
 fn signal_name(sig: usize) -> String {
     match sig {
         2 => "SIGINT".into(),
         15 => "SIGTERM".into(),
         n => format!("signal {n}"),
     }
-}
-
-/// Checkpoints of the run folder from after the resume point belong to the abandoned future of
-/// the run: renamed to `*.ckpt.abandoned` (kept, but no longer taken by `--resume latest`).
-fn set_aside_later_checkpoints(run_dir: &Path, batch: u64) {
-    for p in crate::checkpoint::list(run_dir) {
-        let later = p
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.rsplit_once("ba"))
-            .and_then(|(_, b)| b.parse::<u64>().ok())
-            .is_some_and(|b| b > batch);
-        if later {
-            let to = p.with_extension("ckpt.abandoned");
-            match std::fs::rename(&p, &to) {
-                Ok(()) => tracing::warn!(
-                    "{} is from after the resume point; kept as {}",
-                    p.display(),
-                    to.display()
-                ),
-                Err(e) => tracing::warn!("cannot set aside {}: {e}", p.display()),
-            }
-        }
-    }
-}
-
-/// Refuses to resume across differences unless forced (then warns about each).
-fn check_differences(ckpt: &Checkpoint, d: &[String], force: bool) -> Result<()> {
-    if d.is_empty() {
-        return Ok(());
-    }
-    let list = d
-        .iter()
-        .map(|l| format!("  {l}"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    if force {
-        tracing::warn!(
-            "resuming from {} despite differences (--force):\n{list}",
-            ckpt.path.display()
-        );
-        return Ok(());
-    }
-    Err(Error::msg(format!(
-        "cannot resume from {}: it was written by a different run (checkpoint -> now):\n{list}\n  hint: resume with the recipe, --set and --scale it was started with, or pass --force to continue under the new settings",
-        ckpt.path.display()
-    )))
 }
 
 /// Parses the recipe's `device`.
@@ -151,80 +87,43 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
-/// A fresh run folder under `parent`: `<name>-<n>` with the first free n.
-pub fn new_run_dir(parent: &Path, name: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(parent).map_err(|e| {
-        Error::msg(format!("cannot create the runs folder {}: {e}; set `run_dir` or pass --run-dir to a writable folder", parent.display()))
-    })?;
-    for n in 1.. {
-        let d = parent.join(format!("{name}-{n}"));
-        match std::fs::create_dir(&d) {
-            Ok(()) => return Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(Error::msg(format!(
-                    "cannot create run folder {}: {e}; pass --run-dir to a writable folder",
-                    d.display()
-                )))
-            }
-        }
+type NamedSchedule = Option<(String, Box<dyn Schedule>)>;
+
+/// The plugins whose state a checkpoint carries besides the optimizer, with their keys, in
+/// recipe order.
+fn plugin_states<'a>(
+    schedule: &'a NamedSchedule,
+    engine: &'a Engine,
+) -> Vec<(&'a str, &'a dyn PluginState)> {
+    let mut v: Vec<(&str, &dyn PluginState)> = Vec::new();
+    if let Some((key, s)) = schedule {
+        v.push((key, s));
     }
-    unreachable!("the run-folder search is unbounded")
+    for a in &engine.algorithms {
+        v.push((&a.label, &a.inner));
+    }
+    for c in &engine.callbacks {
+        v.push((&c.label, &c.inner));
+    }
+    v
 }
 
-/// What differs between a checkpoint and the run that wants to resume from it.
-fn resume_differences(
-    meta: &CheckpointMeta,
-    given: &serde_yaml::Value,
-    ratio: f64,
-    clock: &crate::time::Clock,
-) -> Vec<String> {
-    let mut d = Vec::new();
-    if meta.scale_ratio != ratio {
-        d.push(format!(
-            "scale ratio: {} -> {ratio} (the checkpoint's run is {} batches long)",
-            meta.scale_ratio, meta.clock.max_batches
-        ));
+/// `plugin_states`, to restore them.
+fn plugin_states_mut<'a>(
+    schedule: &'a mut NamedSchedule,
+    engine: &'a mut Engine,
+) -> Vec<(&'a str, &'a mut dyn PluginState)> {
+    let mut v: Vec<(&str, &mut dyn PluginState)> = Vec::new();
+    if let Some((key, s)) = schedule {
+        v.push((key, s));
     }
-    d.extend(recipe_differences(&meta.recipe, given));
-    let now = ClockMeta {
-        batches_per_epoch: clock.batches_per_epoch,
-        samples_per_batch: clock.samples_per_batch,
-        max_batches: clock.max_batches.unwrap_or(0),
-    };
-    if meta.clock != now {
-        d.push(format!(
-            "resolved clock: {} batches per epoch of {} samples, run of {} batches -> {} of {}, run of {} (did the dataset change?)",
-            meta.clock.batches_per_epoch,
-            meta.clock.samples_per_batch,
-            meta.clock.max_batches,
-            now.batches_per_epoch,
-            now.samples_per_batch,
-            now.max_batches
-        ));
+    for a in &mut engine.algorithms {
+        v.push((&a.label, &mut a.inner));
     }
-    d
-}
-
-/// Writes the run's recipe.yaml. When resuming into a folder whose recipe.yaml differs, the old
-/// one is kept beside it as recipe.before-resume-ba<N>.yaml.
-fn write_run_recipe(recipe: &Recipe, run_dir: &Path, resume_at: Option<u64>) -> Result<()> {
-    let text = serde_yaml::to_string(&recipe.raw).unwrap_or_default();
-    let path = run_dir.join("recipe.yaml");
-    let unwritable = |e: std::io::Error| {
-        Error::msg(format!(
-            "the run folder {} is not writable ({e}); pass --run-dir to a writable folder",
-            run_dir.display()
-        ))
-    };
-    std::fs::create_dir_all(run_dir).map_err(unwritable)?;
-    if let (Some(n), Ok(old)) = (resume_at, std::fs::read_to_string(&path)) {
-        if old != text {
-            let keep = run_dir.join(format!("recipe.before-resume-ba{n}.yaml"));
-            std::fs::rename(&path, &keep).map_err(unwritable)?;
-        }
+    for c in &mut engine.callbacks {
+        v.push((&c.label, &mut c.inner));
     }
-    std::fs::write(&path, text).map_err(unwritable)
+    v
 }
 
 impl Trainer {
@@ -251,26 +150,11 @@ impl Trainer {
         let given = recipe.source.raw()?;
         if let Some(r) = &resume {
             // A quick check before any data is read; the clock is compared once it is known.
-            let d = resume_differences(
-                &r.checkpoint.meta,
-                &given,
-                recipe.scale_ratio,
-                &crate::time::Clock {
-                    max_batches: Some(r.checkpoint.meta.clock.max_batches),
-                    batches_per_epoch: r.checkpoint.meta.clock.batches_per_epoch,
-                    samples_per_batch: r.checkpoint.meta.clock.samples_per_batch,
-                    tokens_per_sample: None,
-                },
-            );
-            check_differences(&r.checkpoint, &d, r.force)?;
+            r.check(&given, recipe.scale_ratio, &r.saved_clock())?;
         }
-        write_run_recipe(
-            recipe,
-            run_dir,
-            resume.as_ref().map(|r| r.checkpoint.meta.timestamp.batch),
-        )?;
+        run_dir::write_recipe(&recipe.raw, run_dir, resume.as_ref().map(Resume::batch))?;
         if let Some(r) = &resume {
-            set_aside_later_checkpoints(run_dir, r.checkpoint.meta.timestamp.batch);
+            checkpoint::set_aside_after(run_dir, r.batch());
         }
         recipe
             .data_info()
@@ -313,8 +197,7 @@ impl Trainer {
             .clock_for(train.len())
             .map_err(|e| recipe.source.locate(e))?;
         if let Some(r) = &resume {
-            let d = resume_differences(&r.checkpoint.meta, &given, recipe.scale_ratio, &clock);
-            check_differences(&r.checkpoint, &d, r.force)?;
+            r.check(&given, recipe.scale_ratio, &clock)?;
         }
         let ctx = BindContext {
             clock,
@@ -337,7 +220,7 @@ impl Trainer {
             .map_err(locate)?;
         let schedule = match &recipe.schedule {
             Some(s) => Some((
-                plugin_key("schedule", &s.name),
+                checkpoint::plugin_key("schedule", &s.name),
                 s.config.build(&ctx.with_path("schedule")).map_err(locate)?,
             )),
             None => None,
@@ -346,14 +229,14 @@ impl Trainer {
         for a in &recipe.algorithms {
             let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
             engine.algorithms.push(Named {
-                label: plugin_key(&a.path, &a.name),
+                label: checkpoint::plugin_key(&a.path, &a.name),
                 inner,
             });
         }
         for c in &recipe.callbacks {
             let inner = c.config.build(&ctx.with_path(&c.path)).map_err(locate)?;
             engine.callbacks.push(Named {
-                label: plugin_key(&c.path, &c.name),
+                label: checkpoint::plugin_key(&c.path, &c.name),
                 inner,
             });
         }
@@ -397,7 +280,7 @@ impl Trainer {
         let mut t = Trainer {
             state,
             engine,
-            optimizer_key: plugin_key("optimizer", &recipe.optimizer.name),
+            optimizer_key: checkpoint::plugin_key("optimizer", &recipe.optimizer.name),
             schedule,
             train,
             eval,
@@ -418,61 +301,6 @@ impl Trainer {
         Ok(t)
     }
 
-    /// Everything a checkpoint holds, from the live run.
-    fn capture(&self) -> Result<(CheckpointMeta, Vec<(String, Tensor)>)> {
-        let mut tensors = Vec::new();
-        let mut model_tensors = Vec::new();
-        for p in self.state.model.params().iter() {
-            model_tensors.push(p.name.clone());
-            tensors.push((format!("model/{}", p.name), p.var.as_tensor().clone()));
-        }
-        let mut plugins = std::collections::BTreeMap::new();
-        let mut add = |key: &str, sd: StateDict| {
-            if sd.is_empty() {
-                return;
-            }
-            for (n, t) in sd.tensors {
-                tensors.push((format!("{key}/{n}"), t));
-            }
-            plugins.insert(key.to_string(), sd.values);
-        };
-        add(&self.optimizer_key, self.state.optimizer.state_dict()?);
-        if let Some((key, s)) = &self.schedule {
-            add(key, s.state_dict()?);
-        }
-        for a in &self.engine.algorithms {
-            add(&a.label, a.inner.state_dict()?);
-        }
-        for c in &self.engine.callbacks {
-            add(&c.label, c.inner.state_dict()?);
-        }
-        let s = &self.state;
-        let meta = CheckpointMeta {
-            format: crate::checkpoint::FORMAT_VERSION,
-            created_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            recipe_name: s.run_name.clone(),
-            recipe: self.recipe_given.clone(),
-            scale_ratio: self.scale_ratio,
-            seed: s.seed,
-            clock: ClockMeta {
-                batches_per_epoch: s.clock.batches_per_epoch,
-                samples_per_batch: s.clock.samples_per_batch,
-                max_batches: s.max_batches(),
-            },
-            timestamp: s.timestamp.clone(),
-            epoch_metrics: s.epoch_metrics,
-            last_eval: s.last_eval,
-            last_loss: s.last_loss,
-            stop_reason: s.stop_reason.clone(),
-            elapsed_seconds: self.elapsed_seconds(),
-            plugins,
-            model_tensors,
-        };
-        Ok((meta, tensors))
-    }
-
     /// Wall time of the whole run so far: this process's fit plus the time before a resume.
     fn elapsed_seconds(&self) -> f64 {
         self.prior_seconds + self.fit_start.map_or(0.0, |t| t.elapsed().as_secs_f64())
@@ -491,8 +319,18 @@ impl Trainer {
                 }
             }
         }
-        let (meta, tensors) = self.capture()?;
-        Checkpoint::write(path, &meta, &tensors)?;
+        let run = RunInfo {
+            recipe_given: &self.recipe_given,
+            scale_ratio: self.scale_ratio,
+            elapsed_seconds: self.elapsed_seconds(),
+        };
+        let (meta, tensors) = checkpoint::capture(
+            &self.state,
+            &self.optimizer_key,
+            &plugin_states(&self.schedule, &self.engine),
+            &run,
+        )?;
+        checkpoint::Checkpoint::write(path, &meta, &tensors)?;
         tracing::info!(
             "checkpoint at batch {}: {}",
             self.state.timestamp.batch,
@@ -527,84 +365,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// Puts a checkpoint's state into the freshly built run.
-    fn load(&mut self, ckpt: &Checkpoint, force: bool) -> Result<()> {
-        let at = |e: Error| Error::msg(format!("cannot resume from {}: {e}", ckpt.path.display()));
-        let saved = ckpt.model_tensors();
-        for p in self.state.model.params().iter() {
-            let t = saved.get(&p.name).ok_or_else(|| {
-                at(Error::msg(format!(
-                    "it has no value for the model's `{}`; it was saved from another model",
-                    p.name
-                )))
-            })?;
-            if t.dims() != p.var.dims() {
-                return Err(at(Error::msg(format!(
-                    "its `{}` has shape {:?}, the model has {:?}",
-                    p.name,
-                    t.dims(),
-                    p.var.dims()
-                ))));
-            }
-            p.var
-                .set(&t.to_dtype(p.var.dtype())?.to_device(&self.state.device)?)?;
-        }
-        let device = self.state.device.clone();
-        let mut keys: Vec<&String> = ckpt.meta.plugins.keys().collect();
-        let mut restore =
-            |key: &str, load: &mut dyn FnMut(&StateDict) -> Result<()>| -> Result<()> {
-                keys.retain(|k| k.as_str() != key);
-                match ckpt.plugin(key) {
-                    Some(mut sd) => {
-                        // Checkpoints are read onto the CPU; plugin state follows the run's device.
-                        for t in sd.tensors.values_mut() {
-                            *t = t.to_device(&device)?;
-                        }
-                        load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}"))))
-                    }
-                    None => Ok(()),
-                }
-            };
-        let params = self.state.model.params().clone();
-        let opt = &mut self.state.optimizer;
-        restore(&self.optimizer_key.clone(), &mut |sd| {
-            opt.load_state_dict(sd, &params)
-        })?;
-        if let Some((key, s)) = &mut self.schedule {
-            restore(key, &mut |sd| s.load_state_dict(sd))?;
-        }
-        for a in &mut self.engine.algorithms {
-            let inner = &mut a.inner;
-            restore(&a.label, &mut |sd| inner.load_state_dict(sd))?;
-        }
-        for c in &mut self.engine.callbacks {
-            let inner = &mut c.inner;
-            restore(&c.label, &mut |sd| inner.load_state_dict(sd))?;
-        }
-        if !keys.is_empty() {
-            let msg = format!(
-                "the checkpoint holds state for {} that this recipe does not have",
-                keys.iter()
-                    .map(|k| k.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            if !force {
-                return Err(at(Error::msg(format!("{msg}; pass --force to drop it"))));
-            }
-            tracing::warn!("{msg}; dropped (--force)");
-        }
-        let m = &ckpt.meta;
-        self.state.timestamp = m.timestamp.clone();
-        self.state.epoch_metrics = m.epoch_metrics;
-        self.state.last_eval = m.last_eval;
-        self.state.last_loss = m.last_loss;
-        self.state.stop_reason = m.stop_reason.clone();
-        self.prior_seconds = m.elapsed_seconds;
-        self.state.last_checkpoint = Some(ckpt.path.clone());
-        Ok(())
-    }
-
     /// When a signal arrived: write a checkpoint at this batch (unless one was just written) and
     /// stop with [`Error::Interrupted`].
     fn check_interrupt(&mut self) -> Result<()> {
@@ -621,7 +381,7 @@ impl Trainer {
             .state
             .run_dir
             .join("checkpoints")
-            .join(checkpoint_file_name(ts));
+            .join(checkpoint::file_name(ts));
         if self.state.last_checkpoint.as_deref() != Some(path.as_path()) || !path.exists() {
             self.save_checkpoint(&path)?;
         }

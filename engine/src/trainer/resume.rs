@@ -1,0 +1,81 @@
+//! Continuing a run from a checkpoint: the checks that refuse a checkpoint of another recipe,
+//! another scale ratio or another resolved clock (unless forced), and putting the checkpoint's
+//! state into the freshly built trainer (`checkpoint::restore`).
+
+use super::{plugin_states_mut, Trainer};
+use crate::checkpoint::{self, Checkpoint};
+use crate::error::{Error, Result};
+use crate::time::Clock;
+use serde_yaml::Value;
+
+/// How a run continues from a checkpoint.
+pub struct Resume {
+    pub checkpoint: Checkpoint,
+    /// Continue even though the recipe or the scale ratio differ from the checkpoint's.
+    pub force: bool,
+}
+
+impl Resume {
+    /// The batch the run continues at.
+    pub fn batch(&self) -> u64 {
+        self.checkpoint.meta.timestamp.batch
+    }
+
+    /// The clock the checkpoint was taken under.
+    pub(super) fn saved_clock(&self) -> Clock {
+        let c = &self.checkpoint.meta.clock;
+        Clock {
+            max_batches: Some(c.max_batches),
+            batches_per_epoch: c.batches_per_epoch,
+            samples_per_batch: c.samples_per_batch,
+            tokens_per_sample: None,
+        }
+    }
+
+    /// Refuses to continue a run whose recipe as given, scale ratio or clock differ from the
+    /// checkpoint's, with the list of differences, unless forced (then warns about each).
+    pub(super) fn check(&self, given: &Value, ratio: f64, clock: &Clock) -> Result<()> {
+        let d = checkpoint::differences(&self.checkpoint.meta, given, ratio, clock);
+        check_differences(&self.checkpoint, &d, self.force)
+    }
+}
+
+/// Refuses to resume across differences unless forced (then warns about each).
+fn check_differences(ckpt: &Checkpoint, d: &[String], force: bool) -> Result<()> {
+    if d.is_empty() {
+        return Ok(());
+    }
+    let list = d
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if force {
+        tracing::warn!(
+            "resuming from {} despite differences (--force):\n{list}",
+            ckpt.path.display()
+        );
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "cannot resume from {}: it was written by a different run (checkpoint -> now):\n{list}\n  hint: resume with the recipe, --set and --scale it was started with, or pass --force to continue under the new settings",
+        ckpt.path.display()
+    )))
+}
+
+impl Trainer {
+    /// Puts a checkpoint's state into the freshly built run.
+    pub(super) fn load(&mut self, ckpt: &Checkpoint, force: bool) -> Result<()> {
+        let Trainer {
+            state,
+            engine,
+            schedule,
+            optimizer_key,
+            prior_seconds,
+            ..
+        } = self;
+        let mut plugins = plugin_states_mut(schedule, engine);
+        *prior_seconds = checkpoint::restore(ckpt, state, optimizer_key, &mut plugins, force)?;
+        Ok(())
+    }
+}
