@@ -21,9 +21,10 @@
 //!   added at the end of each pass. Passes and groups are fixed by the shapes, so the result
 //!   does not depend on the thread count.
 //!
-//! In criterion (`cargo bench --bench kernels -- conv/`) the stride-1 layers run at 91-108% of
-//! the `gemm` crate's 2048^3 product rate forward and 77-86% for the kernel gradient, where
-//! im2col and the product's own repacking of it cost about a fifth of the convolutions' time.
+//! Against the machine's best matrix product, the stride-1 layers run at about the product's
+//! rate (`cargo bench -p recipe-kernels --bench kernels -- conv/`; figures in `benches/README.md`),
+//! because im2col and the product's own repacking of it, which this path drops, cost about a
+//! fifth of the convolutions' time.
 //! `Paths::direct` (`RECIPE_DIRECT=0`) turns the direct convolution off, for comparisons.
 
 use super::layout::{gather_every, interleave_phases};

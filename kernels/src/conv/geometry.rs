@@ -93,12 +93,11 @@ impl Geometry {
         vec![T::zero(); if self.pointwise() { 0 } else { self.cols_len() }]
     }
 
-    /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster: on CPUs
-    /// without AVX-512, for 64 channels or more in and out (+25% on ResNet-20's last stage with
-    /// AVX2 products; below 64 channels its transforms cost more than the multiplications
-    /// saved). With AVX-512 the products run twice as fast and the transforms do not, so it is
-    /// off there (ResNet-20's last stage: 2.0 ms per convolution with im2col against 2.2-2.7 with
-    /// Winograd). `RECIPE_WINOGRAD=0` turns it off, `RECIPE_WINOGRAD=1` uses it from 8 channels.
+    /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster
+    /// (`paths::winograd_min_channels`): on CPUs without AVX-512, for 64 channels or more in and
+    /// out; below that its transforms cost more than the multiplications saved. With AVX-512 the
+    /// products run twice as fast and the transforms do not, so it is off there. Measurements:
+    /// `benches/README.md`.
     pub(super) fn winograd(&self) -> Option<Winograd> {
         let min_channels = crate::paths::winograd_min_channels()?;
         let fits = self.kh == 3 && self.kw == 3 && self.s == 1;
@@ -118,11 +117,8 @@ impl Geometry {
     /// 16 output channels, padded rows at most a quarter wider than the output rows (the products
     /// compute the padded width). With so few output channels, writing im2col's nine copies costs
     /// more than half the forward product, and the im2col kernel-gradient product has only 16
-    /// rows per block, half of what the AVX-512 kernels take. Measured (`cargo bench --bench
-    /// kernels -- conv/`, GFLOP/s, im2col -> in place), 16 channels at 32x32: forward 236-263 ->
-    /// 291, kernel gradient 176 -> 294; with 32 or 64 channels in place was equal or slower
-    /// (forward at 16x16 336 -> 315, kernel gradient at 8x8 319 -> 256). `RECIPE_IM2COL=1` turns
-    /// it off (for comparisons).
+    /// rows per block, half of what the AVX-512 kernels take; with 32 or 64 channels in place
+    /// measured equal or slower (`benches/README.md`). `Paths::im2col_only` turns it off.
     pub(super) fn implicit(&self) -> bool {
         let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
         !crate::paths::paths().im2col_only && self.s == 1 && !self.pointwise() && shape
@@ -132,10 +128,8 @@ impl Geometry {
     /// where the forward does, and also with more output channels
     /// when the padded rows are at most 1/8 wider than the output rows. Its products then read
     /// the channel-last copy without packing, 3C rows per block, where the im2col product's rows
-    /// are the O output channels (half what the AVX-512 kernels take at 32). Measured (`cargo
-    /// bench --bench kernels -- conv/backward_kernel`, GFLOP/s, im2col -> in place): 32 channels
-    /// at 16x16 230-249 -> 245-270, at 28x28 272-276 -> 290-293; at 8x8 (rows 1/4 wider) 274-279
-    /// -> 223-229, so not there.
+    /// are the O output channels (half what the AVX-512 kernels take at 32). With rows 1/4 wider
+    /// (8x8 images) the wasted columns cost more than the packing saved.
     pub(super) fn implicit_kernel(&self) -> bool {
         let narrow = 8 * self.wp() <= 9 * self.ow && self.c >= 8;
         self.implicit()
@@ -161,7 +155,7 @@ impl Geometry {
     /// The direct convolution of this geometry (`direct.rs`), where it applies: f32, AVX-512,
     /// a multiple of 8 output channels, stride 1 with a 3x3, 5x5 or 7x7 kernel and "same"
     /// padding or stride 2 with 3x3 padding 1 or 1x1 (`Direct::new`); not where Winograd is
-    /// forced on (`RECIPE_WINOGRAD=1`), so the forward and its input gradient take one path.
+    /// forced on (`Paths::winograd`), so the forward and its input gradient take one path.
     pub(super) fn direct<T: WithDType>(&self) -> Option<Direct> {
         if TypeId::of::<T>() != TypeId::of::<f32>()
             || crate::paths::paths().im2col_only

@@ -18,6 +18,13 @@
 //! (`conv2d_after_bn_relu`): applied to each image while it is copied for the products (and
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
 //! which takes the normalised batch whole). Other devices use candle's convolution.
+//!
+//! - this file: the public ops, their candle glue and the batch statistics of the output;
+//! - `geometry.rs`: one image's convolution shape, and the path it takes;
+//! - `layout.rs`: im2col/col2im, phase planes, padded and shifted rows, the channel-last copy;
+//! - `passes.rs`: the forward, input-gradient and kernel-gradient passes over a batch;
+//! - `direct.rs`, `winograd.rs`: the direct AVX-512 convolution and Winograd F(2x2, 3x3);
+//! - `fused.rs`: a batch norm + ReLU run inside the convolution that follows it.
 
 use crate::norm::Saved;
 use crate::{contiguous_slice, lane_sum};

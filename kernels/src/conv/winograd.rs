@@ -7,14 +7,11 @@
 //! only (relative error ~1e-6 in f32; tested against it in f32 and f64).
 //!
 //! Used by default for 64 channels or more in and out on CPUs without AVX-512
-//! (`Geometry::winograd` in conv.rs). Measured on the 2-core development machine with the `gemm`
-//! crate's AVX2 kernels (`cargo bench --bench kernels -- conv/forward`, GFLOP/s counted as direct
-//! convolution, im2col against Winograd): ResNet-20 stage 3 (64 ch, 8x8) 196 -> 241-246; the small
-//! ResNet's 32 ch at 28x28 193 -> 217-220, but stage 1 (16 ch) 142-144 -> 135 and stage 2 (32 ch,
-//! 16x16) 196-198 -> 177-189, where the transforms (memory-bound, per channel and tile row) cost
-//! more than the multiplications saved. ResNet-50 at batch 16: forward 882 -> 744-762 ms. With the
-//! AVX-512 kernels the products run twice as fast and the transforms do not: there it lost
-//! (ResNet-20 stage 3: 2.2-2.7 ms per convolution against 2.0 with im2col), so it is off.
+//! (`Geometry::winograd`, `paths::winograd_min_channels`): with the `gemm` crate's AVX2 kernels
+//! it wins where the channels are many and the images small; with fewer channels the transforms
+//! (memory-bound, per channel and tile row) cost more than the multiplications saved, and with
+//! the AVX-512 kernels the products run twice as fast while the transforms do not, so it lost
+//! there. The measurements are in `benches/README.md`.
 
 use crate::gemm::{matmul, Mat};
 use crate::par_new_with;
