@@ -50,15 +50,22 @@ pub enum Command {
         /// the checkpoint's (they are listed as warnings).
         #[arg(long, requires = "resume")]
         force: bool,
+        /// Start a new run in a --run-dir that holds another run's files, removing them (its
+        /// recipe, logs, weights and checkpoints). Without it such a folder is refused.
+        #[arg(long, requires = "run_dir", conflicts_with = "resume")]
+        overwrite: bool,
     },
     /// Write a checkpoint's model weights as a plain safetensors file, with PyTorch's names
     /// (torchvision's for the ResNets, BatchNorm's num_batches_tracked included).
     Export {
         /// The checkpoint (.ckpt), or a run folder (its newest good checkpoint).
         checkpoint: PathBuf,
-        /// The output file.
+        /// The output file (never the checkpoint itself).
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Print the resolved recipe and a table of every time parameter: before and after scaling,
     /// in batches, and its policy.
@@ -202,9 +209,12 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only on a terminal: escape codes in a log file or a pipe are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .try_init();
 }
 
@@ -216,8 +226,13 @@ pub fn run_command(cmd: Command) -> Result<()> {
             quiet,
             resume,
             force,
-        } => run(&recipe, run_dir, quiet, resume.as_deref(), force),
-        Command::Export { checkpoint, to } => export(&checkpoint, &to),
+            overwrite,
+        } => run(&recipe, run_dir, quiet, resume.as_deref(), force, overwrite),
+        Command::Export {
+            checkpoint,
+            to,
+            overwrite,
+        } => export(&checkpoint, &to, overwrite),
         Command::Show { recipe } => show(&recipe),
         Command::Bench {
             which: BenchCommand::Throughput(a),
@@ -305,6 +320,7 @@ fn run(
     quiet: bool,
     resume: Option<&str>,
     force: bool,
+    overwrite: bool,
 ) -> Result<()> {
     let extra: &[&str] = if quiet {
         &["json_logger"]
@@ -312,14 +328,12 @@ fn run(
         &["progress_bar", "json_logger"]
     };
     let recipe = load(args, extra, true)?;
-    let mut trainer = match resume {
+    // Every check (recipe, data, plugins, the checkpoint's fit) passes before the run folder is
+    // created or touched.
+    let (bound, dir) = match resume {
         Some(spec) => {
             let (checkpoint, dir) =
                 checkpoint::resolve(spec, &recipe.runs_dir, &recipe.name, run_dir.as_deref())?;
-            let dir = match dir {
-                Some(d) => d,
-                None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
-            };
             let ts = &checkpoint.meta.timestamp;
             eprintln!(
                 "resuming {} at epoch {}, batch {} from {}",
@@ -328,16 +342,18 @@ fn run(
                 ts.batch,
                 checkpoint.path.display()
             );
-            Trainer::resume(&recipe, &dir, Resume { checkpoint, force })?
+            (
+                Trainer::bind(&recipe, Some(Resume { checkpoint, force }))?,
+                dir,
+            )
         }
-        None => {
-            let dir = match run_dir {
-                Some(d) => d,
-                None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
-            };
-            Trainer::new(&recipe, &dir)?
-        }
+        None => (Trainer::bind(&recipe, None)?, run_dir),
     };
+    let dir = match dir {
+        Some(d) => d,
+        None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
+    };
+    let mut trainer = bound.start(&dir, overwrite)?;
     trainer.set_interrupt(install_signal_handlers()?);
     let s = trainer.fit()?;
     let eval = match s.final_eval {
@@ -426,13 +442,33 @@ fn plot_schedule(
 }
 
 /// `recipe export`: the model's weights from a checkpoint, as a plain safetensors file.
-fn export(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+fn export(from: &std::path::Path, to: &std::path::Path, overwrite: bool) -> Result<()> {
     let cpu = recipe_engine::candle_core::Device::Cpu;
     let ckpt = if from.is_dir() {
         checkpoint::latest(from, &cpu)?
     } else {
         Checkpoint::read(from, &cpu)?
     };
+    let same = |a: &std::path::Path, b: &std::path::Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    if same(&ckpt.path, to) {
+        return Err(Error::msg(format!(
+            "--to {} is the checkpoint being exported; nothing was written\n  hint: give another file name, e.g. --to model.safetensors",
+            to.display()
+        )));
+    }
+    if to.is_dir() {
+        return Err(Error::msg(format!(
+            "--to {} is a folder; give a file name, e.g. --to {}",
+            to.display(),
+            to.join("model.safetensors").display()
+        )));
+    }
+    if to.exists() && !overwrite {
+        return Err(Error::msg(format!(
+            "--to {} exists; nothing was written\n  hint: give another file name, or pass --overwrite to replace it",
+            to.display()
+        )));
+    }
     let n = recipe_engine::export::write_torch_weights(&ckpt, to)?;
     eprintln!(
         "wrote {n} tensors ({} recipe `{}`, epoch {}, batch {}) to {}",
@@ -452,6 +488,8 @@ fn export(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
 fn show(args: &RecipeArgs) -> Result<()> {
     let mut before = load(args, &[], false)?;
     let mut after = load(args, &[], true)?;
+    // What `run` would refuse, `show` refuses too (all but the data files themselves).
+    recipe_engine::trainer::validate(&after)?;
     let yaml = recipe_engine::serde_yaml::to_string(&after.resolved_yaml()).unwrap_or_default();
     println!(
         "# resolved recipe (scale ratio {})\n{yaml}",

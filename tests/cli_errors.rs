@@ -336,6 +336,11 @@ fn out_of_range_values_are_refused_before_training() {
 
 #[test]
 fn a_huge_scale_is_refused_not_run_forever() {
-    let e = show_fails(TINY, &["--scale", "1e300"]);
+    for s in ["1e300", "1e308"] {
+        let e = show_fails(TINY, &["--scale", s]);
+        assert!(e.contains("too large") && !e.contains("inf"), "{s}: {e}");
+    }
+    // Just below the ratio's bound, the resolved run is still checked.
+    let e = show_fails(&TINY.replace("8ba", "1e12ba"), &["--scale", "1e6"]);
     assert!(e.contains("more than a run can take"), "{e}");
 }

@@ -331,14 +331,14 @@ impl AlgorithmConfig for AutoLrsConfig {
         Ok(Box::new(AutoLrs {
             cfg: self.clone(),
             path: ctx.path.clone(),
-            tau_max: ctx.batches("tau_max", &self.tau_max)?.max(1),
+            tau_max: ctx.interval("tau_max", &self.tau_max)?,
             start: ctx.batches("start", &self.start)?,
             max_batches: ctx.max_batches(),
             rng: ctx.rng(),
             p: Progress {
                 phase: Phase::Idle,
                 tried: Vec::new(),
-                tau: ctx.batches("tau", &self.tau)?.max(1),
+                tau: ctx.interval("tau", &self.tau)?,
                 stage: 0,
                 search_steps: 0,
                 last_lr: None,

@@ -59,12 +59,23 @@ pub fn scale_recipe(recipe: &mut dyn RecipeView, ratio: f64) -> Result<Vec<Scale
     Ok(rows)
 }
 
+/// The largest scale ratio: a run a million times the recipe's length is a typo, and larger
+/// ratios overflow the times they multiply.
+const MAX_RATIO: f64 = 1e6;
+
 fn check_ratio(ratio: f64) -> Result<()> {
     if !ratio.is_finite() || ratio <= 0.0 {
         return Err(Error::recipe_hint(
             "ratio",
             format!("scale ratio {ratio} is not a positive number"),
             "use a ratio > 0: 0.5 halves the recipe, 2 doubles it",
+        ));
+    }
+    if ratio > MAX_RATIO {
+        return Err(Error::recipe_hint(
+            "ratio",
+            format!("scale ratio {ratio} is too large: the run would be {ratio} times the recipe's length"),
+            format!("use a ratio of at most {MAX_RATIO}: 0.5 halves the recipe, 2 doubles it"),
         ));
     }
     Ok(())

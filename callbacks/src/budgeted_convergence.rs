@@ -61,7 +61,7 @@ impl CallbackConfig for BudgetedConvergenceConfig {
             ));
         }
         Ok(Box::new(BudgetedConvergence {
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
             subset: self.subset,
             at_ends: self.at_ends,
             last: None,

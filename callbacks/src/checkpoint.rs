@@ -88,7 +88,7 @@ impl CallbackConfig for CheckpointConfig {
         let every = if i.unit == TimeUnit::Epoch && i.value.fract() == 0.0 && i.value >= 1.0 {
             Every::Epochs(i.value as u64)
         } else {
-            Every::Batches(ctx.batches("interval", i)?.max(1))
+            Every::Batches(ctx.interval("interval", i)?)
         };
         Ok(Box::new(Saver {
             every,

@@ -31,7 +31,7 @@ struct LrMonitor {
 impl CallbackConfig for LrMonitorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(LrMonitor {
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
         }))
     }
 }

@@ -34,7 +34,7 @@ struct MemoryMonitor {
 impl CallbackConfig for MemoryMonitorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(MemoryMonitor {
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
         }))
     }
 }

@@ -45,7 +45,7 @@ struct NanMonitor {
 impl CallbackConfig for NanMonitorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(NanMonitor {
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
             check_weights: self.check_weights,
         }))
     }
@@ -74,21 +74,7 @@ fn describe(t: &Tensor) -> Result<String> {
 
 impl NanMonitor {
     fn fail(&self, state: &State, what: String, when: &str) -> Error {
-        let ts = &state.timestamp;
-        let resume = match &state.last_checkpoint {
-            Some(p) => format!(
-                "the last good checkpoint is {}; resume from it with --resume, perhaps with a lower LR (--set optimizer.lr=... --force)",
-                p.display()
-            ),
-            None => "no checkpoint was written before it; add the `checkpoint` callback to resume from a good state next time, and consider a lower LR or a longer warmup".into(),
-        };
-        Error::msg(format!(
-            "non-finite {what} at step {} (epoch {}, batch {} of the epoch), {when}; LR was {:.6}\n  hint: {resume}",
-            ts.batch + 1,
-            ts.epoch,
-            ts.batch_in_epoch + 1,
-            state.lr
-        ))
+        state.non_finite(&what, when)
     }
 }
 

@@ -43,7 +43,7 @@ struct OptimizerMonitor {
 impl CallbackConfig for OptimizerMonitorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(OptimizerMonitor {
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
             per_layer: self.per_layer,
             pending: Vec::new(),
         }))

@@ -45,7 +45,7 @@ impl CallbackConfig for RuntimeEstimatorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(RuntimeEstimator {
             skip: ctx.batches("skip", &self.skip)?,
-            every: ctx.batches("interval", &self.interval)?.max(1),
+            every: ctx.interval("interval", &self.interval)?,
             start: None,
             origin: None,
             first_batch: 0,

@@ -41,7 +41,7 @@ struct SpeedMonitor {
 impl CallbackConfig for SpeedMonitorConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Callback>> {
         Ok(Box::new(SpeedMonitor {
-            window: ctx.batches("window", &self.window)?.max(1) as usize,
+            window: ctx.interval("window", &self.window)? as usize,
             start: None,
             batch_start: None,
             recent: VecDeque::new(),

@@ -29,6 +29,10 @@ pub enum Error {
     /// Anything else about the run's inputs or state.
     #[error("{0}")]
     Msg(String),
+    /// Training diverged: a loss, gradient or weight became NaN or infinite (the message names
+    /// the step and the last good checkpoint; `State::non_finite`).
+    #[error("{0}")]
+    NonFinite(String),
     #[error("I/O error on {}: {source}", .path.display())]
     Io {
         path: PathBuf,

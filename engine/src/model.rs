@@ -7,7 +7,6 @@ use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng as _;
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::HashMap;
 use std::path::Path;
 
 /// A trainable model.
@@ -78,13 +77,15 @@ impl ParamStore {
 
     /// Writes every parameter and buffer to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map: HashMap<String, Tensor> = self
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
-            .collect();
-        candle_core::safetensors::save(&map, path)
-            .map_err(|e| Error::msg(format!("cannot write weights to {}: {e}", path.display())))
+        let bytes = safetensors::serialize(
+            self.params
+                .iter()
+                .map(|p| (p.name.as_str(), p.var.as_tensor())),
+            None,
+        )
+        .map_err(|e| Error::msg(format!("cannot serialize the weights: {e}")))?;
+        // Atomic, and with the permissions of every other file the run writes.
+        crate::atomic::write_atomic(path, &bytes)
     }
 
     /// Loads values for every parameter from a safetensors file (names and shapes must match).

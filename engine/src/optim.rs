@@ -4,7 +4,7 @@
 //!
 //! Biases and normalisation parameters get no weight decay unless `decay_norm_and_bias: true`.
 
-use crate::error::{Error, Result};
+use crate::error::{join_key, Error, Result};
 use crate::model::{ParamKind, ParamStore};
 use crate::plugin::{BindContext, PluginConfig, TimeParams};
 use crate::state_dict::StateDict;
@@ -90,14 +90,35 @@ fn decays(kind: ParamKind, decay_norm_and_bias: bool) -> bool {
     }
 }
 
-fn check_lr(lr: f64) -> Result<()> {
-    if !lr.is_finite() || lr < 0.0 {
-        return Err(Error::recipe(
-            "optimizer.lr",
-            format!("{lr} is not a learning rate; give a finite number >= 0"),
+/// Checks that a hyperparameter lies in `[lo, hi]` (or `[lo, hi)` when `open_hi`), and is a
+/// finite number: NaN, infinities and values that would blow training up at the first step are
+/// refused at validation, not discovered as NaN weights.
+fn check_range(key: &str, v: f64, lo: f64, hi: f64, open_hi: bool, what: &str) -> Result<()> {
+    let above = if open_hi { v >= hi } else { v > hi };
+    if !v.is_finite() || v < lo || above {
+        let range = if open_hi {
+            format!("[{lo}, {hi})")
+        } else {
+            format!("[{lo}, {hi}]")
+        };
+        return Err(Error::recipe_hint(
+            join_key("optimizer", key),
+            format!("{v} is out of range: {what} must be a finite number in {range}"),
+            "see `recipe list --examples` for typical values",
         ));
     }
     Ok(())
+}
+
+/// A learning rate above this diverges at the first steps for any model here.
+const MAX_LR: f64 = 100.0;
+
+fn check_lr(lr: f64) -> Result<()> {
+    check_range("lr", lr, 0.0, MAX_LR, false, "the learning rate")
+}
+
+fn check_weight_decay(wd: f64) -> Result<()> {
+    check_range("weight_decay", wd, 0.0, 1.0, false, "the weight decay")
 }
 
 /// What one parameter's update starts from.
@@ -210,6 +231,16 @@ impl OptimizerConfig for SgdConfig {
     }
     fn build(&self, _ctx: &BindContext, params: &ParamStore) -> Result<Box<dyn Optimizer>> {
         check_lr(self.lr)?;
+        check_range("momentum", self.momentum, 0.0, 1.0, true, "the momentum")?;
+        check_range(
+            "dampening",
+            self.dampening,
+            0.0,
+            1.0,
+            false,
+            "the dampening",
+        )?;
+        check_weight_decay(self.weight_decay)?;
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err(Error::recipe(
                 "optimizer.nesterov",
@@ -350,6 +381,8 @@ struct Adam {
 impl AdamConfig {
     fn build_adam(&self, params: &ParamStore, decoupled: bool) -> Result<Box<dyn Optimizer>> {
         check_lr(self.lr)?;
+        check_weight_decay(self.weight_decay)?;
+        check_range("eps", self.eps, f64::MIN_POSITIVE, 1.0, false, "eps")?;
         if self.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(Error::recipe(
                 "optimizer.betas",

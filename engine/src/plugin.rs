@@ -127,6 +127,20 @@ impl BindContext {
             .map_err(|e| e.at(&join_key(&self.path, key)))
     }
 
+    /// Resolves an interval (how often something happens) into batches: zero is refused, not
+    /// read as "every batch".
+    pub fn interval(&self, key: &str, t: &Time) -> Result<u64> {
+        let n = self.batches(key, t)?;
+        if n == 0 {
+            return Err(Error::recipe_hint(
+                join_key(&self.path, key),
+                format!("{t} is not an interval: it must be positive"),
+                "give how often, e.g. 1ba for every batch, 100ba or 1ep",
+            ));
+        }
+        Ok(n)
+    }
+
     /// The run length in batches.
     pub fn max_batches(&self) -> u64 {
         self.clock.max_batches.unwrap_or(0)

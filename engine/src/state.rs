@@ -114,6 +114,27 @@ impl State {
             .push(CheckpointRequest { path, prune });
     }
 
+    /// The error that ends a run whose `what` (the loss, a gradient, a weight) went NaN or
+    /// infinite at the current step, `when` in the step: it names the step, the LR, and the last
+    /// good checkpoint to resume from.
+    pub fn non_finite(&self, what: &str, when: &str) -> crate::error::Error {
+        let ts = &self.timestamp;
+        let resume = match &self.last_checkpoint {
+            Some(p) => format!(
+                "the last good checkpoint is {}; resume from it with --resume, perhaps with a lower LR (--set optimizer.lr=... --force)",
+                p.display()
+            ),
+            None => "no checkpoint was written before it; add the `checkpoint` callback to resume from a good state next time, and consider a lower LR or a longer warmup".into(),
+        };
+        crate::error::Error::NonFinite(format!(
+            "non-finite {what} at step {} (epoch {}, batch {} of the epoch), {when}; LR was {:.6}\n  hint: {resume}",
+            ts.batch + 1,
+            ts.epoch,
+            ts.batch_in_epoch + 1,
+            self.lr
+        ))
+    }
+
     /// Asks the trainer to stop after the current batch.
     pub fn request_stop(&mut self, reason: impl Into<String>) {
         if self.stop_reason.is_none() {

@@ -105,18 +105,20 @@ pub fn capture(
     Ok((meta, tensors))
 }
 
-/// Puts a checkpoint's state into a freshly built run: the model's values, the optimizer's and
-/// every plugin's state (moved to the run's device), the timestamp and the running metrics.
-/// State the checkpoint holds for a plugin the run does not have is an error, unless `force`
-/// (then it is dropped with a warning). Returns the run's wall time up to the checkpoint.
-pub fn restore(
+fn cannot_resume(ckpt: &Checkpoint, e: Error) -> Error {
+    Error::msg(format!("cannot resume from {}: {e}", ckpt.path.display()))
+}
+
+/// Checks, without changing anything, that a checkpoint can be restored into a built run: a
+/// value of the right shape for every model parameter, and no state for a plugin the run does
+/// not have (unless `force`). `keys` are the run's plugin keys, the optimizer's included.
+pub fn check_restorable(
     ckpt: &Checkpoint,
-    state: &mut State,
-    optimizer_key: &str,
-    plugins: &mut [(&str, &mut dyn PluginState)],
+    state: &State,
+    keys: &[&str],
     force: bool,
-) -> Result<f64> {
-    let at = |e: Error| Error::msg(format!("cannot resume from {}: {e}", ckpt.path.display()));
+) -> Result<()> {
+    let at = |e: Error| cannot_resume(ckpt, e);
     let saved = ckpt.model_tensors();
     for p in state.model.params().iter() {
         let t = saved.get(&p.name).ok_or_else(|| {
@@ -133,43 +135,81 @@ pub fn restore(
                 p.var.dims()
             ))));
         }
-        p.var
-            .set(&t.to_dtype(p.var.dtype())?.to_device(&state.device)?)?;
+    }
+    let extra: Vec<&str> = ckpt
+        .meta
+        .plugins
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !keys.contains(k))
+        .collect();
+    if !extra.is_empty() && !force {
+        return Err(at(Error::msg(format!(
+            "the checkpoint holds state for {} that this recipe does not have; pass --force to drop it",
+            extra.join(", ")
+        ))));
+    }
+    Ok(())
+}
+
+/// Puts a checkpoint's state into a freshly built run: the model's values, the optimizer's and
+/// every plugin's state (moved to the run's device), the timestamp and the running metrics,
+/// after `check_restorable`. State for a plugin the run does not have is dropped with a warning
+/// when `force`. Returns the run's wall time up to the checkpoint.
+pub fn restore(
+    ckpt: &Checkpoint,
+    state: &mut State,
+    optimizer_key: &str,
+    plugins: &mut [(&str, &mut dyn PluginState)],
+    force: bool,
+) -> Result<f64> {
+    let keys: Vec<&str> = std::iter::once(optimizer_key)
+        .chain(plugins.iter().map(|(k, _)| *k))
+        .collect();
+    check_restorable(ckpt, state, &keys, force)?;
+    let dropped: Vec<&String> = ckpt
+        .meta
+        .plugins
+        .keys()
+        .filter(|k| !keys.contains(&k.as_str()))
+        .collect();
+    let at = |e: Error| cannot_resume(ckpt, e);
+    let saved = ckpt.model_tensors();
+    for p in state.model.params().iter() {
+        // Present and of the right shape: `check_restorable`.
+        if let Some(t) = saved.get(&p.name) {
+            p.var
+                .set(&t.to_dtype(p.var.dtype())?.to_device(&state.device)?)?;
+        }
     }
     let device = state.device.clone();
-    let mut keys: Vec<&String> = ckpt.meta.plugins.keys().collect();
-    let mut restore_one =
-        |key: &str, load: &mut dyn FnMut(&StateDict) -> Result<()>| -> Result<()> {
-            keys.retain(|k| k.as_str() != key);
-            match ckpt.plugin(key) {
-                Some(mut sd) => {
-                    // Checkpoints are read onto the CPU; plugin state follows the run's device.
-                    for t in sd.tensors.values_mut() {
-                        *t = t.to_device(&device)?;
-                    }
-                    load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}"))))
+    let restore_one = |key: &str, load: &mut dyn FnMut(&StateDict) -> Result<()>| -> Result<()> {
+        match ckpt.plugin(key) {
+            Some(mut sd) => {
+                // Checkpoints are read onto the CPU; plugin state follows the run's device.
+                for t in sd.tensors.values_mut() {
+                    *t = t.to_device(&device)?;
                 }
-                None => Ok(()),
+                load(&sd).map_err(|e| at(Error::msg(format!("{key}: {e}"))))
             }
-        };
+            None => Ok(()),
+        }
+    };
     let params = state.model.params().clone();
     let opt = &mut state.optimizer;
     restore_one(optimizer_key, &mut |sd| opt.load_state_dict(sd, &params))?;
     for (key, p) in plugins.iter_mut() {
         restore_one(key, &mut |sd| p.load_state_dict(sd))?;
     }
-    if !keys.is_empty() {
-        let msg = format!(
-            "the checkpoint holds state for {} that this recipe does not have",
-            keys.iter()
+    if !dropped.is_empty() {
+        tracing::warn!(
+            "the checkpoint holds state for {} that this recipe does not have; dropped (--force)",
+            dropped
+                .iter()
                 .map(|k| k.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        if !force {
-            return Err(at(Error::msg(format!("{msg}; pass --force to drop it"))));
-        }
-        tracing::warn!("{msg}; dropped (--force)");
     }
     let m = &ckpt.meta;
     state.timestamp = m.timestamp.clone();

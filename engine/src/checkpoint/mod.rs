@@ -21,7 +21,8 @@ mod files;
 mod format;
 
 pub use capture::{
-    capture, differences, plugin_key, recipe_differences, restore, PluginState, RunInfo,
+    capture, check_restorable, differences, plugin_key, recipe_differences, restore, PluginState,
+    RunInfo,
 };
 pub use files::{file_name, latest, list, resolve, set_aside_after};
 pub use format::{Checkpoint, CheckpointMeta, ClockMeta, EXTENSION, FORMAT_VERSION, MAGIC};

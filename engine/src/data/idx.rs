@@ -90,8 +90,15 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
-    /// Pairs an images idx ([N, H, W]) with a labels idx ([N]), checking that they agree.
-    pub fn from_idx(images: Idx, labels: Idx, num_classes: usize, what: &Path) -> Result<Self> {
+    /// Pairs an images idx ([N, H, W]) with a labels idx ([N]), checking that they agree;
+    /// errors name `what` (the images file) or `labels_file`, whichever is at fault.
+    pub fn from_idx(
+        images: Idx,
+        labels: Idx,
+        num_classes: usize,
+        what: &Path,
+        labels_file: &Path,
+    ) -> Result<Self> {
         let bad = |m: String| Error::Data {
             path: what.to_path_buf(),
             message: m,
@@ -120,10 +127,20 @@ impl ImageSet {
                 hint: "point `data.root` at the dataset's own idx files".into(),
             });
         }
-        if let Some(l) = labels.data.iter().find(|&&l| l as usize >= num_classes) {
-            return Err(bad(format!(
-                "label {l} is out of range for {num_classes} classes"
-            )));
+        if let Some((i, l)) = labels
+            .data
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= num_classes)
+        {
+            return Err(Error::Data {
+                path: labels_file.to_path_buf(),
+                message: format!(
+                    "label {l} of sample {i} is out of range for {num_classes} classes (0 to {})",
+                    num_classes - 1
+                ),
+                hint: "the labels file is damaged or belongs to another dataset; point `data.root` at the dataset's own idx files".into(),
+            });
         }
         let n = images.dims[0];
         Ok(ImageSet {
@@ -173,6 +190,13 @@ fn fashion_info(train_len: usize, eval_len: usize) -> DatasetInfo {
 
 /// Finds `<root>/<stem>` or `<root>/<stem>.gz`.
 fn find_file(root: &Path, stem: &str, dataset: &str, install_hint: &str) -> Result<PathBuf> {
+    if root.exists() && !root.is_dir() {
+        return Err(Error::Data {
+            path: root.to_path_buf(),
+            message: format!("the {dataset} data root is a file, not a folder"),
+            hint: "set `data.root` to the folder that holds the idx files".to_string(),
+        });
+    }
     if !root.is_dir() {
         return Err(Error::Data {
             path: root.to_path_buf(),
@@ -196,7 +220,7 @@ fn find_file(root: &Path, stem: &str, dataset: &str, install_hint: &str) -> Resu
 fn load_split(root: &Path, prefix: &str, dataset: &str, hint: &str) -> Result<ImageSet> {
     let img = find_file(root, &format!("{prefix}-images-idx3-ubyte"), dataset, hint)?;
     let lab = find_file(root, &format!("{prefix}-labels-idx1-ubyte"), dataset, hint)?;
-    ImageSet::from_idx(read_idx(&img)?, read_idx(&lab)?, 10, &img)
+    ImageSet::from_idx(read_idx(&img)?, read_idx(&lab)?, 10, &img, &lab)
 }
 
 fn default_fashion_root() -> PathBuf {
@@ -290,6 +314,7 @@ impl DatasetConfig for FashionMnistMiniConfig {
             parse_idx(MINI_IMAGES, what)?,
             parse_idx(MINI_LABELS, what)?,
             10,
+            what,
             what,
         )?;
         Ok(Splits {

@@ -16,12 +16,26 @@ pub struct RecipeSource {
 
 impl RecipeSource {
     pub fn read(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::msg(format!(
                 "recipe file {} does not exist; the recipes that ship with the project are in recipes/",
                 path.display()
             )),
+            std::io::ErrorKind::IsADirectory => Error::msg(format!(
+                "{} is a folder; give a recipe file (.yaml)",
+                path.display()
+            )),
             _ => Error::io(path, e),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let ok = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = ok.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = ok.len() - ok.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            Error::msg(format!(
+                "{}:{line}:{column}: not valid UTF-8 (byte offset {})\n  hint: save the recipe as UTF-8 text",
+                path.display(),
+                ok.len()
+            ))
         })?;
         Ok(RecipeSource {
             file: Some(path.to_path_buf()),
@@ -48,6 +62,15 @@ impl RecipeSource {
     pub fn raw(&self) -> Result<Value> {
         let mut v: Value = serde_yaml::from_str(&self.text).map_err(|e| {
             let loc = e.location().map_or(String::new(), |l| format!(":{}:{}", l.line(), l.column()));
+            let msg = e.to_string();
+            if msg.contains(" as u128") || msg.contains(" as i128") {
+                let n = msg.split('`').nth(1).unwrap_or("the number");
+                return Error::msg(format!(
+                    "{}{loc}: the number {n} is too large: whole numbers in a recipe go up to {}",
+                    self.file_name(),
+                    u64::MAX
+                ));
+            }
             Error::msg(format!(
                 "{}{loc}: malformed YAML: {e}\n  hint: check the indentation and the `key: value` syntax near that line",
                 self.file_name()

@@ -1,7 +1,10 @@
-//! Binding a prepared recipe: the run folder and its recipe.yaml, the data and its loaders, the
-//! resolved clock, then the model, optimizer, schedule, algorithms and callbacks built against it,
-//! and the INIT, BEFORE_LOAD and AFTER_LOAD events (a resumed run loads its checkpoint between the
-//! last two).
+//! Binding a prepared recipe, in two steps so that nothing on disk changes before every check has
+//! passed. `Trainer::bind` reads the data, resolves the clock, builds the model, optimizer,
+//! schedule, algorithms and callbacks against it and checks a checkpoint to resume from, all in
+//! memory. `Bound::start` then takes the run folder: locks it, refuses one that holds another run,
+//! writes recipe.yaml, sets aside checkpoints from after a resume point, and fires INIT,
+//! BEFORE_LOAD and AFTER_LOAD (a resumed run loads its checkpoint between the last two).
+//! `validate` runs the same checks without the data, for `recipe show`.
 
 use super::{Resume, Trainer};
 use crate::checkpoint;
@@ -9,56 +12,158 @@ use crate::data::{synthetic_splits, DataContext, Loader};
 use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
 use crate::event::Event;
+use crate::model::Model;
+use crate::optim::Optimizer;
 use crate::plugin::BindContext;
 use crate::recipe::Recipe;
-use crate::run_dir;
+use crate::run_dir::{self, RunLock};
+use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, State};
 use crate::time::Timestamp;
 use candle_core::Device;
+use serde_yaml::Value;
 use std::path::Path;
 
-/// Parses the recipe's `device`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let bad = |m: String| {
-        Error::recipe_hint(
-            "device",
-            m,
-            "use cpu, cuda or cuda:N (CUDA needs a binary built with `--features cuda`)",
-        )
-    };
+fn device_error(m: String) -> Error {
+    Error::recipe_hint(
+        "device",
+        m,
+        "use cpu, cuda or cuda:N (CUDA needs a binary built with `--features cuda`)",
+    )
+}
+
+/// The recipe's `device` read without opening it: `None` for the CPU, `Some(i)` for CUDA
+/// device i.
+fn device_index(s: &str) -> Result<Option<usize>> {
     match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| bad(format!("cannot open CUDA device 0: {e}"))),
-        s if s.starts_with("cuda:") => {
-            let i: usize = s[5..]
-                .parse()
-                .map_err(|_| bad(format!("`{s}` has no device number")))?;
-            Device::new_cuda(i).map_err(|e| bad(format!("cannot open CUDA device {i}: {e}")))
-        }
-        s => Err(bad(format!("unknown device `{s}`"))),
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        s if s.starts_with("cuda:") => s[5..]
+            .parse()
+            .map(Some)
+            .map_err(|_| device_error(format!("`{s}` has no device number"))),
+        s => Err(device_error(format!("unknown device `{s}`"))),
     }
 }
 
+/// Parses and opens the recipe's `device`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match device_index(s)? {
+        None => Ok(Device::Cpu),
+        Some(i) => Device::new_cuda(i)
+            .map_err(|e| device_error(format!("cannot open CUDA device {i}: {e}"))),
+    }
+}
+
+/// Every plugin of a recipe, built against one context.
+struct Plugins {
+    model: Box<dyn Model>,
+    optimizer: Box<dyn Optimizer>,
+    schedule: Option<(String, Box<dyn Schedule>)>,
+    engine: Engine,
+    eval_every: u64,
+}
+
+/// Builds the model, optimizer, schedule, algorithms and callbacks of `recipe` against `ctx`;
+/// each plugin checks its own settings as it is built. Errors are located in the recipe.
+fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
+    let locate = |e: Error| recipe.source.locate(e);
+    let model = recipe
+        .model
+        .config
+        .build(&ctx.with_path("model"))
+        .map_err(locate)?;
+    let optimizer = recipe
+        .optimizer
+        .config
+        .build(&ctx.with_path("optimizer"), model.params())
+        .map_err(locate)?;
+    let schedule = match &recipe.schedule {
+        Some(s) => Some((
+            checkpoint::plugin_key("schedule", &s.name),
+            s.config.build(&ctx.with_path("schedule")).map_err(locate)?,
+        )),
+        None => None,
+    };
+    let mut engine = Engine::default();
+    for a in &recipe.algorithms {
+        let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
+        engine.algorithms.push(Named {
+            label: checkpoint::plugin_key(&a.path, &a.name),
+            inner,
+        });
+    }
+    for c in &recipe.callbacks {
+        let inner = c.config.build(&ctx.with_path(&c.path)).map_err(locate)?;
+        engine.callbacks.push(Named {
+            label: checkpoint::plugin_key(&c.path, &c.name),
+            inner,
+        });
+    }
+    let eval_every = ctx
+        .batches("eval_interval", &recipe.eval_interval)
+        .map_err(locate)?;
+    if eval_every == 0 {
+        return Err(locate(Error::recipe_hint(
+            "eval_interval",
+            "must be positive",
+            "evaluate every so often, e.g. `eval_interval: 1ep`; the end of training is always evaluated",
+        )));
+    }
+    Ok(Plugins {
+        model,
+        optimizer,
+        schedule,
+        engine,
+        eval_every,
+    })
+}
+
+/// Checks everything about a recipe that binding checks, without reading its data or opening a
+/// device: the data block, the device's name, the clock from the dataset's declared size, and
+/// every plugin built against it. `recipe show` runs it, so what `show` accepts `run` accepts
+/// too (but for the data files themselves).
+pub fn validate(recipe: &Recipe) -> Result<()> {
+    let locate = |e: Error| recipe.source.locate(e);
+    let info = recipe.data_info();
+    info.validate("data").map_err(locate)?;
+    device_index(&recipe.device).map_err(locate)?;
+    let clock = recipe.clock().map_err(locate)?;
+    let ctx = BindContext {
+        clock,
+        device: Device::Cpu,
+        seed: recipe.seed,
+        input_shape: info.shape,
+        num_classes: info.num_classes,
+        path: String::new(),
+    };
+    build_plugins(recipe, &ctx).map(|_| ())
+}
+
+/// A recipe bound in memory, ready to start in a run folder: nothing is written until
+/// [`Bound::start`].
+pub struct Bound {
+    trainer: Trainer,
+    resume: Option<Resume>,
+    /// The recipe as run (overrides and scale included), for the run folder's recipe.yaml.
+    raw: Value,
+}
+
 impl Trainer {
-    pub(super) fn build(
-        recipe: &Recipe,
-        run_dir: &Path,
-        resume: Option<Resume>,
-    ) -> Result<Trainer> {
+    /// Binds a prepared recipe in memory (see the module doc); with `resume`, also checks that
+    /// the checkpoint belongs to this recipe, scale ratio and clock (unless forced) and fits its
+    /// model and plugins. Nothing on disk changes.
+    pub fn bind(recipe: &Recipe, resume: Option<Resume>) -> Result<Bound> {
         let given = recipe.source.raw()?;
         if let Some(r) = &resume {
             // A quick check before any data is read; the clock is compared once it is known.
             r.check(&given, recipe.scale_ratio, &r.saved_clock())?;
         }
-        run_dir::write_recipe(&recipe.raw, run_dir, resume.as_ref().map(Resume::batch))?;
-        if let Some(r) = &resume {
-            checkpoint::set_aside_after(run_dir, r.batch());
-        }
         recipe
             .data_info()
             .validate("data")
             .map_err(|e| recipe.source.locate(e))?;
-        let device = parse_device(&recipe.device)?;
+        let device = parse_device(&recipe.device).map_err(|e| recipe.source.locate(e))?;
         let data_ctx = DataContext {
             seed: recipe.seed,
             path: "data".into(),
@@ -105,49 +210,19 @@ impl Trainer {
             num_classes: splits.info.num_classes,
             path: String::new(),
         };
-        let locate = |e: Error| recipe.source.locate(e);
-        let model = recipe
-            .model
-            .config
-            .build(&ctx.with_path("model"))
-            .map_err(locate)?;
-        let optimizer = recipe
-            .optimizer
-            .config
-            .build(&ctx.with_path("optimizer"), model.params())
-            .map_err(locate)?;
-        let schedule = match &recipe.schedule {
-            Some(s) => Some((
-                checkpoint::plugin_key("schedule", &s.name),
-                s.config.build(&ctx.with_path("schedule")).map_err(locate)?,
-            )),
-            None => None,
-        };
-        let mut engine = Engine::default();
-        for a in &recipe.algorithms {
-            let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
-            engine.algorithms.push(Named {
-                label: checkpoint::plugin_key(&a.path, &a.name),
-                inner,
-            });
-        }
-        for c in &recipe.callbacks {
-            let inner = c.config.build(&ctx.with_path(&c.path)).map_err(locate)?;
-            engine.callbacks.push(Named {
-                label: checkpoint::plugin_key(&c.path, &c.name),
-                inner,
-            });
-        }
-        let eval_every = ctx
-            .batches("eval_interval", &recipe.eval_interval)
-            .map_err(locate)?
-            .max(1);
+        let Plugins {
+            model,
+            optimizer,
+            schedule,
+            engine,
+            eval_every,
+        } = build_plugins(recipe, &ctx)?;
         let base_lr = recipe.optimizer.config.lr();
         let state = State {
             run_name: recipe.name.clone(),
             seed: recipe.seed,
             device,
-            run_dir: run_dir.to_path_buf(),
+            run_dir: Default::default(),
             timestamp: Timestamp::default(),
             clock,
             model,
@@ -175,7 +250,7 @@ impl Trainer {
                 recipe.seed,
             )?),
         };
-        let mut t = Trainer {
+        let trainer = Trainer {
             state,
             engine,
             optimizer_key: checkpoint::plugin_key("optimizer", &recipe.optimizer.name),
@@ -189,13 +264,47 @@ impl Trainer {
             cleaned: Default::default(),
             fit_start: None,
             prior_seconds: 0.0,
+            lock: None,
         };
-        t.event(Event::Init)?;
-        t.event(Event::BeforeLoad)?;
         if let Some(r) = &resume {
-            t.load(&r.checkpoint, r.force)?;
+            trainer.check_restorable(&r.checkpoint, r.force)?;
         }
-        t.event(Event::AfterLoad)?;
-        Ok(t)
+        Ok(Bound {
+            trainer,
+            resume,
+            raw: recipe.raw.clone(),
+        })
+    }
+}
+
+impl Bound {
+    /// Starts the run in `run_dir` (created if needed): locks the folder for this process
+    /// (refused, with the holder's pid, while another process trains in it), refuses a folder
+    /// that holds another run unless this is its resume or `overwrite` (which removes that run's
+    /// files), writes recipe.yaml, sets aside checkpoints from after a resume point, and fires
+    /// INIT, BEFORE_LOAD and AFTER_LOAD, loading the checkpoint between the last two.
+    pub fn start(self, run_dir: &Path, overwrite: bool) -> Result<Trainer> {
+        let Bound {
+            mut trainer,
+            resume,
+            raw,
+        } = self;
+        let lock = RunLock::acquire(run_dir)?;
+        if resume.is_none() {
+            run_dir::claim_for_new_run(run_dir, overwrite)?;
+        }
+        run_dir::write_recipe(&raw, run_dir, resume.as_ref().map(Resume::batch))?;
+        if let Some(r) = &resume {
+            checkpoint::set_aside_after(run_dir, r.batch());
+        }
+        trainer.lock = Some(lock);
+        trainer.state.run_dir = run_dir.to_path_buf();
+        trainer.event(Event::Init)?;
+        trainer.event(Event::BeforeLoad)?;
+        if let Some(r) = &resume {
+            trainer.load(&r.checkpoint, r.force)?;
+        }
+        trainer.event(Event::AfterLoad)?;
+        Ok(trainer)
     }
 }

@@ -7,7 +7,7 @@
 mod bind;
 mod resume;
 
-pub use bind::parse_device;
+pub use bind::{parse_device, validate, Bound};
 pub use resume::Resume;
 
 use crate::checkpoint::{self, PluginState, RunInfo};
@@ -16,6 +16,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::recipe::Recipe;
+use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, EvalResult, State};
 use recipe_kernels::{cross_entropy, top1_correct};
@@ -54,6 +55,8 @@ pub struct Trainer {
     fit_start: Option<Instant>,
     /// Training time of the run before it was resumed (from the checkpoint).
     prior_seconds: f64,
+    /// The run folder's lock, held while this trainer lives.
+    lock: Option<RunLock>,
 }
 
 fn signal_name(sig: usize) -> String {
@@ -104,17 +107,17 @@ fn plugin_states_mut<'a>(
 }
 
 impl Trainer {
-    /// Binds a prepared recipe into a trainer writing into `run_dir` (which must exist or be
-    /// creatable; it is checked before any data is read).
+    /// Binds a prepared recipe and starts it in `run_dir` (created if needed; refused if it
+    /// holds another run): `Trainer::bind(recipe, None)?.start(run_dir, false)`.
     pub fn new(recipe: &Recipe, run_dir: &Path) -> Result<Trainer> {
-        Self::build(recipe, run_dir, None)
+        Self::bind(recipe, None)?.start(run_dir, false)
     }
 
     /// Binds a recipe and continues from a checkpoint. A checkpoint of another recipe, another
     /// scale ratio or another resolved clock is refused with the list of differences, unless
     /// `force` is set.
     pub fn resume(recipe: &Recipe, run_dir: &Path, resume: Resume) -> Result<Trainer> {
-        Self::build(recipe, run_dir, Some(resume))
+        Self::bind(recipe, Some(resume))?.start(run_dir, false)
     }
 
     /// Stop cleanly when `flag` becomes non-zero (a signal number): finish the step, write a
@@ -128,8 +131,27 @@ impl Trainer {
         self.prior_seconds + self.fit_start.map_or(0.0, |t| t.elapsed().as_secs_f64())
     }
 
-    /// Writes a checkpoint of the run as it stands.
+    /// Refuses to go on (or to write weights) when a weight is NaN or infinite: a step can
+    /// leave them so with a finite loss, and the next loss would only show it a step later.
+    fn check_weights_finite(&self, when: &str) -> Result<()> {
+        for p in self.state.model.params().iter() {
+            // In f64, a sum of finite f32 values cannot overflow: it is finite iff they all are.
+            let sum = p
+                .var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            if !sum.is_finite() {
+                return Err(self.state.non_finite(&format!("weight `{}`", p.name), when));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the run as it stands (never one whose weights are not finite).
     pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        self.check_weights_finite("before a checkpoint was written; none was")?;
         if let Some(dir) = path.parent() {
             if self.cleaned.insert(dir.to_path_buf()) {
                 let n = crate::atomic::remove_stale_temporaries(dir);
@@ -152,7 +174,22 @@ impl Trainer {
             &plugin_states(&self.schedule, &self.engine),
             &run,
         )?;
-        checkpoint::Checkpoint::write(path, &meta, &tensors)?;
+        checkpoint::Checkpoint::write(path, &meta, &tensors).map_err(|e| {
+            // A write goes to a temporary file first: whatever failed, no earlier checkpoint
+            // was touched.
+            let hint = match &self.state.last_checkpoint {
+                Some(p) => format!(
+                    "the previous checkpoint {} is intact; free some space (or fix the folder), then continue with --resume {}",
+                    p.display(),
+                    p.display()
+                ),
+                None => "no earlier checkpoint was written; free some space (or fix the folder) and start the run again".into(),
+            };
+            Error::msg(format!(
+                "cannot write the checkpoint {}: {e}\n  hint: {hint}",
+                path.display()
+            ))
+        })?;
         tracing::info!(
             "checkpoint at batch {}: {}",
             self.state.timestamp.batch,
@@ -283,6 +320,7 @@ impl Trainer {
         }
         self.event(Event::FitEnd)?;
         self.serve_checkpoint_requests()?;
+        self.check_weights_finite("at the end of training")?;
         let weights = self.state.run_dir.join("model.safetensors");
         self.state.model.params().save(&weights)?;
         let summary = FitSummary {
@@ -328,13 +366,20 @@ impl Trainer {
             .loss
             .clone()
             .ok_or_else(|| Error::msg("an algorithm removed the loss"))?;
+        // Read before the backward pass, so that a diverged step never reaches the weights.
+        let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            return Err(self.state.non_finite(
+                &format!("loss ({loss_value})"),
+                "after the forward pass; the weights were not updated",
+            ));
+        }
         self.state.grads = Some(loss.backward()?);
         self.event(Event::AfterBackward)?;
         if let Some(grads) = self.state.grads.take() {
             let st = &mut self.state;
             st.optimizer.step(st.model.params(), &grads, st.lr)?;
         }
-        let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let batch = self.batch()?;
         let n = batch.len() as u64;
         let correct = top1_correct(&outputs, &batch.labels)?;

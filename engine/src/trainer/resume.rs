@@ -64,6 +64,17 @@ fn check_differences(ckpt: &Checkpoint, d: &[String], force: bool) -> Result<()>
 }
 
 impl Trainer {
+    /// Checks, before anything is written, that `ckpt` can be restored into this run.
+    pub(super) fn check_restorable(&self, ckpt: &Checkpoint, force: bool) -> Result<()> {
+        let mut keys = vec![self.optimizer_key.as_str()];
+        keys.extend(
+            super::plugin_states(&self.schedule, &self.engine)
+                .into_iter()
+                .map(|(k, _)| k),
+        );
+        checkpoint::check_restorable(ckpt, &self.state, &keys, force)
+    }
+
     /// Puts a checkpoint's state into the freshly built run.
     pub(super) fn load(&mut self, ckpt: &Checkpoint, force: bool) -> Result<()> {
         let Trainer {
