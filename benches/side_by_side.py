@@ -12,6 +12,7 @@ Only the standard library here; PyTorch is needed in the interpreter given by --
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -59,18 +60,23 @@ def main():
             print(f"{label}: recipe {ours[-1]['images_per_sec']:.1f}, "
                   f"torch {theirs[-1]['images_per_sec']:.1f} images/s", file=sys.stderr)
         best = lambda rs: max(rs, key=lambda r: r["images_per_sec"])
-        rows.append((label, inp, batch, best(ours), best(theirs)))
+        rows.append((label, inp, batch, best(ours), best(theirs), ours, theirs))
     mm = run_json([a.python, ref, "--matmul", "--threads", str(a.threads), "--json"], env)
     print(f"\n{a.threads} threads; best of {a.rounds} alternating rounds; "
           f"{rows[0][4]['impl'] if rows else ''}; fp32 matmul 2048^3: "
           f"{mm['matmul_gflops']:.0f} GFLOP/s (PyTorch)\n")
-    print("| model | input | batch | recipe images/s | PyTorch images/s | ratio | recipe fwd/bwd/opt ms "
-          "| PyTorch fwd/bwd/opt ms | recipe peak RSS MB | PyTorch peak RSS MB (before model) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, inp, batch, o, t in rows:
+    print("| model | input | batch | recipe images/s | PyTorch images/s | ratio | rounds: recipe (median, range) "
+          "| rounds: PyTorch (median, range) | images per CPU-second: recipe / PyTorch (medians) "
+          "| recipe fwd/bwd/opt ms | PyTorch fwd/bwd/opt ms | recipe peak RSS MB | PyTorch peak RSS MB (before model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, inp, batch, o, t, ours, theirs in rows:
         split = lambda r: f"{r['forward_ms']:.1f} / {r['backward_ms']:.1f} / {r['optimizer_ms']:.1f}"
+        spread = lambda rs: (f"{statistics.median(r['images_per_sec'] for r in rs):.1f} "
+                             f"({min(r['images_per_sec'] for r in rs):.1f}-{max(r['images_per_sec'] for r in rs):.1f})")
+        per_cpu = lambda rs: statistics.median(r.get("images_per_cpu_sec") or float("nan") for r in rs)
         print(f"| {label} | {inp} | {batch} | {o['images_per_sec']:.1f} | {t['images_per_sec']:.1f} "
-              f"| {o['images_per_sec'] / t['images_per_sec']:.2f}x | {split(o)} | {split(t)} "
+              f"| {o['images_per_sec'] / t['images_per_sec']:.2f}x | {spread(ours)} | {spread(theirs)} "
+              f"| {per_cpu(ours):.1f} / {per_cpu(theirs):.1f} | {split(o)} | {split(t)} "
               f"| {o['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} ({t['start_rss_mb']:.0f}) |")
 
 

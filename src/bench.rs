@@ -68,6 +68,9 @@ pub struct ThroughputArgs {
 #[derive(Debug, Clone, Copy)]
 pub struct Throughput {
     pub images_per_sec: f64,
+    /// Images per CPU-second of the process (user + system, every thread) over the measured
+    /// steps: what other processes on a shared machine disturb far less than wall time.
+    pub images_per_cpu_sec: Option<f64>,
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
@@ -135,7 +138,11 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
     let labels: Vec<u32> = (0..a.batch).map(|i| (i % a.classes) as u32).collect();
     let y = Targets::Hard(Tensor::from_vec(labels, a.batch, &dev)?);
     let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
+    let mut cpu_start = None;
     for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            cpu_start = recipe_engine::sysinfo::cpu_seconds();
+        }
         let t0 = Instant::now();
         let loss = cross_entropy(&model.forward(&x, true)?, &y)?;
         loss.to_vec0::<f32>()?; // make sure the forward pass is done
@@ -153,8 +160,13 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         }
     }
     let n = a.steps as f64;
+    let cpu = match (cpu_start, recipe_engine::sysinfo::cpu_seconds()) {
+        (Some(s), Some(e)) if e > s => Some(e - s),
+        _ => None,
+    };
     Ok(Throughput {
         images_per_sec: a.batch as f64 * n / (f + b + o),
+        images_per_cpu_sec: cpu.map(|c| a.batch as f64 * n / c),
         forward_ms: 1e3 * f / n,
         backward_ms: 1e3 * b / n,
         optimizer_ms: 1e3 * o / n,

@@ -246,6 +246,7 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     "input": a.input,
                     "threads": rayon_threads(),
                     "images_per_sec": t.images_per_sec,
+                    "images_per_cpu_sec": t.images_per_cpu_sec,
                     "forward_ms": t.forward_ms,
                     "backward_ms": t.backward_ms,
                     "optimizer_ms": t.optimizer_ms,
@@ -254,11 +255,12 @@ pub fn run_command(cmd: Command) -> Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "model {} batch {} input {}: {:.1} images/s; per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
+                    "model {} batch {} input {}: {:.1} images/s ({} per CPU-second); per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
                     a.model,
                     a.batch,
                     a.input,
                     t.images_per_sec,
+                    t.images_per_cpu_sec.map_or("unknown".into(), |c| format!("{c:.1}")),
                     t.forward_ms,
                     t.backward_ms,
                     t.optimizer_ms,

@@ -330,6 +330,27 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
+/// The two-sided 95% quantile of Student's t with `df` degrees of freedom (df >= 1).
+fn t95(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => 1.96,
+    }
+}
+
+/// The half-width of the 95% confidence interval of the mean of `v` (Student's t); NaN for
+/// fewer than two values, where there is no interval to give.
+pub fn ci95(v: &[f64]) -> f64 {
+    let (_, s) = mean_std(v);
+    t95(v.len().saturating_sub(1)) * s / (v.len() as f64).sqrt()
+}
+
 /// One row of the aggregated table: a variant at a scale, over its seeds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Aggregate {
@@ -338,6 +359,8 @@ pub struct Aggregate {
     pub seeds: usize,
     pub accuracy_mean: f64,
     pub accuracy_std: f64,
+    /// Half-width of the 95% confidence interval of the mean accuracy.
+    pub accuracy_ci95: f64,
     pub steps: f64,
     pub wall_seconds_mean: f64,
     pub wall_seconds_std: f64,
@@ -364,6 +387,7 @@ fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<A
                 seeds: cell.len(),
                 accuracy_mean: am,
                 accuracy_std: asd,
+                accuracy_ci95: ci95(&acc),
                 steps: cell.iter().map(|r| r.steps as f64).sum::<f64>() / cell.len() as f64,
                 wall_seconds_mean: wm,
                 wall_seconds_std: wsd,
@@ -382,16 +406,17 @@ fn write(path: &Path, text: &str) -> Result<()> {
 fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult]) -> Result<()> {
     let agg = aggregate(labels, scales, results);
     let mut csv = String::from(
-        "variant,scale,seeds,accuracy_mean,accuracy_std,steps,wall_seconds_mean,wall_seconds_std\n",
+        "variant,scale,seeds,accuracy_mean,accuracy_std,accuracy_ci95,steps,wall_seconds_mean,wall_seconds_std\n",
     );
     for a in &agg {
         csv.push_str(&format!(
-            "{},{},{},{:.6},{:.6},{:.0},{:.2},{:.2}\n",
+            "{},{},{},{:.6},{:.6},{:.6},{:.0},{:.2},{:.2}\n",
             a.variant,
             a.scale,
             a.seeds,
             a.accuracy_mean,
             a.accuracy_std,
+            a.accuracy_ci95,
             a.steps,
             a.wall_seconds_mean,
             a.wall_seconds_std
@@ -403,7 +428,8 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
         &out.join("results.json"),
         &serde_json::to_string_pretty(&json).unwrap_or_default(),
     )?;
-    // The budget table: rows variants, columns budgets, "mean ± std" accuracy in %.
+    // The budget table: rows variants, columns budgets, "mean ± std" accuracy in % (the 95%
+    // confidence intervals are in results.csv).
     let mut md = String::from("| variant |");
     for s in scales {
         md.push_str(&format!(" {}% |", s * 100.0));
@@ -590,31 +616,75 @@ pub struct SpeedupArgs {
     pub out: Option<PathBuf>,
 }
 
-/// One run's way to the target: the eval curve against time and steps.
+/// One run's way to the target: the eval curve against training time and steps.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Curve {
     pub recipe: String,
     pub seed: u64,
-    /// (seconds since fit start, steps, accuracy) at each evaluation.
+    /// (training seconds, steps, accuracy) at each evaluation: training time is the run's wall
+    /// time less the time spent evaluating (`time/train_sec`).
     pub evals: Vec<(f64, u64, f64)>,
+    /// Training seconds to the target.
     pub seconds_to_target: Option<f64>,
     pub steps_to_target: Option<u64>,
+    /// Seconds spent evaluating until the target was reached (shown apart).
+    #[serde(default)]
+    pub eval_seconds_to_target: Option<f64>,
+    /// Whether `evals` holds training time (curves written before evaluation time was logged
+    /// apart hold wall time; they are read again from the cell's metrics).
+    #[serde(default)]
+    pub train_time: bool,
 }
 
-fn eval_curve(run_dir: &Path) -> Result<Vec<(f64, u64, f64)>> {
+/// One evaluation of a run, from its metrics.jsonl.
+struct EvalPoint {
+    train_sec: f64,
+    eval_sec: f64,
+    batch: u64,
+    accuracy: f64,
+}
+
+fn eval_curve(run_dir: &Path) -> Result<Vec<EvalPoint>> {
     let path = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| {
-            Some((
-                v.get("time/fit_sec")?.as_f64()?,
-                v.get("batch")?.as_u64()?,
-                v.get("eval/accuracy")?.as_f64()?,
-            ))
+            let eval_sec = v
+                .get("time/eval_sec")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(0.0);
+            let train_sec = match v.get("time/train_sec").and_then(|x| x.as_f64()) {
+                Some(t) => t,
+                None => v.get("time/fit_sec")?.as_f64()? - eval_sec,
+            };
+            Some(EvalPoint {
+                train_sec,
+                eval_sec,
+                batch: v.get("batch")?.as_u64()?,
+                accuracy: v.get("eval/accuracy")?.as_f64()?,
+            })
         })
         .collect())
+}
+
+/// The curve of a finished run towards `target`.
+fn curve_of(run_dir: &Path, recipe: &str, seed: u64, target: f64) -> Result<Curve> {
+    let evals = eval_curve(run_dir)?;
+    let hit = evals.iter().find(|e| e.accuracy >= target);
+    Ok(Curve {
+        recipe: recipe.to_string(),
+        seed,
+        seconds_to_target: hit.map(|e| e.train_sec),
+        steps_to_target: hit.map(|e| e.batch),
+        eval_seconds_to_target: hit.map(|e| e.eval_sec),
+        evals: evals
+            .iter()
+            .map(|e| (e.train_sec, e.batch, e.accuracy))
+            .collect(),
+        train_time: true,
+    })
 }
 
 /// `recipe bench speedup`.
@@ -679,6 +749,10 @@ pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> 
                 .ok()
                 .and_then(|t| serde_json::from_str::<Curve>(&t).ok())
             {
+                let c = match c.train_time {
+                    true => c,
+                    false => curve_of(&dir, tag, seed, a.target)?,
+                };
                 curves.push(c);
                 continue;
             }
@@ -697,19 +771,14 @@ pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> 
             let mut t = Trainer::new(&recipe, &dir)?;
             t.set_interrupt(Arc::clone(&interrupt));
             t.fit()?;
-            let evals = eval_curve(&dir)?;
-            let hit = evals.iter().find(|e| e.2 >= a.target);
-            let c = Curve {
-                recipe: tag.clone(),
-                seed,
-                seconds_to_target: hit.map(|e| e.0),
-                steps_to_target: hit.map(|e| e.1),
-                evals,
-            };
+            let c = curve_of(&dir, tag, seed, a.target)?;
             eprintln!(
                 "  {}",
                 match (c.seconds_to_target, c.steps_to_target) {
-                    (Some(s), Some(b)) => format!("reached it in {s:.1}s, {b} steps"),
+                    (Some(s), Some(b)) => format!(
+                        "reached it in {s:.1}s of training ({:.1}s more evaluating), {b} steps",
+                        c.eval_seconds_to_target.unwrap_or(0.0)
+                    ),
                     _ => "did not reach it".into(),
                 }
             );
@@ -722,40 +791,74 @@ pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> 
             curves.push(c);
         }
     }
-    let times = |tag: &str| -> (Vec<f64>, usize) {
+    let summary_of = |tag: &str| {
         let cs: Vec<&Curve> = curves.iter().filter(|c| c.recipe == tag).collect();
-        (
-            cs.iter().filter_map(|c| c.seconds_to_target).collect(),
-            cs.len(),
-        )
+        let times: Vec<f64> = cs.iter().filter_map(|c| c.seconds_to_target).collect();
+        let evals: Vec<f64> = cs.iter().filter_map(|c| c.eval_seconds_to_target).collect();
+        let missed: Vec<String> = cs
+            .iter()
+            .filter(|c| c.seconds_to_target.is_none())
+            .map(|c| c.seed.to_string())
+            .collect();
+        (times, evals, missed, cs.len())
     };
-    let (tb, nb) = times(&tags[0]);
-    let (tc, nc) = times(&tags[1]);
-    let (mb, sb) = mean_std(&tb);
-    let (mc, sc) = mean_std(&tc);
-    let line = |tag: &str, t: &[f64], n: usize, m: f64, s: f64| {
-        if t.is_empty() {
+    let line = |tag: &str| {
+        let (t, e, missed, n) = summary_of(tag);
+        let mut l = if t.is_empty() {
             format!("{tag}: reached by 0/{n} seeds")
         } else {
+            let (m, s) = mean_std(&t);
+            let ci = ci95(&t);
+            let ci = if ci.is_finite() {
+                format!(", 95% CI {:.1}-{:.1} s", (m - ci).max(0.0), m + ci)
+            } else {
+                String::new()
+            };
             format!(
-                "{tag}: reached by {}/{n} seeds, {m:.1} ± {s:.1} s (mean ± std over the seeds that reached it)",
-                t.len()
+                "{tag}: reached by {}/{n} seeds; training time to the target {m:.1} ± {s:.1} s (mean ± std over those seeds{ci}); evaluation added {:.1} s on average",
+                t.len(),
+                mean_std(&e).0
             )
+        };
+        if !missed.is_empty() {
+            l.push_str(&format!(
+                "; never reached it: seed {} (not in the mean)",
+                missed.join(", ")
+            ));
         }
+        l
     };
     let mut lines = vec![
         format!("target eval accuracy: {:.2}%", 100.0 * a.target),
-        line(&tags[0], &tb, nb, mb, sb),
-        line(&tags[1], &tc, nc, mc, sc),
+        line(&tags[0]),
+        line(&tags[1]),
     ];
+    let (tb, _, missed_b, _) = summary_of(&tags[0]);
+    let (tc, _, missed_c, _) = summary_of(&tags[1]);
     if !tb.is_empty() && !tc.is_empty() {
+        let ((mb, sb), (mc, sc)) = (mean_std(&tb), mean_std(&tc));
         let ratio = mb / mc;
-        let rel = ((sb / mb).powi(2) + (sc / mc).powi(2)).sqrt();
+        // The ratio's 95% interval by the delta method on the two means' standard errors.
+        let rel =
+            ((sb / mb).powi(2) / tb.len() as f64 + (sc / mc).powi(2) / tc.len() as f64).sqrt();
+        let t = t95(tb.len().min(tc.len()).saturating_sub(1));
+        let ci = if (t * rel).is_finite() {
+            format!(
+                ", 95% CI {:.2}-{:.2}x",
+                (ratio * (1.0 - t * rel)).max(0.0),
+                ratio * (1.0 + t * rel)
+            )
+        } else {
+            " (one seed each: no interval)".to_string()
+        };
+        let missed = if missed_b.is_empty() && missed_c.is_empty() {
+            String::new()
+        } else {
+            "; seeds that never reached the target are left out, see above".to_string()
+        };
         lines.push(format!(
-            "speedup of {} over {}: {ratio:.2}x ± {:.2} (ratio of mean times; spread from the seeds' standard deviations)",
-            tags[1],
-            tags[0],
-            ratio * rel
+            "speedup of {} over {} in training time: {ratio:.2}x{ci} (ratio of mean times){missed}",
+            tags[1], tags[0]
         ));
     } else {
         lines.push("speedup: undefined (a recipe never reached the target)".into());
@@ -785,8 +888,8 @@ pub fn speedup(a: &SpeedupArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> 
     draw(
         &out.join("time_to_accuracy"),
         &[Panel {
-            title: "eval accuracy against wall time".into(),
-            x_label: "seconds since the start of training".into(),
+            title: "eval accuracy against training time".into(),
+            x_label: "training seconds (evaluation excluded)".into(),
             y_label: "eval accuracy (%)".into(),
             series,
         }],

@@ -32,6 +32,7 @@ fn throughput_json_and_engine_overhead() {
     let v: serde_json::Value = serde_json::from_str(first).expect("a JSON line");
     for key in [
         "images_per_sec",
+        "images_per_cpu_sec",
         "forward_ms",
         "backward_ms",
         "optimizer_ms",
@@ -210,13 +211,70 @@ fn speedup_reports_time_to_accuracy_of_both_recipes() {
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     assert!(s.contains("tiny: reached by 2/2 seeds"), "{s}");
-    assert!(s.contains("speedup of tiny_fast over tiny:"), "{s}");
+    assert!(
+        s.contains("speedup of tiny_fast over tiny in training time:") && s.contains("95% CI"),
+        "{s}"
+    );
     let curves: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("curves.json")).unwrap()).unwrap();
     // The first evaluation (batch 4) already reaches 1%, and the threshold stopper ends the run.
     for c in curves.as_array().unwrap() {
         assert_eq!(c["steps_to_target"].as_u64(), Some(4), "{c}");
         assert_eq!(c["evals"].as_array().unwrap().len(), 1);
+        // Training time and evaluation time apart.
+        assert!(c["eval_seconds_to_target"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["train_time"].as_bool().unwrap(), "{c}");
     }
     assert!(out.join("time_to_accuracy.png").is_file());
+    // Every evaluation logs the run's wall time, its evaluation share and the rest (training).
+    let metrics = std::fs::read_to_string(out.join("tiny/seed3/metrics.jsonl")).unwrap();
+    let eval = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v.get("eval/accuracy").is_some())
+        .unwrap();
+    let f = |k: &str| {
+        eval[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {k} in {eval}"))
+    };
+    assert!((f("time/train_sec") + f("time/eval_sec") - f("time/fit_sec")).abs() < 1e-9);
+    assert!(
+        f("time/eval_sec") > 0.0 && f("time/train_sec") > 0.0,
+        "{eval}"
+    );
+}
+
+#[test]
+fn speedup_counts_seeds_that_never_reach_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = write_recipe(dir.path(), "base.yaml", TINY);
+    // LR 0 never learns: it does not reach 99%, and is shown, not averaged away.
+    let cand = write_recipe(
+        dir.path(),
+        "cand.yaml",
+        &TINY
+            .replace("name: tiny", "name: frozen")
+            .replace("lr: 0.05", "lr: 0"),
+    );
+    let out = dir.path().join("speedup");
+    let o = run(&[
+        "bench",
+        "speedup",
+        base.to_str().unwrap(),
+        cand.to_str().unwrap(),
+        "--target",
+        "0.99",
+        "--seeds",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    assert!(
+        s.contains("frozen: reached by 0/2 seeds") && s.contains("never reached it: seed 3, 4"),
+        "{s}"
+    );
+    assert!(s.contains("speedup: undefined"), "{s}");
 }

@@ -564,7 +564,17 @@ fn stoppers_and_the_nan_monitor_end_runs_with_their_reasons() {
         "nan.yaml",
         &format!("{long}callbacks: [nan_monitor, {{name: checkpoint, interval: 1ba}}]\n"),
     );
-    let o = train(&r, &dir.path().join("nan"), &["--set", "optimizer.lr=1e30"]);
+    // An MLP (no batch norm) under SGD at LR 10 diverges within a few steps.
+    let o = train(
+        &r,
+        &dir.path().join("nan"),
+        &[
+            "--set",
+            "model={name: mlp}",
+            "--set",
+            "optimizer={name: sgd, lr: 10, momentum: 0.9}",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(e.contains("non-finite") && e.contains("at step"), "{e}");

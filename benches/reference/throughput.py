@@ -173,7 +173,11 @@ def main():
     y = (torch.arange(a.batch) % a.classes).to(dev)
     loss_fn = nn.CrossEntropyLoss()
     f = b = o = 0.0
+    cpu0 = None
     for step in range(a.warmup + a.steps):
+        if step == a.warmup:
+            t = os.times()
+            cpu0 = t.user + t.system
         t0 = time.perf_counter()
         loss = loss_fn(model(x), y)
         loss.item()
@@ -190,6 +194,8 @@ def main():
             b += t2 - t1
             o += t3 - t2
     n = a.steps
+    t = os.times()
+    cpu = t.user + t.system - cpu0
     out = {
         "impl": f"torch {torch.__version__}",
         "model": a.model,
@@ -198,6 +204,9 @@ def main():
         "threads": a.threads,
         "device": a.device,
         "images_per_sec": a.batch * n / (f + b + o),
+        # Per CPU-second of the process (user + system, every thread): what a shared machine's
+        # other load disturbs far less than wall time.
+        "images_per_cpu_sec": a.batch * n / cpu if cpu > 0 else None,
         "forward_ms": 1e3 * f / n,
         "backward_ms": 1e3 * b / n,
         "optimizer_ms": 1e3 * o / n,

@@ -240,6 +240,17 @@ fn positive(ctx: &BindContext, key: &str, t: &Time) -> Result<f64> {
     Ok(b as f64)
 }
 
+/// A period of a schedule that is a continuous function of the step (the exponential's decay
+/// period, a cosine cycle), in batches, unrounded: under `--scale 0.25` a 10-batch period is 2.5
+/// batches, so the curve is exactly a(t / s). (Phase boundaries and the step schedule's steps,
+/// which happen at whole batches, are rounded by `positive`.)
+fn positive_exact(ctx: &BindContext, key: &str, t: &Time) -> Result<f64> {
+    // `batches` checks the range and names the key; the value itself is taken unrounded.
+    positive(ctx, key, t)?;
+    t.to_batches_exact(&ctx.clock)
+        .map_err(|e| e.at(&crate::error::join_key(&ctx.path, key)))
+}
+
 fn warmup(ctx: &BindContext, t: &Option<Time>) -> Result<f64> {
     Ok(match t {
         Some(t) => ctx.batches("t_warmup", t)? as f64,
@@ -328,7 +339,7 @@ schedule_config! {
         if self.gamma.is_nan() || self.gamma <= 0.0 {
             return Err(Error::recipe_hint(format!("{}.gamma", ctx.path), "missing or not positive", "set gamma, e.g. 0.95"));
         }
-        Shape::Exponential { gamma: self.gamma, decay_period: positive(ctx, "decay_period", &self.decay_period)? }
+        Shape::Exponential { gamma: self.gamma, decay_period: positive_exact(ctx, "decay_period", &self.decay_period)? }
     }
 }
 
@@ -380,7 +391,7 @@ schedule_config! {
         if self.t_mult.is_nan() || self.t_mult < 1.0 {
             return Err(Error::recipe(format!("{}.t_mult", ctx.path), "must be a number >= 1"));
         }
-        Shape::CosineRestarts { t_0: positive(ctx, "t_0", &self.t_0)?, t_mult: self.t_mult, alpha_f: self.alpha_f, offset: 0.0 }
+        Shape::CosineRestarts { t_0: positive_exact(ctx, "t_0", &self.t_0)?, t_mult: self.t_mult, alpha_f: self.alpha_f, offset: 0.0 }
     }
 }
 
@@ -1017,6 +1028,35 @@ mod tests {
             0.25,
             "the restored schedule goes on the same way"
         );
+    }
+
+    /// Under `--scale 0.25` a 10-batch decay period is 2.5 batches: the curve is exactly
+    /// a(t / s) = 0.5^(t / 2.5), not 0.5^(t / 3) after rounding (nor Composer's truncated 2).
+    #[test]
+    fn continuous_periods_keep_their_fraction_of_a_batch() {
+        let ctx = BindContext {
+            clock: crate::time::Clock {
+                batches_per_epoch: 10,
+                samples_per_batch: 1,
+                tokens_per_sample: None,
+                max_batches: Some(100),
+            },
+            ..BindContext::standalone(&candle_core::Device::Cpu, [1, 1, 1], 2, 1)
+        };
+        let yaml = |t: &str| serde_yaml::from_str::<serde_yaml::Value>(t).unwrap();
+        let exp: ExponentialConfig =
+            crate::plugin::parse_block(&yaml("gamma: 0.5\ndecay_period: 2.5ba")).unwrap();
+        let sched = exp.build(&ctx).unwrap();
+        for t in [0u64, 1, 5, 7, 10] {
+            let want = 0.5f64.powf(t as f64 / 2.5);
+            assert!((sched.multiplier(t) - want).abs() < 1e-12, "{t}");
+        }
+        // A cosine cycle of 0.25 epoch (2.5 batches) restarts between batches 2 and 3.
+        let cos: CosineWarmRestartsConfig =
+            crate::plugin::parse_block(&yaml("t_0: 0.25ep")).unwrap();
+        let sched = cos.build(&ctx).unwrap();
+        assert!((sched.multiplier(2) - cosine(0.0, 2.0 / 2.5)).abs() < 1e-12);
+        assert!((sched.multiplier(3) - cosine(0.0, 0.5 / 2.5)).abs() < 1e-12);
     }
 
     #[test]

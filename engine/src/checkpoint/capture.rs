@@ -48,6 +48,8 @@ pub struct RunInfo<'a> {
     pub scale_ratio: f64,
     /// Wall time of the run so far, across resumes.
     pub elapsed_seconds: f64,
+    /// The part of it spent evaluating.
+    pub eval_seconds: f64,
 }
 
 /// Everything a checkpoint holds, from the live run: the metadata and the tensors (the model's
@@ -99,6 +101,7 @@ pub fn capture(
         last_loss: state.last_loss,
         stop_reason: state.stop_reason.clone(),
         elapsed_seconds: run.elapsed_seconds,
+        eval_seconds: run.eval_seconds,
         plugins: saved,
         model_tensors,
     };

@@ -56,6 +56,9 @@ pub struct CheckpointMeta {
     /// Wall time of the run up to this checkpoint (all processes), in seconds.
     #[serde(default)]
     pub elapsed_seconds: f64,
+    /// The part of `elapsed_seconds` spent evaluating.
+    #[serde(default)]
+    pub eval_seconds: f64,
     /// Plugin states (values only; tensors live in the payload as `<key>/<name>`), keyed by the
     /// plugin's place and name: `optimizer:sgd`, `schedule:cosine`, `algorithms[0]:label_smoothing`.
     pub plugins: BTreeMap<String, Value>,

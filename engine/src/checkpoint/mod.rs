@@ -60,6 +60,7 @@ mod tests {
             last_loss: Some(std::f64::consts::PI),
             stop_reason: None,
             elapsed_seconds: 1.5,
+            eval_seconds: 0.5,
             plugins: BTreeMap::new(),
             model_tensors: vec!["w".into()],
         }

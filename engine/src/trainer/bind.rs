@@ -264,6 +264,7 @@ impl Trainer {
             cleaned: Default::default(),
             fit_start: None,
             prior_seconds: 0.0,
+            eval_seconds: 0.0,
             lock: None,
         };
         if let Some(r) = &resume {

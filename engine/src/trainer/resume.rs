@@ -83,10 +83,12 @@ impl Trainer {
             schedule,
             optimizer_key,
             prior_seconds,
+            eval_seconds,
             ..
         } = self;
         let mut plugins = plugin_states_mut(schedule, engine);
         *prior_seconds = checkpoint::restore(ckpt, state, optimizer_key, &mut plugins, force)?;
+        *eval_seconds = ckpt.meta.eval_seconds;
         Ok(())
     }
 }
