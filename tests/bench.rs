@@ -144,6 +144,14 @@ fn sweep_runs_the_grid_once_and_reports() {
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert_eq!(rows.len(), 4);
     assert!(rows[0].starts_with("linear,0.5,2,"), "{csv}");
+    // Two seeds a cell: the accuracy's 95% confidence interval is there and finite.
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let ci = header
+        .iter()
+        .position(|h| *h == "accuracy_ci95")
+        .expect("a CI column");
+    let v: f64 = rows[0].split(',').nth(ci).unwrap().parse().unwrap();
+    assert!(v.is_finite() && v >= 0.0, "{csv}");
     assert!(stdout(&o).contains("| trunc |"), "{}", stdout(&o));
     let res: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();

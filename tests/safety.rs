@@ -360,3 +360,25 @@ fn messages_name_the_right_file_and_say_what_to_do() {
         assert_eq!(mode("model.safetensors"), mode("metrics.jsonl"));
     }
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_says_the_previous_one_is_intact() {
+    // Case 9: a full disk (here: a folder where the file must go) said nothing of the last
+    // good checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{TINY}callbacks:\n  - {{name: checkpoint, interval: 2ba, keep_last: 0}}\n");
+    let recipe = write_recipe(dir.path(), "r.yaml", &text);
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(run_dir.join("checkpoints/ep0-ba4.ckpt")).unwrap();
+    let e = fails(&run_in(&recipe, &run_dir, &[]));
+    assert!(e.contains("cannot write the checkpoint"), "{e}");
+    assert!(
+        e.contains("ep0-ba2.ckpt is intact") && e.contains("--resume"),
+        "{e}"
+    );
+    recipe_engine::checkpoint::Checkpoint::read(
+        &run_dir.join("checkpoints/ep0-ba2.ckpt"),
+        &recipe_engine::candle_core::Device::Cpu,
+    )
+    .unwrap();
+}
