@@ -5,8 +5,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
 
 /// Every algorithm and every callback that ships, on a 3-epoch run of 4 batches each, with
 /// evaluations that do not line up with epochs and checkpoints at every batch and every epoch.
@@ -255,34 +254,6 @@ fn the_csv_log_has_one_row_per_step_and_a_column_per_metric() {
         assert_eq!(r[0], (i + 1).to_string());
         assert!(r[loss].parse::<f64>().unwrap() > 0.0);
         assert_eq!(!r[acc].is_empty(), (i + 1) % 3 == 0, "eval every 3 batches");
-    }
-}
-
-fn spawn(recipe: &Path, run_dir: &Path, extra: &[&str]) -> Child {
-    let mut args = vec![
-        "run".to_string(),
-        recipe.display().to_string(),
-        "-q".into(),
-        "--run-dir".into(),
-        run_dir.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    recipe_cmd()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

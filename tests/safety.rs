@@ -7,8 +7,6 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 /// TINY with a checkpoint every 4 batches, keeping two.
 fn with_checkpoints() -> String {
@@ -149,32 +147,6 @@ fn a_finished_run_folder_is_refused_unless_resumed_or_overwritten() {
     assert!(!o.status.success());
 }
 
-fn spawn(recipe: &Path, run_dir: &Path) -> Child {
-    recipe_cmd()
-        .args([
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_run_folder_is_locked_while_a_process_trains_in_it() {
     // Case 4: two runs into one folder interleaved metrics.jsonl; a resume of a running run was
@@ -184,7 +156,7 @@ fn a_run_folder_is_locked_while_a_process_trains_in_it() {
         + "callbacks:\n  - {name: checkpoint, interval: 2ba, keep_last: 2}\n";
     let recipe = write_recipe(dir.path(), "r.yaml", &long);
     let run_dir = dir.path().join("run");
-    let mut child = spawn(&recipe, &run_dir);
+    let mut child = spawn(&recipe, &run_dir, &[]);
     wait_for("a checkpoint", || {
         !recipe_engine::checkpoint::list(&run_dir).is_empty()
     });

@@ -2,7 +2,8 @@
 //! Helpers shared by the integration tests: run the `recipe` binary, write recipes and fixtures.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn recipe_cmd() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_recipe"));
@@ -103,4 +104,34 @@ pub fn write_idx_fixture(dir: &Path, n_train: usize, n_eval: usize) {
         &[n_eval as u32],
         lab(n_train, n_train + n_eval),
     );
+}
+
+/// Starts `recipe run RECIPE -q --run-dir RUN_DIR EXTRA...` in the background (stderr piped).
+pub fn spawn(recipe: &Path, run_dir: &Path, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "run".to_string(),
+        recipe.display().to_string(),
+        "-q".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    recipe_cmd()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `f` until it holds, for at most two minutes.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
