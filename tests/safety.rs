@@ -186,6 +186,10 @@ fn hyperparameters_that_cannot_train_are_refused_by_show_and_run() {
         ("device=tpu", "device"),
         ("schedule.t_warmup=1e308ep", "schedule.t_warmup"),
         ("eval_interval=0ep", "eval_interval"),
+        (
+            "device_train_microbatch_size=0",
+            "device_train_microbatch_size",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let with_ls = format!("{TINY}algorithms:\n  - {{name: label_smoothing, smoothing: 1.5}}\n");

@@ -285,3 +285,68 @@ fn autolrs_searches_then_exploits_and_reports_its_search_steps() {
         "search stops when it no longer fits"
     );
 }
+
+/// Gradient accumulation (`device_train_microbatch_size`): microbatches whose scaled losses add
+/// up to the batch's give the batch's gradient, so without batch norm the weights match the
+/// one-pass run to float rounding, and label smoothing (which swaps each microbatch's targets)
+/// keeps working. With batch norm each microbatch has its own statistics, as in PyTorch.
+#[test]
+fn microbatches_accumulate_the_gradient_of_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlp = format!(
+        "{}algorithms:\n  - {{name: label_smoothing, smoothing: 0.1}}\n",
+        TINY.replace(
+            "model:\n  name: small_cnn\n  channels: [4, 8]",
+            "model: {name: mlp}"
+        )
+    );
+    let (whole, s1) = train(dir.path(), &mlp, None, &[], "whole");
+    let (micro, s2) = train(
+        dir.path(),
+        &mlp,
+        None,
+        &["device_train_microbatch_size=5"],
+        "micro",
+    );
+    assert_eq!(s1.batches, s2.batches, "times stay in whole batches");
+    let a = whole.state.model.params().flat_values().unwrap();
+    let b = micro.state.model.params().flat_values().unwrap();
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-5 * scale,
+        "max difference {diff} (scale {scale})"
+    );
+    assert_ne!(a, b, "the microbatches did run apart");
+    let (l1, l2) = (s1.final_eval.unwrap().loss, s2.final_eval.unwrap().loss);
+    assert!((l1 - l2).abs() < 1e-4 * l1, "{l1} {l2}");
+    // A batch-norm model trains in microbatches too, and the recipe says so when shown.
+    let (_, s) = train(
+        dir.path(),
+        TINY,
+        None,
+        &["device_train_microbatch_size=4"],
+        "bn",
+    );
+    assert!(s.final_eval.unwrap().loss.is_finite());
+    let shown = std::fs::read_to_string(dir.path().join("bn/recipe.yaml")).unwrap();
+    assert!(shown.contains("device_train_microbatch_size: 4"), "{shown}");
+}
+
+#[test]
+fn evaluation_logs_top5_beside_top1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, s) = train(dir.path(), TINY, None, &[], "top5");
+    let top1 = metrics(&dir.path().join("top5"), "eval/accuracy");
+    let top5 = metrics(&dir.path().join("top5"), "eval/accuracy_top5");
+    assert_eq!(top1.len(), top5.len());
+    assert!(!top5.is_empty());
+    for (a, b) in top1.iter().zip(&top5) {
+        assert!(b >= a && *b <= 1.0, "top-1 {a}, top-5 {b}");
+    }
+    let e = s.final_eval.unwrap();
+    assert_eq!(e.accuracy_top5, top5.last().copied());
+}

@@ -12,6 +12,9 @@ use std::path::PathBuf;
 pub struct EvalResult {
     pub loss: f64,
     pub accuracy: f64,
+    /// Top-5 accuracy, with at least 5 classes.
+    #[serde(default)]
+    pub accuracy_top5: Option<f64>,
     pub samples: u64,
     /// The batch count at which it was measured.
     pub at_batch: u64,

@@ -48,7 +48,7 @@ pub(crate) mod testing;
 
 pub use act::add_relu;
 pub use conv::{bn_relu_conv2d, conv2d, conv2d_backward, conv2d_with_batch_stats, Conv2dParams};
-pub use loss::{cross_entropy, top1_correct, Targets};
+pub use loss::{cross_entropy, top1_correct, topk_correct, Targets};
 pub use norm::{batch_norm, batch_norm_add_relu, batch_norm_given, BatchNormStats, Saved};
 pub use paths::{paths, set_paths, Paths, Switch};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};

@@ -271,10 +271,52 @@ pub fn top1_correct(logits: &Tensor, labels: &Tensor) -> Result<u64> {
         .map(|v| v as u64)
 }
 
+/// How many rows of `logits` [N, K] have their label among the `k` largest logits (top-k
+/// accuracy's numerator): a row counts when fewer than `k` logits exceed its label's. Ties with
+/// the label's logit count for the label.
+pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: usize) -> Result<u64> {
+    let labels = labels.to_dtype(DType::U32)?.unsqueeze(1)?;
+    let own = logits.gather(&labels.contiguous()?, 1)?;
+    let above = logits
+        .broadcast_gt(&own)?
+        .to_dtype(DType::U32)?
+        .sum(D::Minus1)?;
+    above
+        .lt(k as u32)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()
+        .map(|v| v as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn top_k_counts_labels_among_the_k_largest_logits() {
+        let logits = Tensor::new(
+            &[
+                [0.1f32, 0.9, 0.5, 0.3],
+                [0.8, 0.1, 0.2, 0.7],
+                [0.4, 0.3, 0.2, 0.1],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let labels = Tensor::new(&[2u32, 3, 3], &Device::Cpu).unwrap();
+        // Ranks of the labels: 2nd, 2nd, 4th.
+        assert_eq!(topk_correct(&logits, &labels, 1).unwrap(), 0);
+        assert_eq!(topk_correct(&logits, &labels, 2).unwrap(), 2);
+        assert_eq!(topk_correct(&logits, &labels, 4).unwrap(), 3);
+        // Top-1 agrees with argmax.
+        let labels = Tensor::new(&[1u32, 0, 0], &Device::Cpu).unwrap();
+        assert_eq!(
+            topk_correct(&logits, &labels, 1).unwrap(),
+            top1_correct(&logits, &labels).unwrap()
+        );
+    }
 
     #[test]
     fn hard_and_one_hot_soft_targets_agree_and_match_a_hand_value() {

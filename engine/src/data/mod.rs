@@ -31,6 +31,18 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Samples `start..start + len` of the batch (a microbatch).
+    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Batch> {
+        Ok(Batch {
+            inputs: self.inputs.narrow(0, start, len)?,
+            targets: match &self.targets {
+                Targets::Hard(t) => Targets::Hard(t.narrow(0, start, len)?),
+                Targets::Soft(t) => Targets::Soft(t.narrow(0, start, len)?),
+            },
+            labels: self.labels.narrow(0, start, len)?,
+        })
+    }
 }
 
 /// Random access to labelled images.

@@ -122,6 +122,10 @@ pub struct Recipe {
     pub scale_policy: BTreeMap<String, Policy>,
     /// The product of every scale ratio applied by transforms so far.
     pub scale_ratio: f64,
+    /// Gradient accumulation (Composer's `device_train_microbatch_size`): each batch runs forward
+    /// and backward in microbatches of this many samples, and the optimizer steps once per
+    /// batch with the gradient of the whole batch. Times stay in whole batches.
+    pub microbatch_size: Option<usize>,
     prepared: bool,
 }
 
@@ -139,6 +143,7 @@ const TOP_KEYS: &[&str] = &[
     "algorithms",
     "callbacks",
     "scale_policy",
+    "device_train_microbatch_size",
 ];
 
 fn get<'a>(m: &'a Mapping, k: &str) -> Option<&'a Value> {
@@ -365,6 +370,19 @@ impl Recipe {
                 ))
             }
         };
+        let microbatch_size = match get(m, "device_train_microbatch_size") {
+            None => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= 1 && n <= usize::MAX as u64 => Some(n as usize),
+                _ => {
+                    return Err(Error::recipe_hint(
+                        "device_train_microbatch_size",
+                        "must be a whole number >= 1",
+                        "the samples of one forward/backward pass, e.g. 32; leave it out to run each batch in one pass",
+                    ))
+                }
+            },
+        };
         let data = Recipe::parse_data(get(m, "data"))?;
         let model = parse_spec(
             Kind::Model,
@@ -427,6 +445,7 @@ impl Recipe {
             callbacks,
             scale_policy,
             scale_ratio: 1.0,
+            microbatch_size,
             prepared: false,
         })
     }
@@ -599,6 +618,9 @@ impl Recipe {
         );
         m.insert("run_dir".into(), self.runs_dir.display().to_string().into());
         m.insert("device".into(), self.device.clone().into());
+        if let Some(n) = self.microbatch_size {
+            m.insert("device_train_microbatch_size".into(), (n as u64).into());
+        }
         let mut data = match self.data.dataset.to_yaml() {
             Value::Mapping(d) => d,
             _ => Mapping::new(),

@@ -265,6 +265,8 @@ impl Trainer {
             fit_start: None,
             prior_seconds: 0.0,
             eval_seconds: 0.0,
+            microbatch: recipe.microbatch_size,
+            eval_top5: splits.info.num_classes >= 5,
             lock: None,
         };
         if let Some(r) = &resume {

@@ -19,7 +19,7 @@ use crate::recipe::Recipe;
 use crate::run_dir::RunLock;
 use crate::schedule::Schedule;
 use crate::state::{EpochMetrics, EvalResult, State};
-use recipe_kernels::{cross_entropy, top1_correct};
+use recipe_kernels::{cross_entropy, top1_correct, topk_correct};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,6 +60,11 @@ pub struct Trainer {
     prior_seconds: f64,
     /// Wall time spent evaluating, across resumes (the checkpoint's plus this process's).
     eval_seconds: f64,
+    /// Gradient accumulation: the samples of one forward/backward pass, when fewer than a batch
+    /// (`device_train_microbatch_size`).
+    microbatch: Option<usize>,
+    /// Whether evaluation also counts top-5 accuracy (at least 5 classes).
+    eval_top5: bool,
     /// The run folder's lock, held while this trainer lives.
     lock: Option<RunLock>,
 }
@@ -354,6 +359,46 @@ impl Trainer {
     fn train_batch(&mut self) -> Result<()> {
         self.event(Event::BatchStart)?;
         self.event(Event::BeforeTrainBatch)?;
+        let n = self.batch()?.len();
+        let (loss_value, correct) = match self.microbatch {
+            Some(m) if m < n => self.train_microbatches(m)?,
+            _ => self.forward_backward(None)?,
+        };
+        if let Some(grads) = self.state.grads.take() {
+            let st = &mut self.state;
+            st.optimizer.step(st.model.params(), &grads, st.lr)?;
+        }
+        let n = n as u64;
+        let m = &mut self.state.epoch_metrics;
+        m.loss_sum += loss_value;
+        m.correct += correct;
+        m.samples += n;
+        m.batches += 1;
+        self.state.last_loss = Some(loss_value);
+        self.state.outputs = None;
+        self.state.loss = None;
+        self.event(Event::AfterTrainBatch)?;
+        self.state.timestamp.next_batch(n, 0);
+        self.state.log("train/loss", loss_value);
+        self.event(Event::BatchEnd)?;
+        // Every evaluation of a step, the last one included, comes before its BATCH_CHECKPOINT,
+        // so a checkpoint taken there already holds it.
+        let b = self.state.timestamp.batch;
+        if b.is_multiple_of(self.eval_every)
+            || b >= self.state.max_batches()
+            || self.state.stop_reason.is_some()
+        {
+            self.evaluate()?;
+        }
+        self.event(Event::BatchCheckpoint)?;
+        self.serve_checkpoint_requests()
+    }
+
+    /// The forward pass, the loss and the backward pass of the batch in `state.batch`, with their
+    /// events; with `weight` (a microbatch's share of the batch), the loss is scaled by it so
+    /// that the microbatches' gradients add up to the batch's. Leaves the gradients in
+    /// `state.grads`; returns the (unscaled) loss and the number of correct top-1 predictions.
+    fn forward_backward(&mut self, weight: Option<f64>) -> Result<(f64, u64)> {
         self.event(Event::BeforeForward)?;
         let inputs = self.batch()?.inputs.clone();
         self.state.outputs = Some(self.state.model.forward(&inputs, true)?);
@@ -381,38 +426,59 @@ impl Trainer {
                 "after the forward pass; the weights were not updated",
             ));
         }
+        let loss = match weight {
+            Some(w) => (loss * w)?,
+            None => loss,
+        };
         self.state.grads = Some(loss.backward()?);
         self.event(Event::AfterBackward)?;
-        if let Some(grads) = self.state.grads.take() {
-            let st = &mut self.state;
-            st.optimizer.step(st.model.params(), &grads, st.lr)?;
+        let correct = top1_correct(&outputs, &self.batch()?.labels)?;
+        Ok((loss_value, correct))
+    }
+
+    /// Gradient accumulation: the batch in microbatches of `size` samples (the last one may be
+    /// shorter), each through `forward_backward` with its share of the batch as the loss
+    /// weight, and the parameters' gradients summed: one optimizer step for the batch, with the
+    /// gradient of its mean loss. Each microbatch's forward, loss and backward events fire with
+    /// `state.batch` holding that microbatch (as in Composer); the whole batch is restored after.
+    fn train_microbatches(&mut self, size: usize) -> Result<(f64, u64)> {
+        let whole = self
+            .state
+            .batch
+            .take()
+            .ok_or_else(|| Error::msg("an algorithm removed the batch"))?;
+        let n = whole.len();
+        let (mut loss_sum, mut correct) = (0.0, 0u64);
+        let mut acc: Option<candle_core::backprop::GradStore> = None;
+        for start in (0..n).step_by(size) {
+            let len = size.min(n - start);
+            let share = len as f64 / n as f64;
+            self.state.batch = Some(whole.narrow(start, len)?);
+            let (l, c) = self.forward_backward(Some(share))?;
+            loss_sum += l * share;
+            correct += c;
+            let Some(g) = self.state.grads.take() else {
+                continue;
+            };
+            match &mut acc {
+                None => acc = Some(g),
+                Some(a) => {
+                    for p in self.state.model.params().trainable() {
+                        let t = p.var.as_tensor();
+                        if let Some(gi) = g.get(t) {
+                            let sum = match a.get(t) {
+                                Some(prev) => (prev + gi)?,
+                                None => gi.clone(),
+                            };
+                            a.insert(t, sum);
+                        }
+                    }
+                }
+            }
         }
-        let batch = self.batch()?;
-        let n = batch.len() as u64;
-        let correct = top1_correct(&outputs, &batch.labels)?;
-        let m = &mut self.state.epoch_metrics;
-        m.loss_sum += loss_value;
-        m.correct += correct;
-        m.samples += n;
-        m.batches += 1;
-        self.state.last_loss = Some(loss_value);
-        self.state.outputs = None;
-        self.state.loss = None;
-        self.event(Event::AfterTrainBatch)?;
-        self.state.timestamp.next_batch(n, 0);
-        self.state.log("train/loss", loss_value);
-        self.event(Event::BatchEnd)?;
-        // Every evaluation of a step, the last one included, comes before its BATCH_CHECKPOINT,
-        // so a checkpoint taken there already holds it.
-        let b = self.state.timestamp.batch;
-        if b.is_multiple_of(self.eval_every)
-            || b >= self.state.max_batches()
-            || self.state.stop_reason.is_some()
-        {
-            self.evaluate()?;
-        }
-        self.event(Event::BatchCheckpoint)?;
-        self.serve_checkpoint_requests()
+        self.state.batch = Some(whole);
+        self.state.grads = acc;
+        Ok((loss_sum, correct))
     }
 
     fn batch(&self) -> Result<&crate::data::Batch> {
@@ -431,6 +497,8 @@ impl Trainer {
         self.state.evaluating = true;
         self.event(Event::EvalStart)?;
         let (mut loss_sum, mut correct, mut samples, mut scored) = (0.0, 0u64, 0u64, 0u64);
+        let top5 = self.eval_top5;
+        let mut correct5 = 0u64;
         for batch in eval.epoch(0, 0, &self.state.device) {
             let batch = batch?;
             samples += batch.len() as u64;
@@ -445,6 +513,9 @@ impl Trainer {
             let l = cross_entropy(&out, &recipe_kernels::Targets::Hard(b.labels.clone()))?;
             loss_sum += l.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * n as f64;
             correct += top1_correct(&out, &b.labels)?;
+            if top5 {
+                correct5 += topk_correct(&out, &b.labels, 5)?;
+            }
             scored += n;
             self.event(Event::EvalBatchEnd)?;
         }
@@ -457,6 +528,7 @@ impl Trainer {
         let r = EvalResult {
             loss: loss_sum / scored.max(1) as f64,
             accuracy: correct as f64 / scored.max(1) as f64,
+            accuracy_top5: top5.then(|| correct5 as f64 / scored.max(1) as f64),
             samples,
             at_batch: self.state.timestamp.batch,
         };
@@ -465,6 +537,9 @@ impl Trainer {
         self.state.batch = None;
         self.state.log("eval/loss", r.loss);
         self.state.log("eval/accuracy", r.accuracy);
+        if let Some(a) = r.accuracy_top5 {
+            self.state.log("eval/accuracy_top5", a);
+        }
         // Wall time of the run so far across resumes: in all, evaluating, and training (all but
         // evaluating), so that time-to-accuracy can be measured on training time with the cost
         // of evaluation shown apart.
