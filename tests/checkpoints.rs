@@ -53,18 +53,6 @@ fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "{}", stderr(o));
 }
 
-fn train(recipe: &Path, run_dir: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "run",
-        recipe.to_str().unwrap(),
-        "-q",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    run(&args)
-}
-
 fn weights(run_dir: &Path) -> Vec<u8> {
     std::fs::read(run_dir.join("model.safetensors")).unwrap()
 }

@@ -13,18 +13,6 @@ fn with_checkpoints() -> String {
     format!("{TINY}callbacks:\n  - {{name: checkpoint, interval: 4ba, keep_last: 2}}\n")
 }
 
-fn run_in(recipe: &Path, run_dir: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "run",
-        recipe.to_str().unwrap(),
-        "-q",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    run(&args)
-}
-
 fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "{}", stderr(o));
 }
@@ -62,7 +50,7 @@ fn a_resume_that_fails_its_checks_changes_nothing_in_the_run_folder() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), "r.yaml", &with_checkpoints());
     let run_dir = dir.path().join("run");
-    ok(&run_in(&recipe, &run_dir, &[]));
+    ok(&train(&recipe, &run_dir, &[]));
     let before = snapshot(&run_dir);
     let other = write_recipe(
         dir.path(),
@@ -89,7 +77,7 @@ fn export_never_replaces_its_checkpoint_or_an_existing_file_unasked() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), "r.yaml", &with_checkpoints());
     let run_dir = dir.path().join("run");
-    ok(&run_in(&recipe, &run_dir, &[]));
+    ok(&train(&recipe, &run_dir, &[]));
     let ckpt = run_dir.join("checkpoints/ep0-ba4.ckpt");
     let bytes = std::fs::read(&ckpt).unwrap();
     let e = fails(&run(&[
@@ -127,15 +115,15 @@ fn a_finished_run_folder_is_refused_unless_resumed_or_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(dir.path(), "r.yaml", &with_checkpoints());
     let run_dir = dir.path().join("run");
-    ok(&run_in(&recipe, &run_dir, &["--set", "max_duration=12ba"]));
+    ok(&train(&recipe, &run_dir, &["--set", "max_duration=12ba"]));
     let before = snapshot(&run_dir);
-    let e = fails(&run_in(&recipe, &run_dir, &[]));
+    let e = fails(&train(&recipe, &run_dir, &[]));
     assert!(
         e.contains("already holds a run") && e.contains("--overwrite"),
         "{e}"
     );
     assert_eq!(snapshot(&run_dir), before, "the refused run changed files");
-    ok(&run_in(&recipe, &run_dir, &["--overwrite"]));
+    ok(&train(&recipe, &run_dir, &["--overwrite"]));
     // Only the new run's checkpoints (batches 4 and 8, keep_last 2), none of the 12-batch run's.
     let names: Vec<String> = recipe_engine::checkpoint::list(&run_dir)
         .iter()
@@ -143,7 +131,7 @@ fn a_finished_run_folder_is_refused_unless_resumed_or_overwritten() {
         .collect();
     assert_eq!(names, ["ep1-ba8.ckpt", "ep0-ba4.ckpt"]);
     // --overwrite is for a new run only.
-    let o = run_in(&recipe, &run_dir, &["--overwrite", "--resume", "latest"]);
+    let o = train(&recipe, &run_dir, &["--overwrite", "--resume", "latest"]);
     assert!(!o.status.success());
 }
 
@@ -161,15 +149,15 @@ fn a_run_folder_is_locked_while_a_process_trains_in_it() {
         !recipe_engine::checkpoint::list(&run_dir).is_empty()
     });
     let pid = child.id().to_string();
-    let e = fails(&run_in(&recipe, &run_dir, &["--overwrite"]));
+    let e = fails(&train(&recipe, &run_dir, &["--overwrite"]));
     assert!(e.contains("in use") && e.contains(&pid), "{e}");
-    let e = fails(&run_in(&recipe, &run_dir, &["--resume", "latest"]));
+    let e = fails(&train(&recipe, &run_dir, &["--resume", "latest"]));
     assert!(e.contains("in use") && e.contains(&pid), "{e}");
     // SIGKILL: the lock goes with the process; a new run may take the folder.
     child.kill().unwrap();
     child.wait().unwrap();
     let short = write_recipe(dir.path(), "short.yaml", TINY);
-    ok(&run_in(&short, &run_dir, &["--overwrite"]));
+    ok(&train(&short, &run_dir, &["--overwrite"]));
 }
 
 #[test]
@@ -241,7 +229,7 @@ fn a_diverging_run_stops_with_an_error_and_writes_no_nan_weights() {
     );
     let recipe = write_recipe(dir.path(), "r.yaml", &text);
     let run_dir = dir.path().join("run");
-    let e = fails(&run_in(&recipe, &run_dir, &[]));
+    let e = fails(&train(&recipe, &run_dir, &[]));
     assert!(e.contains("non-finite") && e.contains("at step"), "{e}");
     assert!(e.contains("last good checkpoint"), "{e}");
     assert!(!run_dir.join("model.safetensors").exists());
@@ -284,7 +272,7 @@ fn messages_name_the_right_file_and_say_what_to_do() {
         &format!("name: fashion_mnist\n  root: {}", root.display()),
     );
     let p = write_recipe(dir.path(), "fm.yaml", &fm);
-    let e = fails(&run_in(&p, &dir.path().join("run"), &[]));
+    let e = fails(&train(&p, &dir.path().join("run"), &[]));
     assert!(e.contains("is a file, not a folder"), "{e}");
     // An out-of-range label names the labels file.
     let data = dir.path().join("data");
@@ -316,7 +304,7 @@ fn messages_name_the_right_file_and_say_what_to_do() {
         .replace("train_subset: 64", "train_subset: 32")
         .replace("eval_subset: 64", "eval_subset: 16");
     let p = write_recipe(dir.path(), "labels.yaml", &fm);
-    let e = fails(&run_in(&p, &dir.path().join("run2"), &[]));
+    let e = fails(&train(&p, &dir.path().join("run2"), &[]));
     assert!(
         e.contains("label 12 of sample 5") && e.contains("train-labels-idx1-ubyte"),
         "{e}"
@@ -324,8 +312,8 @@ fn messages_name_the_right_file_and_say_what_to_do() {
     // No colour codes in a log that is not a terminal.
     let p = write_recipe(dir.path(), "r.yaml", TINY);
     let rd = dir.path().join("run3");
-    ok(&run_in(&p, &rd, &[]));
-    let o = run_in(&p, &rd, &["--overwrite"]);
+    ok(&train(&p, &rd, &[]));
+    let o = train(&p, &rd, &["--overwrite"]);
     let e = stderr(&o);
     assert!(e.contains("WARN") && !e.contains('\u{1b}'), "{e:?}");
     // The final weights are as readable as every other file of the run.
@@ -346,7 +334,7 @@ fn a_checkpoint_that_cannot_be_written_says_the_previous_one_is_intact() {
     let recipe = write_recipe(dir.path(), "r.yaml", &text);
     let run_dir = dir.path().join("run");
     std::fs::create_dir_all(run_dir.join("checkpoints/ep0-ba4.ckpt")).unwrap();
-    let e = fails(&run_in(&recipe, &run_dir, &[]));
+    let e = fails(&train(&recipe, &run_dir, &[]));
     assert!(e.contains("cannot write the checkpoint"), "{e}");
     assert!(
         e.contains("ep0-ba2.ckpt is intact") && e.contains("--resume"),

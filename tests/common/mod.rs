@@ -26,6 +26,19 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `recipe run RECIPE -q --run-dir RUN_DIR EXTRA...`, to completion.
+pub fn train(recipe: &Path, run_dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        recipe.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Writes `text` as a recipe file in `dir`.
 pub fn write_recipe(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
