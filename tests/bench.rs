@@ -194,30 +194,37 @@ fn sweep_runs_the_grid_once_and_reports() {
     assert!(!dir.path().join("bad/cells").exists());
 }
 
-#[test]
-fn speedup_reports_time_to_accuracy_of_both_recipes() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = write_recipe(dir.path(), "base.yaml", TINY);
-    let cand = write_recipe(
-        dir.path(),
-        "cand.yaml",
-        &TINY.replace("name: tiny", "name: tiny_fast"),
-    );
-    let out = dir.path().join("speedup");
+/// `recipe bench speedup` of TINY against `candidate` (a recipe text) over 2 seeds into
+/// `dir/speedup`; returns its stdout after checking that it succeeded.
+fn speedup(dir: &std::path::Path, candidate: &str, target: &str) -> String {
+    let base = write_recipe(dir, "base.yaml", TINY);
+    let cand = write_recipe(dir, "cand.yaml", candidate);
+    let out = dir.join("speedup");
     let o = run(&[
         "bench",
         "speedup",
         base.to_str().unwrap(),
         cand.to_str().unwrap(),
         "--target",
-        "0.01",
+        target,
         "--seeds",
         "2",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let s = stdout(&o);
+    stdout(&o)
+}
+
+#[test]
+fn speedup_reports_time_to_accuracy_of_both_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = speedup(
+        dir.path(),
+        &TINY.replace("name: tiny", "name: tiny_fast"),
+        "0.01",
+    );
+    let out = dir.path().join("speedup");
     assert!(s.contains("tiny: reached by 2/2 seeds"), "{s}");
     assert!(
         s.contains("speedup of tiny_fast over tiny in training time:") && s.contains("95% CI"),
@@ -256,30 +263,11 @@ fn speedup_reports_time_to_accuracy_of_both_recipes() {
 #[test]
 fn speedup_counts_seeds_that_never_reach_the_target() {
     let dir = tempfile::tempdir().unwrap();
-    let base = write_recipe(dir.path(), "base.yaml", TINY);
     // LR 0 never learns: it does not reach 99%, and is shown, not averaged away.
-    let cand = write_recipe(
-        dir.path(),
-        "cand.yaml",
-        &TINY
-            .replace("name: tiny", "name: frozen")
-            .replace("lr: 0.05", "lr: 0"),
-    );
-    let out = dir.path().join("speedup");
-    let o = run(&[
-        "bench",
-        "speedup",
-        base.to_str().unwrap(),
-        cand.to_str().unwrap(),
-        "--target",
-        "0.99",
-        "--seeds",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let s = stdout(&o);
+    let frozen = TINY
+        .replace("name: tiny", "name: frozen")
+        .replace("lr: 0.05", "lr: 0");
+    let s = speedup(dir.path(), &frozen, "0.99");
     assert!(
         s.contains("frozen: reached by 0/2 seeds") && s.contains("never reached it: seed 3, 4"),
         "{s}"
