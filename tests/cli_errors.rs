@@ -229,7 +229,7 @@ fn an_unwritable_run_folder_is_reported_before_training() {
 }
 
 #[test]
-fn imagenet_recipe_fails_clearly_and_runs_on_synthetic_data_when_asked() {
+fn imagenet_recipe_without_its_folder_fails_clearly_and_runs_on_synthetic_data_when_asked() {
     let recipe = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/recipes/resnet50_imagenet.yaml"
@@ -240,9 +240,10 @@ fn imagenet_recipe_fails_clearly_and_runs_on_synthetic_data_when_asked() {
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(
-        e.contains("ImageNet folder loader") && e.contains("data.synthetic=true"),
+        e.contains("/data/imagenet") && e.contains("does not exist") && e.contains("data.root"),
         "{e}"
     );
+    assert!(!rd.exists(), "a refused run leaves no folder");
     // Synthetic stand-in, shrunk so the test stays fast: 64x64 crops, 2 steps of batch 2.
     let o = run(&[
         "run",
@@ -253,7 +254,11 @@ fn imagenet_recipe_fails_clearly_and_runs_on_synthetic_data_when_asked() {
         "--set",
         "data.synthetic=true",
         "--set",
-        "data.crop_size=64",
+        "data.train_transforms=[{random_resized_crop: {size: 64}}, random_horizontal_flip]",
+        "--set",
+        "data.eval_transforms=[{resize: 72}, {center_crop: 64}]",
+        "--set",
+        "device_train_microbatch_size=2",
         "--set",
         "data.batch_size=2",
         "--set",
@@ -312,7 +317,7 @@ fn out_of_range_values_are_refused_before_training() {
         ),
         (
             &["data.name=synthetic", "data.shape=[0, 8, 8]"],
-            "zero dimension",
+            "non-empty shape",
         ),
         (&["max_duration=1e300ep"], "more than a run can take"),
         (&["optimizer.lr=-1"], "optimizer.lr"),

@@ -154,7 +154,25 @@ struct ProgressiveResizing {
     cfg: ProgressiveResizingConfig,
     delay: u64,
     finetune: u64,
+    max: u64,
+    /// The full input size `[height, width]`.
+    full: [usize; 2],
     rng: Streams,
+}
+
+impl ProgressiveResizing {
+    /// The `[height, width]` of batch `t`.
+    fn size_at(&self, t: u64) -> [usize; 2] {
+        let scale = scale_at(
+            t,
+            self.max,
+            self.delay,
+            self.finetune,
+            self.cfg.initial_scale,
+        );
+        self.full
+            .map(|side| target_side(side, scale, self.cfg.size_increment))
+    }
 }
 
 impl AlgorithmConfig for ProgressiveResizingConfig {
@@ -165,10 +183,13 @@ impl AlgorithmConfig for ProgressiveResizingConfig {
                 "must be in (0, 1]",
             ));
         }
+        let [_, h, w] = ctx.input_shape;
         Ok(Box::new(ProgressiveResizing {
             cfg: self.clone(),
             delay: ctx.batches("delay", &self.delay)?,
             finetune: ctx.batches("finetune", &self.finetune)?,
+            max: ctx.clock.max_batches.unwrap_or(0),
+            full: [h, w],
             rng: ctx.rng(),
         }))
     }
@@ -177,6 +198,18 @@ impl AlgorithmConfig for ProgressiveResizingConfig {
 impl Algorithm for ProgressiveResizing {
     fn matches(&self, event: Event, state: &State) -> bool {
         event == Event::FitStart || (event == Event::AfterDataloader && !state.evaluating)
+    }
+
+    fn batch_size_hook(&self) -> Option<recipe_engine::data::SizeForBatch> {
+        if self.cfg.mode != Mode::Resize {
+            return None;
+        }
+        let me = ProgressiveResizing {
+            cfg: self.cfg.clone(),
+            rng: self.rng.clone(),
+            ..*self
+        };
+        Some(std::sync::Arc::new(move |t| Some(me.size_at(t))))
     }
 
     fn apply(&mut self, event: Event, state: &mut State) -> Result<()> {
@@ -188,21 +221,13 @@ impl Algorithm for ProgressiveResizing {
             }
             return Ok(());
         }
-        let scale = scale_at(
-            state.timestamp.batch,
-            state.max_batches(),
-            self.delay,
-            self.finetune,
-            self.cfg.initial_scale,
-        );
+        let [nh, nw] = self.size_at(state.timestamp.batch);
         let Some(batch) = state.batch.as_mut() else {
             return Ok(());
         };
         let (_, _, h, w) = batch.inputs.dims4()?;
-        let (nh, nw) = (
-            target_side(h, scale, self.cfg.size_increment),
-            target_side(w, scale, self.cfg.size_increment),
-        );
+        // In resize mode the loader already made the batch at this size (decoded and cropped
+        // straight to it); otherwise the batch is resized or cropped here.
         if (nh, nw) != (h, w) {
             let mut rng = self.rng.at(state.timestamp.batch);
             batch.inputs = resize_batch(&batch.inputs, nh, nw, self.cfg.mode, &mut rng)?;

@@ -46,6 +46,14 @@ pub fn write_recipe(raw: &Value, run_dir: &Path, resume_at: Option<u64>) -> Resu
     std::fs::write(&path, text).map_err(unwritable)
 }
 
+/// Writes the class names, one per line in label order, to `<run folder>/classes.txt`: what a
+/// label number means, for whoever uses the trained model.
+pub fn write_classes(classes: &[String], run_dir: &Path) -> Result<()> {
+    let mut text = classes.join("\n");
+    text.push('\n');
+    crate::atomic::write_atomic(&run_dir.join("classes.txt"), text.as_bytes())
+}
+
 /// The lock file of a run folder.
 pub const LOCK_FILE: &str = ".recipe.lock";
 
@@ -112,7 +120,7 @@ pub fn run_files(run_dir: &Path) -> Vec<PathBuf> {
     let is_run_file = |name: &str| {
         matches!(
             name,
-            "recipe.yaml" | "metrics.jsonl" | "metrics.csv" | "model.safetensors"
+            "recipe.yaml" | "metrics.jsonl" | "metrics.csv" | "model.safetensors" | "classes.txt"
         ) || name.starts_with("recipe.before-resume-")
             || name.ends_with(".ckpt.abandoned")
     };

@@ -50,6 +50,8 @@ pub struct RunInfo<'a> {
     pub elapsed_seconds: f64,
     /// The part of it spent evaluating.
     pub eval_seconds: f64,
+    /// The dataset's class names, when it has them.
+    pub classes: Option<&'a [String]>,
 }
 
 /// Everything a checkpoint holds, from the live run: the metadata and the tensors (the model's
@@ -88,6 +90,7 @@ pub fn capture(
             .map_or(0, |d| d.as_secs()),
         recipe_name: state.run_name.clone(),
         recipe: run.recipe_given.clone(),
+        classes: run.classes.map(<[String]>::to_vec),
         scale_ratio: run.scale_ratio,
         seed: state.seed,
         clock: ClockMeta {
@@ -290,7 +293,8 @@ pub fn recipe_differences(saved: &Value, now: &Value) -> Vec<String> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", saved, &mut a);
     flatten("", now, &mut b);
-    let ignored = |k: &str| k == "run_dir";
+    // Where the run writes and how many threads prepare data change no result.
+    let ignored = |k: &str| matches!(k, "run_dir" | "data.workers" | "data.prefetch");
     let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     keys.into_iter()
         .filter(|k| !ignored(k))

@@ -59,6 +59,9 @@ pub struct CheckpointMeta {
     /// The part of `elapsed_seconds` spent evaluating.
     #[serde(default)]
     pub eval_seconds: f64,
+    /// The dataset's class names in label order, when it has them (image folders).
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
     /// Plugin states (values only; tensors live in the payload as `<key>/<name>`), keyed by the
     /// plugin's place and name: `optimizer:sgd`, `schedule:cosine`, `algorithms[0]:label_smoothing`.
     pub plugins: BTreeMap<String, Value>,

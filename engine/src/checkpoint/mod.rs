@@ -61,6 +61,7 @@ mod tests {
             stop_reason: None,
             elapsed_seconds: 1.5,
             eval_seconds: 0.5,
+            classes: None,
             plugins: BTreeMap::new(),
             model_tensors: vec!["w".into()],
         }

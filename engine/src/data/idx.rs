@@ -1,7 +1,7 @@
 //! The idx format of MNIST and Fashion-MNIST (gzipped or raw), the datasets that read it, and the
 //! embedded mini set.
 
-use super::{DataContext, Dataset, DatasetInfo, Splits};
+use super::{DataContext, Dataset, DatasetInfo, Image, Sample, Splits};
 use crate::data::DatasetConfig;
 use crate::error::{Error, Result};
 use crate::plugin::TimeParams;
@@ -85,6 +85,7 @@ pub struct ImageSet {
     pixels: Arc<Vec<u8>>,
     labels: Arc<Vec<u32>>,
     sample: usize,
+    side: usize,
     start: usize,
     end: usize,
 }
@@ -145,6 +146,7 @@ impl ImageSet {
         let n = images.dims[0];
         Ok(ImageSet {
             sample: images.dims[1] * images.dims[2],
+            side: images.dims[1],
             pixels: Arc::new(images.data),
             labels: Arc::new(labels.data.into_iter().map(u32::from).collect()),
             start: 0,
@@ -167,13 +169,13 @@ impl Dataset for ImageSet {
     fn len(&self) -> usize {
         self.end - self.start
     }
-    fn get(&self, index: usize, out: &mut [f32]) -> u32 {
+    fn read(&self, index: usize) -> Result<(Sample, u32)> {
         let i = self.start + index;
         let src = &self.pixels[i * self.sample..(i + 1) * self.sample];
-        for (o, &p) in out.iter_mut().zip(src) {
-            *o = p as f32 / 255.0;
-        }
-        self.labels[i]
+        Ok((
+            Sample::Decoded(Image::new(self.side, self.side, 1, src.to_vec())),
+            self.labels[i],
+        ))
     }
 }
 
@@ -251,6 +253,7 @@ impl DatasetConfig for FashionMnistConfig {
             info: fashion_info(train.len(), eval.len()),
             train: Arc::new(train),
             eval: Some(Arc::new(eval)),
+            classes: None,
         })
     }
 }
@@ -288,6 +291,7 @@ impl DatasetConfig for MnistConfig {
             info,
             train: Arc::new(train),
             eval: Some(Arc::new(eval)),
+            classes: None,
         })
     }
 }
@@ -321,48 +325,7 @@ impl DatasetConfig for FashionMnistMiniConfig {
             info: self.info(),
             train: Arc::new(all.range(0, MINI_TRAIN)),
             eval: Some(Arc::new(all.range(MINI_TRAIN, all.len()))),
-        })
-    }
-}
-
-/// ImageNet from a folder. The folder reader is not written yet: the recipe fails with a clear
-/// error, and runs on synthetic data of ImageNet's shape with `data.synthetic: true`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageNetConfig {
-    pub root: PathBuf,
-    /// Side of the square training crop.
-    #[serde(default = "default_crop")]
-    pub crop_size: usize,
-}
-
-fn default_crop() -> usize {
-    224
-}
-
-impl TimeParams for ImageNetConfig {}
-
-impl DatasetConfig for ImageNetConfig {
-    fn info(&self) -> DatasetInfo {
-        DatasetInfo {
-            shape: [3, self.crop_size, self.crop_size],
-            num_classes: 1000,
-            train_len: 1_281_167,
-            eval_len: 50_000,
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-        }
-    }
-    fn build(&self, ctx: &DataContext) -> Result<Splits> {
-        Err(Error::Data {
-            path: self.root.clone(),
-            message:
-                "the ImageNet folder loader (root/train/<class>/*.JPEG) is not implemented yet"
-                    .into(),
-            hint: format!(
-                "run on synthetic data of ImageNet's shape with `--set {}.synthetic=true`",
-                ctx.path
-            ),
+            classes: None,
         })
     }
 }
@@ -384,12 +347,6 @@ crate::register_dataset!(
     "fashion_mnist_mini",
     "Embedded default: Fashion-MNIST's test split, 8k train / 2k eval (not the full dataset).",
     "{}"
-);
-crate::register_dataset!(
-    ImageNetConfig,
-    "imagenet",
-    "ImageNet folder (reader not written yet: use data.synthetic=true).",
-    "root: /data/imagenet\ncrop_size: 224"
 );
 
 #[cfg(test)]
@@ -449,12 +406,15 @@ mod tests {
         let eval = s.eval.unwrap();
         assert_eq!(eval.len(), 2000);
         let mut counts = [0usize; 10];
-        let mut buf = vec![0.0; 784];
         for i in 0..eval.len() {
-            counts[eval.get(i, &mut buf) as usize] += 1;
+            let (sample, label) = eval.read(i).unwrap();
+            counts[label as usize] += 1;
+            let Sample::Decoded(img) = sample else {
+                panic!("idx samples are pixels")
+            };
+            assert_eq!((img.width, img.height, img.channels), (28, 28, 1));
         }
         assert!(counts.iter().all(|&c| c > 150), "{counts:?}");
-        assert!(buf.iter().all(|&v| (0.0..=1.0).contains(&v)));
     }
 
     #[test]

@@ -1,22 +1,27 @@
-//! Loaders: seeded shuffling, augmentation (random crop with padding, horizontal flip),
-//! normalisation, and a background thread that prepares the next batches while one trains.
+//! Loaders: seeded shuffling, the per-sample pipeline (decode, transforms, normalisation) on all
+//! cores, and a background thread that keeps a bounded number of batches ready while one trains.
 //!
 //! A batch's content depends only on (seed, epoch, position): shuffling draws from a stream per
-//! epoch, augmentation from a stream per sample position, so threads never change the result and
-//! a run can restart at any batch of an epoch.
+//! epoch, transforms from a stream per sample position, so the number of threads never changes
+//! the result and a run can restart at any batch of an epoch. Memory holds at most `prefetch`
+//! batches ahead, whatever the dataset's size.
 
+use super::image::Sample;
+use super::pipeline::{self, Pipeline, RandomCrop, Scratch, Transform};
 use super::{Batch, Dataset, DatasetInfo};
 use crate::error::{Error, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
-use rand::Rng;
 use rayon::prelude::*;
 use recipe_kernels::Targets;
 use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
-/// Training-time augmentation.
+/// Training-time augmentation, the short form of `train_transforms` for fixed-size images:
+/// `{crop_padding: 4, hflip: true}` is `[{random_crop: {padding: 4}}, random_horizontal_flip]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Augment {
@@ -27,6 +32,45 @@ pub struct Augment {
     #[serde(default)]
     pub hflip: bool,
 }
+
+impl Augment {
+    fn transforms(&self) -> Vec<Transform> {
+        let mut t = Vec::new();
+        if self.crop_padding > 0 {
+            t.push(Transform::RandomCrop(RandomCrop {
+                size: None,
+                padding: self.crop_padding,
+            }));
+        }
+        if self.hflip {
+            t.push(Transform::RandomHorizontalFlip(pipeline::Flip { p: 0.5 }));
+        }
+        t
+    }
+}
+
+/// What to do with a sample whose file cannot be read or decoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BadImage {
+    /// Stop with an error naming the file.
+    #[default]
+    Error,
+    /// Leave it out of its batch, warn, and count it (`data/skipped_images`).
+    Skip,
+}
+
+/// `normalize: true` (the dataset's mean and std), `false`, or `{mean: [...], std: [...]}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Normalize {
+    Dataset(bool),
+    With { mean: Vec<f64>, std: Vec<f64> },
+}
+
+/// The function progressive resizing hands the loader: the `[height, width]` of global training
+/// batch `b`, or `None` for the transforms' own size.
+pub type SizeForBatch = Arc<dyn Fn(u64) -> Option<[usize; 2]> + Send + Sync>;
 
 fn default_batch() -> usize {
     128
@@ -39,6 +83,9 @@ fn yes() -> bool {
 }
 fn default_prefetch() -> usize {
     2
+}
+fn default_normalize() -> Normalize {
+    Normalize::Dataset(true)
 }
 
 /// The loader keys of the recipe's `data` block (the other keys belong to the dataset).
@@ -54,11 +101,24 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Short form of `train_transforms` (pad-and-crop, flip).
     #[serde(default)]
     pub augment: Augment,
-    /// Subtract the dataset's mean and divide by its standard deviation.
+    /// Per-sample transforms of training samples, in order.
+    #[serde(default)]
+    pub train_transforms: Option<Vec<Transform>>,
+    /// Per-sample transforms of evaluation samples, in order.
+    #[serde(default)]
+    pub eval_transforms: Option<Vec<Transform>>,
+    /// Subtract a mean and divide by a standard deviation, per channel.
+    #[serde(default = "default_normalize")]
+    pub normalize: Normalize,
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 size (in the DCT domain) when the output needs no more.
     #[serde(default = "yes")]
-    pub normalize: bool,
+    pub reduced_decode: bool,
+    /// A file that cannot be read or decoded: `error` (stop) or `skip` (leave it out, count it).
+    #[serde(default)]
+    pub on_bad_image: BadImage,
     /// Use only the first N training samples.
     #[serde(default)]
     pub train_subset: Option<usize>,
@@ -71,6 +131,9 @@ pub struct LoaderConfig {
     /// Batches prepared ahead on the background thread.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Threads that decode and transform samples (default: all cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 impl LoaderConfig {
@@ -81,11 +144,16 @@ impl LoaderConfig {
         "drop_last",
         "shuffle",
         "augment",
+        "train_transforms",
+        "eval_transforms",
         "normalize",
+        "reduced_decode",
+        "on_bad_image",
         "train_subset",
         "eval_subset",
         "synthetic",
         "prefetch",
+        "workers",
     ];
 
     pub fn validate(&self) -> Result<()> {
@@ -101,7 +169,90 @@ impl LoaderConfig {
                 format!("{} batches ahead: use 1 to 64", self.prefetch),
             ));
         }
+        if self.workers == Some(0) {
+            return Err(Error::recipe_hint(
+                "data.workers",
+                "must be at least 1",
+                "leave it out to use every core",
+            ));
+        }
+        if self.train_transforms.is_some() && self.augment != Augment::default() {
+            return Err(Error::recipe_hint(
+                "data.augment",
+                "both `augment` and `train_transforms` are given",
+                "keep one: `augment` is the short form of `train_transforms`",
+            ));
+        }
+        if let Normalize::With { mean, std } = &self.normalize {
+            if mean.is_empty() || mean.len() != std.len() {
+                return Err(Error::recipe(
+                    "data.normalize",
+                    "mean and std need the same number of values, one per channel",
+                ));
+            }
+            if std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+                return Err(Error::recipe(
+                    "data.normalize.std",
+                    "values must be positive",
+                ));
+            }
+        }
+        if let Some(t) = &self.train_transforms {
+            pipeline::validate(t, "data.train_transforms")?;
+        }
+        if let Some(t) = &self.eval_transforms {
+            pipeline::validate(t, "data.eval_transforms")?;
+        }
         Ok(())
+    }
+
+    /// The transforms of one split, and the recipe key that names them.
+    pub fn transforms(&self, train: bool) -> (Vec<Transform>, &'static str) {
+        if train {
+            (
+                self.train_transforms
+                    .clone()
+                    .unwrap_or_else(|| self.augment.transforms()),
+                "data.train_transforms",
+            )
+        } else {
+            (
+                self.eval_transforms.clone().unwrap_or_default(),
+                "data.eval_transforms",
+            )
+        }
+    }
+
+    /// The sample shape a split's transforms make from the dataset's `shape` (where a side of 0
+    /// means the images vary in size).
+    pub fn output_shape(&self, shape: [usize; 3], train: bool) -> Result<[usize; 3]> {
+        let [c, h, w] = shape;
+        let native = (h > 0 && w > 0).then_some([h, w]);
+        let (list, key) = self.transforms(train);
+        match pipeline::output_size(&list, native) {
+            Some([h, w]) => Ok([c, h, w]),
+            None => Err(Error::recipe_hint(
+                key,
+                "the images of this dataset differ in size, and these transforms do not give them one size",
+                if train {
+                    "end the list with a crop to a fixed size, e.g. `[{random_resized_crop: {size: 224}}, {random_horizontal_flip: {}}]`"
+                } else {
+                    "end the list with a crop to a fixed size, e.g. `[{resize: 256}, {center_crop: 224}]`"
+                },
+            )),
+        }
+    }
+
+    /// The mean and std to normalise with, from the dataset's unless given.
+    fn normalization(&self, info: &DatasetInfo) -> Option<(Vec<f32>, Vec<f32>)> {
+        match &self.normalize {
+            Normalize::Dataset(false) => None,
+            Normalize::Dataset(true) => Some((info.mean.clone(), info.std.clone())),
+            Normalize::With { mean, std } => Some((
+                mean.iter().map(|&v| v as f32).collect(),
+                std.iter().map(|&v| v as f32).collect(),
+            )),
+        }
     }
 }
 
@@ -110,11 +261,16 @@ impl LoaderConfig {
 pub struct Loader {
     ds: Arc<dyn Dataset>,
     len: usize,
+    /// The dataset's info, with the shape of the samples this loader makes.
     info: DatasetInfo,
     batch_size: usize,
     train: bool,
     cfg: LoaderConfig,
     seed: u64,
+    pipeline: Arc<Pipeline>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    size_for_batch: Option<SizeForBatch>,
+    skipped: Arc<AtomicU64>,
 }
 
 impl Loader {
@@ -125,8 +281,11 @@ impl Loader {
         train: bool,
         seed: u64,
     ) -> Result<Self> {
+        cfg.validate()?;
+        let shape = cfg.output_shape(info.shape, train)?;
+        let info = DatasetInfo { shape, ..info };
         info.validate("data")?;
-        let [_, h, w] = info.shape;
+        let [c, h, w] = info.shape;
         if cfg.augment.crop_padding >= h.max(w) {
             return Err(Error::recipe(
                 "data.augment.crop_padding",
@@ -135,6 +294,15 @@ impl Loader {
                     cfg.augment.crop_padding
                 ),
             ));
+        }
+        let normalize = cfg.normalization(&info);
+        if let Some((m, _)) = &normalize {
+            if m.len() != c && m.len() != 1 {
+                return Err(Error::recipe(
+                    "data.normalize",
+                    format!("{} mean values for {c}-channel images", m.len()),
+                ));
+            }
         }
         let subset = if train {
             cfg.train_subset
@@ -164,19 +332,38 @@ impl Loader {
                 "the split is empty",
             ));
         }
+        let pool = match cfg.workers {
+            Some(n) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("recipe-data-{i}"))
+                    .build()
+                    .map_err(|e| Error::msg(format!("cannot start {n} data workers: {e}")))?,
+            )),
+            None => None,
+        };
         Ok(Loader {
             ds,
             len,
+            pipeline: Arc::new(Pipeline {
+                transforms: cfg.transforms(train).0,
+                channels: c,
+                normalize,
+                reduced_decode: cfg.reduced_decode,
+            }),
             info,
             batch_size,
             train,
             cfg: cfg.clone(),
             seed,
+            pool,
+            size_for_batch: None,
+            skipped: Default::default(),
         })
     }
 
-    /// The training split (its `train_subset`, cut to `limit` samples) in order, without
-    /// augmentation, in eval-size batches: what measurements over the training set read.
+    /// The training split (its `train_subset`, cut to `limit` samples) in order, through the
+    /// evaluation transforms, in eval-size batches: what measurements over the training set read.
     pub fn in_order(
         ds: Arc<dyn Dataset>,
         info: DatasetInfo,
@@ -190,6 +377,12 @@ impl Loader {
             (a, b) => a.or(b),
         };
         Loader::new(ds, info, &c, false, seed)
+    }
+
+    /// Makes training batches at the size `f` gives for each global batch (progressive resizing
+    /// decodes and crops straight to it).
+    pub fn set_size_for_batch(&mut self, f: SizeForBatch) {
+        self.size_for_batch = Some(f);
     }
 
     pub fn len(&self) -> usize {
@@ -206,6 +399,11 @@ impl Loader {
 
     pub fn info(&self) -> &DatasetInfo {
         &self.info
+    }
+
+    /// Samples left out so far because their files could not be read (`on_bad_image: skip`).
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     pub fn batches_per_epoch(&self) -> u64 {
@@ -228,44 +426,90 @@ impl Loader {
         idx
     }
 
-    /// Prepares one batch (pixels, labels) of an epoch, given the epoch's order.
-    fn make(&self, order: &[usize], epoch: u64, batch: u64) -> (Vec<f32>, Vec<u32>) {
+    /// One sample, written into `out`; returns its label.
+    fn sample(
+        &self,
+        index: usize,
+        position: usize,
+        purpose: &str,
+        size: Option<[usize; 2]>,
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) -> Result<u32> {
+        let (sample, label): (Sample, u32) = self.ds.read(index)?;
+        let mut rng = crate::rng::item_stream(self.seed, purpose, position as u64);
+        let name = self.ds.name(index);
+        self.pipeline
+            .run(sample, size, &mut rng, Path::new(&name), scratch, out)?;
+        Ok(label)
+    }
+
+    /// Prepares one batch (pixels, labels, [height, width]) of an epoch, given the epoch's order.
+    fn make(&self, order: &[usize], epoch: u64, batch: u64) -> Result<Made> {
         let [c, h, w] = self.info.shape;
+        let size = match (&self.size_for_batch, self.train) {
+            (Some(f), true) => f(epoch * self.batches_per_epoch() + batch),
+            _ => None,
+        };
+        let [h, w] = size.unwrap_or([h, w]);
         let sample = c * h * w;
         let start = batch as usize * self.batch_size;
         let idx = &order[start..(start + self.batch_size).min(order.len())];
         let mut pixels = vec![0.0f32; idx.len() * sample];
         let mut labels = vec![0u32; idx.len()];
+        let mut results: Vec<Result<()>> = (0..idx.len()).map(|_| Ok(())).collect();
         let purpose = format!("augment/epoch{epoch}");
-        pixels
-            .par_chunks_mut(sample)
-            .zip(labels.par_iter_mut())
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; sample],
-                |tmp, (k, (out, label))| {
-                    *label = self.ds.get(idx[k], tmp);
-                    if self.train && (self.cfg.augment.crop_padding > 0 || self.cfg.augment.hflip) {
-                        let mut rng =
-                            crate::rng::item_stream(self.seed, &purpose, (start + k) as u64);
-                        augment(tmp, out, self.info.shape, &self.cfg.augment, &mut rng);
-                    } else {
-                        out.copy_from_slice(tmp);
-                    }
-                    if self.cfg.normalize {
-                        for ch in 0..c {
-                            let (m, s) = (
-                                self.info.mean[ch.min(self.info.mean.len() - 1)],
-                                self.info.std[ch.min(self.info.std.len() - 1)],
-                            );
-                            out[ch * h * w..(ch + 1) * h * w]
-                                .iter_mut()
-                                .for_each(|v| *v = (*v - m) / s);
-                        }
-                    }
-                },
-            );
-        (pixels, labels)
+        let mut work = || {
+            pixels
+                .par_chunks_mut(sample)
+                .zip(labels.par_iter_mut())
+                .zip(results.par_iter_mut())
+                .enumerate()
+                .for_each_init(
+                    Scratch::default,
+                    |scratch, (k, ((out, label), res))| match self.sample(
+                        idx[k],
+                        start + k,
+                        &purpose,
+                        size,
+                        scratch,
+                        out,
+                    ) {
+                        Ok(l) => *label = l,
+                        Err(e) => *res = Err(e),
+                    },
+                );
+        };
+        match &self.pool {
+            Some(p) => p.install(work),
+            None => work(),
+        }
+        if results.iter().all(Result::is_ok) {
+            return Ok((pixels, labels, [h, w]));
+        }
+        if self.cfg.on_bad_image == BadImage::Error {
+            return Err(results.into_iter().find_map(Result::err).expect("an error"));
+        }
+        let (mut kept_px, mut kept_labels) = (Vec::new(), Vec::new());
+        for (k, r) in results.iter().enumerate() {
+            match r {
+                Ok(()) => {
+                    kept_px.extend_from_slice(&pixels[k * sample..(k + 1) * sample]);
+                    kept_labels.push(labels[k]);
+                }
+                Err(e) => {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("skipped a bad image (data.on_bad_image: skip): {e}");
+                }
+            }
+        }
+        if kept_labels.is_empty() {
+            return Err(Error::msg(format!(
+                "every image of batch {batch} of epoch {epoch} is unreadable; the first: {}",
+                results.into_iter().find_map(Result::err).expect("an error")
+            )));
+        }
+        Ok((kept_px, kept_labels, [h, w]))
     }
 
     /// The batches of `epoch` from batch `start` on, prepared on a background thread.
@@ -280,15 +524,15 @@ impl Loader {
                 let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     me.make(&order, epoch, b)
                 }))
-                .map_err(|p| {
+                .unwrap_or_else(|p| {
                     let why = p
                         .downcast_ref::<String>()
                         .map(String::as_str)
                         .or_else(|| p.downcast_ref::<&str>().copied())
                         .unwrap_or("unknown cause");
-                    Error::msg(format!(
+                    Err(Error::msg(format!(
                         "the data loader failed on batch {b} of epoch {epoch}: {why}"
-                    ))
+                    )))
                 });
                 let failed = made.is_err();
                 if tx.send(made).is_err() || failed {
@@ -298,28 +542,30 @@ impl Loader {
         });
         EpochIter {
             rx,
-            shape: self.info.shape,
+            channels: self.info.shape[0],
             device: device.clone(),
         }
     }
 }
 
+type Made = (Vec<f32>, Vec<u32>, [usize; 2]);
+
 /// An epoch's batches, in order.
 pub struct EpochIter {
-    rx: Receiver<Result<(Vec<f32>, Vec<u32>)>>,
-    shape: [usize; 3],
+    rx: Receiver<Result<Made>>,
+    channels: usize,
     device: Device,
 }
 
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
-        let (pixels, labels) = match self.rx.recv().ok()? {
+        let (pixels, labels, [h, w]) = match self.rx.recv().ok()? {
             Ok(b) => b,
             Err(e) => return Some(Err(e)),
         };
         let n = labels.len();
-        let [c, h, w] = self.shape;
+        let c = self.channels;
         let make = || -> Result<Batch> {
             let inputs = Tensor::from_vec(pixels, (n, c, h, w), &self.device)?;
             let labels = Tensor::from_vec(labels, n, &self.device)?;
@@ -330,35 +576,6 @@ impl Iterator for EpochIter {
             })
         };
         Some(make())
-    }
-}
-
-/// Random crop with zero padding and horizontal flip of one [C, H, W] sample.
-fn augment(src: &[f32], dst: &mut [f32], [c, h, w]: [usize; 3], a: &Augment, rng: &mut impl Rng) {
-    let p = a.crop_padding as isize;
-    let (dy, dx) = if p > 0 {
-        (
-            rng.random_range(0..=2 * p as i64) as isize - p,
-            rng.random_range(0..=2 * p as i64) as isize - p,
-        )
-    } else {
-        (0, 0)
-    };
-    let flip = a.hflip && rng.random_bool(0.5);
-    for ch in 0..c {
-        for y in 0..h {
-            let sy = y as isize + dy;
-            for x in 0..w {
-                let xx = if flip { w - 1 - x } else { x };
-                let sx = xx as isize + dx;
-                dst[(ch * h + y) * w + x] =
-                    if sy >= 0 && sy < h as isize && sx >= 0 && sx < w as isize {
-                        src[(ch * h + sy as usize) * w + sx as usize]
-                    } else {
-                        0.0
-                    };
-            }
-        }
     }
 }
 
@@ -418,38 +635,5 @@ mod tests {
             vec![16, 16, 16, 2]
         );
         assert_eq!(b, collect(&l, 5, 0));
-    }
-
-    #[test]
-    fn crop_shifts_and_flip_mirrors() {
-        let src: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        let mut dst = vec![0.0; 9];
-        let mut rng = crate::rng::stream(0, "t");
-        augment(
-            &src,
-            &mut dst,
-            [1, 3, 3],
-            &Augment {
-                crop_padding: 0,
-                hflip: false,
-            },
-            &mut rng,
-        );
-        assert_eq!(dst, src);
-        // With padding 1 every output is either a source pixel or zero padding.
-        for s in 0..20 {
-            let mut rng = crate::rng::stream(s, "t");
-            augment(
-                &src,
-                &mut dst,
-                [1, 3, 3],
-                &Augment {
-                    crop_padding: 1,
-                    hflip: true,
-                },
-                &mut rng,
-            );
-            assert!(dst.iter().all(|v| *v == 0.0 || src.contains(v)));
-        }
     }
 }

@@ -1,12 +1,19 @@
-//! Data: datasets (random access to samples), the recipe's `data` block, and the loaders that
-//! prepare batches on a background thread while the current batch trains.
+//! Data: datasets (random access to samples, decoded or still encoded), the per-sample transform
+//! pipeline, the recipe's `data` block, and the loaders that prepare batches on all cores while
+//! the current batch trains.
 
+mod folder;
 mod idx;
+pub mod image;
 mod loader;
+pub mod pipeline;
 mod synthetic;
 
+pub use folder::{list_classes, ImageFolder, ImageFolderConfig};
 pub use idx::{read_idx, Idx, ImageSet};
-pub use loader::{Loader, LoaderConfig};
+pub use image::{Image, Sample};
+pub use loader::{BadImage, Loader, LoaderConfig, Normalize, SizeForBatch};
+pub use pipeline::Transform;
 pub use synthetic::{synthetic_splits, Synthetic, SyntheticConfig};
 
 use crate::error::Result;
@@ -51,8 +58,13 @@ pub trait Dataset: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Writes sample `index` (C*H*W values in [0, 1], channel-major) into `out`; returns its label.
-    fn get(&self, index: usize, out: &mut [f32]) -> u32;
+    /// Sample `index`: its picture (decoded, or a file's bytes) and its label. Called from many
+    /// threads at once.
+    fn read(&self, index: usize) -> Result<(Sample, u32)>;
+    /// What sample `index` is called in messages: its file, or its place in the dataset.
+    fn name(&self, index: usize) -> String {
+        format!("sample {index}")
+    }
 }
 
 /// How a recipe block builds the runtime object.
@@ -65,7 +77,8 @@ pub trait DatasetConfig: PluginConfig {
 /// What is known about a dataset without reading it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DatasetInfo {
-    /// One sample: channels, height, width.
+    /// One sample: channels, height, width. A side of 0: the images vary in size, and the
+    /// loader's transforms set the size of the samples.
     pub shape: [usize; 3],
     pub num_classes: usize,
     pub train_len: usize,
@@ -80,10 +93,11 @@ impl DatasetInfo {
     pub fn validate(&self, key: &str) -> crate::error::Result<()> {
         let bad = |m: String| crate::error::Error::recipe(key, m);
         if self.shape.contains(&0) {
-            return Err(bad(format!(
-                "sample shape {:?} has a zero dimension",
-                self.shape
-            )));
+            return Err(crate::error::Error::recipe_hint(
+                key,
+                format!("sample shape {:?} has a zero dimension", self.shape),
+                "images that vary in size need `train_transforms` and `eval_transforms` that end in a fixed-size crop",
+            ));
         }
         if self.num_classes == 0 {
             return Err(bad("the dataset needs at least one class".into()));
@@ -106,6 +120,9 @@ pub struct Splits {
     pub train: Arc<dyn Dataset>,
     pub eval: Option<Arc<dyn Dataset>>,
     pub info: DatasetInfo,
+    /// The class names, in label order, when the dataset has them (folders): written to the run
+    /// folder and checked on resume.
+    pub classes: Option<Vec<String>>,
 }
 
 /// What a dataset is built with.

@@ -1,7 +1,7 @@
 //! Synthetic labelled images of any shape and class count, generated per index (nothing is held in
 //! memory), learnable: each class has a smooth prototype, each sample adds its own noise.
 
-use super::{DataContext, Dataset, DatasetInfo, Splits};
+use super::{DataContext, Dataset, DatasetInfo, Image, Sample, Splits};
 use crate::data::DatasetConfig;
 use crate::error::{Error, Result};
 use crate::plugin::TimeParams;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Synthetic {
+    shape: [usize; 3],
     classes: usize,
     len: usize,
     noise: f32,
@@ -59,6 +60,7 @@ impl Synthetic {
             })
             .collect();
         Synthetic {
+            shape,
             classes,
             len,
             noise,
@@ -81,14 +83,19 @@ impl Dataset for Synthetic {
     fn len(&self) -> usize {
         self.len
     }
-    fn get(&self, index: usize, out: &mut [f32]) -> u32 {
+    fn read(&self, index: usize) -> Result<(Sample, u32)> {
         let mut r = crate::rng::item_stream(self.seed, "synthetic/sample", index as u64);
         let label = r.random_range(0..self.classes as u32);
         let proto = &self.prototypes[label as usize];
-        for (o, &p) in out.iter_mut().zip(proto.iter()) {
-            *o = (p + self.noise * (r.random::<f32>() - 0.5)).clamp(0.0, 1.0);
+        let [c, h, w] = self.shape;
+        // Channel-major prototypes, interleaved 8-bit pixels out (what a decoder gives).
+        let mut data = vec![0u8; c * h * w];
+        for (i, &p) in proto.iter().enumerate() {
+            let v = (p + self.noise * (r.random::<f32>() - 0.5)).clamp(0.0, 1.0);
+            let (ch, yx) = (i / (h * w), i % (h * w));
+            data[yx * c + ch] = (v * 255.0).round() as u8;
         }
-        label
+        Ok((Sample::Decoded(Image::new(w, h, c, data)), label))
     }
 }
 
@@ -100,6 +107,7 @@ pub fn synthetic_splits(info: &DatasetInfo, seed: u64) -> Splits {
         train: Arc::new(train),
         eval: Some(Arc::new(eval)),
         info: info.clone(),
+        classes: None,
     }
 }
 
@@ -166,6 +174,7 @@ impl DatasetConfig for SyntheticConfig {
             train: Arc::new(train),
             eval: (self.eval_size > 0).then(|| Arc::new(eval) as Arc<dyn Dataset>),
             info: self.info(),
+            classes: None,
         })
     }
 }

@@ -555,9 +555,28 @@ impl Recipe {
         rows
     }
 
-    /// Shape, classes and sizes of the data, without reading it.
+    /// Shape, classes and sizes of the data, without reading it; the shape is that of the
+    /// training samples the loader makes (after `train_transforms`).
     pub fn data_info(&self) -> DatasetInfo {
-        self.data.dataset.config.info()
+        let mut info = self.data.dataset.config.info();
+        if let Ok(shape) = self.data.loader.output_shape(info.shape, true) {
+            info.shape = shape;
+        }
+        info
+    }
+
+    /// [`Recipe::data_info`], with the loader settings checked against it.
+    pub fn checked_data_info(&self) -> Result<DatasetInfo> {
+        let l = &self.data.loader;
+        l.validate()?;
+        let native = self.data.dataset.config.info().shape;
+        let info = DatasetInfo {
+            shape: l.output_shape(native, true)?,
+            ..self.data_info()
+        };
+        l.output_shape(native, false)?;
+        info.validate("data")?;
+        Ok(info)
     }
 
     /// The training clock implied by the recipe (before any file is read): batches per epoch from

@@ -125,8 +125,7 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
 /// too (but for the data files themselves).
 pub fn validate(recipe: &Recipe) -> Result<()> {
     let locate = |e: Error| recipe.source.locate(e);
-    let info = recipe.data_info();
-    info.validate("data").map_err(locate)?;
+    let info = recipe.checked_data_info().map_err(locate)?;
     device_index(&recipe.device).map_err(locate)?;
     let clock = recipe.clock().map_err(locate)?;
     let ctx = BindContext {
@@ -159,41 +158,41 @@ impl Trainer {
             // A quick check before any data is read; the clock is compared once it is known.
             r.check(&given, recipe.scale_ratio, &r.saved_clock())?;
         }
-        recipe
-            .data_info()
-            .validate("data")
-            .map_err(|e| recipe.source.locate(e))?;
-        let device = parse_device(&recipe.device).map_err(|e| recipe.source.locate(e))?;
+        let locate = |e: Error| recipe.source.locate(e);
+        let l = &recipe.data.loader;
+        l.validate().map_err(locate)?;
+        let device = parse_device(&recipe.device).map_err(locate)?;
         let data_ctx = DataContext {
             seed: recipe.seed,
             path: "data".into(),
         };
-        let l = &recipe.data.loader;
         let splits = if l.synthetic {
-            synthetic_splits(&recipe.data_info(), recipe.seed)
+            let info = recipe.checked_data_info().map_err(locate)?;
+            synthetic_splits(&info, recipe.seed)
         } else {
             recipe
                 .data
                 .dataset
                 .config
                 .build(&data_ctx)
-                .map_err(|e| recipe.source.locate(e))?
+                .map_err(locate)?
         };
-        let train = Loader::new(
+        if let (Some(r), Some(classes)) = (&resume, &splits.classes) {
+            r.check_classes(classes)?;
+        }
+        let mut train = Loader::new(
             splits.train.clone(),
             splits.info.clone(),
             l,
             true,
             recipe.seed,
-        )?;
+        )
+        .map_err(locate)?;
         let eval = match &splits.eval {
-            Some(e) => Some(Loader::new(
-                e.clone(),
-                splits.info.clone(),
-                l,
-                false,
-                recipe.seed,
-            )?),
+            Some(e) => Some(
+                Loader::new(e.clone(), splits.info.clone(), l, false, recipe.seed)
+                    .map_err(locate)?,
+            ),
             None => None,
         };
         let clock = recipe
@@ -206,7 +205,7 @@ impl Trainer {
             clock,
             device: device.clone(),
             seed: recipe.seed,
-            input_shape: splits.info.shape,
+            input_shape: train.info().shape,
             num_classes: splits.info.num_classes,
             path: String::new(),
         };
@@ -217,6 +216,11 @@ impl Trainer {
             engine,
             eval_every,
         } = build_plugins(recipe, &ctx)?;
+        for a in &engine.algorithms {
+            if let Some(f) = a.inner.batch_size_hook() {
+                train.set_size_for_batch(f);
+            }
+        }
         let base_lr = recipe.optimizer.config.lr();
         let state = State {
             run_name: recipe.name.clone(),
@@ -268,6 +272,7 @@ impl Trainer {
             microbatch: recipe.microbatch_size,
             eval_top5: splits.info.num_classes >= 5,
             lock: None,
+            classes: splits.classes.clone(),
         };
         if let Some(r) = &resume {
             trainer.check_restorable(&r.checkpoint, r.force)?;
@@ -297,6 +302,9 @@ impl Bound {
             run_dir::claim_for_new_run(run_dir, overwrite)?;
         }
         run_dir::write_recipe(&raw, run_dir, resume.as_ref().map(Resume::batch))?;
+        if let Some(classes) = &trainer.classes {
+            run_dir::write_classes(classes, run_dir)?;
+        }
         if let Some(r) = &resume {
             checkpoint::set_aside_after(run_dir, r.batch());
         }

@@ -67,6 +67,9 @@ pub struct Trainer {
     eval_top5: bool,
     /// The run folder's lock, held while this trainer lives.
     lock: Option<RunLock>,
+    /// The dataset's class names in label order (image folders): written to the run folder as
+    /// classes.txt and into each checkpoint.
+    classes: Option<Vec<String>>,
 }
 
 fn signal_name(sig: usize) -> String {
@@ -178,6 +181,7 @@ impl Trainer {
             scale_ratio: self.scale_ratio,
             elapsed_seconds: self.elapsed_seconds(),
             eval_seconds: self.eval_seconds,
+            classes: self.classes.as_deref(),
         };
         let (meta, tensors) = checkpoint::capture(
             &self.state,
@@ -316,6 +320,10 @@ impl Trainer {
             if self.state.timestamp.batch_in_epoch >= bpe {
                 let m = self.state.epoch_metrics;
                 self.state.log("train/epoch_loss", m.mean_loss());
+                let skipped = self.train.skipped() + self.eval.as_ref().map_or(0, Loader::skipped);
+                if skipped > 0 {
+                    self.state.log("data/skipped_images", skipped as f64);
+                }
                 self.state.log("train/epoch_accuracy", m.accuracy());
                 self.event(Event::EpochEnd)?;
                 // As in Composer: the timestamp moves to the next epoch before EPOCH_CHECKPOINT,

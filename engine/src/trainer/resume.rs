@@ -16,6 +16,33 @@ pub struct Resume {
 }
 
 impl Resume {
+    /// Refuses a dataset whose classes differ from the checkpoint's: the labels would mean
+    /// other things than the ones the model learned.
+    pub fn check_classes(&self, classes: &[String]) -> Result<()> {
+        let Some(saved) = &self.checkpoint.meta.classes else {
+            return Ok(());
+        };
+        if saved.as_slice() == classes {
+            return Ok(());
+        }
+        let first = saved
+            .iter()
+            .zip(classes)
+            .position(|(a, b)| a != b)
+            .unwrap_or(saved.len().min(classes.len()));
+        let at = |v: &[String]| {
+            v.get(first)
+                .map_or("nothing".to_string(), |c| format!("`{c}`"))
+        };
+        Err(Error::msg(format!(
+            "the data's classes differ from the checkpoint's: {} classes now, {} then; label {first} is {} now and was {}\n  hint: resume on the same class folders the run started with (the run folder's classes.txt lists them)",
+            classes.len(),
+            saved.len(),
+            at(classes),
+            at(saved)
+        )))
+    }
+
     /// The batch the run continues at.
     pub fn batch(&self) -> u64 {
         self.checkpoint.meta.timestamp.batch
