@@ -2,6 +2,7 @@
 //! pipeline, the recipe's `data` block, and the loaders that prepare batches on all cores while
 //! the current batch trains.
 
+mod cifar;
 mod folder;
 mod idx;
 pub mod image;
@@ -9,6 +10,7 @@ mod loader;
 pub mod pipeline;
 mod synthetic;
 
+pub use cifar::{Cifar100Config, Cifar10Config, CifarSet};
 pub use folder::{list_classes, ImageFolder, ImageFolderConfig};
 pub use idx::{read_idx, Idx, ImageSet};
 pub use image::{Image, Sample};
