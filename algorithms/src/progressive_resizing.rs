@@ -1,10 +1,14 @@
 //! # Progressive resizing
 //!
 //! **What.** Trains on down-scaled images early and full-size images late (Composer's
-//! ProgressiveResizing, after fast.ai's DAWNBench entries). At AFTER_DATALOADER the batch is
-//! resized (bilinear) or randomly cropped to `scale * size`, rounded to a multiple of
-//! `size_increment`. The scale stays at `initial_scale` until `delay`, grows linearly to 1, and
-//! is 1 for the last `finetune` of the run.
+//! ProgressiveResizing, after fast.ai's DAWNBench entries). Each batch is `scale * size`, rounded
+//! to a multiple of `size_increment`; the scale stays at `initial_scale` until `delay`, grows
+//! linearly to 1, and is 1 for the last `finetune` of the run. In `resize` mode the algorithm
+//! hands the loader its size for each batch at bind time (FFCV's approach): every image is
+//! decoded (at 1/2 or 1/4 size in the DCT domain when that is enough) and cropped straight to the
+//! batch's size, instead of Composer's full-size decode then batch resize. The size is a function
+//! of the batch index, so this is deterministic and resume-safe. A batch that still arrives at
+//! another size (`crop` mode) is resized (bilinear) or randomly cropped at AFTER_DATALOADER.
 //!
 //! **When it helps.** Convolutional networks whose cost grows with pixels (about `scale^2` per
 //! step) and that end in global pooling, so any input size works. Composer reports ResNet-50 on
