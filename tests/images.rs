@@ -243,6 +243,78 @@ fn first_checkpoint(run_dir: &Path) -> PathBuf {
     all.remove(0)
 }
 
+/// Writes `n_shards` tar shards of `per` samples (`<key>.jpg` + `<key>.cls`) named
+/// `<prefix>-000.tar`, ..., as WebDataset writes them.
+fn write_shards(dir: &Path, prefix: &str, n_shards: usize, per: usize) {
+    for s in 0..n_shards {
+        let mut b = tar::Builder::new(
+            std::fs::File::create(dir.join(format!("{prefix}-{s:03}.tar"))).unwrap(),
+        );
+        for i in 0..per {
+            let k = (s * per + i) % CLASSES.len();
+            let img = picture(k, s * per + i, 40 + 4 * i, 32, 3);
+            let key = format!("sample{:06}", s * per + i);
+            for (name, bytes) in [
+                (format!("{key}.jpg"), encode_jpeg(&img, 90.0).unwrap()),
+                (format!("{key}.cls"), k.to_string().into_bytes()),
+            ] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(bytes.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, &name, &bytes[..]).unwrap();
+            }
+        }
+        b.finish().unwrap();
+    }
+}
+
+#[test]
+fn tar_shards_stream_through_a_shuffle_buffer_and_resume_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    write_shards(dir.path(), "train", 3, 8);
+    write_shards(dir.path(), "val", 1, 5);
+    let text = small(Path::new("unused"))
+        .replace(
+            "  name: image_folder\n  root: unused\n",
+            &format!(
+                "  name: tar_shards\n  shards: {0}/train-{{000..002}}.tar\n  eval_shards: {0}/val-000.tar\n  shuffle_buffer: 5\n",
+                dir.path().display()
+            ),
+        );
+    assert!(text.contains("tar_shards"), "{text}");
+    let recipe = write_recipe(dir.path(), "r.yaml", &text);
+    let whole = dir.path().join("whole");
+    ok(&train(&recipe, &whole, &[]));
+    for b in [3, 7] {
+        let ckpt = std::fs::read_dir(whole.join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_str().unwrap().ends_with(&format!("-ba{b}.ckpt")))
+            .unwrap();
+        let again = dir.path().join(format!("again{b}"));
+        ok(&run(&[
+            "run",
+            recipe.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            again.to_str().unwrap(),
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ]));
+        assert!(weights(&again) == weights(&whole), "resumed at batch {b}");
+    }
+    // A truncated shard is named.
+    let p = dir.path().join("train-001.tar");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let o = train(&recipe, &dir.path().join("broken"), &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("train-001.tar"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
 /// Runs the small recipe on a folder broken by `damage`; returns the outcome and its stderr.
 fn run_broken(damage: impl Fn(&Path), extra: &[&str]) -> (bool, String, PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -280,7 +280,7 @@ mod tests {
             };
             assert_eq!(label, 3);
             // Pixel 5, channel 2 of record 3.
-            assert_eq!(img.data[5 * 3 + 2], ((3 + 100 + 5) % 256) as u8);
+            assert_eq!(img.data[5 * 3 + 2], 3 + 100 + 5);
             assert_eq!(s.info.num_classes, l.classes);
         }
     }

@@ -416,13 +416,16 @@ impl Loader {
 
     /// The sample order of an epoch.
     fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..self.len).collect();
-        if self.train && self.cfg.shuffle {
-            idx.shuffle(&mut crate::rng::stream(
-                self.seed,
-                &format!("shuffle/epoch{epoch}"),
-            ));
+        if !(self.train && self.cfg.shuffle) {
+            return (0..self.len).collect();
         }
+        let mut rng = crate::rng::stream(self.seed, &format!("shuffle/epoch{epoch}"));
+        if let Some(order) = self.ds.epoch_order(&mut rng) {
+            // A stream over the whole dataset; a subset keeps its first `len` samples.
+            return order.into_iter().filter(|&i| i < self.len).collect();
+        }
+        let mut idx: Vec<usize> = (0..self.len).collect();
+        idx.shuffle(&mut rng);
         idx
     }
 

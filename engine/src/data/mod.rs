@@ -8,6 +8,7 @@ mod idx;
 pub mod image;
 mod loader;
 pub mod pipeline;
+mod shards;
 mod synthetic;
 
 pub use cifar::{Cifar100Config, Cifar10Config, CifarSet};
@@ -16,6 +17,7 @@ pub use idx::{read_idx, Idx, ImageSet};
 pub use image::{Image, Sample};
 pub use loader::{BadImage, Loader, LoaderConfig, Normalize, SizeForBatch};
 pub use pipeline::Transform;
+pub use shards::{expand_braces, TarShards, TarShardsConfig};
 pub use synthetic::{synthetic_splits, Synthetic, SyntheticConfig};
 
 use crate::error::Result;
@@ -66,6 +68,11 @@ pub trait Dataset: Send + Sync {
     /// What sample `index` is called in messages: its file, or its place in the dataset.
     fn name(&self, index: usize) -> String {
         format!("sample {index}")
+    }
+    /// The order of a shuffled training epoch, for datasets read as a stream (tar shards: shard
+    /// order and a shuffle buffer); `None` for a uniform shuffle. `rng` is the epoch's stream.
+    fn epoch_order(&self, _rng: &mut dyn rand::RngCore) -> Option<Vec<usize>> {
+        None
     }
 }
 
