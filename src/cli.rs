@@ -115,6 +115,10 @@ pub enum BenchCommand {
     /// Training images/s of one model on synthetic input, with the step split into forward,
     /// backward and optimizer, and the peak memory.
     Throughput(crate::bench::ThroughputArgs),
+    /// Images/s of the input pipeline (read, decode, RandomResizedCrop, flip, normalise, batch)
+    /// on a folder of JPEGs, or of the JPEG decoder alone (--decode-only); with CPU-ms per image.
+    /// `benches/data_side_by_side.py` runs it beside torchvision.
+    Data(crate::bench_data::DataArgs),
     /// A grid of budgets (scales) x variants (--vary) x seeds: each cell a real run, resumable
     /// (finished cells are never re-run); writes results.csv/.json, a budget table and
     /// accuracy-against-cost plots with the Pareto frontier.
@@ -234,6 +238,39 @@ pub fn run_command(cmd: Command) -> Result<()> {
             overwrite,
         } => export(&checkpoint, &to, overwrite),
         Command::Show { recipe } => show(&recipe),
+        Command::Bench {
+            which: BenchCommand::Data(a),
+        } => {
+            let r = crate::bench_data::data(&a)?;
+            let what = if a.decode_only {
+                "decode only".to_string()
+            } else {
+                format!(
+                    "RandomResizedCrop {} + flip + normalise, batch {}, reduced decode {}",
+                    a.crop,
+                    a.batch,
+                    if a.no_reduced_decode { "off" } else { "on" }
+                )
+            };
+            if a.json {
+                let v = serde_json::json!({
+                    "impl": "recipe",
+                    "what": what,
+                    "images": r.images,
+                    "images_per_sec": r.images_per_sec,
+                    "cpu_ms_per_image": r.cpu_ms_per_image,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{what}: {:.0} images/s over {} images; {} CPU-ms per image",
+                    r.images_per_sec,
+                    r.images,
+                    r.cpu_ms_per_image.map_or("?".into(), |c| format!("{c:.2}"))
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             which: BenchCommand::Throughput(a),
         } => {

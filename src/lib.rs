@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod bench_data;
 pub mod cli;
 pub mod load;
 pub mod plot;

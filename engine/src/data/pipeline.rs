@@ -414,21 +414,28 @@ impl Pipeline {
     fn write(&self, px: &[u8], w: usize, h: usize, flip: bool, out: &mut [f32]) {
         let c = self.channels;
         for ch in 0..c {
-            let (m, s) = match &self.normalize {
-                Some((m, s)) => (m[ch.min(m.len() - 1)], s[ch.min(s.len() - 1)]),
-                None => (0.0, 1.0),
-            };
+            // Each byte's value, computed once per channel with the exact arithmetic of
+            // `(v / 255 - mean) / std`.
+            let lut: [f32; 256] = std::array::from_fn(|v| {
+                let x = v as f32 / 255.0;
+                match &self.normalize {
+                    Some((m, s)) => (x - m[ch.min(m.len() - 1)]) / s[ch.min(s.len() - 1)],
+                    None => x,
+                }
+            });
             let plane = &mut out[ch * h * w..(ch + 1) * h * w];
-            for y in 0..h {
+            for (y, dst) in plane.chunks_exact_mut(w).enumerate() {
                 let row = &px[y * w * c..(y + 1) * w * c];
-                for x in 0..w {
-                    let sx = if flip { w - 1 - x } else { x };
-                    let v = row[sx * c + ch] as f32 / 255.0;
-                    plane[y * w + x] = if self.normalize.is_some() {
-                        (v - m) / s
-                    } else {
-                        v
-                    };
+                let src = row.iter().skip(ch).step_by(c);
+                if flip {
+                    dst.iter_mut()
+                        .rev()
+                        .zip(src)
+                        .for_each(|(d, &v)| *d = lut[v as usize]);
+                } else {
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &v)| *d = lut[v as usize]);
                 }
             }
         }
