@@ -514,7 +514,25 @@ impl Trainer {
             self.event(Event::EvalBatchStart)?;
             self.event(Event::EvalBeforeForward)?;
             let b = self.batch()?.clone();
-            let out = self.state.model.forward(&b.inputs, false)?.detach();
+            // In microbatches when the recipe trains in them (as Composer evaluates): candle keeps
+            // a forward's whole graph until its output is dropped, so a big evaluation batch
+            // would hold every activation of every sample at once.
+            let step = self.microbatch.unwrap_or(b.len()).max(1);
+            let mut outs = Vec::new();
+            for start in (0..b.len()).step_by(step) {
+                let n = step.min(b.len() - start);
+                outs.push(
+                    self.state
+                        .model
+                        .forward(&b.inputs.narrow(0, start, n)?, false)?
+                        .detach(),
+                );
+            }
+            let out = if outs.len() == 1 {
+                outs.pop().expect("one output")
+            } else {
+                candle_core::Tensor::cat(&outs, 0)?
+            };
             self.state.outputs = Some(out.clone());
             self.event(Event::EvalAfterForward)?;
             let n = b.len() as u64;
