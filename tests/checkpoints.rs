@@ -75,15 +75,6 @@ fn curves(run_dir: &Path) -> BTreeMap<(u64, String), (Option<f64>, Option<f64>)>
     out
 }
 
-fn checkpoint_at(run_dir: &Path, batch: u64) -> PathBuf {
-    std::fs::read_dir(run_dir.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_str().unwrap().ends_with(&format!("-ba{batch}.ckpt")))
-        .unwrap_or_else(|| panic!("no checkpoint at batch {batch} in {}", run_dir.display()))
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {

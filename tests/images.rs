@@ -4,7 +4,7 @@
 //! kind of bad folder.
 
 mod common;
-use common::{run, stderr, train, write_recipe};
+use common::{checkpoint_at, run, stderr, train, write_recipe};
 use recipe_engine::data::image::{encode_jpeg, encode_png, Image};
 use std::path::{Path, PathBuf};
 
@@ -191,27 +191,7 @@ fn batches_do_not_depend_on_workers_and_resume_mid_epoch_is_bitwise() {
     );
 
     // Batch 3 is mid-epoch (6 batches per epoch), batch 7 is in the second epoch.
-    for b in [3, 7] {
-        let ckpt = std::fs::read_dir(one.join("checkpoints"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_str().unwrap().ends_with(&format!("-ba{b}.ckpt")))
-            .unwrap();
-        let again = dir.path().join(format!("again{b}"));
-        std::fs::create_dir_all(&again).unwrap();
-        let o = run(&[
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            again.to_str().unwrap(),
-            "--resume",
-            ckpt.to_str().unwrap(),
-        ]);
-        ok(&o);
-        assert!(weights(&again) == weights(&one), "resumed at batch {b}");
-    }
+    resumes_bitwise(&recipe, &one, &[3, 7]);
 
     // The same run on a folder whose classes changed is refused, naming the difference.
     std::fs::rename(root.join("train/cat"), root.join("train/cow")).unwrap();
@@ -231,6 +211,24 @@ fn batches_do_not_depend_on_workers_and_resume_mid_epoch_is_bitwise() {
         e.contains("classes differ") && e.contains("`cow`") && e.contains("`cat`"),
         "{e}"
     );
+}
+
+/// Resumes `recipe` from `whole`'s checkpoint at each of `batches`, in a new run folder, and
+/// checks that it ends with `whole`'s weights, bit for bit.
+fn resumes_bitwise(recipe: &Path, whole: &Path, batches: &[u64]) {
+    for &b in batches {
+        let again = whole.with_file_name(format!("again{b}"));
+        ok(&run(&[
+            "run",
+            recipe.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            again.to_str().unwrap(),
+            "--resume",
+            checkpoint_at(whole, b).to_str().unwrap(),
+        ]));
+        assert!(weights(&again) == weights(whole), "resumed at batch {b}");
+    }
 }
 
 fn first_checkpoint(run_dir: &Path) -> PathBuf {
@@ -286,25 +284,7 @@ fn tar_shards_stream_through_a_shuffle_buffer_and_resume_bitwise() {
     let recipe = write_recipe(dir.path(), "r.yaml", &text);
     let whole = dir.path().join("whole");
     ok(&train(&recipe, &whole, &[]));
-    for b in [3, 7] {
-        let ckpt = std::fs::read_dir(whole.join("checkpoints"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.to_str().unwrap().ends_with(&format!("-ba{b}.ckpt")))
-            .unwrap();
-        let again = dir.path().join(format!("again{b}"));
-        ok(&run(&[
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            again.to_str().unwrap(),
-            "--resume",
-            ckpt.to_str().unwrap(),
-        ]));
-        assert!(weights(&again) == weights(&whole), "resumed at batch {b}");
-    }
+    resumes_bitwise(&recipe, &whole, &[3, 7]);
     // A truncated shard is named.
     let p = dir.path().join("train-001.tar");
     let bytes = std::fs::read(&p).unwrap();

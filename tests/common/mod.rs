@@ -148,3 +148,13 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The checkpoint a run wrote at `batch` (`checkpoints/ep<E>-ba<batch>.ckpt`).
+pub fn checkpoint_at(run_dir: &Path, batch: u64) -> PathBuf {
+    std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_str().unwrap().ends_with(&format!("-ba{batch}.ckpt")))
+        .unwrap_or_else(|| panic!("no checkpoint at batch {batch} in {}", run_dir.display()))
+}

@@ -3,6 +3,7 @@
 //! are JPEG or PNG (extensions compared without case), and a sample is read as its file's bytes:
 //! the loader's pipeline decodes it, at reduced size where it can.
 
+use super::{imagenet_mean, imagenet_std, planned_info};
 use super::{DataContext, Dataset, DatasetConfig, DatasetInfo, Sample, Splits};
 use crate::error::{Error, Result};
 use crate::plugin::TimeParams;
@@ -130,13 +131,6 @@ fn train_dir() -> String {
 fn val_dir() -> Option<String> {
     Some("val".into())
 }
-/// ImageNet's per-channel mean and std (torchvision's), the usual choice for photographs.
-fn imagenet_mean() -> Vec<f64> {
-    vec![0.485, 0.456, 0.406]
-}
-fn imagenet_std() -> Vec<f64> {
-    vec![0.229, 0.224, 0.225]
-}
 
 /// A folder of images in `ImageFolder` layout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,42 +164,17 @@ pub struct ImageFolderConfig {
 impl TimeParams for ImageFolderConfig {}
 
 impl ImageFolderConfig {
-    /// Sizes from a scan of the folder (file names only), or `None` when it cannot be read.
-    fn scan(&self) -> Option<DatasetInfo> {
-        self.scanned
-            .get_or_init(|| {
-                let s = self.open().ok()?;
-                Some(s.info)
-            })
-            .clone()
-    }
-
-    /// Info from the recipe's values, the folder's where the recipe is silent, `fallback`'s where
-    /// the folder cannot be read.
+    /// Info from the recipe's values, a scan of the folder's file names where the recipe is
+    /// silent, `fallback`'s where the folder cannot be read.
     fn info_or(&self, fallback: [usize; 3]) -> DatasetInfo {
-        let declared = [self.num_classes, self.train_size, self.eval_size];
-        let scanned = if declared.iter().all(Option::is_some) {
-            None
-        } else {
-            self.scan()
-        };
-        let pick = |i: usize| {
-            declared[i]
-                .or_else(|| {
-                    scanned
-                        .as_ref()
-                        .map(|s| [s.num_classes, s.train_len, s.eval_len][i])
-                })
-                .unwrap_or(fallback[i])
-        };
-        DatasetInfo {
-            shape: [3, 0, 0],
-            num_classes: pick(0),
-            train_len: pick(1),
-            eval_len: pick(2),
-            mean: self.mean.iter().map(|&v| v as f32).collect(),
-            std: self.std.iter().map(|&v| v as f32).collect(),
-        }
+        planned_info(
+            [self.num_classes, self.train_size, self.eval_size],
+            &self.scanned,
+            || self.open().ok().map(|s| s.info),
+            fallback,
+            &self.mean,
+            &self.std,
+        )
     }
 
     fn open(&self) -> Result<Splits> {

@@ -124,6 +124,45 @@ impl DatasetInfo {
     }
 }
 
+/// ImageNet's per-channel mean and std (torchvision's): the default for photographs.
+pub(crate) fn imagenet_mean() -> Vec<f64> {
+    vec![0.485, 0.456, 0.406]
+}
+pub(crate) fn imagenet_std() -> Vec<f64> {
+    vec![0.229, 0.224, 0.225]
+}
+
+/// The info of a dataset of variable-size 3-channel images whose sizes are read from its files:
+/// the recipe's `declared` values (classes, train size, eval size) where given, a `scan` of the
+/// files (run once, kept in `cache`) where not, `fallback`'s where the files cannot be read.
+pub(crate) fn planned_info(
+    declared: [Option<usize>; 3],
+    cache: &std::sync::OnceLock<Option<DatasetInfo>>,
+    scan: impl FnOnce() -> Option<DatasetInfo>,
+    fallback: [usize; 3],
+    mean: &[f64],
+    std: &[f64],
+) -> DatasetInfo {
+    let scanned = if declared.iter().all(Option::is_some) {
+        None
+    } else {
+        cache.get_or_init(scan).as_ref()
+    };
+    let pick = |i: usize| {
+        declared[i]
+            .or_else(|| scanned.map(|s| [s.num_classes, s.train_len, s.eval_len][i]))
+            .unwrap_or(fallback[i])
+    };
+    DatasetInfo {
+        shape: [3, 0, 0],
+        num_classes: pick(0),
+        train_len: pick(1),
+        eval_len: pick(2),
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        std: std.iter().map(|&v| v as f32).collect(),
+    }
+}
+
 /// A dataset's train and eval splits.
 pub struct Splits {
     pub train: Arc<dyn Dataset>,

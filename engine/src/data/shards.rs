@@ -9,6 +9,7 @@
 //! (seed, epoch) over positions known in advance, a run resumes at any batch with no reader state
 //! in the checkpoint.
 
+use super::{imagenet_mean, imagenet_std, planned_info};
 use super::{DataContext, Dataset, DatasetConfig, DatasetInfo, Sample, Splits};
 use crate::error::{Error, Result};
 use crate::plugin::TimeParams;
@@ -245,12 +246,6 @@ impl Dataset for TarShards {
 fn default_buffer() -> usize {
     5000
 }
-fn imagenet_mean() -> Vec<f64> {
-    vec![0.485, 0.456, 0.406]
-}
-fn imagenet_std() -> Vec<f64> {
-    vec![0.229, 0.224, 0.225]
-}
 
 /// Sharded tar files (WebDataset layout).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -331,31 +326,14 @@ impl TarShardsConfig {
 
 impl DatasetConfig for TarShardsConfig {
     fn info(&self) -> DatasetInfo {
-        let declared = [self.num_classes, self.train_size, self.eval_size];
-        let scanned = if declared.iter().all(Option::is_some) {
-            None
-        } else {
-            self.scanned
-                .get_or_init(|| self.open().ok().map(|s| s.info))
-                .clone()
-        };
-        let pick = |i: usize| {
-            declared[i]
-                .or_else(|| {
-                    scanned
-                        .as_ref()
-                        .map(|s| [s.num_classes, s.train_len, s.eval_len][i])
-                })
-                .unwrap_or(0)
-        };
-        DatasetInfo {
-            shape: [3, 0, 0],
-            num_classes: pick(0),
-            train_len: pick(1),
-            eval_len: pick(2),
-            mean: self.mean.iter().map(|&v| v as f32).collect(),
-            std: self.std.iter().map(|&v| v as f32).collect(),
-        }
+        planned_info(
+            [self.num_classes, self.train_size, self.eval_size],
+            &self.scanned,
+            || self.open().ok().map(|s| s.info),
+            [0, 0, 0],
+            &self.mean,
+            &self.std,
+        )
     }
     fn build(&self, _ctx: &DataContext) -> Result<Splits> {
         self.open()
