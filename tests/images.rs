@@ -382,3 +382,46 @@ fn each_kind_of_bad_folder_gets_an_error_that_names_it() {
     );
     std::fs::remove_dir_all(d).ok();
 }
+
+#[test]
+fn bench_data_reports_pipeline_and_decoder_rates_on_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = folder(dir.path());
+    let train = root.join("train");
+    let base = [
+        "bench",
+        "data",
+        "--images",
+        train.to_str().unwrap(),
+        "--batch",
+        "4",
+        "--batches",
+        "2",
+        "--json",
+    ];
+    for extra in [
+        &["--crop", "16"][..],
+        &["--crop", "16", "--no-reduced-decode"],
+        &["--decode-only"],
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        ok(&o);
+        let line = common::stdout(&o);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert!(v["images_per_sec"].as_f64().unwrap() > 0.0, "{line}");
+        assert_eq!(v["images"].as_u64(), Some(8), "{line}");
+    }
+    // A folder too small for the batches asked is explained, not a panic.
+    let o = run(&[
+        "bench",
+        "data",
+        "--images",
+        train.to_str().unwrap(),
+        "--batch",
+        "64",
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("holds 24 images"), "{e}");
+}

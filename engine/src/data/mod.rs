@@ -109,7 +109,11 @@ impl DatasetInfo {
             ));
         }
         if self.num_classes == 0 {
-            return Err(bad("the dataset needs at least one class".into()));
+            return Err(crate::error::Error::recipe_hint(
+                key,
+                "the dataset needs at least one class",
+                "image_folder and tar_shards count their classes from their files: check that `data.root` (or `data.shards`) exists, or give `data.num_classes`",
+            ));
         }
         if self.mean.len() != self.shape[0] || self.std.len() != self.shape[0] {
             return Err(bad(format!(
