@@ -336,6 +336,71 @@ fn microbatches_accumulate_the_gradient_of_the_whole_batch() {
     assert!(shown.contains("device_train_microbatch_size: 4"), "{shown}");
 }
 
+/// AFTER_TRAIN_BATCH sees the whole batch's gradient before the step (as in Composer): gradient
+/// clipping and the optimizer monitor act on the sum of the microbatches' gradients, so a run in
+/// microbatches clips and reports like the one-pass run.
+#[test]
+fn clipping_and_gradient_norms_see_the_whole_batch_through_microbatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlp = format!(
+        "{}algorithms:\n  - {{name: gradient_clipping, clipping_type: norm, clipping_threshold: 0.05}}\ncallbacks:\n  - json_logger\n  - optimizer_monitor\n",
+        TINY.replace(
+            "model:\n  name: small_cnn\n  channels: [4, 8]",
+            "model: {name: mlp}"
+        )
+    );
+    let (whole, _) = train(dir.path(), &mlp, None, &[], "whole");
+    let (micro, _) = train(
+        dir.path(),
+        &mlp,
+        None,
+        &["device_train_microbatch_size=5"],
+        "micro",
+    );
+    let (norms_a, norms_b) = (
+        metrics(&dir.path().join("whole"), "gradient_clipping/grad_norm"),
+        metrics(&dir.path().join("micro"), "gradient_clipping/grad_norm"),
+    );
+    assert_eq!(norms_a.len(), 8);
+    // The threshold is below every step's norm: every step was clipped.
+    assert!(norms_a.iter().all(|n| *n > 0.05), "{norms_a:?}");
+    for (a, b) in norms_a.iter().zip(&norms_b) {
+        assert!((a - b).abs() <= 1e-4 * a, "{norms_a:?} {norms_b:?}");
+    }
+    // The monitor reports the clipped gradient: the threshold.
+    let monitored = metrics(&dir.path().join("micro"), "l2_norm/grad/global");
+    assert!(
+        monitored.iter().all(|n| (n - 0.05).abs() < 1e-4),
+        "{monitored:?}"
+    );
+    let a = whole.state.model.params().flat_values().unwrap();
+    let b = micro.state.model.params().flat_values().unwrap();
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-5 * scale,
+        "max difference {diff} (scale {scale})"
+    );
+    // A bad threshold is refused with its key.
+    let bad = mlp.replace("clipping_threshold: 0.05", "clipping_threshold: -1");
+    let p = write_recipe(dir.path(), "bad.yaml", &bad);
+    let o = run(&[
+        "run",
+        p.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        dir.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains("algorithms[0].clipping_threshold"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn evaluation_logs_top5_beside_top1() {
     let dir = tempfile::tempdir().unwrap();

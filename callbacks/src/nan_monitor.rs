@@ -108,7 +108,15 @@ impl Callback for NanMonitor {
                     }
                 }
             }
-            Event::AfterTrainBatch if due && self.check_weights => {
+            // BATCH_END follows the optimizer step; the timestamp already counts the batch.
+            Event::BatchEnd
+                if self.check_weights
+                    && state
+                        .timestamp
+                        .batch
+                        .saturating_sub(1)
+                        .is_multiple_of(self.every) =>
+            {
                 for p in state.model.params().iter() {
                     let w = p.var.as_tensor();
                     if !all_finite(w)? {

@@ -1,10 +1,10 @@
 //! Logs L2 norms of the gradients and the weights: global (`l2_norm/grad/global`,
 //! `l2_norm/param/global`) and, with `per_layer: true`, per tensor (`l2_norm/grad/<name>`,
 //! `l2_norm/param/<name>`); and the global norm of each slot of the optimizer's state
-//! (`l2_norm/optimizer/momentum_buffer`, `l2_norm/optimizer/exp_avg`, ...). They are measured
-//! after the backward pass, before the optimizer step (the weights the gradients were computed at,
-//! the optimizer state the step will update), and logged at BATCH_END with the step's other
-//! metrics.
+//! (`l2_norm/optimizer/momentum_buffer`, `l2_norm/optimizer/exp_avg`, ...). They are measured at
+//! AFTER_TRAIN_BATCH, before the optimizer step (the whole batch's gradient, summed over
+//! microbatches, after any clipping by an algorithm; the weights it was computed at; the
+//! optimizer state the step will update), and logged at BATCH_END with the step's other metrics.
 
 use recipe_engine::callback::{Callback, CallbackConfig};
 use recipe_engine::candle_core::{DType, Tensor};
@@ -66,7 +66,9 @@ impl Callback for OptimizerMonitor {
             }
             return Ok(());
         }
-        if event != Event::AfterBackward || !state.timestamp.batch.is_multiple_of(self.every) {
+        // AFTER_TRAIN_BATCH: the whole batch's gradient (summed over microbatches), before the
+        // optimizer step.
+        if event != Event::AfterTrainBatch || !state.timestamp.batch.is_multiple_of(self.every) {
             return Ok(());
         }
         let Some(grads) = &state.grads else {

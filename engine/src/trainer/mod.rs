@@ -372,10 +372,6 @@ impl Trainer {
             Some(m) if m < n => self.train_microbatches(m)?,
             _ => self.forward_backward(None)?,
         };
-        if let Some(grads) = self.state.grads.take() {
-            let st = &mut self.state;
-            st.optimizer.step(st.model.params(), &grads, st.lr)?;
-        }
         let n = n as u64;
         let m = &mut self.state.epoch_metrics;
         m.loss_sum += loss_value;
@@ -385,7 +381,14 @@ impl Trainer {
         self.state.last_loss = Some(loss_value);
         self.state.outputs = None;
         self.state.loss = None;
+        // As in Composer, AFTER_TRAIN_BATCH comes before the optimizer step, with the whole
+        // batch's gradient (every microbatch's, summed) in `state.grads`: where gradients are
+        // clipped or measured. The step's result is seen from BATCH_END on.
         self.event(Event::AfterTrainBatch)?;
+        if let Some(grads) = self.state.grads.take() {
+            let st = &mut self.state;
+            st.optimizer.step(st.model.params(), &grads, st.lr)?;
+        }
         self.state.timestamp.next_batch(n, 0);
         self.state.log("train/loss", loss_value);
         self.event(Event::BatchEnd)?;
