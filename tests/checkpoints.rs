@@ -34,6 +34,8 @@ algorithms:
   - {name: label_smoothing, smoothing: 0.1}
   - {name: progressive_resizing, initial_scale: 0.5, delay: 2ba, finetune: 3ba}
   - {name: autolrs, min_lr: 0.001, max_lr: 0.01, tau: 2ba, tau_max: 4ba, trial_fraction: 0.5, candidates: 2}
+  - {name: gradient_clipping, clipping_type: adaptive, clipping_threshold: 0.5}
+  - {name: ema, half_life: 3ba, ema_start: 2ba}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

@@ -401,6 +401,51 @@ fn clipping_and_gradient_norms_see_the_whole_batch_through_microbatches() {
     );
 }
 
+/// EMA evaluates with, and ends on, the averaged weights: with a half-life far beyond the run the
+/// average stays at the initial weights, so runs at different learning rates end (and evaluate)
+/// alike, while without EMA they end apart.
+#[test]
+fn ema_evaluates_and_saves_the_averaged_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlp = TINY.replace(
+        "model:\n  name: small_cnn\n  channels: [4, 8]",
+        "model: {name: mlp}",
+    );
+    let with_ema = format!(
+        "{mlp}algorithms:\n  - {{name: ema, half_life: 1000000000ba}}\ncallbacks:\n  - json_logger\n"
+    );
+    let run_at = |text: &str, lr: &str, name: &str| {
+        let (t, s) = train(
+            dir.path(),
+            text,
+            None,
+            &[&format!("optimizer.lr={lr}")],
+            name,
+        );
+        (
+            t.state.model.params().flat_values().unwrap(),
+            s.final_eval.unwrap().loss,
+        )
+    };
+    let max_diff =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let (a, la) = run_at(&with_ema, "0.05", "ema_a");
+    let (b, lb) = run_at(&with_ema, "0.2", "ema_b");
+    assert!(max_diff(&a, &b) < 1e-6, "{}", max_diff(&a, &b));
+    assert!((la - lb).abs() < 1e-5, "{la} {lb}");
+    let (c, _) = run_at(&mlp, "0.05", "plain_a");
+    let (d, _) = run_at(&mlp, "0.2", "plain_b");
+    assert!(max_diff(&c, &d) > 1e-3);
+    // Evaluation with the average: the same loss at every evaluation of both runs.
+    let ea = metrics(&dir.path().join("ema_a"), "eval/loss");
+    let eb = metrics(&dir.path().join("ema_b"), "eval/loss");
+    assert_eq!(ea.len(), 2);
+    assert!(
+        ea.iter().chain(&eb).all(|l| (l - ea[0]).abs() < 1e-5),
+        "{ea:?} {eb:?}"
+    );
+}
+
 #[test]
 fn evaluation_logs_top5_beside_top1() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,7 @@
 //! plugin registrations.
 
 pub mod autolrs;
+pub mod ema;
 pub mod gradient_clipping;
 pub mod label_smoothing;
 pub mod progressive_resizing;

@@ -21,13 +21,13 @@ pub trait Algorithm {
         Ok(StateDict::default())
     }
     /// Restores what `state_dict` saved (called between BEFORE_LOAD and AFTER_LOAD on resume).
+    fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
+        Ok(())
+    }
     /// The size of each training batch, for the loader to decode and crop straight to
     /// (progressive resizing): called once, after binding.
     fn batch_size_hook(&self) -> Option<crate::data::SizeForBatch> {
         None
-    }
-    fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
-        Ok(())
     }
 }
 
