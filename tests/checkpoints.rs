@@ -36,6 +36,8 @@ algorithms:
   - {name: autolrs, min_lr: 0.001, max_lr: 0.01, tau: 2ba, tau_max: 4ba, trial_fraction: 0.5, candidates: 2}
   - {name: gradient_clipping, clipping_type: adaptive, clipping_threshold: 0.5}
   - {name: ema, half_life: 3ba, ema_start: 2ba}
+  - {name: cutmix, alpha: 1.0}
+  - {name: mixup, alpha: 0.2}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

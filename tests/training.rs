@@ -446,6 +446,35 @@ fn ema_evaluates_and_saves_the_averaged_weights() {
     );
 }
 
+/// MixUp and CutMix train through microbatches and compose with label smoothing (which smooths
+/// their mixed targets); each changes the training loss, and evaluation is untouched by them.
+#[test]
+fn mixup_and_cutmix_train_and_compose_with_label_smoothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("{TINY}algorithms:\n  - {{name: label_smoothing, smoothing: 0.1}}\n");
+    let (_, plain) = train(dir.path(), &base, None, &[], "plain");
+    for (name, block) in [
+        ("mixup", "{name: mixup, alpha: 0.4}"),
+        ("cutmix", "{name: cutmix}"),
+    ] {
+        let text = format!("{base}  - {block}\n");
+        let (_, s) = train(
+            dir.path(),
+            &text,
+            None,
+            &["device_train_microbatch_size=8"],
+            name,
+        );
+        let loss = metrics(&dir.path().join(name), "train/loss");
+        let plain_loss = metrics(&dir.path().join("plain"), "train/loss");
+        assert_eq!(loss.len(), plain_loss.len());
+        assert!(loss.iter().all(|l| l.is_finite()));
+        assert_ne!(loss, plain_loss, "{name} changed nothing");
+        let e = s.final_eval.unwrap();
+        assert!(e.loss.is_finite() && e.samples == plain.final_eval.unwrap().samples);
+    }
+}
+
 #[test]
 fn evaluation_logs_top5_beside_top1() {
     let dir = tempfile::tempdir().unwrap();

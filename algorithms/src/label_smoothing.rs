@@ -2,7 +2,8 @@
 //!
 //! **What.** Trains against `(1 - alpha) * one_hot(y) + alpha / K` instead of the one-hot target
 //! (Szegedy et al. 2016). The targets are swapped at BEFORE_LOSS and restored at AFTER_LOSS, so
-//! metrics and later algorithms see the true labels.
+//! metrics and later algorithms see the true labels. Targets that an algorithm has already made
+//! distributions (MixUp, CutMix) are smoothed as they are: `(1 - alpha) * t + alpha / K`.
 //!
 //! **When it helps.** Classification with many confident-but-wrong predictions; it regularises
 //! the logits and usually improves calibration. Composer reports +0.2-0.5 top-1 on ResNet-50
@@ -38,6 +39,11 @@ pub fn smooth_labels(labels: &Tensor, num_classes: usize, smoothing: f64) -> Res
         v[i * num_classes + c] = on;
     }
     Ok(Tensor::from_vec(v, (n, num_classes), labels.device())?)
+}
+
+/// The pure core for targets that are already distributions [N, K]: `(1 - a) t + a / K`.
+pub fn smooth_distributions(t: &Tensor, num_classes: usize, smoothing: f64) -> Result<Tensor> {
+    Ok(((t * (1.0 - smoothing))? + smoothing / num_classes as f64)?)
 }
 
 fn default_smoothing() -> f64 {
@@ -87,7 +93,14 @@ impl Algorithm for LabelSmoothing {
             .ok_or_else(|| Error::msg("no batch at the loss"))?;
         match event {
             Event::BeforeLoss => {
-                let soft = smooth_labels(&batch.labels, self.num_classes, self.smoothing)?;
+                // Targets already mixed (MixUp, CutMix) are smoothed as they are: the result is
+                // the smoothed mixture.
+                let soft = match &batch.targets {
+                    Targets::Hard(_) => {
+                        smooth_labels(&batch.labels, self.num_classes, self.smoothing)?
+                    }
+                    Targets::Soft(t) => smooth_distributions(t, self.num_classes, self.smoothing)?,
+                };
                 self.saved = Some(std::mem::replace(&mut batch.targets, Targets::Soft(soft)));
             }
             Event::AfterLoss => {
@@ -120,5 +133,29 @@ mod tests {
         assert_eq!(s[0], vec![0.05, 0.05, 0.85, 0.05]);
         assert_eq!(s[1], vec![0.85, 0.05, 0.05, 0.05]);
         assert!(smooth_labels(&Tensor::new(&[4u32], &Device::Cpu).unwrap(), 4, 0.1).is_err());
+    }
+
+    #[test]
+    fn a_mixture_smooths_to_the_smoothed_mixture() {
+        // MixUp's 0.75 of class 2 and 0.25 of class 0, smoothed by 0.2 over 4 classes.
+        let mixed = crate::mixing::mix_targets(
+            &Targets::Hard(Tensor::new(&[2u32, 0], &Device::Cpu).unwrap()),
+            &[1, 0],
+            0.75,
+            4,
+        )
+        .unwrap();
+        let Targets::Soft(m) = mixed else {
+            panic!("soft")
+        };
+        let s = smooth_distributions(&m, 4, 0.2)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let want = [0.25 * 0.8 + 0.05, 0.05, 0.75 * 0.8 + 0.05, 0.05];
+        for (got, want) in s[0].iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{s:?}");
+        }
+        assert!((s[0].iter().sum::<f32>() - 1.0).abs() < 1e-6);
     }
 }

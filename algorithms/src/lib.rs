@@ -5,8 +5,11 @@
 //! plugin registrations.
 
 pub mod autolrs;
+pub mod cutmix;
 pub mod ema;
 pub mod gradient_clipping;
 pub mod label_smoothing;
+pub mod mixing;
+pub mod mixup;
 pub mod progressive_resizing;
 pub mod scale_schedule;
