@@ -38,6 +38,7 @@ algorithms:
   - {name: ema, half_life: 3ba, ema_start: 2ba}
   - {name: cutmix, alpha: 1.0}
   - {name: mixup, alpha: 0.2}
+  - {name: cutout, length: 0.25}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

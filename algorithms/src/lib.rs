@@ -6,6 +6,7 @@
 
 pub mod autolrs;
 pub mod cutmix;
+pub mod cutout;
 pub mod ema;
 pub mod gradient_clipping;
 pub mod label_smoothing;

@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_recipe-cutout"))
+    Command::new(env!("CARGO_BIN_EXE_recipe-colout"))
 }
 
 #[test]
@@ -11,7 +11,7 @@ fn list_shows_the_plugin_next_to_the_builtins() {
     let out = bin().arg("list").output().unwrap();
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("cutout"), "{s}");
+    assert!(s.contains("colout"), "{s}");
     assert!(
         s.contains("label_smoothing") && s.contains("progressive_resizing"),
         "{s}"
@@ -25,7 +25,7 @@ fn runs_a_recipe_that_uses_the_plugin_and_scales_its_time() {
     std::fs::write(
         &recipe,
         "max_duration: 6ba\neval_interval: 6ba\ndata: {name: fashion_mnist_mini, batch_size: 16, train_subset: 64, eval_subset: 32}\n\
-         model: {name: small_cnn, channels: [4, 8]}\noptimizer: {name: sgd, lr: 0.05}\nalgorithms:\n  - {name: cutout, length: 6, stop: 4ba}\n",
+         model: {name: small_cnn, channels: [4, 8]}\noptimizer: {name: sgd, lr: 0.05}\nalgorithms:\n  - {name: colout, p_row: 0.2, p_col: 0.2, stop: 4ba}\n",
     )
     .unwrap();
     let out = bin()

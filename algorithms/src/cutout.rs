@@ -1,49 +1,46 @@
-//! # CutOut: an algorithm plugin from outside the engine
+//! # CutOut
 //!
-//! This crate shows what a plugin author writes: a config (serde), its time parameters, the event
-//! glue, and one `register_algorithm!` line. The engine is not touched. Its binary
-//! (`src/main.rs`) is the `recipe` CLI with this plugin linked in.
+//! **What.** Zeroes random squares of each training image (DeVries & Taylor 2017, Composer's
+//! CutOut): at AFTER_DATALOADER, `num_holes` squares of side `length` per image, each centred at a
+//! uniform pixel and clipped at the border (so a square may be partly outside, as in the paper).
+//! Draws are keyed by (seed, batch).
 //!
-//! **What.** CutOut (DeVries & Taylor 2017): at AFTER_DATALOADER, zero one random square of side
-//! `length` in each training image (Composer's `CutOut`, `num_holes: 1`).
+//! **When it helps.** Small image datasets where the model overfits; a regulariser that pushes
+//! the model to use the whole object rather than one discriminative part.
 //!
-//! **When it helps.** Small image datasets where the model overfits; it is a regulariser.
+//! **Hyperparameters.** `num_holes` (1) and `length` (0.5, Composer's default: below 1 a fraction
+//! of the image's shorter side, from 1 on pixels). No time parameters.
 //!
-//! **Hyperparameters.** `length` (side of the square, pixels, default 8), `num_holes` (1),
-//! `stop` (a time after which CutOut is off, default `1dur`: never; scaled by ScaleSchedule).
-//!
-//! **Expected effect.** Slightly higher training loss, equal or better eval accuracy on small
-//! datasets; no cost in throughput.
+//! **Expected effect.** Higher training loss, equal or better accuracy on small datasets after
+//! enough epochs; no measurable cost per step.
 
 use candle_core::{DType, Tensor};
 use rand::Rng;
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
+use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::rng::Streams;
-use recipe_engine::{Event, State, Time};
+use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 
-/// The pure core: zeroes `holes` random squares of side `length` in every image of [N, C, H, W].
-/// A square may overlap the border (as in the paper); its centre is uniform over the image.
+/// The pure core: zeroes `holes` random squares of side `length` pixels in every image of
+/// [N, C, H, W].
 pub fn cutout(x: &Tensor, length: usize, holes: usize, rng: &mut impl Rng) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     let mut v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let half = (length / 2) as isize;
+    let span = |centre: isize, size: usize| {
+        let lo = (centre - half).clamp(0, size as isize) as usize;
+        let hi = (centre - half + length as isize).clamp(0, size as isize) as usize;
+        (lo, hi)
+    };
     for s in 0..n {
         for _ in 0..holes {
             let (cy, cx) = (
                 rng.random_range(0..h) as isize,
                 rng.random_range(0..w) as isize,
             );
-            let half = (length / 2) as isize;
-            let (y0, y1) = (
-                (cy - half).max(0) as usize,
-                ((cy - half + length as isize).min(h as isize)).max(0) as usize,
-            );
-            let (x0, x1) = (
-                (cx - half).max(0) as usize,
-                ((cx - half + length as isize).min(w as isize)).max(0) as usize,
-            );
+            let ((y0, y1), (x0, x1)) = (span(cy, h), span(cx, w));
             for ch in 0..c {
                 for y in y0..y1 {
                     let row = ((s * c + ch) * h + y) * w;
@@ -55,53 +52,53 @@ pub fn cutout(x: &Tensor, length: usize, holes: usize, rng: &mut impl Rng) -> Re
     Ok(Tensor::from_vec(v, (n, c, h, w), x.device())?.to_dtype(x.dtype())?)
 }
 
-fn eight() -> usize {
-    8
+/// The side in pixels: `length` below 1 is a fraction of the shorter side.
+pub fn side(length: f64, h: usize, w: usize) -> usize {
+    if length < 1.0 {
+        ((h.min(w) as f64 * length) as usize).max(1)
+    } else {
+        length as usize
+    }
+}
+
+fn half() -> f64 {
+    0.5
 }
 fn one() -> usize {
     1
-}
-fn whole_run() -> Time {
-    Time::dur(1.0)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CutOutConfig {
-    #[serde(default = "eight")]
-    pub length: usize,
     #[serde(default = "one")]
     pub num_holes: usize,
-    /// Turn CutOut off from this time on.
-    #[serde(default = "whole_run")]
-    pub stop: Time,
+    #[serde(default = "half")]
+    pub length: f64,
 }
 
-impl TimeParams for CutOutConfig {
-    fn visit_times(&mut self, v: &mut dyn TimeVisitor) {
-        v.visit("stop", &mut self.stop, Policy::Scaled);
-    }
-}
+impl TimeParams for CutOutConfig {}
 
 struct CutOut {
-    length: usize,
+    length: f64,
     holes: usize,
-    stop: u64,
     rng: Streams,
 }
 
 impl AlgorithmConfig for CutOutConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Algorithm>> {
-        if self.length == 0 {
+        if !(self.length.is_finite() && self.length > 0.0) {
             return Err(Error::recipe(
                 format!("{}.length", ctx.path),
-                "must be at least 1 pixel",
+                format!(
+                    "{} is not a positive fraction of the image or a number of pixels",
+                    self.length
+                ),
             ));
         }
         Ok(Box::new(CutOut {
             length: self.length,
             holes: self.num_holes,
-            stop: ctx.batches("stop", &self.stop)?,
             rng: ctx.rng(),
         }))
     }
@@ -109,14 +106,15 @@ impl AlgorithmConfig for CutOutConfig {
 
 impl Algorithm for CutOut {
     fn matches(&self, event: Event, state: &State) -> bool {
-        event == Event::AfterDataloader && !state.evaluating && state.timestamp.batch < self.stop
+        event == Event::AfterDataloader && !state.evaluating
     }
 
     fn apply(&mut self, _event: Event, state: &mut State) -> Result<()> {
         if let Some(b) = state.batch.as_mut() {
+            let (_, _, h, w) = b.inputs.dims4()?;
             b.inputs = cutout(
                 &b.inputs,
-                self.length,
+                side(self.length, h, w),
                 self.holes,
                 &mut self.rng.at(state.timestamp.batch),
             )?;
@@ -128,8 +126,8 @@ impl Algorithm for CutOut {
 recipe_engine::register_algorithm!(
     CutOutConfig,
     "cutout",
-    "Zeroes a random square in each training image (example plugin from outside the engine).",
-    "length: 8\nnum_holes: 1\nstop: 1dur"
+    "Zeroes num_holes random squares (side: fraction of the image or pixels) in each training image.",
+    "num_holes: 1\nlength: 0.5"
 );
 
 #[cfg(test)]
@@ -138,7 +136,7 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn cuts_at_most_one_square_per_image() {
+    fn cuts_at_most_one_square_per_image_and_sizes_follow_the_image() {
         let x = Tensor::ones((3, 1, 10, 10), DType::F32, &Device::Cpu).unwrap();
         let mut rng = recipe_engine::rng::stream(1, "t");
         let y = cutout(&x, 4, 1, &mut rng).unwrap();
@@ -151,7 +149,10 @@ mod tests {
                 .iter()
                 .filter(|v| **v == 0.0)
                 .count();
-            assert!((1..=16).contains(&zeros), "{zeros}");
+            assert!((4..=16).contains(&zeros), "{zeros}");
         }
+        assert_eq!(side(0.5, 28, 32), 14);
+        assert_eq!(side(8.0, 28, 32), 8);
+        assert_eq!(side(0.01, 28, 32), 1);
     }
 }
