@@ -177,3 +177,37 @@ fn kernels_do_not_depend_on_the_engine() {
         .any(|f| code(f).contains("recipe_engine"));
     assert!(!uses_engine, "kernels/src names recipe_engine");
 }
+
+/// Every algorithm file carries its method card: what it does, when it helps, its
+/// hyperparameters and the expected effect (the shared helpers and the crate root excepted).
+#[test]
+fn every_algorithm_has_its_method_card() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("algorithms/src");
+    let mut checked = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "lib.rs" || name == "mixing.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let card: String = text
+            .lines()
+            .take_while(|l| l.starts_with("//!"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for part in [
+            "//! # ",
+            "**What.**",
+            "**When it helps.**",
+            "**Hyperparameters.**",
+            "**Expected effect.**",
+        ] {
+            assert!(
+                card.contains(part),
+                "algorithms/src/{name}: its method card lacks `{part}`"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 9, "{checked} algorithm files");
+}
