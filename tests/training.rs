@@ -286,31 +286,38 @@ fn autolrs_searches_then_exploits_and_reports_its_search_steps() {
     );
 }
 
-/// Gradient accumulation (`device_train_microbatch_size`): microbatches whose scaled losses add
-/// up to the batch's give the batch's gradient, so without batch norm the weights match the
-/// one-pass run to float rounding, and label smoothing (which swaps each microbatch's targets)
-/// keeps working. With batch norm each microbatch has its own statistics, as in PyTorch.
-#[test]
-fn microbatches_accumulate_the_gradient_of_the_whole_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let mlp = format!(
-        "{}algorithms:\n  - {{name: label_smoothing, smoothing: 0.1}}\n",
-        TINY.replace(
-            "model:\n  name: small_cnn\n  channels: [4, 8]",
-            "model: {name: mlp}"
-        )
-    );
-    let (whole, s1) = train(dir.path(), &mlp, None, &[], "whole");
-    let (micro, s2) = train(
-        dir.path(),
-        &mlp,
-        None,
-        &["device_train_microbatch_size=5"],
-        "micro",
-    );
-    assert_eq!(s1.batches, s2.batches, "times stay in whole batches");
-    let a = whole.state.model.params().flat_values().unwrap();
-    let b = micro.state.model.params().flat_values().unwrap();
+/// TINY with an MLP (no batch norm: microbatches then give the whole batch's gradient exactly).
+fn tiny_mlp() -> String {
+    TINY.replace(
+        "model:\n  name: small_cnn\n  channels: [4, 8]",
+        "model: {name: mlp}",
+    )
+}
+
+/// Trains `text` in one pass ("whole") and in microbatches of 5 ("micro").
+fn whole_and_microbatched(
+    dir: &Path,
+    text: &str,
+) -> (
+    (Trainer, recipe_engine::trainer::FitSummary),
+    (Trainer, recipe_engine::trainer::FitSummary),
+) {
+    (
+        train(dir, text, None, &[], "whole"),
+        train(
+            dir,
+            text,
+            None,
+            &["device_train_microbatch_size=5"],
+            "micro",
+        ),
+    )
+}
+
+/// Asserts that two runs ended on the same weights to float rounding.
+fn assert_same_weights_to_rounding(a: &Trainer, b: &Trainer) {
+    let a = a.state.model.params().flat_values().unwrap();
+    let b = b.state.model.params().flat_values().unwrap();
     let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
     let diff = a
         .iter()
@@ -320,7 +327,27 @@ fn microbatches_accumulate_the_gradient_of_the_whole_batch() {
         diff <= 1e-5 * scale,
         "max difference {diff} (scale {scale})"
     );
-    assert_ne!(a, b, "the microbatches did run apart");
+}
+
+/// Gradient accumulation (`device_train_microbatch_size`): microbatches whose scaled losses add
+/// up to the batch's give the batch's gradient, so without batch norm the weights match the
+/// one-pass run to float rounding, and label smoothing (which swaps each microbatch's targets)
+/// keeps working. With batch norm each microbatch has its own statistics, as in PyTorch.
+#[test]
+fn microbatches_accumulate_the_gradient_of_the_whole_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mlp = format!(
+        "{}algorithms:\n  - {{name: label_smoothing, smoothing: 0.1}}\n",
+        tiny_mlp()
+    );
+    let ((whole, s1), (micro, s2)) = whole_and_microbatched(dir.path(), &mlp);
+    assert_eq!(s1.batches, s2.batches, "times stay in whole batches");
+    assert_same_weights_to_rounding(&whole, &micro);
+    assert_ne!(
+        whole.state.model.params().flat_values().unwrap(),
+        micro.state.model.params().flat_values().unwrap(),
+        "the microbatches did run apart"
+    );
     let (l1, l2) = (s1.final_eval.unwrap().loss, s2.final_eval.unwrap().loss);
     assert!((l1 - l2).abs() < 1e-4 * l1, "{l1} {l2}");
     // A batch-norm model trains in microbatches too, and the recipe says so when shown.
@@ -344,19 +371,9 @@ fn clipping_and_gradient_norms_see_the_whole_batch_through_microbatches() {
     let dir = tempfile::tempdir().unwrap();
     let mlp = format!(
         "{}algorithms:\n  - {{name: gradient_clipping, clipping_type: norm, clipping_threshold: 0.05}}\ncallbacks:\n  - json_logger\n  - optimizer_monitor\n",
-        TINY.replace(
-            "model:\n  name: small_cnn\n  channels: [4, 8]",
-            "model: {name: mlp}"
-        )
+        tiny_mlp()
     );
-    let (whole, _) = train(dir.path(), &mlp, None, &[], "whole");
-    let (micro, _) = train(
-        dir.path(),
-        &mlp,
-        None,
-        &["device_train_microbatch_size=5"],
-        "micro",
-    );
+    let ((whole, _), (micro, _)) = whole_and_microbatched(dir.path(), &mlp);
     let (norms_a, norms_b) = (
         metrics(&dir.path().join("whole"), "gradient_clipping/grad_norm"),
         metrics(&dir.path().join("micro"), "gradient_clipping/grad_norm"),
@@ -373,17 +390,7 @@ fn clipping_and_gradient_norms_see_the_whole_batch_through_microbatches() {
         monitored.iter().all(|n| (n - 0.05).abs() < 1e-4),
         "{monitored:?}"
     );
-    let a = whole.state.model.params().flat_values().unwrap();
-    let b = micro.state.model.params().flat_values().unwrap();
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        diff <= 1e-5 * scale,
-        "max difference {diff} (scale {scale})"
-    );
+    assert_same_weights_to_rounding(&whole, &micro);
     // A bad threshold is refused with its key.
     let bad = mlp.replace("clipping_threshold: 0.05", "clipping_threshold: -1");
     let p = write_recipe(dir.path(), "bad.yaml", &bad);
@@ -407,10 +414,7 @@ fn clipping_and_gradient_norms_see_the_whole_batch_through_microbatches() {
 #[test]
 fn ema_evaluates_and_saves_the_averaged_weights() {
     let dir = tempfile::tempdir().unwrap();
-    let mlp = TINY.replace(
-        "model:\n  name: small_cnn\n  channels: [4, 8]",
-        "model: {name: mlp}",
-    );
+    let mlp = tiny_mlp();
     let with_ema = format!(
         "{mlp}algorithms:\n  - {{name: ema, half_life: 1000000000ba}}\ncallbacks:\n  - json_logger\n"
     );
