@@ -39,6 +39,7 @@ algorithms:
   - {name: cutmix, alpha: 1.0}
   - {name: mixup, alpha: 0.2}
   - {name: cutout, length: 0.25}
+  - {name: selective_backprop, start: 0.25dur, end: 0.75dur, keep: 0.5}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

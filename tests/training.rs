@@ -479,6 +479,21 @@ fn mixup_and_cutmix_train_and_compose_with_label_smoothing() {
     }
 }
 
+/// Selective backprop trains the selecting steps on `keep` of the batch (every second step with
+/// `interrupt: 2`), within its window of the run.
+#[test]
+fn selective_backprop_trains_on_the_kept_share_inside_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{TINY}algorithms:\n  - {{name: selective_backprop, start: 0dur, end: 0.75dur, keep: 0.5, interrupt: 2}}\n"
+    );
+    let (_, s) = train(dir.path(), &text, None, &[], "sb");
+    let kept = metrics(&dir.path().join("sb"), "selective_backprop/kept");
+    // 8 batches of 16; the window is batches 0-5; batches 1, 3, 5 are interrupted.
+    assert_eq!(kept, vec![8.0, 8.0, 8.0]);
+    assert!(s.final_eval.unwrap().loss.is_finite());
+}
+
 #[test]
 fn evaluation_logs_top5_beside_top1() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,3 +14,4 @@ pub mod mixing;
 pub mod mixup;
 pub mod progressive_resizing;
 pub mod scale_schedule;
+pub mod selective_backprop;
