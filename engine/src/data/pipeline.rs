@@ -387,7 +387,12 @@ impl Pipeline {
             }
             Sample::Encoded(bytes) => decode(&bytes, self.channels, what, &mut choose)?,
         };
-        let mut v = planned.expect("the plan is made before decoding");
+        let mut v = planned.ok_or_else(|| {
+            Error::msg(format!(
+                "{}: the decoder never reported the image's size",
+                what.display()
+            ))
+        })?;
         // Map the window from stored pixels into the (possibly reduced) decoded ones.
         let (fx, fy) = (
             img.width as f64 / stored[0] as f64,
