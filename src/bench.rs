@@ -56,6 +56,9 @@ pub struct ThroughputArgs {
         default_value = "progress_bar,json_logger,lr_monitor,speed_monitor"
     )]
     pub callbacks: String,
+    /// The trainer's algorithms (with --trainer), as a YAML list: what they add to a step.
+    #[arg(long, default_value = "[]")]
+    pub algorithms: String,
     /// Alternating rounds of bare loop and trainer (with --trainer).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -181,6 +184,8 @@ pub struct EngineOverhead {
     pub bare_ms: Vec<f64>,
     pub trainer_ms: Vec<f64>,
     pub callbacks: Vec<String>,
+    /// Per round: each algorithm's own time in `apply`, in ms per step.
+    pub apply_ms: Vec<std::collections::BTreeMap<String, f64>>,
 }
 
 impl EngineOverhead {
@@ -213,13 +218,14 @@ fn bench_recipe(a: &ThroughputArgs, [c, h, w]: [usize; 3], steps: usize) -> Resu
         "name: bench-throughput\nseed: 0\nmax_duration: {steps}ba\n\
          data: {{name: synthetic, shape: [{c}, {h}, {w}], num_classes: {k}, train_size: {n}, \
          eval_size: 0, batch_size: {b}}}\nmodel: {model}\noptimizer: {opt}\n\
-         schedule: {{name: cosine}}\ncallbacks: [{cbs}]\ndevice: {dev}\n",
+         schedule: {{name: cosine}}\ncallbacks: [{cbs}]\nalgorithms: {algs}\ndevice: {dev}\n",
         k = a.classes,
         n = a.batch * steps,
         b = a.batch,
         model = a.model,
         opt = a.optimizer,
         cbs = trainer_callbacks(a).join(", "),
+        algs = a.algorithms,
         dev = a.device,
     );
     let src = RecipeSource::from_text(&text, &[]);
@@ -278,7 +284,12 @@ fn bare_loop(a: &ThroughputArgs, recipe: &Recipe, shape: [usize; 3]) -> Result<f
     Ok(steady_ms(&marks, a.warmup))
 }
 
-fn trainer_loop(a: &ThroughputArgs, recipe: &Recipe, dir: &std::path::Path) -> Result<f64> {
+/// The trainer's steady step time, and each algorithm's own time in `apply` per step.
+fn trainer_loop(
+    a: &ThroughputArgs,
+    recipe: &Recipe,
+    dir: &std::path::Path,
+) -> Result<(f64, std::collections::BTreeMap<String, f64>)> {
     let _ = std::fs::remove_dir_all(dir);
     let mut t = Trainer::new(recipe, dir)?;
     let marks = Arc::new(Mutex::new(Vec::new()));
@@ -286,11 +297,21 @@ fn trainer_loop(a: &ThroughputArgs, recipe: &Recipe, dir: &std::path::Path) -> R
         label: "bench:step_clock".into(),
         inner: Box::new(StepClock(marks.clone())),
     });
-    t.fit()?;
+    t.engine.apply_time = Some(Default::default());
+    let summary = t.fit()?;
+    let steps = summary.batches.max(1) as f64;
+    let apply = t
+        .engine
+        .apply_time
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, d)| (k, 1e3 * d.as_secs_f64() / steps))
+        .collect();
     let marks = marks
         .lock()
         .map_err(|_| Error::msg("step clock poisoned"))?;
-    Ok(steady_ms(&marks, a.warmup))
+    Ok((steady_ms(&marks, a.warmup), apply))
 }
 
 /// The trainer against a bare loop over the same loader, model and optimizer.
@@ -302,11 +323,14 @@ pub fn engine_overhead(a: &ThroughputArgs) -> Result<EngineOverhead> {
         bare_ms: Vec::new(),
         trainer_ms: Vec::new(),
         callbacks: trainer_callbacks(a),
+        apply_ms: Vec::new(),
     };
     let result = (|| -> Result<()> {
         for _ in 0..a.rounds.max(1) {
             out.bare_ms.push(bare_loop(a, &recipe, shape)?);
-            out.trainer_ms.push(trainer_loop(a, &recipe, &dir)?);
+            let (ms, apply) = trainer_loop(a, &recipe, &dir)?;
+            out.trainer_ms.push(ms);
+            out.apply_ms.push(apply);
         }
         Ok(())
     })();
@@ -326,6 +350,7 @@ mod tests {
             bare_ms: vec![80.0, 105.0, 80.5],
             trainer_ms: vec![104.0, 80.8, 81.0],
             callbacks: vec![],
+            apply_ms: vec![],
         };
         let (bare, trainer, pct) = e.summary();
         assert_eq!((bare, trainer), (80.0, 80.8));

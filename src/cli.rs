@@ -275,8 +275,12 @@ pub fn run_command(cmd: Command) -> Result<()> {
             which: BenchCommand::Throughput(a),
         } => {
             let t = crate::bench::throughput(&a)?;
+            let overhead = match a.trainer {
+                true => Some(crate::bench::engine_overhead(&a)?),
+                false => None,
+            };
             if a.json {
-                let v = serde_json::json!({
+                let mut v = serde_json::json!({
                     "impl": "recipe",
                     "model": a.model,
                     "batch": a.batch,
@@ -289,6 +293,12 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     "optimizer_ms": t.optimizer_ms,
                     "peak_rss_mb": t.peak_rss_mb,
                 });
+                if let Some(e) = &overhead {
+                    v["trainer_ms"] = serde_json::json!(e.trainer_ms);
+                    v["bare_ms"] = serde_json::json!(e.bare_ms);
+                    v["algorithms"] = serde_json::json!(a.algorithms);
+                    v["apply_ms_per_step"] = serde_json::json!(e.apply_ms);
+                }
                 println!("{v}");
             } else {
                 println!(
@@ -304,8 +314,7 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     t.peak_rss_mb.map_or("unknown".into(), |m| format!("{m:.0} MB"))
                 );
             }
-            if a.trainer {
-                let e = crate::bench::engine_overhead(&a)?;
+            if let (Some(e), false) = (&overhead, a.json) {
                 let (bare, trainer, pct) = e.summary();
                 let list = |v: &[f64]| {
                     v.iter()
@@ -316,6 +325,20 @@ pub fn run_command(cmd: Command) -> Result<()> {
                 let cbs = match e.callbacks.is_empty() {
                     true => "no callbacks".to_string(),
                     false => e.callbacks.join(", "),
+                };
+                let own: Vec<String> = e
+                    .apply_ms
+                    .last()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, ms)| format!("{k} {ms:.2} ms"))
+                    .collect();
+                let cbs = match a.algorithms.trim() {
+                    "[]" | "" => cbs,
+                    algs => format!(
+                        "{cbs}; algorithms {algs}, their own time per step: {}",
+                        own.join(", ")
+                    ),
                 };
                 println!(
                     "engine: step {trainer:.1} ms in the trainer ({cbs}) against {bare:.1} ms in a bare loop over the same loader: {pct:+.2}% (fastest rounds; all rounds: trainer {} ms; bare {} ms)",

@@ -21,6 +21,9 @@ pub struct Named<T: ?Sized> {
 pub struct Engine {
     pub algorithms: Vec<Named<dyn Algorithm>>,
     pub callbacks: Vec<Named<dyn Callback>>,
+    /// When set, the wall time each algorithm spends in `apply`, by label, over the run: what
+    /// `recipe bench throughput --trainer` reports as an algorithm's own cost per step.
+    pub apply_time: Option<std::collections::BTreeMap<String, std::time::Duration>>,
 }
 
 impl Engine {
@@ -37,9 +40,13 @@ impl Engine {
         for i in matched {
             let a = &mut self.algorithms[i];
             tracing::debug!(event = event.name(), algorithm = a.label.as_str(), "apply");
+            let t0 = self.apply_time.is_some().then(std::time::Instant::now);
             a.inner
                 .apply(event, state)
                 .map_err(|e| Error::msg(format!("{} failed at {event}: {e}", a.label)))?;
+            if let (Some(t0), Some(times)) = (t0, self.apply_time.as_mut()) {
+                *times.entry(a.label.clone()).or_default() += t0.elapsed();
+            }
         }
         let loggers_first = event == Event::Init;
         for pass in 0..2 {
