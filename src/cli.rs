@@ -314,7 +314,7 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     t.peak_rss_mb.map_or("unknown".into(), |m| format!("{m:.0} MB"))
                 );
             }
-            if let (Some(e), false) = (&overhead, a.json) {
+            if let Some(e) = &overhead {
                 let (bare, trainer, pct) = e.summary();
                 let list = |v: &[f64]| {
                     v.iter()

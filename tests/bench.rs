@@ -50,6 +50,41 @@ fn throughput_json_and_engine_overhead() {
             && engine.contains("bare loop"),
         "{engine}"
     );
+    assert_eq!(v["trainer_ms"].as_array().map(Vec::len), Some(1), "{first}");
+    // With algorithms, each one's own time in `apply` per step.
+    let o = run(&[
+        "bench",
+        "throughput",
+        "--model",
+        "small_resnet",
+        "--input",
+        "1x10x10",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        "--trainer",
+        "--rounds",
+        "1",
+        "--callbacks",
+        "none",
+        "--algorithms",
+        "[{name: mixup}, cutout]",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    let v: serde_json::Value = serde_json::from_str(s.lines().next().unwrap_or_default()).unwrap();
+    let own = &v["apply_ms_per_step"][0];
+    for label in ["algorithms[0]:mixup", "algorithms[1]:cutout"] {
+        assert!(
+            own[label].as_f64().is_some_and(|ms| ms > 0.0),
+            "{label} in {s}"
+        );
+    }
+    assert!(s.contains("their own time per step"), "{s}");
 }
 
 #[test]
