@@ -129,6 +129,19 @@ fn jpeg(
         if r > 1 {
             d.scale((8 / r.clamp(1, 8)) as u8);
         }
+        use mozjpeg::ColorSpace as Cs;
+        if matches!(d.color_space(), Cs::JCS_CMYK | Cs::JCS_YCCK) {
+            // libjpeg converts CMYK to nothing else: read the inks and convert them here.
+            let mut started = d.to_colorspace(Cs::JCS_CMYK).map_err(|e| e.to_string())?;
+            let (w, h) = (started.width(), started.height());
+            let mut inks = vec![0u8; w * h * 4];
+            started
+                .read_scanlines_into(&mut inks)
+                .map_err(|e| e.to_string())?;
+            started.finish().map_err(|e| e.to_string())?;
+            let rgb = cmyk_to_rgb(&inks);
+            return Ok((Image::new(w, h, 3, rgb).with_channels(channels), stored));
+        }
         let mut started = if channels == 1 {
             d.grayscale()
         } else {
@@ -150,6 +163,17 @@ fn jpeg(
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "the JPEG decoder failed".into()))
     })
+}
+
+/// RGB from CMYK JPEG samples as Adobe software stores them (inverted: 255 is no ink), the way
+/// PIL converts them: each colour is `ink' * black' / 255` of the stored values.
+fn cmyk_to_rgb(inks: &[u8]) -> Vec<u8> {
+    inks.chunks_exact(4)
+        .flat_map(|p| {
+            let k = p[3] as u32;
+            [0, 1, 2].map(|i| ((p[i] as u32 * k + 127) / 255) as u8)
+        })
+        .collect()
 }
 
 /// libjpeg's error manager, with fatal errors unwinding (as mozjpeg's own does) and the
@@ -307,6 +331,33 @@ mod tests {
             .unwrap();
             assert_eq!(stored, [64, 48]);
             assert_eq!((d.width, d.height), (64 / r, 48 / r));
+        }
+    }
+
+    /// A CMYK JPEG as Adobe tools write them (inverted values), the kind ImageNet holds a few of.
+    fn cmyk_jpeg(w: usize, h: usize, cmyk: [u8; 4]) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+        c.set_size(w, h);
+        c.set_quality(95.0);
+        let mut s = c.start_compress(Vec::new()).unwrap();
+        let inverted = cmyk.map(|v| 255 - v);
+        let data: Vec<u8> = (0..w * h).flat_map(|_| inverted).collect();
+        s.write_scanlines(&data).unwrap();
+        s.finish().unwrap()
+    }
+
+    #[test]
+    fn cmyk_jpegs_decode_to_rgb() {
+        // Pure cyan at full strength, no black: RGB (0, 255, 255).
+        let jpg = cmyk_jpeg(16, 16, [255, 0, 0, 0]);
+        for c in [3, 1] {
+            let (img, stored) = decode(&jpg, c, Path::new("x"), |_, _| 1).unwrap();
+            assert_eq!((stored, img.channels), ([16, 16], c));
+            let px = &img.data[..c];
+            let want: &[u8] = if c == 3 { &[0, 255, 255] } else { &[179] };
+            for (g, w) in px.iter().zip(want) {
+                assert!((*g as i32 - *w as i32).abs() <= 3, "{px:?}");
+            }
         }
     }
 
