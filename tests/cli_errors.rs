@@ -349,3 +349,47 @@ fn a_huge_scale_is_refused_not_run_forever() {
     let e = show_fails(&TINY.replace("8ba", "1e12ba"), &["--scale", "1e6"]);
     assert!(e.contains("more than a run can take"), "{e}");
 }
+
+/// Every shipped recipe is valid as written (`recipe show` checks it without its data), and runs a
+/// few steps on synthetic data of its dataset's shape (the ImageNet one has its own test above).
+#[test]
+fn every_shipped_recipe_is_valid_and_runs_on_synthetic_data() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "{names:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    for p in names {
+        let file = p.to_str().unwrap();
+        let o = run(&["show", file]);
+        assert!(o.status.success(), "{file}: {}", stderr(&o));
+        if file.ends_with("resnet50_imagenet.yaml") {
+            continue;
+        }
+        let rd = tmp.path().join(p.file_stem().unwrap());
+        let o = run(&[
+            "run",
+            file,
+            "-q",
+            "--run-dir",
+            rd.to_str().unwrap(),
+            "--set",
+            "data.synthetic=true",
+            "--set",
+            "max_duration=2ba",
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            "data.train_subset=16",
+            "--set",
+            "data.eval_subset=8",
+        ]);
+        assert!(o.status.success(), "{file}: {}", stderr(&o));
+        assert!(rd.join("model.safetensors").is_file(), "{file}");
+    }
+}
