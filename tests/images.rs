@@ -366,6 +366,23 @@ fn each_kind_of_bad_folder_gets_an_error_that_names_it() {
     );
     std::fs::remove_dir_all(d).ok();
 
+    // ImageNet's validation images as distributed: one flat folder.
+    let flat = |root: &Path| {
+        for class in CLASSES {
+            let dir = root.join("val").join(class);
+            for f in std::fs::read_dir(&dir).unwrap().flatten() {
+                std::fs::rename(f.path(), root.join("val").join(f.file_name())).unwrap();
+            }
+            std::fs::remove_dir(dir).unwrap();
+        }
+    };
+    let (ok, e, d) = run_broken(flat, &[]);
+    assert!(
+        !ok && e.contains("directly in this folder") && e.contains("devkit"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(d).ok();
+
     let (ok, e, d) = run_broken(|root| std::fs::remove_dir_all(root).unwrap(), &[]);
     assert!(
         !ok && e.contains("does not exist") && e.contains("data.root"),

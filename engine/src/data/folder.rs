@@ -39,10 +39,19 @@ pub fn list_classes(dir: &Path) -> Result<Vec<String>> {
     }
     classes.sort();
     if classes.is_empty() {
+        let loose = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| is_image(&e.path()));
         return Err(Error::Data {
             path: dir.to_path_buf(),
-            message: "no class folders here".into(),
-            hint: "each class needs its own folder of images: <split>/<class>/*.jpg".into(),
+            message: if loose {
+                "images lie directly in this folder, with no class folders".into()
+            } else {
+                "no class folders here".into()
+            },
+            hint: "each class needs its own folder of images: <split>/<class>/*.jpg (ImageNet's validation images come in one folder: sort them into class folders with the devkit's ground truth, as torchvision expects)".into(),
         });
     }
     Ok(classes)
