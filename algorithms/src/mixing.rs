@@ -26,9 +26,13 @@ impl BatchDraws {
     /// The generator of batch `batch`.
     pub fn at(&mut self, batch: u64) -> &mut Rng {
         if self.current.as_ref().map(|(b, _)| *b) != Some(batch) {
-            self.current = Some((batch, self.streams.at(batch)));
+            self.current = None;
         }
-        &mut self.current.as_mut().expect("just set").1
+        let streams = &self.streams;
+        &mut self
+            .current
+            .get_or_insert_with(|| (batch, streams.at(batch)))
+            .1
     }
 }
 

@@ -487,30 +487,33 @@ impl Loader {
             Some(p) => p.install(work),
             None => work(),
         }
-        if results.iter().all(Result::is_ok) {
+        let mut failures = results
+            .into_iter()
+            .enumerate()
+            .filter_map(|(k, r)| r.err().map(|e| (k, e)));
+        let Some((first_bad, first)) = failures.next() else {
             return Ok((pixels, labels, [h, w]));
-        }
+        };
         if self.cfg.on_bad_image == BadImage::Error {
-            return Err(results.into_iter().find_map(Result::err).expect("an error"));
+            return Err(first);
         }
-        let (mut kept_px, mut kept_labels) = (Vec::new(), Vec::new());
-        for (k, r) in results.iter().enumerate() {
-            match r {
-                Ok(()) => {
-                    kept_px.extend_from_slice(&pixels[k * sample..(k + 1) * sample]);
-                    kept_labels.push(labels[k]);
-                }
-                Err(e) => {
-                    self.skipped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("skipped a bad image (data.on_bad_image: skip): {e}");
-                }
-            }
+        let failures: Vec<(usize, Error)> = std::iter::once((first_bad, first))
+            .chain(failures)
+            .collect();
+        for (_, e) in &failures {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("skipped a bad image (data.on_bad_image: skip): {e}");
         }
-        if kept_labels.is_empty() {
+        if failures.len() == labels.len() {
             return Err(Error::msg(format!(
                 "every image of batch {batch} of epoch {epoch} is unreadable; the first: {}",
-                results.into_iter().find_map(Result::err).expect("an error")
+                failures[0].1
             )));
+        }
+        let (mut kept_px, mut kept_labels) = (Vec::new(), Vec::new());
+        for k in (0..labels.len()).filter(|k| !failures.iter().any(|(b, _)| b == k)) {
+            kept_px.extend_from_slice(&pixels[k * sample..(k + 1) * sample]);
+            kept_labels.push(labels[k]);
         }
         Ok((kept_px, kept_labels, [h, w]))
     }

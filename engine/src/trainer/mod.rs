@@ -531,10 +531,9 @@ impl Trainer {
                         .detach(),
                 );
             }
-            let out = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                candle_core::Tensor::cat(&outs, 0)?
+            let out = match outs.as_slice() {
+                [one] => one.clone(),
+                many => candle_core::Tensor::cat(many, 0)?,
             };
             self.state.outputs = Some(out.clone());
             self.event(Event::EvalAfterForward)?;
