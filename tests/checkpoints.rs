@@ -21,8 +21,9 @@ data:
   eval_subset: 32
   augment: {crop_padding: 2, hflip: true}
 model:
-  name: small_cnn
-  channels: [4, 8]
+  name: resnet_cifar
+  depth: 8
+  width: 0.25
 optimizer:
   name: adamw
   lr: 0.003
@@ -40,6 +41,14 @@ algorithms:
   - {name: mixup, alpha: 0.2}
   - {name: cutout, length: 0.25}
   - {name: selective_backprop, start: 0.25dur, end: 0.75dur, keep: 0.5}
+  - {name: blurpool, min_channels: 4}
+  - {name: squeeze_excite, min_channels: 8, latent_channels: 0.5}
+  - {name: ghost_batchnorm, ghost_batch_size: 8}
+  - weight_standardization
+  - {name: stochastic_depth, stochastic_method: sample, drop_rate: 0.3, drop_warmup: 0.25dur}
+  - {name: layer_freezing, freeze_start: 0.5}
+  - {name: sam, interval: 2}
+  - channels_last
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

@@ -1,29 +1,11 @@
 //! End-to-end training through the library: real files, real steps, real weights on disk.
 
 mod common;
+use common::fit as train;
 use common::*;
 use recipe::load::{load, RecipeArgs};
 use recipe_engine::trainer::Trainer;
 use std::path::Path;
-
-fn train(
-    dir: &Path,
-    text: &str,
-    scale: Option<f64>,
-    sets: &[&str],
-    run: &str,
-) -> (Trainer, recipe_engine::trainer::FitSummary) {
-    let file = write_recipe(dir, &format!("{run}.yaml"), text);
-    let args = RecipeArgs {
-        file,
-        scale,
-        sets: sets.iter().map(|s| s.to_string()).collect(),
-    };
-    let recipe = load(&args, &["json_logger"], true).unwrap();
-    let mut t = Trainer::new(&recipe, &dir.join(run)).unwrap();
-    let s = t.fit().unwrap();
-    (t, s)
-}
 
 fn metrics(dir: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -312,21 +294,6 @@ fn whole_and_microbatched(
             "micro",
         ),
     )
-}
-
-/// Asserts that two runs ended on the same weights to float rounding.
-fn assert_same_weights_to_rounding(a: &Trainer, b: &Trainer) {
-    let a = a.state.model.params().flat_values().unwrap();
-    let b = b.state.model.params().flat_values().unwrap();
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        diff <= 1e-5 * scale,
-        "max difference {diff} (scale {scale})"
-    );
 }
 
 /// Gradient accumulation (`device_train_microbatch_size`): microbatches whose scaled losses add

@@ -5,13 +5,21 @@
 //! plugin registrations.
 
 pub mod autolrs;
+pub mod blurpool;
+pub mod channels_last;
 pub mod cutmix;
 pub mod cutout;
 pub mod ema;
+pub mod ghost_batchnorm;
 pub mod gradient_clipping;
 pub mod label_smoothing;
+pub mod layer_freezing;
 pub mod mixing;
 pub mod mixup;
 pub mod progressive_resizing;
+pub mod sam;
 pub mod scale_schedule;
 pub mod selective_backprop;
+pub mod squeeze_excite;
+pub mod stochastic_depth;
+pub mod weight_standardization;

@@ -24,6 +24,21 @@ pub trait Algorithm {
     fn load_state_dict(&mut self, _state: &StateDict) -> Result<()> {
         Ok(())
     }
+    /// Module surgery: rewrites the model's modules (`s.network()?.replace(...)`). Called once, at
+    /// bind time, in recipe order, before the optimizer collects the parameters; it must depend
+    /// on the recipe alone, because a resumed run repeats it (the checkpoint records the tree
+    /// and refuses a different one).
+    fn surgery(&mut self, _s: &mut crate::model::Surgery) -> Result<()> {
+        Ok(())
+    }
+    /// A closure-style step (SAM): called after AFTER_TRAIN_BATCH, with the batch's gradients in
+    /// `state.grads`, before the optimizer step. Returning true asks the trainer to run the
+    /// batch again (BEFORE_TRAIN_BATCH to AFTER_TRAIN_BATCH, on the same batch, with what the
+    /// algorithm changed, such as perturbed weights), after which it is called again. The loss
+    /// and accuracy logged for the batch are those of its first pass.
+    fn again(&mut self, _state: &mut State) -> Result<bool> {
+        Ok(false)
+    }
     /// The size of each training batch, for the loader to decode and crop straight to
     /// (progressive resizing): called once, after binding.
     fn batch_size_hook(&self) -> Option<crate::data::SizeForBatch> {

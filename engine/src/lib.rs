@@ -22,6 +22,7 @@ pub mod metric;
 pub mod model;
 pub mod models;
 pub mod optim;
+pub mod param;
 pub mod plugin;
 pub mod recipe;
 pub mod registry;

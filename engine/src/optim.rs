@@ -564,11 +564,13 @@ mod tests {
     /// constant: dw = [3, 4], db = [2].
     fn run(cfg: &dyn OptimizerConfig, steps: usize, lr: f64) -> (Vec<f32>, Vec<f32>) {
         let mut b = ParamBuilder::new(0, &Device::Cpu);
-        b.constant("w".into(), &[2], 0.0, ParamKind::Weight)
-            .unwrap();
-        b.constant("z.bias".into(), &[1], 0.0, ParamKind::Bias)
-            .unwrap();
-        let ps = b.finish();
+        let ps = ParamStore::new(vec![
+            b.constant("w".into(), &[2], 0.0, ParamKind::Weight)
+                .unwrap(),
+            b.constant("z.bias".into(), &[1], 0.0, ParamKind::Bias)
+                .unwrap(),
+        ])
+        .unwrap();
         let w: &Var = &ps.iter().next().unwrap().var;
         let bias: &Var = &ps.iter().nth(1).unwrap().var;
         w.set(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap())

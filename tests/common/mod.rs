@@ -39,6 +39,49 @@ pub fn train(recipe: &Path, run_dir: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
+/// Trains the recipe `text` through the library (written to `dir/<run>.yaml`, run in
+/// `dir/<run>`, with `--set` overrides and a scale), to completion.
+pub fn fit(
+    dir: &Path,
+    text: &str,
+    scale: Option<f64>,
+    sets: &[&str],
+    run: &str,
+) -> (
+    recipe_engine::trainer::Trainer,
+    recipe_engine::trainer::FitSummary,
+) {
+    let file = write_recipe(dir, &format!("{run}.yaml"), text);
+    let args = recipe::load::RecipeArgs {
+        file,
+        scale,
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+    };
+    let recipe = recipe::load::load(&args, &["json_logger"], true).unwrap();
+    let mut t = recipe_engine::trainer::Trainer::new(&recipe, &dir.join(run)).unwrap();
+    let s = t.fit().unwrap();
+    (t, s)
+}
+
+/// Asserts that two runs ended on the same weights to float rounding.
+pub fn assert_same_weights_to_rounding(
+    a: &recipe_engine::trainer::Trainer,
+    b: &recipe_engine::trainer::Trainer,
+) {
+    let a = a.state.model.params().flat_values().unwrap();
+    let b = b.state.model.params().flat_values().unwrap();
+    assert_eq!(a.len(), b.len(), "the models differ in size");
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        diff <= 1e-5 * scale,
+        "max difference {diff} (scale {scale})"
+    );
+}
+
 /// Writes `text` as a recipe file in `dir`.
 pub fn write_recipe(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);

@@ -62,6 +62,12 @@ pub struct CheckpointMeta {
     /// The dataset's class names in label order, when it has them (image folders).
     #[serde(default)]
     pub classes: Option<Vec<String>>,
+    /// The model's module tree after surgery (`path: Kind(...)` per module), when it is one.
+    #[serde(default)]
+    pub architecture: Option<Vec<String>>,
+    /// What each algorithm's surgery did to it, in order.
+    #[serde(default)]
+    pub rewrites: Vec<String>,
     /// Plugin states (values only; tensors live in the payload as `<key>/<name>`), keyed by the
     /// plugin's place and name: `optimizer:sgd`, `schedule:cosine`, `algorithms[0]:label_smoothing`.
     pub plugins: BTreeMap<String, Value>,

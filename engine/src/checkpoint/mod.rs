@@ -62,6 +62,8 @@ mod tests {
             elapsed_seconds: 1.5,
             eval_seconds: 0.5,
             classes: None,
+            architecture: None,
+            rewrites: Vec::new(),
             plugins: BTreeMap::new(),
             model_tensors: vec!["w".into()],
         }

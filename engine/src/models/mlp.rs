@@ -1,7 +1,8 @@
 use super::layers::Linear;
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::model::{Model, ParamBuilder, ParamStore};
+use crate::model::{Model, ParamBuilder};
+use crate::model::{Module, Network, Sequential};
 use crate::plugin::{BindContext, TimeParams};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -21,9 +22,9 @@ fn default_hidden() -> Vec<usize> {
 
 impl TimeParams for MlpConfig {}
 
+/// `layers.0`, `layers.1`, ... with a ReLU between them, over the flattened input.
 struct Mlp {
-    layers: Vec<Linear>,
-    params: ParamStore,
+    layers: Box<dyn Module>,
     input: usize,
 }
 
@@ -43,18 +44,24 @@ impl ModelConfig for MlpConfig {
         let layers = widths
             .windows(2)
             .enumerate()
-            .map(|(i, w)| Linear::new(&mut b, &format!("layers.{i}"), w[0], w[1]))
+            .map(|(i, w)| {
+                Linear::new(&mut b, &format!("layers.{i}"), w[0], w[1])
+                    .map(|l| Box::new(l) as Box<dyn Module>)
+            })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Box::new(Mlp {
-            layers,
-            params: b.finish(),
+        let root = Mlp {
+            layers: Box::new(Sequential { layers }),
             input,
-        }))
+        };
+        Ok(Box::new(Network::new(Box::new(root), false)?))
     }
 }
 
-impl Model for Mlp {
-    fn forward(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+impl Module for Mlp {
+    fn kind(&self) -> &'static str {
+        "Mlp"
+    }
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let n = x.dim(0)?;
         if x.elem_count() != n * self.input {
             return Err(Error::msg(format!(
@@ -64,19 +71,20 @@ impl Model for Mlp {
             )));
         }
         let mut h = x.reshape((n, self.input))?;
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h)?;
-            if i + 1 < self.layers.len() {
+        let layers = self.layers.children();
+        for (i, (_, l)) in layers.iter().enumerate() {
+            h = l.forward(&h, train)?;
+            if i + 1 < layers.len() {
                 h = h.relu()?;
             }
         }
         Ok(h)
     }
-    fn params(&self) -> &ParamStore {
-        &self.params
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        vec![("layers".into(), self.layers.as_ref())]
     }
-    fn any_input_size(&self) -> bool {
-        false
+    fn children_mut(&mut self) -> Vec<(String, &mut Box<dyn Module>)> {
+        vec![("layers".into(), &mut self.layers)]
     }
 }
 

@@ -7,5 +7,5 @@ mod resnet;
 mod small_cnn;
 
 pub use mlp::MlpConfig;
-pub use resnet::{ResNetCifarConfig, ResNetConfig};
+pub use resnet::{Block, Branch, ResNetCifarConfig, ResNetConfig};
 pub use small_cnn::SmallCnnConfig;

@@ -3,19 +3,36 @@
 //! stem, 3x3 stride-2 max pool, four stages, basic or bottleneck blocks), with torchvision's
 //! parameter names so that the weights load elsewhere.
 
-use super::layers::{ConvBn, Linear};
+use super::layers::{conv_bn, conv_bn_sequential, BatchNorm2d, Chain, Conv2d, Linear, MaxPool2d};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::model::{Model, ParamBuilder, ParamStore};
+use crate::model::{downcast, Module, Network, Sequential};
+use crate::model::{Model, ParamBuilder};
 use crate::plugin::{BindContext, TimeParams};
 use candle_core::Tensor;
 use recipe_kernels as ops;
 use serde::{Deserialize, Serialize};
 
-/// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block.
-struct Block {
-    convs: Vec<ConvBn>,
-    downsample: Option<ConvBn>,
+/// How a residual block's branch joins its shortcut (stochastic depth changes it).
+pub enum Branch<'a> {
+    /// `relu(branch(x) + shortcut(x))`.
+    Full,
+    /// The branch scaled by a number (evaluation under stochastic depth: its keep probability).
+    Scaled(f64),
+    /// The branch times a per-sample mask of shape [N, 1, 1, 1].
+    Masked(&'a Tensor),
+    /// The branch dropped: `relu(shortcut(x))`.
+    Dropped,
+}
+
+/// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block, torchvision's
+/// `BasicBlock` and `Bottleneck` (v1.5: the stride on the 3x3 conv), with its children named as
+/// there (`conv1`, `bn1`, ..., `downsample.0`, `downsample.1`).
+pub struct Block {
+    convs: Vec<Box<dyn Module>>,
+    bns: Vec<Box<dyn Module>>,
+    downsample: Option<Box<dyn Module>>,
+    bottleneck: bool,
 }
 
 impl Block {
@@ -28,98 +45,222 @@ impl Block {
         bottleneck: bool,
         zero_init: bool,
     ) -> Result<(Self, usize)> {
-        let cb = |b: &mut ParamBuilder, i: usize, shape, stride, pad, zero| {
-            ConvBn::new(
-                b,
-                &format!("{name}.conv{i}"),
-                &format!("{name}.bn{i}"),
-                shape,
-                stride,
-                pad,
-                zero,
-            )
-        };
-        let (convs, c_out) = if bottleneck {
+        let (shapes, c_out): (Vec<_>, usize) = if bottleneck {
             let c_out = planes * 4;
             (
                 vec![
-                    cb(b, 1, (c_in, planes, 1), 1, 0, false)?,
-                    cb(b, 2, (planes, planes, 3), stride, 1, false)?,
-                    cb(b, 3, (planes, c_out, 1), 1, 0, zero_init)?,
+                    ((c_in, planes, 1), 1, 0),
+                    ((planes, planes, 3), stride, 1),
+                    ((planes, c_out, 1), 1, 0),
                 ],
                 c_out,
             )
         } else {
             (
-                vec![
-                    cb(b, 1, (c_in, planes, 3), stride, 1, false)?,
-                    cb(b, 2, (planes, planes, 3), 1, 1, zero_init)?,
-                ],
+                vec![((c_in, planes, 3), stride, 1), ((planes, planes, 3), 1, 1)],
                 planes,
             )
         };
-        let downsample = if stride != 1 || c_in != c_out {
-            Some(ConvBn::new(
+        let mut convs: Vec<Box<dyn Module>> = Vec::new();
+        let mut bns: Vec<Box<dyn Module>> = Vec::new();
+        let last = shapes.len() - 1;
+        for (i, (shape, stride, pad)) in shapes.into_iter().enumerate() {
+            let conv = Conv2d::new(
                 b,
-                &format!("{name}.downsample.0"),
-                &format!("{name}.downsample.1"),
+                &format!("{name}.conv{}", i + 1),
+                shape,
+                stride,
+                pad,
+                false,
+            )?;
+            let bn = BatchNorm2d::new(
+                b,
+                &format!("{name}.bn{}", i + 1),
+                shape.1,
+                zero_init && i == last,
+            )?;
+            convs.push(Box::new(conv));
+            bns.push(Box::new(bn));
+        }
+        let downsample: Option<Box<dyn Module>> = if stride != 1 || c_in != c_out {
+            Some(Box::new(conv_bn_sequential(
+                b,
+                &format!("{name}.downsample"),
                 (c_in, c_out, 1),
                 stride,
-                0,
-                false,
-            )?)
+            )?))
         } else {
             None
         };
-        Ok((Block { convs, downsample }, c_out))
+        Ok((
+            Block {
+                convs,
+                bns,
+                downsample,
+                bottleneck,
+            },
+            c_out,
+        ))
     }
 
-    /// `relu(branch(x) + shortcut(x))`. In training on CPU each batch norm + ReLU inside the
-    /// branch runs inside the convolution after it (`ConvBn::conv_after`), and the last batch
-    /// norm, the add and the ReLU run as one op.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let shortcut = match &self.downsample {
-            Some(d) => d.forward(x, train, false)?,
-            None => x.clone(),
+    fn shortcut(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(d) = &self.downsample else {
+            return Ok(x.clone());
         };
-        let Some((first, rest)) = self.convs.split_first() else {
-            return Ok(ops::add_relu(x, &shortcut)?);
-        };
-        let (mut z, mut stats) = first.conv_with_stats(x, train)?;
-        let mut bn = &first.bn;
-        for c in rest {
-            (z, stats) = c.conv_after(bn, &z, train, stats)?;
-            bn = &c.bn;
+        if let Some(s) = downcast::<Sequential>(d.as_ref()) {
+            if let [conv, bn] = s.layers.as_slice() {
+                return conv_bn(conv.as_ref(), bn.as_ref(), x, train, false);
+            }
         }
-        bn.forward_add_relu(&z, &shortcut, train, stats)
+        d.forward(x, train)
+    }
+
+    /// The block with its branch joined as `branch` says. With the plain layers, in training on
+    /// CPU each batch norm + ReLU inside the branch runs inside the convolution after it, and the
+    /// last batch norm, the add and the ReLU run as one op.
+    pub fn forward_branch(&self, x: &Tensor, train: bool, branch: Branch) -> Result<Tensor> {
+        let shortcut = self.shortcut(x, train)?;
+        if let Branch::Dropped = branch {
+            return Ok(if self.downsample.is_some() {
+                shortcut.relu()?
+            } else {
+                shortcut
+            });
+        }
+        let mut chain = Chain::start(x);
+        for (conv, bn) in self.convs.iter().zip(&self.bns) {
+            chain.push(conv.as_ref(), bn.as_ref(), train)?;
+        }
+        let y = match branch {
+            Branch::Full => return chain.finish_add_relu(&shortcut, train),
+            Branch::Scaled(s) => (chain.finish(train)? * s)?,
+            Branch::Masked(m) => chain.finish(train)?.broadcast_mul(m)?,
+            Branch::Dropped => unreachable_branch()?,
+        };
+        Ok(ops::add_relu(&y, &shortcut)?)
     }
 }
 
-/// Stem, stages of blocks, global average pool, linear head.
+fn unreachable_branch() -> Result<Tensor> {
+    Err(Error::msg("a dropped branch is handled above"))
+}
+
+impl Module for Block {
+    fn kind(&self) -> &'static str {
+        if self.bottleneck {
+            "Bottleneck"
+        } else {
+            "BasicBlock"
+        }
+    }
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_branch(x, train, Branch::Full)
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = Vec::new();
+        for (i, (c, b)) in self.convs.iter().zip(&self.bns).enumerate() {
+            v.push((format!("conv{}", i + 1), c.as_ref()));
+            v.push((format!("bn{}", i + 1), b.as_ref()));
+        }
+        if let Some(d) = &self.downsample {
+            v.push(("downsample".into(), d.as_ref()));
+        }
+        v
+    }
+    fn children_mut(&mut self) -> Vec<(String, &mut Box<dyn Module>)> {
+        let mut v: Vec<(String, &mut Box<dyn Module>)> = Vec::new();
+        for (i, (c, b)) in self.convs.iter_mut().zip(self.bns.iter_mut()).enumerate() {
+            v.push((format!("conv{}", i + 1), c));
+            v.push((format!("bn{}", i + 1), b));
+        }
+        if let Some(d) = &mut self.downsample {
+            v.push(("downsample".into(), d));
+        }
+        v
+    }
+}
+
+/// Stem (conv, batch norm, ReLU, optional max pool), stages of blocks (`layer1`, ...), global
+/// average pool, linear head (`fc`): torchvision's `ResNet`. With `pool_after_first`, the max
+/// pool sits between the first two stages instead (the benchmark's small ResNet).
 struct ResNet {
-    stem: ConvBn,
-    stem_pool: bool,
-    blocks: Vec<Block>,
-    fc: Linear,
-    params: ParamStore,
+    conv1: Box<dyn Module>,
+    bn1: Box<dyn Module>,
+    maxpool: Option<Box<dyn Module>>,
+    pool_after_first: bool,
+    stages: Vec<Box<dyn Module>>,
+    fc: Box<dyn Module>,
 }
 
-impl Model for ResNet {
+impl Module for ResNet {
+    fn kind(&self) -> &'static str {
+        "ResNet"
+    }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem.forward(x, train, true)?;
-        if self.stem_pool {
-            h = ops::max_pool2d(&h, 3, 2, 1)?;
+        let mut h = conv_bn(self.conv1.as_ref(), self.bn1.as_ref(), x, train, true)?;
+        if let (Some(p), false) = (&self.maxpool, self.pool_after_first) {
+            h = p.forward(&h, train)?;
         }
-        for b in &self.blocks {
-            h = b.forward(&h, train)?;
+        for (i, s) in self.stages.iter().enumerate() {
+            h = s.forward(&h, train)?;
+            if let (Some(p), true, 0) = (&self.maxpool, self.pool_after_first, i) {
+                h = p.forward(&h, train)?;
+            }
         }
-        self.fc.forward(&ops::global_avg_pool(&h)?)
+        self.fc.forward(&ops::global_avg_pool(&h)?, train)
     }
-    fn params(&self) -> &ParamStore {
-        &self.params
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        let mut v: Vec<(String, &dyn Module)> = vec![
+            ("conv1".into(), self.conv1.as_ref()),
+            ("bn1".into(), self.bn1.as_ref()),
+        ];
+        if let Some(p) = &self.maxpool {
+            v.push(("maxpool".into(), p.as_ref()));
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            v.push((format!("layer{}", i + 1), s.as_ref()));
+        }
+        v.push(("fc".into(), self.fc.as_ref()));
+        v
+    }
+    fn children_mut(&mut self) -> Vec<(String, &mut Box<dyn Module>)> {
+        let mut v: Vec<(String, &mut Box<dyn Module>)> = vec![
+            ("conv1".into(), &mut self.conv1),
+            ("bn1".into(), &mut self.bn1),
+        ];
+        if let Some(p) = &mut self.maxpool {
+            v.push(("maxpool".into(), p));
+        }
+        for (i, s) in self.stages.iter_mut().enumerate() {
+            v.push((format!("layer{}", i + 1), s));
+        }
+        v.push(("fc".into(), &mut self.fc));
+        v
     }
 }
 
+/// The stem's conv and batch norm.
+fn stem(
+    b: &mut ParamBuilder,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+) -> Result<(Box<dyn Module>, Box<dyn Module>)> {
+    Ok((
+        Box::new(Conv2d::new(
+            b,
+            "conv1",
+            (c_in, c_out, k),
+            stride,
+            k / 2,
+            false,
+        )?),
+        Box::new(BatchNorm2d::new(b, "bn1", c_out, false)?),
+    ))
+}
+
+/// Stages of blocks, named `layer1`, `layer2`, ...
 #[allow(clippy::too_many_arguments)]
 fn build_stages(
     b: &mut ParamBuilder,
@@ -129,9 +270,10 @@ fn build_stages(
     first_stride: usize,
     bottleneck: bool,
     zero_init: bool,
-) -> Result<(Vec<Block>, usize)> {
-    let mut blocks = Vec::new();
+) -> Result<(Vec<Box<dyn Module>>, usize)> {
+    let mut stages: Vec<Box<dyn Module>> = Vec::new();
     for (s, (&p, &d)) in planes.iter().zip(depths).enumerate() {
+        let mut blocks: Vec<Box<dyn Module>> = Vec::new();
         for i in 0..d {
             let stride = if i == 0 && s > 0 {
                 2
@@ -149,11 +291,12 @@ fn build_stages(
                 bottleneck,
                 zero_init,
             )?;
-            blocks.push(blk);
+            blocks.push(Box::new(blk));
             c_in = c_out;
         }
+        stages.push(Box::new(Sequential { layers: blocks }));
     }
-    Ok((blocks, c_in))
+    Ok((stages, c_in))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,16 +349,8 @@ impl ModelConfig for ResNetCifarConfig {
         let n = (self.depth - 2) / 6;
         let (w16, w32, w64) = (c(16.0), c(32.0), c(64.0));
         let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
-        let stem = ConvBn::new(
-            &mut b,
-            "conv1",
-            "bn1",
-            (ctx.input_shape[0], w16, 3),
-            1,
-            1,
-            false,
-        )?;
-        let (blocks, c) = build_stages(
+        let (conv1, bn1) = stem(&mut b, ctx.input_shape[0], w16, 3, 1)?;
+        let (stages, c) = build_stages(
             &mut b,
             w16,
             &[w16, w32, w64],
@@ -225,13 +360,15 @@ impl ModelConfig for ResNetCifarConfig {
             self.zero_init_residual,
         )?;
         let fc = Linear::new(&mut b, "fc", c, ctx.num_classes)?;
-        Ok(Box::new(ResNet {
-            stem,
-            stem_pool: false,
-            blocks,
-            fc,
-            params: b.finish(),
-        }))
+        let root = ResNet {
+            conv1,
+            bn1,
+            maxpool: None,
+            pool_after_first: false,
+            stages,
+            fc: Box::new(fc),
+        };
+        Ok(Box::new(Network::new(Box::new(root), true)?))
     }
 }
 
@@ -258,26 +395,6 @@ fn default_small_channels() -> usize {
 
 impl TimeParams for SmallResNetConfig {}
 
-struct SmallResNet {
-    stem: ConvBn,
-    blocks: [Block; 2],
-    fc: Linear,
-    params: ParamStore,
-}
-
-impl Model for SmallResNet {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.stem.forward(x, train, true)?;
-        let h = self.blocks[0].forward(&h, train)?;
-        let h = ops::max_pool2d(&h, 2, 2, 0)?;
-        let h = self.blocks[1].forward(&h, train)?;
-        self.fc.forward(&ops::global_avg_pool(&h)?)
-    }
-    fn params(&self) -> &ParamStore {
-        &self.params
-    }
-}
-
 impl ModelConfig for SmallResNetConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Model>> {
         let c = self.channels;
@@ -288,24 +405,28 @@ impl ModelConfig for SmallResNetConfig {
             ));
         }
         let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
-        let stem = ConvBn::new(
-            &mut b,
-            "conv1",
-            "bn1",
-            (ctx.input_shape[0], c, 3),
-            1,
-            1,
-            false,
-        )?;
+        let (conv1, bn1) = stem(&mut b, ctx.input_shape[0], c, 3, 1)?;
         let (b0, _) = Block::new(&mut b, "layer1.0", c, c, 1, false, false)?;
         let (b1, _) = Block::new(&mut b, "layer2.0", c, c, 1, false, false)?;
         let fc = Linear::new(&mut b, "fc", c, ctx.num_classes)?;
-        Ok(Box::new(SmallResNet {
-            stem,
-            blocks: [b0, b1],
-            fc,
-            params: b.finish(),
-        }))
+        let stage = |blk: Block| -> Box<dyn Module> {
+            Box::new(Sequential {
+                layers: vec![Box::new(blk)],
+            })
+        };
+        let root = ResNet {
+            conv1,
+            bn1,
+            maxpool: Some(Box::new(MaxPool2d {
+                kernel_size: 2,
+                stride: 2,
+                padding: 0,
+            })),
+            pool_after_first: true,
+            stages: vec![stage(b0), stage(b1)],
+            fc: Box::new(fc),
+        };
+        Ok(Box::new(Network::new(Box::new(root), true)?))
     }
 }
 
@@ -343,16 +464,8 @@ impl ModelConfig for ResNetConfig {
             }
         };
         let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
-        let stem = ConvBn::new(
-            &mut b,
-            "conv1",
-            "bn1",
-            (ctx.input_shape[0], 64, 7),
-            2,
-            3,
-            false,
-        )?;
-        let (blocks, c) = build_stages(
+        let (conv1, bn1) = stem(&mut b, ctx.input_shape[0], 64, 7, 2)?;
+        let (stages, c) = build_stages(
             &mut b,
             64,
             &[64, 128, 256, 512],
@@ -362,13 +475,19 @@ impl ModelConfig for ResNetConfig {
             self.zero_init_residual,
         )?;
         let fc = Linear::new(&mut b, "fc", c, ctx.num_classes)?;
-        Ok(Box::new(ResNet {
-            stem,
-            stem_pool: true,
-            blocks,
-            fc,
-            params: b.finish(),
-        }))
+        let root = ResNet {
+            conv1,
+            bn1,
+            maxpool: Some(Box::new(MaxPool2d {
+                kernel_size: 3,
+                stride: 2,
+                padding: 1,
+            })),
+            pool_after_first: false,
+            stages,
+            fc: Box::new(fc),
+        };
+        Ok(Box::new(Network::new(Box::new(root), true)?))
     }
 }
 

@@ -1,7 +1,8 @@
-use super::layers::{ConvBn, Linear};
+use super::layers::{ConvBnReLU, Linear};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::model::{Model, ParamBuilder, ParamStore};
+use crate::model::{downcast, Module, Network, Sequential};
+use crate::model::{Model, ParamBuilder};
 use crate::plugin::{BindContext, TimeParams};
 use candle_core::Tensor;
 use recipe_kernels as ops;
@@ -23,10 +24,43 @@ fn default_channels() -> Vec<usize> {
 
 impl TimeParams for SmallCnnConfig {}
 
+/// Stages `features.0`, `features.1`, ... (conv, batch norm, ReLU), each but the last followed
+/// by a 2x2 max pool while the image is at least 2x2; global average pool; `fc`.
 struct SmallCnn {
-    stages: Vec<ConvBn>,
-    head: Linear,
-    params: ParamStore,
+    features: Box<dyn Module>,
+    fc: Box<dyn Module>,
+}
+
+impl Module for SmallCnn {
+    fn kind(&self) -> &'static str {
+        "SmallCnn"
+    }
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let stages = match downcast::<Sequential>(self.features.as_ref()) {
+            Some(s) => s.layers.iter().collect::<Vec<_>>(),
+            None => vec![&self.features],
+        };
+        let mut h = x.clone();
+        for (i, s) in stages.iter().enumerate() {
+            h = s.forward(&h, train)?;
+            if i + 1 < stages.len() && h.dim(2)? >= 2 && h.dim(3)? >= 2 {
+                h = ops::max_pool2d(&h, 2, 2, 0)?;
+            }
+        }
+        self.fc.forward(&ops::global_avg_pool(&h)?, train)
+    }
+    fn children(&self) -> Vec<(String, &dyn Module)> {
+        vec![
+            ("features".into(), self.features.as_ref()),
+            ("fc".into(), self.fc.as_ref()),
+        ]
+    }
+    fn children_mut(&mut self) -> Vec<(String, &mut Box<dyn Module>)> {
+        vec![
+            ("features".into(), &mut self.features),
+            ("fc".into(), &mut self.fc),
+        ]
+    }
 }
 
 impl ModelConfig for SmallCnnConfig {
@@ -39,41 +73,21 @@ impl ModelConfig for SmallCnnConfig {
         }
         let mut b = ParamBuilder::new(ctx.seed, &ctx.device);
         let mut c_in = ctx.input_shape[0];
-        let mut stages = Vec::new();
+        let mut stages: Vec<Box<dyn Module>> = Vec::new();
         for (i, &c) in self.channels.iter().enumerate() {
-            stages.push(ConvBn::new(
+            stages.push(Box::new(ConvBnReLU::new(
                 &mut b,
-                &format!("features.{i}.conv"),
-                &format!("features.{i}.bn"),
+                &format!("features.{i}"),
                 (c_in, c, 3),
-                1,
-                1,
-                false,
-            )?);
+            )?));
             c_in = c;
         }
-        let head = Linear::new(&mut b, "fc", c_in, ctx.num_classes)?;
-        Ok(Box::new(SmallCnn {
-            stages,
-            head,
-            params: b.finish(),
-        }))
-    }
-}
-
-impl Model for SmallCnn {
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (i, s) in self.stages.iter().enumerate() {
-            h = s.forward(&h, train, true)?;
-            if i + 1 < self.stages.len() && h.dim(2)? >= 2 && h.dim(3)? >= 2 {
-                h = ops::max_pool2d(&h, 2, 2, 0)?;
-            }
-        }
-        self.head.forward(&ops::global_avg_pool(&h)?)
-    }
-    fn params(&self) -> &ParamStore {
-        &self.params
+        let fc = Linear::new(&mut b, "fc", c_in, ctx.num_classes)?;
+        let root = SmallCnn {
+            features: Box::new(Sequential { layers: stages }),
+            fc: Box::new(fc),
+        };
+        Ok(Box::new(Network::new(Box::new(root), true)?))
     }
 }
 

@@ -12,7 +12,8 @@ use crate::data::{synthetic_splits, DataContext, Loader};
 use crate::engine::{Engine, Named};
 use crate::error::{Error, Result};
 use crate::event::Event;
-use crate::model::Model;
+use crate::model::Surgery;
+use crate::model::{Model, ParamBuilder};
 use crate::optim::Optimizer;
 use crate::plugin::BindContext;
 use crate::recipe::Recipe;
@@ -68,11 +69,36 @@ struct Plugins {
 /// each plugin checks its own settings as it is built. Errors are located in the recipe.
 fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
     let locate = |e: Error| recipe.source.locate(e);
-    let model = recipe
+    let mut model = recipe
         .model
         .config
         .build(&ctx.with_path("model"))
         .map_err(locate)?;
+    let mut engine = Engine::default();
+    for a in &recipe.algorithms {
+        let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
+        engine.algorithms.push(Named {
+            label: checkpoint::plugin_key(&a.path, &a.name),
+            inner,
+        });
+    }
+    // The surgery point: each algorithm, in recipe order, may rewrite the model before the
+    // optimizer collects its parameters. New modules draw from a stream of their own.
+    for (a, named) in recipe.algorithms.iter().zip(&mut engine.algorithms) {
+        let mut s = Surgery {
+            model: model.as_mut(),
+            params: ParamBuilder::stream(
+                ctx.seed,
+                &format!("surgery/{}", named.label),
+                &ctx.device,
+            ),
+            by: named.label.clone(),
+        };
+        named.inner.surgery(&mut s).map_err(|e| match e {
+            Error::Recipe { .. } => locate(e),
+            e => locate(Error::recipe(&a.path, e.to_string())),
+        })?;
+    }
     let optimizer = recipe
         .optimizer
         .config
@@ -85,14 +111,6 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
         )),
         None => None,
     };
-    let mut engine = Engine::default();
-    for a in &recipe.algorithms {
-        let inner = a.config.build(&ctx.with_path(&a.path)).map_err(locate)?;
-        engine.algorithms.push(Named {
-            label: checkpoint::plugin_key(&a.path, &a.name),
-            inner,
-        });
-    }
     for c in &recipe.callbacks {
         let inner = c.config.build(&ctx.with_path(&c.path)).map_err(locate)?;
         engine.callbacks.push(Named {

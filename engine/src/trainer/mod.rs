@@ -366,25 +366,20 @@ impl Trainer {
 
     fn train_batch(&mut self) -> Result<()> {
         self.event(Event::BatchStart)?;
-        self.event(Event::BeforeTrainBatch)?;
-        let n = self.batch()?.len();
-        let (loss_value, correct) = match self.microbatch {
-            Some(m) if m < n => self.train_microbatches(m)?,
-            _ => self.forward_backward(None)?,
-        };
-        let n = n as u64;
-        let m = &mut self.state.epoch_metrics;
-        m.loss_sum += loss_value;
-        m.correct += correct;
-        m.samples += n;
-        m.batches += 1;
-        self.state.last_loss = Some(loss_value);
-        self.state.outputs = None;
-        self.state.loss = None;
-        // As in Composer, AFTER_TRAIN_BATCH comes before the optimizer step, with the whole
-        // batch's gradient (every microbatch's, summed) in `state.grads`: where gradients are
-        // clipped or measured. The step's result is seen from BATCH_END on.
-        self.event(Event::AfterTrainBatch)?;
+        let n = self.batch()?.len() as u64;
+        let loss_value = self.train_pass(true)?;
+        // A closure-style step (SAM): an algorithm may ask for the batch to run again, with
+        // what it changed, before the optimizer steps.
+        let mut passes = 1;
+        while self.wants_again()? {
+            passes += 1;
+            if passes > 16 {
+                return Err(Error::msg(
+                    "the algorithms asked for more than 16 passes over one batch; one of them never lets the step finish",
+                ));
+            }
+            self.train_pass(false)?;
+        }
         if let Some(grads) = self.state.grads.take() {
             let st = &mut self.state;
             st.optimizer.step(st.model.params(), &grads, st.lr)?;
@@ -403,6 +398,45 @@ impl Trainer {
         }
         self.event(Event::BatchCheckpoint)?;
         self.serve_checkpoint_requests()
+    }
+
+    /// Whether an algorithm asks for another pass over the batch ([`crate::algorithm::Algorithm::again`]).
+    fn wants_again(&mut self) -> Result<bool> {
+        for a in &mut self.engine.algorithms {
+            if a.inner
+                .again(&mut self.state)
+                .map_err(|e| Error::msg(format!("{} failed before the step: {e}", a.label)))?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// BEFORE_TRAIN_BATCH, the forward and backward passes (in microbatches when the recipe
+    /// asks), AFTER_TRAIN_BATCH. As in Composer, AFTER_TRAIN_BATCH comes before the optimizer
+    /// step, with the whole batch's gradient (every microbatch's, summed) in `state.grads`: where
+    /// gradients are clipped or measured. The step's result is seen from BATCH_END on. The
+    /// first pass of a batch counts in the epoch's metrics; returns its loss.
+    fn train_pass(&mut self, first: bool) -> Result<f64> {
+        self.event(Event::BeforeTrainBatch)?;
+        let n = self.batch()?.len();
+        let (loss_value, correct) = match self.microbatch {
+            Some(m) if m < n => self.train_microbatches(m)?,
+            _ => self.forward_backward(None)?,
+        };
+        if first {
+            let m = &mut self.state.epoch_metrics;
+            m.loss_sum += loss_value;
+            m.correct += correct;
+            m.samples += n as u64;
+            m.batches += 1;
+            self.state.last_loss = Some(loss_value);
+        }
+        self.state.outputs = None;
+        self.state.loss = None;
+        self.event(Event::AfterTrainBatch)?;
+        Ok(loss_value)
     }
 
     /// The forward pass, the loss and the backward pass of the batch in `state.batch`, with their
