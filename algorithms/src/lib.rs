@@ -5,6 +5,7 @@
 //! plugin registrations.
 
 pub mod autolrs;
+pub mod colout;
 pub mod cutmix;
 pub mod cutout;
 pub mod ema;
