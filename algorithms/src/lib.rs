@@ -16,3 +16,4 @@ pub mod mixup;
 pub mod progressive_resizing;
 pub mod scale_schedule;
 pub mod selective_backprop;
+pub mod swa;
