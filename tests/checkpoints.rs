@@ -40,6 +40,8 @@ algorithms:
   - {name: mixup, alpha: 0.2}
   - {name: cutout, length: 0.25}
   - {name: selective_backprop, start: 0.25dur, end: 0.75dur, keep: 0.5}
+  - {name: colout, p_row: 0.1, p_col: 0.1, stop: 10ba}
+  - {name: swa, swa_start: 3ba, swa_end: 10ba, update_interval: 1ep, schedule_swa_lr: true, swa_lr: 0.001, anneal_steps: 2, anneal_strategy: cos}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}
