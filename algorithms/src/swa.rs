@@ -181,35 +181,35 @@ struct Swa {
     average: Option<Vec<Tensor>>,
 }
 
+/// The update event and how many of them between updates: `ba` counts batch ends, a whole
+/// number of `ep` epoch ends.
+fn cadence(t: &Time, ctx: &BindContext) -> Result<(Cadence, u64)> {
+    let key = format!("{}.update_interval", ctx.path);
+    match t.unit {
+        TimeUnit::Batch => Ok((Cadence::Batch, ctx.interval("update_interval", t)?)),
+        TimeUnit::Epoch if t.value >= 1.0 && t.value.fract() == 0.0 => {
+            Ok((Cadence::Epoch, t.value as u64))
+        }
+        TimeUnit::Epoch => Err(Error::recipe_hint(
+            key,
+            format!("{t} is not a whole number of epochs: epoch updates come at epoch ends"),
+            format!(
+                "give a whole number of epochs, or batches ({}ba here)",
+                recipe_engine::time::round_batches(t.value * ctx.clock.batches_per_epoch as f64)
+            ),
+        )),
+        _ => Err(Error::recipe_hint(
+            key,
+            format!("{t}: SWA updates at batch ends or at epoch ends"),
+            "give the interval in ba (every n batches) or ep (every n epochs), e.g. 1ep",
+        )),
+    }
+}
+
 impl AlgorithmConfig for SwaConfig {
     fn build(&self, ctx: &BindContext) -> Result<Box<dyn Algorithm>> {
         let key = |k: &str| format!("{}.{k}", ctx.path);
-        let t = &self.update_interval;
-        let (cadence, every) =
-            match t.unit {
-                TimeUnit::Batch => (Cadence::Batch, ctx.interval("update_interval", t)?),
-                TimeUnit::Epoch if t.value >= 1.0 && t.value.fract() == 0.0 => {
-                    (Cadence::Epoch, t.value as u64)
-                }
-                TimeUnit::Epoch => {
-                    let bpe = ctx.clock.batches_per_epoch;
-                    return Err(Error::recipe_hint(
-                        key("update_interval"),
-                        format!(
-                            "{t} is not a whole number of epochs: epoch updates come at epoch ends"
-                        ),
-                        format!(
-                            "give a whole number of epochs, or batches ({}ba here)",
-                            recipe_engine::time::round_batches(t.value * bpe as f64)
-                        ),
-                    ));
-                }
-                _ => return Err(Error::recipe_hint(
-                    key("update_interval"),
-                    format!("{t}: SWA updates at batch ends or at epoch ends"),
-                    "give the interval in ba (every n batches) or ep (every n epochs), e.g. 1ep",
-                )),
-            };
+        let (cadence, every) = cadence(&self.update_interval, ctx)?;
         let start = ctx.batches("swa_start", &self.swa_start)?;
         let end = ctx.batches("swa_end", &self.swa_end)?;
         let max = ctx.max_batches();
