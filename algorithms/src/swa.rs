@@ -52,7 +52,6 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::model::ParamKind;
 use recipe_engine::plugin::{BindContext, Policy, TimeParams, TimeVisitor};
 use recipe_engine::state_dict::StateDict;
 use recipe_engine::time::TimeUnit;
@@ -263,9 +262,9 @@ impl AlgorithmConfig for SwaConfig {
                 );
             }
         }
-        // Where the average replaces the weights: at swa_end, or at the end of its epoch when
-        // swa_end ends one and updates come at epoch ends. With no step after it, batch-norm
-        // statistics are never refreshed for the averaged weights (Composer warns too).
+        // The average replaces the weights at swa_end (at its EPOCH_END when it ends an epoch
+        // and updates come at epoch ends). With no step after it, batch-norm statistics are
+        // never refreshed for the averaged weights (Composer warns too).
         if end >= max {
             tracing::warn!(
                 "{}: swa_end {} is the end of the run (batch {max}): the averaged weights get no \
@@ -345,19 +344,6 @@ impl Swa {
             p.var.set(a)?;
         }
         let batch = state.timestamp.batch;
-        if batch >= state.max_batches()
-            && state
-                .model
-                .params()
-                .iter()
-                .any(|p| p.kind == ParamKind::Buffer)
-        {
-            tracing::warn!(
-                "swa: the averaged weights replaced the trained ones at the end of training: \
-                 their batch-norm statistics were not refreshed, which can hurt accuracy; \
-                 end SWA earlier (swa_end)"
-            );
-        }
         tracing::info!(
             "swa: the average of {} snapshots replaces the weights at batch {batch}",
             self.p.updates
@@ -462,6 +448,7 @@ mod tests {
     use super::*;
     use recipe_engine::candle_core::Device;
     use recipe_engine::model::ModelConfig;
+    use recipe_engine::model::ParamKind;
     use recipe_engine::time::{Clock, Timestamp};
 
     fn ctx(bpe: u64, max: u64) -> BindContext {
