@@ -7,6 +7,7 @@
 pub mod autolrs;
 pub mod blurpool;
 pub mod channels_last;
+pub mod colout;
 pub mod cutmix;
 pub mod cutout;
 pub mod ema;
@@ -22,4 +23,5 @@ pub mod scale_schedule;
 pub mod selective_backprop;
 pub mod squeeze_excite;
 pub mod stochastic_depth;
+pub mod swa;
 pub mod weight_standardization;

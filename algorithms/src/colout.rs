@@ -1,22 +1,20 @@
-//! # ColOut: an algorithm plugin from outside the engine
+//! # ColOut
 //!
-//! This crate shows what a plugin author writes: a config (serde), its time parameters, the event
-//! glue, and one `register_algorithm!` line. The engine is not touched. Its binary
-//! (`src/main.rs`) is the `recipe` CLI with this plugin linked in.
-//!
-//! **What.** ColOut (Composer's ColOut, batch-wise): at AFTER_DATALOADER, drop a random fraction
-//! `p_row` of the rows and `p_col` of the columns of every training image of the batch (the same
-//! ones across the batch), which shrinks the images and the cost of the step.
+//! **What.** Drops random rows and columns of the training images (Composer's ColOut, batch-wise):
+//! at AFTER_DATALOADER, keeps `int((1 - p_row) H)` rows and `int((1 - p_col) W)` columns, drawn
+//! at random and kept in their order, the same ones for every image of the batch, so the batch
+//! gets smaller and the step cheaper. Draws are keyed by (seed, batch). Labels are class indices
+//! here, so there are no dense targets to crop with the images (Composer's `resize_target`).
 //!
 //! **When it helps.** Convolutional networks with global pooling on images large enough that
 //! losing a few rows and columns keeps the object; a cheap augmentation and speed-up together.
 //!
-//! **Hyperparameters.** `p_row` (0.15), `p_col` (0.15), Composer's defaults; and, added in this
-//! example to show a time parameter, `stop` (a time after which ColOut is off, default `1dur`:
-//! never; scaled by ScaleSchedule).
+//! **Hyperparameters.** `p_row` (0.15), `p_col` (0.15), Composer's defaults, each a fraction in
+//! [0, 1); `stop` (default `1dur`: never), a time after which ColOut is off so that the last part
+//! of the run trains at full size. `stop` is a time of the run and scales with ScaleSchedule.
 //!
-//! **Expected effect.** About `(1 - p_row)(1 - p_col)` of the pixels, so a faster step; a small
-//! accuracy cost that a few full-size epochs at the end (`stop`) recover.
+//! **Expected effect.** About `(1 - p_row)(1 - p_col)` of the pixels (72% with the defaults), so
+//! a faster step; a small accuracy cost that a few full-size epochs at the end (`stop`) recover.
 
 use candle_core::Tensor;
 use rand::seq::index::sample;
@@ -113,7 +111,7 @@ impl Algorithm for ColOut {
 recipe_engine::register_algorithm!(
     ColOutConfig,
     "colout",
-    "Drops random rows and columns of the batch's images (example plugin from outside the engine).",
+    "Drops random rows and columns (the same across the batch) of each training image.",
     "p_row: 0.15\np_col: 0.15\nstop: 1dur"
 );
 
@@ -144,5 +142,34 @@ mod tests {
             assert!(r.iter().all(|v| (*v as usize / 10) == (r[0] as usize / 10)));
         }
         assert!(rows.windows(2).all(|p| p[0][0] < p[1][0]));
+    }
+
+    #[test]
+    fn fractions_outside_zero_to_one_are_refused_with_their_key() {
+        let ctx =
+            BindContext::standalone(&Device::Cpu, [1, 8, 8], 10, 4).with_path("algorithms[0]");
+        for (p_row, p_col, key) in [
+            (1.0, 0.1, "p_row"),
+            (0.1, -0.1, "p_col"),
+            (f64::NAN, 0.1, "p_row"),
+        ] {
+            let cfg = ColOutConfig {
+                p_row,
+                p_col,
+                stop: whole_run(),
+            };
+            let e = cfg
+                .build(&ctx)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(&format!("algorithms[0].{key}")), "{e}");
+        }
+        let ok = ColOutConfig {
+            p_row: 0.0,
+            p_col: 0.5,
+            stop: whole_run(),
+        };
+        assert!(ok.build(&ctx).is_ok());
     }
 }

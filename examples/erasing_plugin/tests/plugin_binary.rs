@@ -3,7 +3,7 @@
 use std::process::Command;
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_recipe-colout"))
+    Command::new(env!("CARGO_BIN_EXE_recipe-erasing"))
 }
 
 #[test]
@@ -11,9 +11,9 @@ fn list_shows_the_plugin_next_to_the_builtins() {
     let out = bin().arg("list").output().unwrap();
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("colout"), "{s}");
+    assert!(s.contains("random_erasing"), "{s}");
     assert!(
-        s.contains("label_smoothing") && s.contains("progressive_resizing"),
+        s.contains("label_smoothing") && s.contains("progressive_resizing") && s.contains("colout"),
         "{s}"
     );
 }
@@ -25,7 +25,7 @@ fn runs_a_recipe_that_uses_the_plugin_and_scales_its_time() {
     std::fs::write(
         &recipe,
         "max_duration: 6ba\neval_interval: 6ba\ndata: {name: fashion_mnist_mini, batch_size: 16, train_subset: 64, eval_subset: 32}\n\
-         model: {name: small_cnn, channels: [4, 8]}\noptimizer: {name: sgd, lr: 0.05}\nalgorithms:\n  - {name: colout, p_row: 0.2, p_col: 0.2, stop: 4ba}\n",
+         model: {name: small_cnn, channels: [4, 8]}\noptimizer: {name: sgd, lr: 0.05}\nalgorithms:\n  - {name: random_erasing, p: 0.8, value: random, stop: 4ba}\n",
     )
     .unwrap();
     let out = bin()

@@ -1,4 +1,0 @@
-use recipe_colout_plugin as _; // keep the plugin's registration in the binary
-fn main() -> std::process::ExitCode {
-    recipe::cli::main()
-}
