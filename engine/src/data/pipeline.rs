@@ -12,6 +12,11 @@
 //! Random draws come from the generator the loader keys by (seed, epoch, sample position), in the
 //! order of the list, and never depend on the decoded pixels: a sample is the same whatever the
 //! thread that makes it, and a resumed run makes the same samples.
+//!
+//! Training pipelines may also carry per-sample augmentations of the resampled 8-bit picture
+//! (RandAugment, AugMix: [`super::augment`]), handed over by algorithms; they run after the
+//! resampling, in recipe order, before the flip and normalisation, and draw from the same
+//! generator after the transforms.
 
 use super::augment::SampleAugment;
 use super::image::{decode, Image, Sample, REDUCTIONS};
