@@ -4,6 +4,7 @@
 //! A binary must name this crate (`use recipe_algorithms as _;`) so that the linker keeps the
 //! plugin registrations.
 
+pub mod augmix;
 pub mod autolrs;
 pub mod cutmix;
 pub mod cutout;
@@ -13,5 +14,6 @@ pub mod label_smoothing;
 pub mod mixing;
 pub mod mixup;
 pub mod progressive_resizing;
+pub mod randaugment;
 pub mod scale_schedule;
 pub mod selective_backprop;
