@@ -40,6 +40,8 @@ algorithms:
   - {name: mixup, alpha: 0.2}
   - {name: cutout, length: 0.25}
   - {name: selective_backprop, start: 0.25dur, end: 0.75dur, keep: 0.5}
+  - {name: randaugment}
+  - {name: augmix}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}
