@@ -51,6 +51,8 @@ algorithms:
   - channels_last
   - {name: colout, p_row: 0.1, p_col: 0.1, stop: 10ba}
   - {name: swa, swa_start: 3ba, swa_end: 10ba, update_interval: 1ep, schedule_swa_lr: true, swa_lr: 0.001, anneal_steps: 2, anneal_strategy: cos}
+  - {name: randaugment}
+  - {name: augmix}
 callbacks:
   - {name: checkpoint, interval: 1ba, keep_last: 0}
   - {name: checkpoint, interval: 1ep, folder: epochs, keep_last: 2}

@@ -393,3 +393,38 @@ fn every_shipped_recipe_is_valid_and_runs_on_synthetic_data() {
         assert!(rd.join("model.safetensors").is_file(), "{file}");
     }
 }
+
+#[test]
+fn bad_augmentation_settings_name_their_key() {
+    for (block, key, what) in [
+        (
+            "{name: randaugment, severity: 12}",
+            "algorithms[0].severity",
+            "not in [0, 10]",
+        ),
+        (
+            "{name: randaugment, depth: -2}",
+            "algorithms[0].depth",
+            "negative",
+        ),
+        ("{name: augmix, depth: 0}", "algorithms[0].depth", "-1"),
+        (
+            "{name: augmix, width: 0}",
+            "algorithms[0].width",
+            "at least 1",
+        ),
+        (
+            "{name: augmix, alpha: 0}",
+            "algorithms[0].alpha",
+            "positive",
+        ),
+        (
+            "{name: augmix, augmentation_set: most}",
+            "augmentation_set",
+            "safe",
+        ),
+    ] {
+        let e = show_fails(&format!("{TINY}algorithms:\n  - {block}\n"), &[]);
+        assert!(e.contains(key) && e.contains(what), "{block}: {e}");
+    }
+}

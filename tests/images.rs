@@ -213,6 +213,33 @@ fn batches_do_not_depend_on_workers_and_resume_mid_epoch_is_bitwise() {
     );
 }
 
+/// RandAugment and AugMix on RGB (and grey, converted) JPEG and PNG files: the batches do not
+/// depend on the number of loader threads, a resumed run is bitwise the uninterrupted one, and
+/// the augmentations change what is trained on.
+#[test]
+fn randaugment_and_augmix_on_a_folder_do_not_depend_on_workers_and_resume_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = folder(dir.path());
+    let plain = write_recipe(dir.path(), "plain.yaml", &small(&root));
+    let text = small(&root).replace(
+        "callbacks:",
+        "algorithms:\n  - {name: randaugment}\n  - {name: augmix}\ncallbacks:",
+    );
+    let recipe = write_recipe(dir.path(), "aug.yaml", &text);
+    let one = dir.path().join("one");
+    ok(&train(&recipe, &one, &["--set", "data.workers=1"]));
+    let four = dir.path().join("four");
+    ok(&train(&recipe, &four, &["--set", "data.workers=4"]));
+    assert!(
+        weights(&one) == weights(&four),
+        "the worker count changed the weights"
+    );
+    let unaugmented = dir.path().join("plain");
+    ok(&train(&plain, &unaugmented, &["--set", "data.workers=1"]));
+    assert!(weights(&one) != weights(&unaugmented));
+    resumes_bitwise(&recipe, &one, &[3]);
+}
+
 /// Resumes `recipe` from `whole`'s checkpoint at each of `batches`, in a new run folder, and
 /// checks that it ends with `whole`'s weights, bit for bit.
 fn resumes_bitwise(recipe: &Path, whole: &Path, batches: &[u64]) {

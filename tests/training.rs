@@ -446,6 +446,40 @@ fn mixup_and_cutmix_train_and_compose_with_label_smoothing() {
     }
 }
 
+/// RandAugment and AugMix augment the grey Fashion-MNIST pictures (read by the idx reader) in
+/// the training loader: each changes the training loss, the same seed gives the same weights bit
+/// for bit, and evaluation is untouched by them.
+#[test]
+fn randaugment_and_augmix_train_on_grey_pictures_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, plain) = train(dir.path(), TINY, None, &[], "plain");
+    let plain_loss = metrics(&dir.path().join("plain"), "train/loss");
+    for (name, block) in [
+        ("randaugment", "{name: randaugment}"),
+        ("augmix", "{name: augmix}"),
+        (
+            "both",
+            "{name: randaugment, depth: 1}\n  - {name: augmix, width: 2}",
+        ),
+    ] {
+        let text = format!("{TINY}algorithms:\n  - {block}\n");
+        let (a, s) = train(dir.path(), &text, None, &[], name);
+        let (b, _) = train(dir.path(), &text, None, &[], &format!("{name}_again"));
+        let wa = a.state.model.params().flat_values().unwrap();
+        let wb = b.state.model.params().flat_values().unwrap();
+        assert!(
+            wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: same seed, different weights"
+        );
+        let loss = metrics(&dir.path().join(name), "train/loss");
+        assert_eq!(loss.len(), plain_loss.len());
+        assert!(loss.iter().all(|l| l.is_finite()));
+        assert_ne!(loss, plain_loss, "{name} changed nothing");
+        let e = s.final_eval.unwrap();
+        assert!(e.loss.is_finite() && e.samples == plain.final_eval.as_ref().unwrap().samples);
+    }
+}
+
 /// Selective backprop trains the selecting steps on `keep` of the batch (every second step with
 /// `interrupt: 2`), within its window of the run.
 #[test]

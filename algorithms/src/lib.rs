@@ -4,6 +4,7 @@
 //! A binary must name this crate (`use recipe_algorithms as _;`) so that the linker keeps the
 //! plugin registrations.
 
+pub mod augmix;
 pub mod autolrs;
 pub mod blurpool;
 pub mod channels_last;
@@ -18,6 +19,7 @@ pub mod layer_freezing;
 pub mod mixing;
 pub mod mixup;
 pub mod progressive_resizing;
+pub mod randaugment;
 pub mod sam;
 pub mod scale_schedule;
 pub mod selective_backprop;

@@ -44,6 +44,13 @@ pub trait Algorithm {
     fn batch_size_hook(&self) -> Option<crate::data::SizeForBatch> {
         None
     }
+    /// A per-sample augmentation of the training pictures (RandAugment, AugMix), which the
+    /// training loader runs on each decoded, cropped 8-bit picture before normalisation, drawing
+    /// from the sample's own generator: called once, after binding. Several algorithms may each
+    /// hand one; they run in recipe order.
+    fn sample_augment(&self) -> Option<crate::data::SampleAugment> {
+        None
+    }
 }
 
 pub trait AlgorithmConfig: PluginConfig {

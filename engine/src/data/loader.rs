@@ -6,6 +6,7 @@
 //! the result and a run can restart at any batch of an epoch. Memory holds at most `prefetch`
 //! batches ahead, whatever the dataset's size.
 
+use super::augment::SampleAugment;
 use super::image::Sample;
 use super::pipeline::{self, Pipeline, RandomCrop, Scratch, Transform};
 use super::{Batch, Dataset, DatasetInfo};
@@ -350,6 +351,7 @@ impl Loader {
                 channels: c,
                 normalize,
                 reduced_decode: cfg.reduced_decode,
+                augments: Vec::new(),
             }),
             info,
             batch_size,
@@ -383,6 +385,12 @@ impl Loader {
     /// decodes and crops straight to it).
     pub fn set_size_for_batch(&mut self, f: SizeForBatch) {
         self.size_for_batch = Some(f);
+    }
+
+    /// Adds a per-sample augmentation of the 8-bit pictures (after those added before), run on
+    /// every sample this loader makes: the trainer adds the algorithms' to the training loader.
+    pub fn add_sample_augment(&mut self, f: SampleAugment) {
+        Arc::make_mut(&mut self.pipeline).augments.push(f);
     }
 
     pub fn len(&self) -> usize {
@@ -628,6 +636,35 @@ mod tests {
         assert_eq!(a, collect(&l, 0, 0));
         assert_eq!(&a[3..], &collect(&l, 0, 3)[..]);
         assert_ne!(a, collect(&l, 1, 0));
+    }
+
+    /// A per-sample augmentation draws from the sample's own generator: the batches do not
+    /// depend on the number of worker threads, and the same seed gives the same batches.
+    #[test]
+    fn sample_augments_do_not_depend_on_workers() {
+        use crate::data::augment::AugmentationSet;
+        // RandAugment's chain: two operations of the whole set at severity 9.
+        let aug: SampleAugment = Arc::new(|img, rng| {
+            for _ in 0..2 {
+                *img = AugmentationSet::All.choose(rng).apply(img, 9.0, rng);
+            }
+            Ok(())
+        });
+        let plain = collect(&loader(true, cfg()), 0, 0);
+        let mut runs = Vec::new();
+        for workers in [1, 4, 4] {
+            let mut c = cfg();
+            c.workers = Some(workers);
+            let mut l = loader(true, c);
+            l.add_sample_augment(aug.clone());
+            runs.push(collect(&l, 0, 0));
+        }
+        assert_eq!(runs[0], runs[1]);
+        assert_eq!(runs[1], runs[2]);
+        assert_ne!(runs[0], plain, "the augmentation changed nothing");
+        // The labels and the order are the plain run's: only pixels change.
+        let labels = |r: &[(Vec<f32>, Vec<u32>)]| r.iter().map(|b| b.1.clone()).collect::<Vec<_>>();
+        assert_eq!(labels(&runs[0]), labels(&plain));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! pipeline, the recipe's `data` block, and the loaders that prepare batches on all cores while
 //! the current batch trains.
 
+pub mod augment;
 mod cifar;
 mod folder;
 mod idx;
@@ -11,6 +12,7 @@ pub mod pipeline;
 mod shards;
 mod synthetic;
 
+pub use augment::{AugmentationSet, SampleAugment};
 pub use cifar::{Cifar100Config, Cifar10Config, CifarSet};
 pub use folder::{list_classes, ImageFolder, ImageFolderConfig};
 pub use idx::{read_idx, Idx, ImageSet};

@@ -12,7 +12,13 @@
 //! Random draws come from the generator the loader keys by (seed, epoch, sample position), in the
 //! order of the list, and never depend on the decoded pixels: a sample is the same whatever the
 //! thread that makes it, and a resumed run makes the same samples.
+//!
+//! Training pipelines may also carry per-sample augmentations of the resampled 8-bit picture
+//! (RandAugment, AugMix: [`super::augment`]), handed over by algorithms; they run after the
+//! resampling, in recipe order, before the flip and normalisation, and draw from the same
+//! generator after the transforms.
 
+use super::augment::SampleAugment;
 use super::image::{decode, Image, Sample, REDUCTIONS};
 use crate::error::{Error, Result};
 use fast_image_resize as fir;
@@ -337,7 +343,7 @@ pub fn reduction(view: &View) -> usize {
 }
 
 /// What the pipeline does with each sample.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Pipeline {
     pub transforms: Vec<Transform>,
     /// Channels of the output (1 or 3): files are converted to it.
@@ -346,6 +352,22 @@ pub struct Pipeline {
     pub normalize: Option<(Vec<f32>, Vec<f32>)>,
     /// Decode JPEGs at a DCT reduction when the output is at most half the window.
     pub reduced_decode: bool,
+    /// Augmentations of the resampled 8-bit picture (RandAugment, AugMix), in order, after the
+    /// transforms' draws and before the flip and normalisation; they draw from the sample's
+    /// generator after the transforms.
+    pub augments: Vec<SampleAugment>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("transforms", &self.transforms)
+            .field("channels", &self.channels)
+            .field("normalize", &self.normalize)
+            .field("reduced_decode", &self.reduced_decode)
+            .field("augments", &self.augments.len())
+            .finish()
+    }
 }
 
 /// Reusable per-thread buffers.
@@ -410,9 +432,41 @@ impl Pipeline {
                 out.len()
             )));
         }
-        let pixels = resample(&img, &v, scratch)?;
+        let mut pixels = resample(&img, &v, scratch)?;
+        if !self.augments.is_empty() {
+            pixels = self.augment(pixels, ow, oh, rng, what)?;
+        }
         self.write(&pixels, ow, oh, v.flip, out);
         Ok(())
+    }
+
+    /// Runs the augmentations, in order, on the `w` x `h` resampled picture.
+    fn augment(
+        &self,
+        pixels: Vec<u8>,
+        w: usize,
+        h: usize,
+        rng: &mut impl Rng,
+        what: &Path,
+    ) -> Result<Vec<u8>> {
+        let mut img = Image::new(w, h, self.channels, pixels);
+        for f in &self.augments {
+            f(&mut img, rng)?;
+            if (img.width, img.height, img.channels) != (w, h, self.channels)
+                || img.data.len() != w * h * self.channels
+            {
+                return Err(Error::msg(format!(
+                    "{}: a per-sample augmentation changed the {w}x{h}x{} picture into {}x{}x{} ({} bytes); augmentations must keep the size",
+                    what.display(),
+                    self.channels,
+                    img.width,
+                    img.height,
+                    img.channels,
+                    img.data.len()
+                )));
+            }
+        }
+        Ok(img.data)
     }
 
     /// Interleaved bytes to channel-major floats in [0, 1], mirrored if asked, normalised.
@@ -558,6 +612,7 @@ mod tests {
             channels,
             normalize: None,
             reduced_decode: true,
+            augments: Vec::new(),
         }
     }
 
@@ -671,6 +726,43 @@ mod tests {
             seen_flip |= px[3..6] == [6, 5, 4];
         }
         assert!(seen_flip);
+    }
+
+    #[test]
+    fn augments_see_the_resampled_bytes_and_must_keep_their_size() {
+        // The augment sees the 4x2 resized picture, before normalisation and the flip.
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let mut p = pipeline("[{resize: 2}, random_horizontal_flip]", 1);
+        p.normalize = Some((vec![0.5], vec![0.5]));
+        p.augments.push(std::sync::Arc::new(move |img, _| {
+            s2.lock()
+                .unwrap()
+                .push((img.width, img.height, img.channels));
+            img.data.iter_mut().for_each(|v| *v = 255 - *v);
+            Ok(())
+        }));
+        let img = Image::new(8, 4, 1, vec![0; 32]);
+        let out = run(&p, img.clone(), 0);
+        assert_eq!(*seen.lock().unwrap(), vec![(4, 2, 1)]);
+        assert!(out.iter().all(|&v| v == 1.0), "{out:?}"); // (1 - 0.5) / 0.5
+                                                           // An augment that changes the size is an error, not a wrong batch.
+        p.augments = vec![std::sync::Arc::new(|img, _| {
+            img.width += 1;
+            Ok(())
+        })];
+        let mut out = vec![0.0; 8];
+        let e = p
+            .run(
+                Sample::Decoded(img),
+                None,
+                &mut crate::rng::stream(0, "t"),
+                Path::new("x.png"),
+                &mut Scratch::default(),
+                &mut out,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("must keep the size"), "{e}");
     }
 
     #[test]

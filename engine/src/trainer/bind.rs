@@ -238,6 +238,9 @@ impl Trainer {
             if let Some(f) = a.inner.batch_size_hook() {
                 train.set_size_for_batch(f);
             }
+            if let Some(f) = a.inner.sample_augment() {
+                train.add_sample_augment(f);
+            }
         }
         let base_lr = recipe.optimizer.config.lr();
         let state = State {
