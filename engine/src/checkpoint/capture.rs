@@ -120,6 +120,50 @@ fn cannot_resume(ckpt: &Checkpoint, e: Error) -> Error {
     Error::msg(format!("cannot resume from {}: {e}", ckpt.path.display()))
 }
 
+/// How the checkpoint's module tree differs from the run's, if it does: only when the rewrites
+/// differ with `rewrites_only`.
+fn tree_mismatch(ckpt: &Checkpoint, state: &State, rewrites_only: bool) -> Option<Error> {
+    let theirs = ckpt.meta.architecture.as_ref()?;
+    let net = state.model.network()?;
+    let ours = net.architecture();
+    if *theirs == ours {
+        return None;
+    }
+    let same_rewrites = ckpt.meta.rewrites.as_slice() == net.rewrites();
+    if same_rewrites && rewrites_only {
+        return None;
+    }
+    let first = theirs
+        .iter()
+        .zip(&ours)
+        .find(|(a, b)| a != b)
+        .map(|(a, b)| format!("the checkpoint has `{a}` where this run builds `{b}`"))
+        .unwrap_or_else(|| {
+            format!(
+                "the checkpoint's model has {} modules, this run's {}",
+                theirs.len(),
+                ours.len()
+            )
+        });
+    if same_rewrites {
+        return Some(Error::msg(format!(
+            "its model is built differently: {first}; resume with the model settings it was written with"
+        )));
+    }
+    let said = |r: &[String]| {
+        if r.is_empty() {
+            "none".to_string()
+        } else {
+            r.join("; ")
+        }
+    };
+    Some(Error::msg(format!(
+        "its model was rewritten differently: {first}\n  the checkpoint's rewrites: {}\n  this run's rewrites: {}\n  hint: resume with the algorithms that wrote it (module surgery is part of the model)",
+        said(&ckpt.meta.rewrites),
+        said(net.rewrites())
+    )))
+}
+
 /// Checks, without changing anything, that a checkpoint can be restored into a built run: a
 /// value of the right shape for every model parameter, and no state for a plugin the run does
 /// not have (unless `force`). `keys` are the run's plugin keys, the optimizer's included.
@@ -131,35 +175,10 @@ pub fn check_restorable(
 ) -> Result<()> {
     let at = |e: Error| cannot_resume(ckpt, e);
     // Even with --force: weights of a tree rewritten differently would load into modules that
-    // mean something else (a blurred convolution's kernel into a plain one).
-    if let (Some(theirs), Some(net)) = (&ckpt.meta.architecture, state.model.network()) {
-        let ours = net.architecture();
-        if *theirs != ours {
-            let first = theirs
-                .iter()
-                .zip(&ours)
-                .find(|(a, b)| a != b)
-                .map(|(a, b)| format!("the checkpoint has `{a}` where this run builds `{b}`"))
-                .unwrap_or_else(|| {
-                    format!(
-                        "the checkpoint's model has {} modules, this run's {}",
-                        theirs.len(),
-                        ours.len()
-                    )
-                });
-            let said = |r: &[String]| {
-                if r.is_empty() {
-                    "none".to_string()
-                } else {
-                    r.join("; ")
-                }
-            };
-            return Err(at(Error::msg(format!(
-                "its model was rewritten differently: {first}\n  the checkpoint's rewrites: {}\n  this run's rewrites: {}\n  hint: resume with the algorithms that wrote it (module surgery is part of the model)",
-                said(&ckpt.meta.rewrites),
-                said(net.rewrites())
-            ))));
-        }
+    // mean something else (a blurred convolution's kernel into a plain one). A different
+    // rewrite is named first; another model otherwise shows in its names and shapes first.
+    if let Some(e) = tree_mismatch(ckpt, state, true) {
+        return Err(at(e));
     }
     let saved = ckpt.model_tensors();
     for p in state.model.params().iter() {
@@ -177,6 +196,9 @@ pub fn check_restorable(
                 p.var.dims()
             ))));
         }
+    }
+    if let Some(e) = tree_mismatch(ckpt, state, false) {
+        return Err(at(e));
     }
     let extra: Vec<&str> = ckpt
         .meta
