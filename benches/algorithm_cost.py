@@ -28,6 +28,19 @@ ALGORITHMS = [
     ("ema", "[{name: ema, half_life: 100ba}]"),
     ("selective_backprop (always on)", "[{name: selective_backprop, start: 0dur, end: 1dur, interrupt: 0}]"),
     ("progressive_resizing (scale 0.5 throughout)", "[{name: progressive_resizing, initial_scale: 0.5, delay: 1dur, finetune: 0dur}]"),
+    ("colout", "[{name: colout}]"),
+    ("randaugment", "[{name: randaugment}]"),
+    ("augmix", "[{name: augmix}]"),
+    ("sam (interval 1)", "[{name: sam}]"),
+    ("sam (interval 10)", "[{name: sam, interval: 10}]"),
+    ("swa (averaging from the start, every batch)", "[{name: swa, swa_start: 0dur, swa_end: 1dur, update_interval: 1ba}]"),
+    ("blurpool", "[{name: blurpool}]"),
+    ("squeeze_excite (min_channels 64)", "[{name: squeeze_excite, min_channels: 64}]"),
+    ("ghost_batchnorm", "[{name: ghost_batchnorm}]"),
+    ("weight_standardization", "[{name: weight_standardization}]"),
+    ("stochastic_depth (block)", "[{name: stochastic_depth}]"),
+    ("stochastic_depth (sample)", "[{name: stochastic_depth, stochastic_method: sample}]"),
+    ("channels_last", "[{name: channels_last}]"),
 ]
 
 

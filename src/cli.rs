@@ -551,7 +551,7 @@ fn show(args: &RecipeArgs) -> Result<()> {
     let mut before = load(args, &[], false)?;
     let mut after = load(args, &[], true)?;
     // What `run` would refuse, `show` refuses too (all but the data files themselves).
-    recipe_engine::trainer::validate(&after)?;
+    let model = recipe_engine::trainer::validate(&after)?;
     let yaml = recipe_engine::serde_yaml::to_string(&after.resolved_yaml()).unwrap_or_default();
     println!(
         "# resolved recipe (scale ratio {})\n{yaml}",
@@ -592,6 +592,10 @@ fn show(args: &RecipeArgs) -> Result<()> {
         ]);
     }
     print!("{}", format_table(&table));
+    println!("\n# model: {} trained parameters", model.trainable);
+    for r in &model.rewrites {
+        println!("# surgery {r}");
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use recipe_engine::candle_core::{DType, Device, Tensor};
 use recipe_engine::model::{Model, ModelConfig, Module, Param};
 use recipe_engine::models::ResNetCifarConfig;
 use recipe_engine::plugin::BindContext;
+use recipe_engine::trainer::Trainer;
 
 const RESNET: &str = "\
 name: surgery
@@ -113,11 +114,38 @@ fn a_rewritten_tree_computes_what_the_fused_one_does() {
     );
 }
 
+/// RESNET trained with `algos` (a YAML list) in `dir/name`.
+fn with_algorithms(dir: &std::path::Path, algos: &str, name: &str) -> Trainer {
+    fit(
+        dir,
+        &format!("{RESNET}algorithms: {algos}\n"),
+        None,
+        &[],
+        name,
+    )
+    .0
+}
+
+/// The values of the parameter `name`.
+fn value(t: &Trainer, name: &str) -> Vec<f32> {
+    t.state
+        .model
+        .params()
+        .get(name)
+        .unwrap()
+        .var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn net_records(m: &dyn Model) -> String {
     m.network().unwrap().rewrites().join("\n")
 }
 
-fn names(t: &recipe_engine::trainer::Trainer) -> Vec<String> {
+fn names(t: &Trainer) -> Vec<String> {
     t.state
         .model
         .params()
@@ -183,16 +211,7 @@ fn surgery_algorithms_train_and_keep_names_and_initial_values() {
 #[test]
 fn stochastic_depth_rates_zero_and_one() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |algos: &str, name: &str| {
-        fit(
-            dir.path(),
-            &format!("{RESNET}algorithms: {algos}\n"),
-            None,
-            &[],
-            name,
-        )
-        .0
-    };
+    let run = |algos: &str, name: &str| with_algorithms(dir.path(), algos, name);
     let plain = run("[]", "plain");
     let zero = run("[{name: stochastic_depth, drop_rate: 0.0}]", "zero");
     let a = plain.state.model.params().flat_values().unwrap();
@@ -202,19 +221,6 @@ fn stochastic_depth_rates_zero_and_one() {
         "[{name: stochastic_depth, drop_rate: 1.0, drop_distribution: uniform}]",
         "all",
     );
-    let value = |t: &recipe_engine::trainer::Trainer, n: &str| {
-        t.state
-            .model
-            .params()
-            .get(n)
-            .unwrap()
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
     let fresh = resnet8_like_recipe(dir.path());
     assert_eq!(
         value(&all, "layer1.0.conv1.weight"),
@@ -237,20 +243,10 @@ fn resnet8_like_recipe(dir: &std::path::Path) -> [Vec<f32>; 2] {
         &["optimizer.lr=0.0"],
         "fresh",
     );
-    let v = |n: &str| {
-        t.state
-            .model
-            .params()
-            .get(n)
-            .unwrap()
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
-    [v("layer1.0.conv1.weight"), v("conv1.weight")]
+    [
+        value(&t, "layer1.0.conv1.weight"),
+        value(&t, "conv1.weight"),
+    ]
 }
 
 /// SAM with a vanishing neighbourhood is plain SGD (the second pass runs at the same weights,
@@ -260,20 +256,11 @@ fn resnet8_like_recipe(dir: &std::path::Path) -> [Vec<f32>; 2] {
 #[test]
 fn sam_with_tiny_rho_is_the_plain_step() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |algos: &str, name: &str| {
-        fit(
-            dir.path(),
-            &format!("{RESNET}algorithms: {algos}\n"),
-            None,
-            &[],
-            name,
-        )
-        .0
-    };
+    let run = |algos: &str, name: &str| with_algorithms(dir.path(), algos, name);
     let plain = run("[]", "plain");
     let tiny = run("[{name: sam, rho: 1.0e-20}]", "tiny");
     let sam = run("[{name: sam, rho: 0.05}]", "sam");
-    let trained = |t: &recipe_engine::trainer::Trainer| -> Vec<f32> {
+    let trained = |t: &Trainer| -> Vec<f32> {
         t.state
             .model
             .params()
@@ -313,18 +300,7 @@ fn layer_freezing_stops_the_first_layers() {
     .unwrap();
     let saved = ckpt.model_tensors();
     let same = |n: &str| {
-        let now = t
-            .state
-            .model
-            .params()
-            .get(n)
-            .unwrap()
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let now = value(&t, n);
         let then = saved[n]
             .to_dtype(DType::F32)
             .unwrap()
@@ -340,22 +316,11 @@ fn layer_freezing_stops_the_first_layers() {
     // 19 layers hold parameters: the stem's conv and norm, 4 per block of three, 2 per shortcut
     // of two, the head; all are frozen at the end of the run.
     assert_eq!(
-        metric_last(&dir.path().join("run"), "layer_freezing/layers_frozen"),
+        metrics(&dir.path().join("run"), "layer_freezing/layers_frozen")
+            .last()
+            .copied(),
         Some(19.0)
     );
-}
-
-fn metric_last(run: &std::path::Path, key: &str) -> Option<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .unwrap()
-                .get(key)
-                .and_then(|v| v.as_f64())
-        })
-        .next_back()
 }
 
 /// The checkpoint records the rewritten tree: resuming it without the rewrite (even with
@@ -379,6 +344,14 @@ fn a_checkpoint_of_a_rewritten_model_refuses_another_tree() {
         &text.replace("algorithms: [{name: blurpool, min_channels: 4}]\n", ""),
     );
     let before = std::fs::read_dir(&run_dir).unwrap().count();
+    // `recipe show` says what the surgery did.
+    let o = run(&["show", recipe.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("# surgery algorithms[0]:blurpool: 4 BlurConv2d at layer2.0.conv1, layer2.0.downsample.0, layer3.0.conv1, layer3.0.downsample.0"),
+        "{}",
+        stdout(&o)
+    );
     let o = train(&plain, &run_dir, &["--resume", ckpt, "--force"]);
     assert!(!o.status.success());
     let e = stderr(&o);

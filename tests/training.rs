@@ -7,19 +7,6 @@ use recipe::load::{load, RecipeArgs};
 use recipe_engine::trainer::Trainer;
 use std::path::Path;
 
-fn metrics(dir: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .unwrap()
-                .get(key)
-                .and_then(|v| v.as_f64())
-        })
-        .collect()
-}
-
 #[test]
 fn loss_falls_on_a_tiny_idx_fixture_and_weights_are_written() {
     let dir = tempfile::tempdir().unwrap();

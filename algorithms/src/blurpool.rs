@@ -25,12 +25,10 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::event::Event;
 use recipe_engine::kernels::{self as ops, Conv2dParams};
 use recipe_engine::model::{downcast, downcast_box, Module, Surgery};
 use recipe_engine::models::layers::{Conv2d, MaxPool2d};
 use recipe_engine::plugin::{BindContext, TimeParams};
-use recipe_engine::State;
 use serde::{Deserialize, Serialize};
 
 /// The pure core: the 3x3 binomial blur of every channel of `x` [N, C, H, W], zero-padded by one,
@@ -149,12 +147,6 @@ impl AlgorithmConfig for BlurPoolConfig {
 }
 
 impl Algorithm for BlurPool {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
     fn surgery(&mut self, s: &mut Surgery) -> Result<()> {
         let by = s.by().to_string();
         let c = self.cfg.clone();

@@ -21,12 +21,10 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::event::Event;
 use recipe_engine::model::Param;
 use recipe_engine::model::{downcast, downcast_box, Module, Surgery};
 use recipe_engine::models::layers::BatchNorm2d;
 use recipe_engine::plugin::{BindContext, TimeParams};
-use recipe_engine::State;
 use serde::{Deserialize, Serialize};
 
 /// The sizes of the chunks `torch.chunk(n_chunks)` makes of `n` samples.
@@ -118,12 +116,6 @@ impl AlgorithmConfig for GhostBatchNormConfig {
 }
 
 impl Algorithm for GhostBn {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
     fn surgery(&mut self, s: &mut Surgery) -> Result<()> {
         let by = s.by().to_string();
         let size = self.size;

@@ -30,7 +30,6 @@ use recipe_engine::data::augment::AugmentationSet;
 use recipe_engine::data::{Image, SampleAugment};
 use recipe_engine::error::{Error, Result};
 use recipe_engine::plugin::{BindContext, TimeParams};
-use recipe_engine::{Event, State};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -108,14 +107,6 @@ impl AlgorithmConfig for RandAugmentConfig {
 }
 
 impl Algorithm for RandAugment {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
-
     fn sample_augment(&self) -> Option<SampleAugment> {
         let (severity, depth, set) = (self.severity, self.depth, self.set);
         Some(Arc::new(

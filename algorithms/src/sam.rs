@@ -20,7 +20,6 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::{DType, Tensor};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::event::Event;
 use recipe_engine::plugin::{BindContext, TimeParams};
 use recipe_engine::State;
 use serde::{Deserialize, Serialize};
@@ -108,12 +107,6 @@ pub fn ascent(grads: &[Option<Tensor>], rho: f64, epsilon: f64) -> Result<Vec<Op
 }
 
 impl Algorithm for Sam {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
     fn again(&mut self, state: &mut State) -> Result<bool> {
         if let Some(held) = self.held.take() {
             // Back from the climb: the optimizer steps from the original weights with the

@@ -21,13 +21,11 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
 use recipe_engine::error::{Error, Result};
-use recipe_engine::event::Event;
 use recipe_engine::kernels as ops;
 use recipe_engine::model::Param;
 use recipe_engine::model::{downcast, downcast_box, Module, Surgery};
 use recipe_engine::models::layers::{Conv2d, Linear};
 use recipe_engine::plugin::{BindContext, TimeParams};
-use recipe_engine::State;
 use serde::{Deserialize, Serialize};
 
 /// The logistic function, from ops that carry gradients.
@@ -136,12 +134,6 @@ impl AlgorithmConfig for SqueezeExciteConfig {
 }
 
 impl Algorithm for SqueezeExcite {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
     fn surgery(&mut self, s: &mut Surgery) -> Result<()> {
         let by = s.by().to_string();
         let cfg = self.cfg.clone();

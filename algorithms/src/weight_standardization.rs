@@ -19,12 +19,10 @@
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::{Tensor, D};
 use recipe_engine::error::{Error, Result};
-use recipe_engine::event::Event;
 use recipe_engine::model::Param;
 use recipe_engine::model::{downcast, downcast_box, Module, Surgery};
 use recipe_engine::models::layers::Conv2d;
 use recipe_engine::plugin::{BindContext, TimeParams};
-use recipe_engine::State;
 use serde::{Deserialize, Serialize};
 
 /// The pure core: `w` [O, I, kh, kw] standardised per output channel (biased variance, eps 1e-10).
@@ -84,12 +82,6 @@ impl AlgorithmConfig for WeightStandardizationConfig {
 }
 
 impl Algorithm for Ws {
-    fn matches(&self, _event: Event, _state: &State) -> bool {
-        false
-    }
-    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
-        Ok(())
-    }
     fn surgery(&mut self, s: &mut Surgery) -> Result<()> {
         let by = s.by().to_string();
         let net = s.network()?;

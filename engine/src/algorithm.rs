@@ -13,8 +13,14 @@ use crate::transform::RecipeTransform;
 /// Dispatch: for one event every algorithm's `matches` is evaluated before any `apply`;
 /// algorithms run in recipe order, reversed on after/end events.
 pub trait Algorithm {
-    fn matches(&self, event: Event, state: &State) -> bool;
-    fn apply(&mut self, event: Event, state: &mut State) -> Result<()>;
+    /// Whether to run at `event`. An algorithm that acts only through the hooks below (module
+    /// surgery, a per-sample augmentation, a second pass) keeps the default: never.
+    fn matches(&self, _event: Event, _state: &State) -> bool {
+        false
+    }
+    fn apply(&mut self, _event: Event, _state: &mut State) -> Result<()> {
+        Ok(())
+    }
     /// State to carry across a checkpoint (counters, moving averages). Most algorithms are a
     /// function of the timestamp and keep none.
     fn state_dict(&self) -> Result<StateDict> {

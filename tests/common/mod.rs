@@ -63,6 +63,20 @@ pub fn fit(
     (t, s)
 }
 
+/// Every value of `key` in a run folder's metrics.jsonl, in order.
+pub fn metrics(dir: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap()
+                .get(key)
+                .and_then(|v| v.as_f64())
+        })
+        .collect()
+}
+
 /// Asserts that two runs ended on the same weights to float rounding.
 pub fn assert_same_weights_to_rounding(
     a: &recipe_engine::trainer::Trainer,

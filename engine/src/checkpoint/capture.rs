@@ -238,37 +238,6 @@ pub fn restore(
         .filter(|k| !keys.contains(&k.as_str()))
         .collect();
     let at = |e: Error| cannot_resume(ckpt, e);
-    // Even with --force: weights of a tree rewritten differently would load into modules that
-    // mean something else (a blurred convolution's kernel into a plain one).
-    if let (Some(theirs), Some(net)) = (&ckpt.meta.architecture, state.model.network()) {
-        let ours = net.architecture();
-        if *theirs != ours {
-            let first = theirs
-                .iter()
-                .zip(&ours)
-                .find(|(a, b)| a != b)
-                .map(|(a, b)| format!("the checkpoint has `{a}` where this run builds `{b}`"))
-                .unwrap_or_else(|| {
-                    format!(
-                        "the checkpoint's model has {} modules, this run's {}",
-                        theirs.len(),
-                        ours.len()
-                    )
-                });
-            let said = |r: &[String]| {
-                if r.is_empty() {
-                    "none".to_string()
-                } else {
-                    r.join("; ")
-                }
-            };
-            return Err(at(Error::msg(format!(
-                "its model was rewritten differently: {first}\n  the checkpoint's rewrites: {}\n  this run's rewrites: {}\n  hint: resume with the algorithms that wrote it (module surgery is part of the model)",
-                said(&ckpt.meta.rewrites),
-                said(net.rewrites())
-            ))));
-        }
-    }
     let saved = ckpt.model_tensors();
     for p in state.model.params().iter() {
         // Present and of the right shape: `check_restorable`.

@@ -140,8 +140,9 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
 /// Checks everything about a recipe that binding checks, without reading its data or opening a
 /// device: the data block, the device's name, the clock from the dataset's declared size, and
 /// every plugin built against it. `recipe show` runs it, so what `show` accepts `run` accepts
-/// too (but for the data files themselves).
-pub fn validate(recipe: &Recipe) -> Result<()> {
+/// too (but for the data files themselves). Returns what the model is once every algorithm's
+/// surgery has run.
+pub fn validate(recipe: &Recipe) -> Result<ModelSummary> {
     let locate = |e: Error| recipe.source.locate(e);
     let info = recipe.checked_data_info().map_err(locate)?;
     device_index(&recipe.device).map_err(locate)?;
@@ -154,7 +155,23 @@ pub fn validate(recipe: &Recipe) -> Result<()> {
         num_classes: info.num_classes,
         path: String::new(),
     };
-    build_plugins(recipe, &ctx).map(|_| ())
+    let p = build_plugins(recipe, &ctx)?;
+    Ok(ModelSummary {
+        trainable: p.model.params().num_trainable(),
+        rewrites: p
+            .model
+            .network()
+            .map_or_else(Vec::new, |n| n.rewrites().to_vec()),
+    })
+}
+
+/// A bound model in brief, for `recipe show`.
+#[derive(Debug, Clone)]
+pub struct ModelSummary {
+    /// Trained scalars, after surgery.
+    pub trainable: usize,
+    /// What each algorithm's surgery did, in recipe order.
+    pub rewrites: Vec<String>,
 }
 
 /// A recipe bound in memory, ready to start in a run folder: nothing is written until

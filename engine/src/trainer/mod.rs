@@ -7,7 +7,7 @@
 mod bind;
 mod resume;
 
-pub use bind::{parse_device, validate, Bound};
+pub use bind::{parse_device, validate, Bound, ModelSummary};
 pub use resume::Resume;
 
 use crate::checkpoint::{self, PluginState, RunInfo};
