@@ -496,3 +496,74 @@ fn evaluation_logs_top5_beside_top1() {
     let e = s.final_eval.unwrap();
     assert_eq!(e.accuracy_top5, top5.last().copied());
 }
+
+/// Logs the LR the trainer holds at each EPOCH_END (a test-only callback).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochEndLrConfig {}
+
+impl recipe_engine::TimeParams for EpochEndLrConfig {}
+
+struct EpochEndLr;
+
+impl recipe_engine::callback::CallbackConfig for EpochEndLrConfig {
+    fn build(
+        &self,
+        _ctx: &recipe_engine::plugin::BindContext,
+    ) -> recipe_engine::Result<Box<dyn recipe_engine::Callback>> {
+        Ok(Box::new(EpochEndLr))
+    }
+}
+
+impl recipe_engine::Callback for EpochEndLr {
+    fn run_event(
+        &mut self,
+        event: recipe_engine::Event,
+        state: &mut recipe_engine::State,
+    ) -> recipe_engine::Result<()> {
+        if event == recipe_engine::Event::EpochEnd {
+            state.log("test/epoch_end_lr", state.lr);
+        }
+        Ok(())
+    }
+}
+
+recipe_engine::register_callback!(
+    EpochEndLrConfig,
+    "test_epoch_end_lr",
+    "Logs the LR at EPOCH_END (tests).",
+    ""
+);
+
+/// A run resumed from the last batch of an epoch (before its EPOCH_END) shows that epoch's end
+/// the LR its last batch trained with, as the uninterrupted run does: the checkpoint carries it.
+#[test]
+fn a_run_resumed_before_an_epoch_end_sees_the_last_batch_lr_there() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 samples / 16 = 4 batches per epoch, 8 batches; a linear schedule changes the LR every
+    // batch.
+    let text = TINY.replace("name: cosine", "name: linear")
+        + "callbacks: [test_epoch_end_lr, {name: checkpoint, interval: 1ba, keep_last: 0}]\n";
+    let (_, whole) = train(dir.path(), &text, None, &[], "whole");
+    let want = metrics(&whole.run_dir, "test/epoch_end_lr");
+    assert_eq!(want.len(), 2);
+    let args = RecipeArgs {
+        file: dir.path().join("whole.yaml"),
+        scale: None,
+        sets: vec![],
+    };
+    let recipe = load(&args, &["json_logger"], true).unwrap();
+    let checkpoint = recipe_engine::checkpoint::Checkpoint::read(
+        &checkpoint_at(&whole.run_dir, 4),
+        &recipe_engine::candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let resume = recipe_engine::trainer::Resume {
+        checkpoint,
+        force: false,
+    };
+    let run = dir.path().join("resumed");
+    let mut t = Trainer::resume(&recipe, &run, resume).unwrap();
+    t.fit().unwrap();
+    assert_eq!(metrics(&run, "test/epoch_end_lr"), want);
+}

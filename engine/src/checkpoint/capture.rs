@@ -102,6 +102,7 @@ pub fn capture(
         epoch_metrics: state.epoch_metrics,
         last_eval: state.last_eval,
         last_loss: state.last_loss,
+        lr: Some(state.lr),
         stop_reason: state.stop_reason.clone(),
         elapsed_seconds: run.elapsed_seconds,
         eval_seconds: run.eval_seconds,
@@ -280,6 +281,9 @@ pub fn restore(
     state.epoch_metrics = m.epoch_metrics;
     state.last_eval = m.last_eval;
     state.last_loss = m.last_loss;
+    if let Some(lr) = m.lr {
+        state.lr = lr;
+    }
     state.stop_reason = m.stop_reason.clone();
     state.last_checkpoint = Some(ckpt.path.clone());
     Ok(m.elapsed_seconds)

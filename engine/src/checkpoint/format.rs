@@ -50,6 +50,10 @@ pub struct CheckpointMeta {
     pub epoch_metrics: EpochMetrics,
     pub last_eval: Option<EvalResult>,
     pub last_loss: Option<f64>,
+    /// The LR of the last batch trained (what an algorithm left it at included): a run resumed
+    /// after the last batch of an epoch shows it at that epoch's end, as the uninterrupted run.
+    #[serde(default)]
+    pub lr: Option<f64>,
     /// Why a stopper ended the run, when one did.
     #[serde(default)]
     pub stop_reason: Option<String>,

@@ -58,6 +58,7 @@ mod tests {
             },
             last_eval: None,
             last_loss: Some(std::f64::consts::PI),
+            lr: Some(0.05),
             stop_reason: None,
             elapsed_seconds: 1.5,
             eval_seconds: 0.5,

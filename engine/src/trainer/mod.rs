@@ -287,7 +287,11 @@ impl Trainer {
             || self.state.timestamp.batch_in_epoch >= bpe
         {
             let epoch = self.state.timestamp.epoch;
-            self.set_lr();
+            // A run resumed after the last batch of an epoch keeps the LR that batch trained
+            // with (restored from the checkpoint) for the epoch's end.
+            if self.state.timestamp.batch_in_epoch < bpe {
+                self.set_lr();
+            }
             if self.state.timestamp.batch_in_epoch == 0 {
                 self.state.epoch_metrics = EpochMetrics::default();
                 self.event(Event::EpochStart)?;
