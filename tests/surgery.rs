@@ -166,6 +166,26 @@ fn surgery_algorithms_train_and_keep_names_and_initial_values() {
         fit(dir.path(), &text, None, &[], run)
     };
     let (plain, _) = init("[]", "plain");
+    // At LR 0 the trained weights stay their initial values: the layers the surgery kept start
+    // bitwise where they start without it.
+    let at_lr0 = |algos: &str, run: &str| {
+        let text = format!("{RESNET}algorithms: {algos}\n");
+        fit(
+            dir.path(),
+            &text,
+            None,
+            &["max_duration=1ba", "optimizer.lr=0.0"],
+            run,
+        )
+        .0
+    };
+    let (p0, s0) = (
+        at_lr0("[]", "plain0"),
+        at_lr0("[{name: squeeze_excite, min_channels: 16}]", "se0"),
+    );
+    for p in p0.state.model.params().trainable() {
+        assert_eq!(value(&p0, &p.name), value(&s0, &p.name), "{}", p.name);
+    }
     let (se, s) = init(
         "[{name: squeeze_excite, min_channels: 16, latent_channels: 0.5}]",
         "se",
