@@ -467,6 +467,19 @@ enum Between<'a> {
 /// step whose layers are still the plain ones: a convolution computes its output's statistics,
 /// a batch norm + ReLU runs inside the convolution after it, and the last batch norm joins the
 /// residual in one pass (`finish_add_relu`).
+fn used_after_failure() -> crate::error::Error {
+    crate::error::Error::msg("a layer chain was used after it failed")
+}
+
+/// What a chain holds, with a ReLU applied.
+fn activate(at: Between, train: bool) -> Result<Tensor> {
+    match at {
+        Between::Act(h) => Ok(h),
+        Between::PreNorm { z, bn, stats } => bn.forward_given(&z, train, true, stats),
+        Between::Normed(y) => Ok(y.relu()?),
+    }
+}
+
 pub struct Chain<'a> {
     at: Option<Between<'a>>,
 }
@@ -480,42 +493,25 @@ impl<'a> Chain<'a> {
 
     /// What the chain holds, with a ReLU applied.
     fn take_activated(&mut self, train: bool) -> Result<Tensor> {
-        match self.at.take() {
-            Some(Between::Act(h)) => Ok(h),
-            Some(Between::PreNorm { z, bn, stats }) => bn.forward_given(&z, train, true, stats),
-            Some(Between::Normed(y)) => Ok(y.relu()?),
-            None => Err(crate::error::Error::msg(
-                "a layer chain was used after it failed",
-            )),
-        }
+        let at = self.at.take().ok_or_else(used_after_failure)?;
+        activate(at, train)
     }
 
     /// Adds `relu(.)` of the chain so far (nothing at the start), then `conv` and `bn`.
     pub fn push(&mut self, conv: &'a dyn Module, bn: &'a dyn Module, train: bool) -> Result<()> {
         let plain_conv = downcast::<Conv2d>(conv).filter(|c| c.bias.is_none());
-        let fused = match (&self.at, plain_conv) {
+        let at = self.at.take().ok_or_else(used_after_failure)?;
+        let (z, stats) = match (at, plain_conv) {
             (
-                Some(Between::PreNorm {
+                Between::PreNorm {
                     z,
                     bn: prev,
                     stats: Some(st),
-                }),
+                },
                 Some(c),
-            ) if train => Some(c.forward_after(prev, z, st.clone())?),
-            _ => None,
-        };
-        let (z, stats) = match fused {
-            Some(r) => {
-                self.at = None;
-                r
-            }
-            None => {
-                let h = self.take_activated(train)?;
-                match plain_conv {
-                    Some(c) => c.forward_stats(&h, train)?,
-                    None => (conv.forward(&h, train)?, None),
-                }
-            }
+            ) if train => c.forward_after(prev, &z, st)?,
+            (at, Some(c)) => c.forward_stats(&activate(at, train)?, train)?,
+            (at, None) => (conv.forward(&activate(at, train)?, train)?, None),
         };
         self.at = Some(match downcast::<BatchNorm2d>(bn) {
             Some(b) => Between::PreNorm { z, bn: b, stats },

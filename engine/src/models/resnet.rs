@@ -120,29 +120,24 @@ impl Block {
     /// last batch norm, the add and the ReLU run as one op.
     pub fn forward_branch(&self, x: &Tensor, train: bool, branch: Branch) -> Result<Tensor> {
         let shortcut = self.shortcut(x, train)?;
-        if let Branch::Dropped = branch {
-            return Ok(if self.downsample.is_some() {
-                shortcut.relu()?
-            } else {
-                shortcut
-            });
+        let scaled = |y: Tensor| Ok(ops::add_relu(&y, &shortcut)?);
+        match branch {
+            Branch::Dropped if self.downsample.is_some() => Ok(shortcut.relu()?),
+            Branch::Dropped => Ok(shortcut),
+            Branch::Full => self.chain(x, train)?.finish_add_relu(&shortcut, train),
+            Branch::Scaled(s) => scaled((self.chain(x, train)?.finish(train)? * s)?),
+            Branch::Masked(m) => scaled(self.chain(x, train)?.finish(train)?.broadcast_mul(m)?),
         }
+    }
+
+    /// The residual branch's conv + batch norm pairs, up to its last batch norm.
+    fn chain(&self, x: &Tensor, train: bool) -> Result<Chain<'_>> {
         let mut chain = Chain::start(x);
         for (conv, bn) in self.convs.iter().zip(&self.bns) {
             chain.push(conv.as_ref(), bn.as_ref(), train)?;
         }
-        let y = match branch {
-            Branch::Full => return chain.finish_add_relu(&shortcut, train),
-            Branch::Scaled(s) => (chain.finish(train)? * s)?,
-            Branch::Masked(m) => chain.finish(train)?.broadcast_mul(m)?,
-            Branch::Dropped => unreachable_branch()?,
-        };
-        Ok(ops::add_relu(&y, &shortcut)?)
+        Ok(chain)
     }
-}
-
-fn unreachable_branch() -> Result<Tensor> {
-    Err(Error::msg("a dropped branch is handled above"))
 }
 
 impl Module for Block {
