@@ -19,8 +19,11 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SweepArgs {
-    /// The recipe file (YAML).
-    pub file: PathBuf,
+    /// The recipe file (YAML). Several files are compared as variants of one another (a preset
+    /// against its baseline, the first file being the reference), each labelled by its `name`
+    /// and crossed with every --vary.
+    #[arg(required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
     /// Budgets, as scale ratios of the recipe.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1")]
     pub scales: Vec<f64>,
@@ -36,7 +39,7 @@ pub struct SweepArgs {
     /// Override a recipe value in every cell.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Output folder (default: runs/sweeps/<recipe name>).
+    /// Output folder (default: runs/sweeps/<name of the first recipe>).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Only rebuild the tables and plots from the finished cells.
@@ -62,7 +65,27 @@ pub struct CellResult {
     pub loss: Option<f64>,
     pub steps: u64,
     pub wall_seconds: f64,
+    /// Wall time less the time spent evaluating (absent in results written before it was kept).
+    #[serde(default)]
+    pub train_seconds: Option<f64>,
+    /// CPU time of the process over the cell (training and evaluation, all threads).
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     pub stop_reason: Option<String>,
+}
+
+impl CellResult {
+    fn train_seconds(&self) -> f64 {
+        self.train_seconds.unwrap_or(self.wall_seconds)
+    }
+}
+
+/// One variant of a sweep: a recipe file and the overrides of its --vary values.
+struct Combo {
+    label: String,
+    file: PathBuf,
+    seed: u64,
+    sets: Vec<String>,
 }
 
 /// Splits `a,{b, c},[d, e]` at top-level commas.
@@ -176,17 +199,19 @@ fn scale_label(s: f64) -> String {
     format!("scale{s}")
 }
 
-/// Runs (or resumes) one cell; returns its result.
+/// Runs (or resumes) one cell; returns its summary and whether it resumed a cut-off run.
 fn run_cell(
     dir: &Path,
     args: &RecipeArgs,
     interrupt: &Arc<AtomicUsize>,
-) -> Result<recipe_engine::trainer::FitSummary> {
+) -> Result<(recipe_engine::trainer::FitSummary, bool)> {
     let recipe = load(args, &["json_logger"], true)?;
     let cpu = recipe_engine::candle_core::Device::Cpu;
+    let mut resumed = false;
     let mut trainer = match checkpoint::latest(dir, &cpu) {
         Ok(c) if dir.join("recipe.yaml").is_file() => {
             eprintln!("  resuming from {}", c.path.display());
+            resumed = true;
             Trainer::resume(
                 &recipe,
                 dir,
@@ -204,7 +229,7 @@ fn run_cell(
         }
     };
     trainer.set_interrupt(Arc::clone(interrupt));
-    trainer.fit()
+    Ok((trainer.fit()?, resumed))
 }
 
 fn read_result(path: &Path) -> Option<CellResult> {
@@ -221,37 +246,73 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
     if a.seeds == 0 {
         return Err(Error::msg("--seeds must be at least 1"));
     }
-    let combos = combinations(&a.vary)?;
-    // Validate every variant at every scale before the first run starts.
-    let base = load(
-        &RecipeArgs {
-            file: a.file.clone(),
-            scale: None,
-            sets: a.sets.clone(),
-        },
-        &[],
-        true,
-    )?;
-    for (label, sets) in &combos {
-        for &scale in &a.scales {
+    let varied = combinations(&a.vary)?;
+    // The variants: each recipe file crossed with each --vary combination. With several files a
+    // variant is named by its recipe (and its --vary label).
+    let mut combos: Vec<Combo> = Vec::new();
+    let mut first_name = String::new();
+    let mut runs_dir = PathBuf::new();
+    for file in &a.files {
+        let base = load(
+            &RecipeArgs {
+                file: file.clone(),
+                scale: None,
+                sets: a.sets.clone(),
+            },
+            &[],
+            true,
+        )?;
+        if combos.is_empty() {
+            first_name = base.name.clone();
+            runs_dir = base.runs_dir.clone();
+        }
+        for (label, sets) in &varied {
+            let label = match (a.files.len() > 1, a.vary.is_empty()) {
+                (false, _) => label.clone(),
+                (true, true) => base.name.clone(),
+                (true, false) => format!("{}+{label}", base.name),
+            };
+            if combos.iter().any(|c| c.label == label) {
+                return Err(Error::msg(format!(
+                    "two variants are both named `{label}` ({} and {}): give the recipes different \
+                     `name`s",
+                    combos
+                        .iter()
+                        .find(|c| c.label == label)
+                        .map(|c| c.file.display().to_string())
+                        .unwrap_or_default(),
+                    file.display()
+                )));
+            }
             let mut s = a.sets.clone();
             s.extend(sets.iter().cloned());
+            combos.push(Combo {
+                label,
+                file: file.clone(),
+                seed: base.seed,
+                sets: s,
+            });
+        }
+    }
+    // Validate every variant at every scale before the first run starts.
+    for c in &combos {
+        for &scale in &a.scales {
             load(
                 &RecipeArgs {
-                    file: a.file.clone(),
+                    file: c.file.clone(),
                     scale: Some(scale),
-                    sets: s,
+                    sets: c.sets.clone(),
                 },
                 &[],
                 true,
             )
-            .map_err(|e| Error::msg(format!("variant `{label}` at scale {scale}: {e}")))?;
+            .map_err(|e| Error::msg(format!("variant `{}` at scale {scale}: {e}", c.label)))?;
         }
     }
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| base.runs_dir.join("sweeps").join(&base.name));
+        .unwrap_or_else(|| runs_dir.join("sweeps").join(&first_name));
     std::fs::create_dir_all(&out).map_err(|e| {
         Error::msg(format!(
             "cannot create the sweep folder {}: {e}; pass --out to a writable folder",
@@ -261,12 +322,14 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
     let total = combos.len() * a.scales.len() * a.seeds as usize;
     let mut results = Vec::new();
     let mut n = 0;
-    for (label, sets) in &combos {
+    // Rounds of every variant in turn (seed, then budget, then variant), so that a machine that
+    // slows down or speeds up during the sweep moves all variants alike.
+    for k in 0..a.seeds {
         for &scale in &a.scales {
-            for k in 0..a.seeds {
+            for c in &combos {
                 n += 1;
-                let seed = base.seed + k;
-                let dir = cell_dir(&out, label, scale, seed);
+                let seed = c.seed + k;
+                let dir = cell_dir(&out, &c.label, scale, seed);
                 let result_file = dir.join("result.json");
                 if let Some(r) = read_result(&result_file) {
                     results.push(r);
@@ -275,30 +338,37 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
                 if a.report_only {
                     continue;
                 }
-                eprintln!("cell {n}/{total}: {label}, scale {scale}, seed {seed}");
-                let mut s = a.sets.clone();
-                s.extend(sets.iter().cloned());
+                eprintln!("cell {n}/{total}: {}, scale {scale}, seed {seed}", c.label);
+                let mut s = c.sets.clone();
                 s.push(format!("seed={seed}"));
                 let args = RecipeArgs {
-                    file: a.file.clone(),
+                    file: c.file.clone(),
                     scale: Some(scale),
                     sets: s,
                 };
-                let sum = run_cell(&dir, &args, &interrupt)?;
+                let cpu0 = recipe_engine::sysinfo::cpu_seconds();
+                let (sum, resumed) = run_cell(&dir, &args, &interrupt)?;
+                let cpu = recipe_engine::sysinfo::cpu_seconds()
+                    .zip(cpu0)
+                    .map(|(b, a)| b - a);
                 let r = CellResult {
-                    variant: label.clone(),
+                    variant: c.label.clone(),
                     scale,
                     seed,
                     accuracy: sum.final_eval.map(|e| e.accuracy),
                     loss: sum.final_eval.map(|e| e.loss),
                     steps: sum.batches,
                     wall_seconds: sum.wall_seconds,
+                    train_seconds: Some(sum.wall_seconds - sum.eval_seconds),
+                    // A resumed cell's CPU time would cover only its last process.
+                    cpu_seconds: cpu.filter(|_| !resumed),
                     stop_reason: sum.stop_reason,
                 };
                 eprintln!(
-                    "  {} steps in {:.1}s, eval accuracy {}",
+                    "  {} steps in {:.1}s ({:.1}s training), eval accuracy {}",
                     r.steps,
                     r.wall_seconds,
+                    r.train_seconds(),
                     r.accuracy
                         .map_or("-".into(), |x| format!("{:.2}%", 100.0 * x))
                 );
@@ -309,7 +379,7 @@ pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
             }
         }
     }
-    let labels: Vec<String> = combos.iter().map(|c| c.0.clone()).collect();
+    let labels: Vec<String> = combos.iter().map(|c| c.label.clone()).collect();
     report(&out, &labels, &a.scales, &results)?;
     convergence_report(&out, &labels, &a.scales, &results)?;
     Ok(out)
@@ -362,8 +432,11 @@ pub struct Aggregate {
     /// Half-width of the 95% confidence interval of the mean accuracy.
     pub accuracy_ci95: f64,
     pub steps: f64,
+    /// Training time: wall time less evaluation.
     pub wall_seconds_mean: f64,
     pub wall_seconds_std: f64,
+    /// Process CPU seconds per cell (cells that ran in one process only).
+    pub cpu_seconds_mean: Option<f64>,
 }
 
 fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<Aggregate> {
@@ -378,7 +451,8 @@ fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<A
                 continue;
             }
             let acc: Vec<f64> = cell.iter().filter_map(|r| r.accuracy).collect();
-            let wall: Vec<f64> = cell.iter().map(|r| r.wall_seconds).collect();
+            let wall: Vec<f64> = cell.iter().map(|r| r.train_seconds()).collect();
+            let cpu: Vec<f64> = cell.iter().filter_map(|r| r.cpu_seconds).collect();
             let (am, asd) = mean_std(&acc);
             let (wm, wsd) = mean_std(&wall);
             out.push(Aggregate {
@@ -391,6 +465,7 @@ fn aggregate(labels: &[String], scales: &[f64], results: &[CellResult]) -> Vec<A
                 steps: cell.iter().map(|r| r.steps as f64).sum::<f64>() / cell.len() as f64,
                 wall_seconds_mean: wm,
                 wall_seconds_std: wsd,
+                cpu_seconds_mean: (!cpu.is_empty()).then(|| mean_std(&cpu).0),
             });
         }
     }
@@ -406,11 +481,11 @@ fn write(path: &Path, text: &str) -> Result<()> {
 fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult]) -> Result<()> {
     let agg = aggregate(labels, scales, results);
     let mut csv = String::from(
-        "variant,scale,seeds,accuracy_mean,accuracy_std,accuracy_ci95,steps,wall_seconds_mean,wall_seconds_std\n",
+        "variant,scale,seeds,accuracy_mean,accuracy_std,accuracy_ci95,steps,train_seconds_mean,train_seconds_std,cpu_seconds_mean\n",
     );
     for a in &agg {
         csv.push_str(&format!(
-            "{},{},{},{:.6},{:.6},{:.6},{:.0},{:.2},{:.2}\n",
+            "{},{},{},{:.6},{:.6},{:.6},{:.0},{:.2},{:.2},{}\n",
             a.variant,
             a.scale,
             a.seeds,
@@ -419,7 +494,9 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
             a.accuracy_ci95,
             a.steps,
             a.wall_seconds_mean,
-            a.wall_seconds_std
+            a.wall_seconds_std,
+            a.cpu_seconds_mean
+                .map_or(String::new(), |c| format!("{c:.2}"))
         ));
     }
     write(&out.join("results.csv"), &csv)?;
@@ -428,29 +505,7 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
         &out.join("results.json"),
         &serde_json::to_string_pretty(&json).unwrap_or_default(),
     )?;
-    // The budget table: rows variants, columns budgets, "mean ± std" accuracy in % (the 95%
-    // confidence intervals are in results.csv).
-    let mut md = String::from("| variant |");
-    for s in scales {
-        md.push_str(&format!(" {}% |", s * 100.0));
-    }
-    md.push_str("\n|---|");
-    md.push_str(&"---|".repeat(scales.len()));
-    md.push('\n');
-    for l in labels {
-        md.push_str(&format!("| {l} |"));
-        for &s in scales {
-            match agg.iter().find(|a| &a.variant == l && a.scale == s) {
-                Some(a) => md.push_str(&format!(
-                    " {:.2} ± {:.2} |",
-                    100.0 * a.accuracy_mean,
-                    100.0 * a.accuracy_std
-                )),
-                None => md.push_str(" - |"),
-            }
-        }
-        md.push('\n');
-    }
+    let md = tables(out, labels, scales, &agg, results);
     write(&out.join("budget_table.md"), &md)?;
     let mut by_time = Vec::new();
     let mut by_steps = Vec::new();
@@ -481,8 +536,8 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
         &out.join("accuracy_vs_cost"),
         &[
             Panel {
-                title: "accuracy against wall time".into(),
-                x_label: "wall time (s, mean over seeds)".into(),
+                title: "accuracy against training time".into(),
+                x_label: "training wall time (s, evaluation excluded, mean over seeds)".into(),
                 y_label: "eval accuracy (%)".into(),
                 series: by_time,
             },
@@ -500,6 +555,131 @@ fn report(out: &Path, labels: &[String], scales: &[f64], results: &[CellResult])
         out.display()
     );
     Ok(())
+}
+
+/// The Markdown tables of a sweep: accuracy (mean ± std over seeds, %) and training time per
+/// budget; with several variants, each against the first (accuracy difference in points, time
+/// ratio) and the training time each needs to reach the first variant's accuracy at the largest
+/// budget (from the evaluations during the run).
+fn tables(
+    out: &Path,
+    labels: &[String],
+    scales: &[f64],
+    agg: &[Aggregate],
+    results: &[CellResult],
+) -> String {
+    let find = |l: &str, s: f64| agg.iter().find(|a| a.variant == l && a.scale == s);
+    let header = |title: &str| {
+        let mut h = format!("\n{title}\n\n| variant |");
+        for s in scales {
+            h.push_str(&format!(" {}% |", s * 100.0));
+        }
+        h.push_str("\n|---|");
+        h.push_str(&"---|".repeat(scales.len()));
+        h.push('\n');
+        h
+    };
+    let table = |title: &str, cell: &dyn Fn(&str, f64) -> Option<String>| {
+        let mut md = header(title);
+        for l in labels {
+            md.push_str(&format!("| {l} |"));
+            for &s in scales {
+                md.push_str(&format!(" {} |", cell(l, s).unwrap_or_else(|| "-".into())));
+            }
+            md.push('\n');
+        }
+        md
+    };
+    let mut md = table(
+        "Eval accuracy (%), mean ± std over seeds, per budget (scale of the recipe):",
+        &|l, s| {
+            find(l, s).map(|a| {
+                format!(
+                    "{:.2} ± {:.2}",
+                    100.0 * a.accuracy_mean,
+                    100.0 * a.accuracy_std
+                )
+            })
+        },
+    );
+    md.push_str(&table(
+        "Training wall time (s, evaluation excluded), mean ± std over seeds; CPU seconds of the \
+         process per cell (evaluation included) in brackets:",
+        &|l, s| {
+            find(l, s).map(|a| {
+                let cpu = a
+                    .cpu_seconds_mean
+                    .map_or(String::new(), |c| format!(" [{c:.0}]"));
+                format!(
+                    "{:.1} ± {:.1}{cpu}",
+                    a.wall_seconds_mean, a.wall_seconds_std
+                )
+            })
+        },
+    ));
+    let Some(reference) = labels.first().filter(|_| labels.len() > 1) else {
+        return md;
+    };
+    md.push_str(&table(
+        &format!(
+            "Against `{reference}` at the same budget: accuracy difference (points) and training \
+             time ratio:"
+        ),
+        &|l, s| {
+            let (a, b) = (find(l, s)?, find(reference, s)?);
+            Some(format!(
+                "{:+.2} / {:.2}x",
+                100.0 * (a.accuracy_mean - b.accuracy_mean),
+                a.wall_seconds_mean / b.wall_seconds_mean
+            ))
+        },
+    ));
+    let largest = scales.iter().copied().fold(0.0, f64::max);
+    let Some(target) = find(reference, largest).map(|a| a.accuracy_mean) else {
+        return md;
+    };
+    let reference_time = find(reference, largest).map_or(f64::NAN, |a| a.wall_seconds_mean);
+    md.push_str(&table(
+        &format!(
+            "Training time to `{reference}`'s accuracy at the {}% budget ({:.2}%, {:.0} s): \
+             seconds at the first evaluation that reaches it, mean over the seeds that do (how \
+             many of all), and the ratio to {:.0} s:",
+            largest * 100.0,
+            100.0 * target,
+            reference_time,
+            reference_time
+        ),
+        &|l, s| {
+            let cells: Vec<&CellResult> = results
+                .iter()
+                .filter(|r| r.variant == l && r.scale == s)
+                .collect();
+            if cells.is_empty() {
+                return None;
+            }
+            let hits: Vec<f64> = cells
+                .iter()
+                .filter_map(|r| {
+                    let curve = eval_curve(&cell_dir(out, &r.variant, r.scale, r.seed)).ok()?;
+                    curve
+                        .iter()
+                        .find(|e| e.accuracy >= target)
+                        .map(|e| e.train_sec)
+                })
+                .collect();
+            if hits.is_empty() {
+                return Some(format!("not reached (0/{})", cells.len()));
+            }
+            let m = mean_std(&hits).0;
+            Some(format!(
+                "{m:.0} s ({}/{}), {:.2}x",
+                hits.len(),
+                cells.len(),
+                m / reference_time
+            ))
+        },
+    ));
+    md
 }
 
 /// The folder of a cell.

@@ -229,6 +229,86 @@ fn sweep_runs_the_grid_once_and_reports() {
     assert!(!dir.path().join("bad/cells").exists());
 }
 
+#[test]
+fn sweep_compares_recipe_files_against_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = write_recipe(dir.path(), "base.yaml", TINY);
+    let preset = write_recipe(
+        dir.path(),
+        "preset.yaml",
+        &TINY.replace("name: tiny", "name: tiny_preset").replace(
+            "schedule:",
+            "algorithms:\n  - name: label_smoothing\n    smoothing: 0.1\nschedule:",
+        ),
+    );
+    let out = dir.path().join("sweep");
+    let o = run(&[
+        "bench",
+        "sweep",
+        base.to_str().unwrap(),
+        preset.to_str().unwrap(),
+        "--scales",
+        "0.5,1",
+        "--seeds",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Cells run in rounds: every variant at a budget before the next budget.
+    let err = stderr(&o);
+    let order: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("cell "))
+        .map(|l| l.split_once(": ").unwrap().1)
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "tiny, scale 0.5, seed 3",
+            "tiny_preset, scale 0.5, seed 3",
+            "tiny, scale 1, seed 3",
+            "tiny_preset, scale 1, seed 3"
+        ]
+    );
+    let md = std::fs::read_to_string(out.join("budget_table.md")).unwrap();
+    for part in [
+        "| tiny_preset |",
+        "Training wall time (s, evaluation excluded)",
+        "Against `tiny` at the same budget",
+        "Training time to `tiny`'s accuracy at the 100% budget",
+    ] {
+        assert!(md.contains(part), "{part} missing from:\n{md}");
+    }
+    // The reference against itself: no difference, a ratio of one.
+    let against = md.split("Against `tiny`").nth(1).unwrap();
+    let row = against.lines().find(|l| l.starts_with("| tiny |")).unwrap();
+    assert_eq!(row, "| tiny | +0.00 / 1.00x | +0.00 / 1.00x |", "{md}");
+    let res: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for c in res["cells"].as_array().unwrap() {
+        let train = c["train_seconds"].as_f64().unwrap();
+        assert!(train > 0.0 && train <= c["wall_seconds"].as_f64().unwrap());
+        assert!(c["cpu_seconds"].as_f64().unwrap() > 0.0);
+    }
+    // Two files with one name cannot be told apart.
+    let o = run(&[
+        "bench",
+        "sweep",
+        base.to_str().unwrap(),
+        base.to_str().unwrap(),
+        "--out",
+        dir.path().join("same").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("two variants are both named `tiny`"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.path().join("same/cells").exists());
+}
+
 /// `recipe bench speedup` of TINY against `candidate` (a recipe text) over 2 seeds into
 /// `dir/speedup`; returns its stdout after checking that it succeeded.
 fn speedup(dir: &std::path::Path, candidate: &str, target: &str) -> String {
