@@ -65,6 +65,12 @@ pub struct ThroughputArgs {
     /// Where to train: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Data parallel in N local processes through `mpirun` (a build with `--features mpi`):
+    /// --batch is the global batch, each rank trains on its share and the gradients are summed
+    /// across ranks every step (timed apart as the all-reduce). One thread per rank unless
+    /// RAYON_NUM_THREADS says otherwise.
+    #[arg(long, value_name = "N")]
+    pub nproc: Option<usize>,
 }
 
 /// Per-step averages of one measurement.
@@ -77,6 +83,10 @@ pub struct Throughput {
     pub forward_ms: f64,
     pub backward_ms: f64,
     pub optimizer_ms: f64,
+    /// Summing the gradients across data-parallel ranks (0 for one process).
+    pub allreduce_ms: f64,
+    /// Data-parallel processes (1 for one).
+    pub ranks: usize,
     pub peak_rss_mb: Option<f64>,
 }
 
@@ -139,8 +149,23 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         .collect();
     let x = Tensor::from_vec(pixels, (a.batch, c, h, w), &dev)?;
     let labels: Vec<u32> = (0..a.batch).map(|i| (i % a.classes) as u32).collect();
-    let y = Targets::Hard(Tensor::from_vec(labels, a.batch, &dev)?);
-    let (mut f, mut b, mut o) = (0.0, 0.0, 0.0);
+    let mut y = Tensor::from_vec(labels, a.batch, &dev)?;
+    // Data parallel: this rank's share of the global batch.
+    let world = recipe_engine::dist::world();
+    let share = recipe_engine::dist::shard_range(a.batch, world.rank(), world.size());
+    if share.is_empty() {
+        return Err(Error::msg(format!(
+            "--batch {} leaves rank {} of {} without samples: use a batch of at least {}",
+            a.batch,
+            world.rank(),
+            world.size(),
+            world.size()
+        )));
+    }
+    let x = x.narrow(0, share.start, share.len())?;
+    y = y.narrow(0, share.start, share.len())?;
+    let y = Targets::Hard(y);
+    let (mut f, mut b, mut o, mut ar) = (0.0, 0.0, 0.0, 0.0);
     let mut cpu_start = None;
     for step in 0..a.warmup + a.steps {
         if step == a.warmup {
@@ -150,16 +175,27 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         let loss = cross_entropy(&model.forward(&x, true)?, &y)?;
         loss.to_vec0::<f32>()?; // make sure the forward pass is done
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
         dev.synchronize()?; // a GPU queues its kernels: wait for them before reading the clock
         let t2 = Instant::now();
+        if world.size() > 1 {
+            recipe_engine::dist::reduce_step(
+                world.as_ref(),
+                model.params(),
+                Some(&mut grads),
+                share.len() as f64,
+                a.batch as f64,
+            )?;
+        }
+        let t3 = Instant::now();
         opt.step(model.params(), &grads, lr)?;
         dev.synchronize()?;
-        let t3 = Instant::now();
+        let t4 = Instant::now();
         if step >= a.warmup {
             f += (t1 - t0).as_secs_f64();
             b += (t2 - t1).as_secs_f64();
-            o += (t3 - t2).as_secs_f64();
+            ar += (t3 - t2).as_secs_f64();
+            o += (t4 - t3).as_secs_f64();
         }
     }
     let n = a.steps as f64;
@@ -167,12 +203,27 @@ pub fn throughput(a: &ThroughputArgs) -> Result<Throughput> {
         (Some(s), Some(e)) if e > s => Some(e - s),
         _ => None,
     };
+    // A job's figures: the ranks' mean time per phase (they wait for one another at every
+    // all-reduce, so their steps take the same time) and the CPU time of all ranks together.
+    let mut v = [f, b, ar, o, cpu.unwrap_or(f64::NAN)];
+    if world.size() > 1 {
+        world.sum_f64(&mut v)?;
+        for x in &mut v[..4] {
+            *x /= world.size() as f64;
+        }
+    }
+    let [f, b, ar, o, cpu] = v;
     Ok(Throughput {
-        images_per_sec: a.batch as f64 * n / (f + b + o),
-        images_per_cpu_sec: cpu.map(|c| a.batch as f64 * n / c),
+        images_per_sec: a.batch as f64 * n / (f + b + ar + o),
+        images_per_cpu_sec: cpu
+            .is_finite()
+            .then(|| a.batch as f64 * n / cpu)
+            .filter(|_| cpu > 0.0),
         forward_ms: 1e3 * f / n,
         backward_ms: 1e3 * b / n,
         optimizer_ms: 1e3 * o / n,
+        allreduce_ms: 1e3 * ar / n,
+        ranks: world.size(),
         peak_rss_mb: recipe_engine::sysinfo::peak_rss_mb(),
     })
 }

@@ -54,6 +54,11 @@ pub enum Command {
         /// recipe, logs, weights and checkpoints). Without it such a folder is refused.
         #[arg(long, requires = "run_dir", conflicts_with = "resume")]
         overwrite: bool,
+        /// Train data-parallel in N local processes, started through `mpirun` (a binary built
+        /// with `--features mpi`). The recipe's batch_size stays the global batch. `mpirun -n N
+        /// recipe run FILE` and `srun` work as they are.
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Write a checkpoint's model weights as a plain safetensors file, with PyTorch's names
     /// (torchvision's for the ResNets, BatchNorm's num_batches_tracked included).
@@ -119,8 +124,9 @@ pub enum BenchCommand {
     /// on a folder of JPEGs, or of the JPEG decoder alone (--decode-only); with CPU-ms per image.
     /// `benches/data_side_by_side.py` runs it beside torchvision.
     Data(crate::bench_data::DataArgs),
-    /// A grid of budgets (scales) x variants (--vary) x seeds: each cell a real run, resumable
-    /// (finished cells are never re-run); writes results.csv/.json, a budget table and
+    /// A grid of budgets (scales) x variants (--vary, or several recipe files) x seeds: each cell
+    /// a real run, resumable (finished cells are never re-run); writes results.csv/.json, tables
+    /// of accuracy, training time and time to the first variant's accuracy, and
     /// accuracy-against-cost plots with the Pareto frontier.
     Sweep(crate::sweep::SweepArgs),
     /// Time-to-accuracy of a baseline and a candidate recipe over seeds, the speedup with its
@@ -133,6 +139,16 @@ pub fn main() -> ExitCode {
     crate::alloc::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    // Under an MPI launcher this process is one rank of a job: MPI runs (and is finalised when
+    // the guard drops, at the end of main) around the whole command.
+    let _job = match crate::job::join() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let world = recipe_engine::dist::world();
     match run_command(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::Interrupted {
@@ -140,12 +156,20 @@ pub fn main() -> ExitCode {
             batch,
             checkpoint,
         }) => {
-            eprintln!(
-                "\ninterrupted by {signal} after batch {batch}; checkpoint written to {}\nresume with: {}",
-                checkpoint.display(),
-                resume_command(&checkpoint)
-            );
+            // Every rank of a job stops at the same batch; rank 0 wrote the checkpoint.
+            if world.rank() == 0 {
+                eprintln!(
+                    "\ninterrupted by {signal} after batch {batch}; checkpoint written to {}\nresume with: {}",
+                    checkpoint.display(),
+                    resume_command(&checkpoint)
+                );
+            }
             ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(e) if world.size() > 1 => {
+            // The other ranks may be waiting for this one in a collective: end the whole job.
+            eprintln!("error on rank {} of {}: {e}", world.rank(), world.size());
+            world.abort(2)
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -176,6 +200,17 @@ fn resume_command(checkpoint: &std::path::Path) -> String {
     }
     out.push("--resume".into());
     out.push(shell_quote(&checkpoint.display().to_string()));
+    // A job started with --nproc is resumed the same way; one started by a launcher, under it.
+    let world = recipe_engine::dist::world();
+    if let Some(n) = std::env::var(crate::job::NPROC_ENV)
+        .ok()
+        .filter(|_| world.size() > 1)
+    {
+        out.push("--nproc".into());
+        out.push(n);
+    } else if world.size() > 1 {
+        return format!("mpirun -n {} {}", world.size(), out.join(" "));
+    }
     out.join(" ")
 }
 
@@ -231,7 +266,11 @@ pub fn run_command(cmd: Command) -> Result<()> {
             resume,
             force,
             overwrite,
-        } => run(&recipe, run_dir, quiet, resume.as_deref(), force, overwrite),
+            nproc,
+        } => match nproc {
+            Some(n) if recipe_engine::dist::launched_by_mpi().is_none() => crate::job::launch(n),
+            _ => run(&recipe, run_dir, quiet, resume.as_deref(), force, overwrite),
+        },
         Command::Export {
             checkpoint,
             to,
@@ -273,8 +312,22 @@ pub fn run_command(cmd: Command) -> Result<()> {
         }
         Command::Bench {
             which: BenchCommand::Throughput(a),
+        } if a.nproc.is_some() && recipe_engine::dist::launched_by_mpi().is_none() => {
+            crate::job::launch(a.nproc.unwrap_or(1))
+        }
+        Command::Bench {
+            which: BenchCommand::Throughput(a),
         } => {
+            let world = recipe_engine::dist::world();
+            if a.trainer && world.size() > 1 {
+                return Err(Error::msg(
+                    "--trainer measures one process: drop --nproc, or train the recipe with `recipe run FILE --nproc N`",
+                ));
+            }
             let t = crate::bench::throughput(&a)?;
+            if world.rank() != 0 {
+                return Ok(()); // rank 0 reports the job's figures
+            }
             let overhead = match a.trainer {
                 true => Some(crate::bench::engine_overhead(&a)?),
                 false => None,
@@ -291,6 +344,8 @@ pub fn run_command(cmd: Command) -> Result<()> {
                     "forward_ms": t.forward_ms,
                     "backward_ms": t.backward_ms,
                     "optimizer_ms": t.optimizer_ms,
+                    "allreduce_ms": t.allreduce_ms,
+                    "ranks": t.ranks,
                     "peak_rss_mb": t.peak_rss_mb,
                 });
                 if let Some(e) = &overhead {
@@ -301,8 +356,16 @@ pub fn run_command(cmd: Command) -> Result<()> {
                 }
                 println!("{v}");
             } else {
+                let ranks = match t.ranks {
+                    1 => String::new(),
+                    n => format!(
+                        " on {n} ranks ({} thread(s) each), all-reduce {:.1} ms",
+                        rayon_threads(),
+                        t.allreduce_ms
+                    ),
+                };
                 println!(
-                    "model {} batch {} input {}: {:.1} images/s ({} per CPU-second); per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms; peak RSS {}",
+                    "model {} batch {} input {}: {:.1} images/s ({} per CPU-second); per step forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms{ranks}; peak RSS {}",
                     a.model,
                     a.batch,
                     a.input,
@@ -390,20 +453,32 @@ fn run(
         &["progress_bar", "json_logger"]
     };
     let recipe = load(args, extra, true)?;
+    let world = recipe_engine::dist::world();
     // Every check (recipe, data, plugins, the checkpoint's fit) passes before the run folder is
     // created or touched.
     let (bound, dir) = match resume {
         Some(spec) => {
-            let (checkpoint, dir) =
-                checkpoint::resolve(spec, &recipe.runs_dir, &recipe.name, run_dir.as_deref())?;
+            let (checkpoint, dir) = if world.size() > 1 {
+                crate::job::resolve_checkpoint(
+                    world.as_ref(),
+                    spec,
+                    &recipe.runs_dir,
+                    &recipe.name,
+                    run_dir.as_deref(),
+                )?
+            } else {
+                checkpoint::resolve(spec, &recipe.runs_dir, &recipe.name, run_dir.as_deref())?
+            };
             let ts = &checkpoint.meta.timestamp;
-            eprintln!(
-                "resuming {} at epoch {}, batch {} from {}",
-                recipe.name,
-                ts.epoch,
-                ts.batch,
-                checkpoint.path.display()
-            );
+            if world.rank() == 0 {
+                eprintln!(
+                    "resuming {} at epoch {}, batch {} from {}",
+                    recipe.name,
+                    ts.epoch,
+                    ts.batch,
+                    checkpoint.path.display()
+                );
+            }
             (
                 Trainer::bind(&recipe, Some(Resume { checkpoint, force }))?,
                 dir,
@@ -413,6 +488,16 @@ fn run(
     };
     let dir = match dir {
         Some(d) => d,
+        // A job's ranks all train in rank 0's new folder.
+        None if world.size() > 1 => PathBuf::from(recipe_engine::dist::agree(
+            world.as_ref(),
+            match world.rank() {
+                0 => new_run_dir(&recipe.runs_dir, &recipe.name)?
+                    .display()
+                    .to_string(),
+                _ => String::new(),
+            },
+        )?),
         None => new_run_dir(&recipe.runs_dir, &recipe.name)?,
     };
     let mut trainer = bound.start(&dir, overwrite)?;
@@ -430,8 +515,15 @@ fn run(
     let stop = s
         .stop_reason
         .map_or(String::new(), |r| format!(" (stopped early: {r})"));
+    if world.rank() != 0 {
+        return Ok(());
+    }
+    let ranks = match world.size() {
+        1 => String::new(),
+        n => format!(" on {n} data-parallel processes"),
+    };
     eprintln!(
-        "finished {}: {} steps in {:.1}s{stop}; {eval}\nrun folder: {} (recipe.yaml, metrics.jsonl, model.safetensors)",
+        "finished {}{ranks}: {} steps in {:.1}s{stop}; {eval}\nrun folder: {} (recipe.yaml, metrics.jsonl, model.safetensors)",
         recipe.name,
         s.batches,
         s.wall_seconds,

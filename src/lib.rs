@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod bench;
 pub mod bench_data;
 pub mod cli;
+pub mod job;
 pub mod load;
 pub mod plot;
 pub mod sweep;

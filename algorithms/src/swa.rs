@@ -449,7 +449,7 @@ mod tests {
     use recipe_engine::candle_core::Device;
     use recipe_engine::model::ModelConfig;
     use recipe_engine::model::ParamKind;
-    use recipe_engine::time::{Clock, Timestamp};
+    use recipe_engine::time::Clock;
 
     fn ctx(bpe: u64, max: u64) -> BindContext {
         let mut c =
@@ -477,32 +477,9 @@ mod tests {
         let sgd: recipe_engine::optim::SgdConfig = serde_yaml::from_str("{}").unwrap();
         let optimizer =
             recipe_engine::optim::OptimizerConfig::build(&sgd, &ctx, model.params()).unwrap();
-        State {
-            run_name: "t".into(),
-            seed: 0,
-            device: Device::Cpu,
-            run_dir: std::env::temp_dir(),
-            timestamp: Timestamp::default(),
-            clock: ctx.clock,
-            model,
-            optimizer,
-            lr: 1.0,
-            base_lr: 1.0,
-            batch: None,
-            outputs: None,
-            loss: None,
-            grads: None,
-            last_loss: None,
-            epoch_metrics: Default::default(),
-            last_eval: None,
-            pending_log: Default::default(),
-            stop_reason: None,
-            evaluating: false,
-            resumed_from: None,
-            checkpoint_requests: Vec::new(),
-            last_checkpoint: None,
-            train_in_order: None,
-        }
+        let mut s = State::new("t", 0, Device::Cpu, ctx.clock, model, optimizer, 0.1);
+        s.run_dir = std::env::temp_dir();
+        s
     }
 
     fn fire(a: &mut Box<dyn Algorithm>, e: Event, s: &mut State) {

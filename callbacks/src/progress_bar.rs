@@ -42,6 +42,10 @@ impl Progress {
 
 impl Callback for Progress {
     fn run_event(&mut self, event: Event, state: &mut State) -> Result<()> {
+        // One progress bar for a data-parallel job: rank 0's (the numbers are the same).
+        if !state.writes_files() {
+            return Ok(());
+        }
         match event {
             Event::FitStart => {
                 self.start = Instant::now();

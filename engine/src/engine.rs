@@ -49,12 +49,15 @@ impl Engine {
             }
         }
         let loggers_first = event == Event::Init;
+        // In a data-parallel job only rank 0 writes the logs (every rank logs the same reduced
+        // values).
+        let writes = state.writes_files();
         for pass in 0..2 {
             let want_loggers = (pass == 0) == loggers_first;
             for c in self
                 .callbacks
                 .iter_mut()
-                .filter(|c| c.inner.is_logger() == want_loggers)
+                .filter(|c| c.inner.is_logger() == want_loggers && (writes || !want_loggers))
             {
                 tracing::debug!(event = event.name(), callback = c.label.as_str(), "run");
                 c.inner
@@ -72,7 +75,6 @@ mod tests {
     use super::*;
     use crate::model::ModelConfig;
     use crate::plugin::BindContext;
-    use crate::time::Timestamp;
     use candle_core::Device;
     use std::cell::RefCell;
     use std::rc::Rc;
@@ -98,32 +100,9 @@ mod tests {
             model.params(),
         )
         .unwrap();
-        State {
-            run_name: "t".into(),
-            seed: 0,
-            device: Device::Cpu,
-            run_dir: std::env::temp_dir(),
-            timestamp: Timestamp::default(),
-            clock: ctx.clock,
-            model,
-            optimizer,
-            lr: 0.1,
-            base_lr: 0.1,
-            batch: None,
-            outputs: None,
-            loss: None,
-            grads: None,
-            last_loss: None,
-            epoch_metrics: Default::default(),
-            last_eval: None,
-            pending_log: Default::default(),
-            stop_reason: None,
-            evaluating: false,
-            resumed_from: None,
-            checkpoint_requests: Vec::new(),
-            last_checkpoint: None,
-            train_in_order: None,
-        }
+        let mut s = State::new("t", 0, Device::Cpu, ctx.clock, model, optimizer, 1.0);
+        s.run_dir = std::env::temp_dir();
+        s
     }
 
     /// Matches when no algorithm has applied yet at this event (`state.log` marks applies), so a

@@ -7,6 +7,7 @@
 //! - [`recipe`]: the YAML schema, `--set` overrides, recipe transforms.
 //! - [`trainer`]: the training loop.
 //! - [`checkpoint`], [`export`]: checkpoint files (atomic, checksummed), resume, weight export.
+//! - [`dist`]: data-parallel jobs (MPI with the `mpi` feature).
 //! - [`schedule`], [`optim`], [`data`], [`model`], [`models`], [`ops`]: the built-in parts.
 
 pub mod algorithm;
@@ -14,6 +15,7 @@ pub mod atomic;
 pub mod callback;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod event;

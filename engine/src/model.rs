@@ -215,6 +215,11 @@ impl Network {
             .collect::<Vec<_>>()
             .join(", ");
         self.rewrites.push(if done.is_empty() {
+            // Said at once: an algorithm that rewrites nothing trains the plain model, which a
+            // user comparing runs would otherwise find out from identical results.
+            tracing::warn!(
+                "{by}: no module of this model matches, so it changes nothing (check its settings against the model: `recipe show` lists each surgery)"
+            );
             format!("{by}: nothing to replace")
         } else {
             format!("{by}: {what} at {}", done.join(", "))

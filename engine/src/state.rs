@@ -80,6 +80,11 @@ pub struct State {
     /// The training split in order, without augmentation, in eval-size batches, for callbacks
     /// that measure over the training set (budgeted convergence).
     pub train_in_order: Option<crate::data::Loader>,
+    /// Data parallel: this process's rank and the number of processes. Every rank sees the same
+    /// reduced metrics and takes the same decisions; only rank 0 writes files (loggers,
+    /// checkpoints, the final weights).
+    pub rank: usize,
+    pub world_size: usize,
 }
 
 /// A checkpoint to write, and older files to delete once it is safely on disk.
@@ -90,6 +95,53 @@ pub struct CheckpointRequest {
 }
 
 impl State {
+    /// A run's state before its first event: at batch 0, the LR at its base value, no batch,
+    /// no metrics, no run folder yet (the trainer sets it when the run starts).
+    pub fn new(
+        run_name: impl Into<String>,
+        seed: u64,
+        device: Device,
+        clock: Clock,
+        model: Box<dyn Model>,
+        optimizer: Box<dyn crate::optim::Optimizer>,
+        base_lr: f64,
+    ) -> State {
+        State {
+            run_name: run_name.into(),
+            seed,
+            device,
+            run_dir: PathBuf::new(),
+            timestamp: Timestamp::default(),
+            clock,
+            model,
+            optimizer,
+            lr: base_lr,
+            base_lr,
+            batch: None,
+            outputs: None,
+            loss: None,
+            grads: None,
+            last_loss: None,
+            epoch_metrics: EpochMetrics::default(),
+            last_eval: None,
+            pending_log: BTreeMap::new(),
+            stop_reason: None,
+            evaluating: false,
+            resumed_from: None,
+            checkpoint_requests: Vec::new(),
+            last_checkpoint: None,
+            train_in_order: None,
+            rank: 0,
+            world_size: 1,
+        }
+    }
+
+    /// Whether this process writes the run's files (rank 0 of a data-parallel job, or the only
+    /// process).
+    pub fn writes_files(&self) -> bool {
+        self.rank == 0
+    }
+
     /// The run length in batches.
     pub fn max_batches(&self) -> u64 {
         self.clock.max_batches.unwrap_or(0)

@@ -111,6 +111,7 @@ pub fn capture(
             .model
             .network()
             .map_or_else(Vec::new, |n| n.rewrites().to_vec()),
+        world_size: state.world_size as u64,
         plugins: saved,
         model_tensors,
     };

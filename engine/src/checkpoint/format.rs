@@ -72,6 +72,9 @@ pub struct CheckpointMeta {
     /// What each algorithm's surgery did to it, in order.
     #[serde(default)]
     pub rewrites: Vec<String>,
+    /// The number of data-parallel processes that trained it (1 for one process).
+    #[serde(default = "one")]
+    pub world_size: u64,
     /// Plugin states (values only; tensors live in the payload as `<key>/<name>`), keyed by the
     /// plugin's place and name: `optimizer:sgd`, `schedule:cosine`, `algorithms[0]:label_smoothing`.
     pub plugins: BTreeMap<String, Value>,
@@ -227,4 +230,8 @@ fn verify<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8]> {
         ));
     }
     Ok(payload)
+}
+
+fn one() -> u64 {
+    1
 }

@@ -65,6 +65,7 @@ mod tests {
             classes: None,
             architecture: None,
             rewrites: Vec::new(),
+            world_size: 2,
             plugins: BTreeMap::new(),
             model_tensors: vec!["w".into()],
         }

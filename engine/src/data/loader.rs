@@ -272,6 +272,10 @@ pub struct Loader {
     pool: Option<Arc<rayon::ThreadPool>>,
     size_for_batch: Option<SizeForBatch>,
     skipped: Arc<AtomicU64>,
+    /// Data parallel: (rank, size). Each batch keeps its global composition and positions (the
+    /// same samples and augmentation draws as one process), and this loader makes only the
+    /// rank's share of it ([`crate::dist::shard_range`]).
+    shard: Option<(usize, usize)>,
 }
 
 impl Loader {
@@ -361,6 +365,7 @@ impl Loader {
             pool,
             size_for_batch: None,
             skipped: Default::default(),
+            shard: None,
         })
     }
 
@@ -393,6 +398,12 @@ impl Loader {
         Arc::make_mut(&mut self.pipeline).augments.push(f);
     }
 
+    /// Makes only rank `rank`'s share of each batch, of a job of `size` processes.
+    pub fn shard(&mut self, rank: usize, size: usize) {
+        self.shard = (size > 1).then_some((rank, size));
+    }
+
+    /// The number of samples in the split (all ranks together).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -464,8 +475,13 @@ impl Loader {
         };
         let [h, w] = size.unwrap_or([h, w]);
         let sample = c * h * w;
-        let start = batch as usize * self.batch_size;
-        let idx = &order[start..(start + self.batch_size).min(order.len())];
+        let mut start = batch as usize * self.batch_size;
+        let mut idx = &order[start..(start + self.batch_size).min(order.len())];
+        if let Some((rank, size)) = self.shard {
+            let r = crate::dist::shard_range(idx.len(), rank, size);
+            start += r.start;
+            idx = &idx[r];
+        }
         let mut pixels = vec![0.0f32; idx.len() * sample];
         let mut labels = vec![0u32; idx.len()];
         let mut results: Vec<Result<()>> = (0..idx.len()).map(|_| Ok(())).collect();

@@ -19,8 +19,7 @@ use crate::plugin::BindContext;
 use crate::recipe::Recipe;
 use crate::run_dir::{self, RunLock};
 use crate::schedule::Schedule;
-use crate::state::{EpochMetrics, State};
-use crate::time::Timestamp;
+use crate::state::State;
 use candle_core::Device;
 use serde_yaml::Value;
 use std::path::Path;
@@ -174,6 +173,47 @@ pub struct ModelSummary {
     pub rewrites: Vec<String>,
 }
 
+/// Checks that a recipe's global batch splits between `size` data-parallel processes: the batch
+/// into equal shares, each share into whole microbatches, and no rank left without samples in
+/// an epoch's last batch.
+fn check_world(recipe: &Recipe, train_len: usize, size: usize) -> Result<()> {
+    let l = &recipe.data.loader;
+    let b = l.batch_size;
+    if !b.is_multiple_of(size) {
+        return Err(Error::recipe_hint(
+            "data.batch_size",
+            format!("a batch of {b} does not split evenly between {size} processes"),
+            format!(
+                "data.batch_size is the global batch (all processes together): use a multiple of {size}, e.g. {}",
+                b.div_ceil(size) * size
+            ),
+        ));
+    }
+    let share = b / size;
+    if let Some(m) = recipe.microbatch_size {
+        if !share.is_multiple_of(m) {
+            return Err(Error::recipe_hint(
+                "device_train_microbatch_size",
+                format!(
+                    "each of the {size} processes trains on {share} samples of a batch of {b}, which microbatches of {m} do not divide"
+                ),
+                format!("use a divisor of {share}"),
+            ));
+        }
+    }
+    let last = train_len % b;
+    if !l.drop_last && last != 0 && last < size {
+        return Err(Error::recipe_hint(
+            "data.drop_last",
+            format!(
+                "an epoch's last batch has {last} samples, fewer than the {size} processes: some would train on none"
+            ),
+            "set data.drop_last: true, or a train_subset that leaves no such batch",
+        ));
+    }
+    Ok(())
+}
+
 /// A recipe bound in memory, ready to start in a run folder: nothing is written until
 /// [`Bound::start`].
 pub struct Bound {
@@ -223,7 +263,7 @@ impl Trainer {
             recipe.seed,
         )
         .map_err(locate)?;
-        let eval = match &splits.eval {
+        let mut eval = match &splits.eval {
             Some(e) => Some(
                 Loader::new(e.clone(), splits.info.clone(), l, false, recipe.seed)
                     .map_err(locate)?,
@@ -235,6 +275,19 @@ impl Trainer {
             .map_err(|e| recipe.source.locate(e))?;
         if let Some(r) = &resume {
             r.check(&given, recipe.scale_ratio, &clock)?;
+        }
+        // Data parallel: the recipe's batch is the global batch; each rank makes its share.
+        let dist = crate::dist::world();
+        let (rank, size) = (dist.rank(), dist.size());
+        if size > 1 {
+            check_world(recipe, train.len(), size).map_err(locate)?;
+            train.shard(rank, size);
+            if let Some(e) = eval.as_mut() {
+                e.shard(rank, size);
+            }
+        }
+        if let Some(r) = &resume {
+            r.check_world_size(size)?;
         }
         let ctx = BindContext {
             clock,
@@ -260,38 +313,25 @@ impl Trainer {
             }
         }
         let base_lr = recipe.optimizer.config.lr();
-        let state = State {
-            run_name: recipe.name.clone(),
-            seed: recipe.seed,
+        let mut state = State::new(
+            recipe.name.clone(),
+            recipe.seed,
             device,
-            run_dir: Default::default(),
-            timestamp: Timestamp::default(),
             clock,
             model,
             optimizer,
-            lr: base_lr,
             base_lr,
-            batch: None,
-            outputs: None,
-            loss: None,
-            grads: None,
-            last_loss: None,
-            epoch_metrics: EpochMetrics::default(),
-            last_eval: None,
-            pending_log: Default::default(),
-            stop_reason: None,
-            evaluating: false,
-            resumed_from: resume.as_ref().map(|r| r.checkpoint.meta.timestamp.clone()),
-            checkpoint_requests: Vec::new(),
-            last_checkpoint: None,
-            train_in_order: Some(Loader::in_order(
-                splits.train.clone(),
-                splits.info.clone(),
-                l,
-                None,
-                recipe.seed,
-            )?),
-        };
+        );
+        state.resumed_from = resume.as_ref().map(|r| r.checkpoint.meta.timestamp.clone());
+        state.rank = rank;
+        state.world_size = size;
+        state.train_in_order = Some(Loader::in_order(
+            splits.train.clone(),
+            splits.info.clone(),
+            l,
+            None,
+            recipe.seed,
+        )?);
         let trainer = Trainer {
             state,
             engine,
@@ -311,6 +351,7 @@ impl Trainer {
             eval_top5: splits.info.num_classes >= 5,
             lock: None,
             classes: splits.classes.clone(),
+            dist,
         };
         if let Some(r) = &resume {
             trainer.check_restorable(&r.checkpoint, r.force)?;
@@ -335,18 +376,22 @@ impl Bound {
             resume,
             raw,
         } = self;
-        let lock = RunLock::acquire(run_dir)?;
-        if resume.is_none() {
-            run_dir::claim_for_new_run(run_dir, overwrite)?;
+        // In a data-parallel job rank 0 owns the run folder; the other ranks only read the
+        // checkpoint they resume from (already read, in `bind`).
+        if trainer.state.writes_files() {
+            let lock = RunLock::acquire(run_dir)?;
+            if resume.is_none() {
+                run_dir::claim_for_new_run(run_dir, overwrite)?;
+            }
+            run_dir::write_recipe(&raw, run_dir, resume.as_ref().map(Resume::batch))?;
+            if let Some(classes) = &trainer.classes {
+                run_dir::write_classes(classes, run_dir)?;
+            }
+            if let Some(r) = &resume {
+                checkpoint::set_aside_after(run_dir, r.batch());
+            }
+            trainer.lock = Some(lock);
         }
-        run_dir::write_recipe(&raw, run_dir, resume.as_ref().map(Resume::batch))?;
-        if let Some(classes) = &trainer.classes {
-            run_dir::write_classes(classes, run_dir)?;
-        }
-        if let Some(r) = &resume {
-            checkpoint::set_aside_after(run_dir, r.batch());
-        }
-        trainer.lock = Some(lock);
         trainer.state.run_dir = run_dir.to_path_buf();
         trainer.event(Event::Init)?;
         trainer.event(Event::BeforeLoad)?;

@@ -70,6 +70,8 @@ pub struct Trainer {
     /// The dataset's class names in label order (image folders): written to the run folder as
     /// classes.txt and into each checkpoint.
     classes: Option<Vec<String>>,
+    /// The data-parallel job this process is part of (a job of one by default).
+    dist: Arc<dyn crate::dist::Collective>,
 }
 
 fn signal_name(sig: usize) -> String {
@@ -165,6 +167,11 @@ impl Trainer {
     /// Writes a checkpoint of the run as it stands (never one whose weights are not finite).
     pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
         self.check_weights_finite("before a checkpoint was written; none was")?;
+        if !self.state.writes_files() {
+            // Rank 0 writes it: every rank holds the same weights and state.
+            self.state.last_checkpoint = Some(path.to_path_buf());
+            return Ok(());
+        }
         if let Some(dir) = path.parent() {
             if self.cleaned.insert(dir.to_path_buf()) {
                 let n = crate::atomic::remove_stale_temporaries(dir);
@@ -224,6 +231,9 @@ impl Trainer {
                 self.state.run_dir.join(&req.path)
             };
             self.save_checkpoint(&path)?;
+            if !self.state.writes_files() {
+                continue;
+            }
             for old in req.prune {
                 let old = self.state.run_dir.join(old);
                 if old == path {
@@ -242,14 +252,21 @@ impl Trainer {
     /// When a signal arrived: write a checkpoint at this batch (unless one was just written) and
     /// stop with [`Error::Interrupted`].
     fn check_interrupt(&mut self) -> Result<()> {
-        let Some(sig) = self
+        let mut sig = self
             .interrupt
             .as_ref()
-            .map(|f| f.load(Ordering::SeqCst))
-            .filter(|&s| s != 0)
-        else {
+            .map_or(0, |f| f.load(Ordering::SeqCst));
+        if self.dist.size() > 1 {
+            // Every rank stops at the same batch: a signal that reached any of them counts.
+            let mut v = [sig as f64];
+            self.dist.sum_f64(&mut v)?;
+            if v[0] > 0.0 && sig == 0 {
+                sig = 15;
+            }
+        }
+        if sig == 0 {
             return Ok(());
-        };
+        }
         let ts = &self.state.timestamp;
         let path = self
             .state
@@ -344,8 +361,10 @@ impl Trainer {
         self.event(Event::FitEnd)?;
         self.serve_checkpoint_requests()?;
         self.check_weights_finite("at the end of training")?;
-        let weights = self.state.run_dir.join("model.safetensors");
-        self.state.model.params().save(&weights)?;
+        if self.state.writes_files() {
+            let weights = self.state.run_dir.join("model.safetensors");
+            self.state.model.params().save(&weights)?;
+        }
         let summary = FitSummary {
             batches: self.state.timestamp.batch,
             epochs_completed: self.state.timestamp.epoch,
@@ -371,7 +390,7 @@ impl Trainer {
     fn train_batch(&mut self) -> Result<()> {
         self.event(Event::BatchStart)?;
         let n = self.batch()?.len() as u64;
-        let loss_value = self.train_pass(true)?;
+        let (loss_value, n) = self.train_pass(true, n)?;
         // A closure-style step (SAM): an algorithm may ask for the batch to run again, with
         // what it changed, before the optimizer steps.
         let mut passes = 1;
@@ -382,7 +401,7 @@ impl Trainer {
                     "the algorithms asked for more than 16 passes over one batch; one of them never lets the step finish",
                 ));
             }
-            self.train_pass(false)?;
+            self.train_pass(false, n)?;
         }
         if let Some(grads) = self.state.grads.take() {
             let st = &mut self.state;
@@ -421,14 +440,19 @@ impl Trainer {
     /// asks), AFTER_TRAIN_BATCH. As in Composer, AFTER_TRAIN_BATCH comes before the optimizer
     /// step, with the whole batch's gradient (every microbatch's, summed) in `state.grads`: where
     /// gradients are clipped or measured. The step's result is seen from BATCH_END on. The
-    /// first pass of a batch counts in the epoch's metrics; returns its loss.
-    fn train_pass(&mut self, first: bool) -> Result<f64> {
+    /// first pass of a batch counts in the epoch's metrics. In a data-parallel job the gradients,
+    /// the loss and the counts are summed across ranks before AFTER_TRAIN_BATCH. Returns the
+    /// loss (the global batch's mean) and the batch's samples, `batch_samples` on this rank
+    /// (all ranks together).
+    fn train_pass(&mut self, first: bool, batch_samples: u64) -> Result<(f64, u64)> {
         self.event(Event::BeforeTrainBatch)?;
         let n = self.batch()?.len();
         let (loss_value, correct) = match self.microbatch {
             Some(m) if m < n => self.train_microbatches(m)?,
             _ => self.forward_backward(None)?,
         };
+        let (loss_value, correct, n, batch_samples) =
+            self.reduce_pass(loss_value, correct, n, batch_samples)?;
         if first {
             let m = &mut self.state.epoch_metrics;
             m.loss_sum += loss_value;
@@ -440,7 +464,44 @@ impl Trainer {
         self.state.outputs = None;
         self.state.loss = None;
         self.event(Event::AfterTrainBatch)?;
-        Ok(loss_value)
+        Ok((loss_value, batch_samples))
+    }
+
+    /// Data parallel: sums each rank's gradients weighted by its samples, divided by the global
+    /// batch's (the gradient of the global mean loss, identical on every rank), averages the
+    /// batch-norm buffers ([`crate::dist::reduce_step`]), and sums the loss, correct predictions
+    /// and sample counts. A job of one returns its arguments untouched.
+    fn reduce_pass(
+        &mut self,
+        loss: f64,
+        correct: u64,
+        n: usize,
+        batch_samples: u64,
+    ) -> Result<(f64, u64, usize, u64)> {
+        if self.dist.size() == 1 {
+            return Ok((loss, correct, n, batch_samples));
+        }
+        let mut counts = [
+            loss * n as f64,
+            correct as f64,
+            n as f64,
+            batch_samples as f64,
+        ];
+        self.dist.sum_f64(&mut counts)?;
+        let total = counts[2];
+        crate::dist::reduce_step(
+            self.dist.as_ref(),
+            self.state.model.params(),
+            self.state.grads.as_mut(),
+            n as f64,
+            total,
+        )?;
+        Ok((
+            counts[0] / total.max(1.0),
+            counts[1] as u64,
+            total as usize,
+            counts[3] as u64,
+        ))
     }
 
     /// The forward pass, the loss and the backward pass of the batch in `state.batch`, with their
@@ -551,6 +612,10 @@ impl Trainer {
         for batch in eval.epoch(0, 0, &self.state.device) {
             let batch = batch?;
             samples += batch.len() as u64;
+            if batch.is_empty() {
+                // A data-parallel rank's share of a last batch smaller than the job.
+                continue;
+            }
             self.state.batch = Some(batch);
             self.event(Event::EvalBatchStart)?;
             self.event(Event::EvalBeforeForward)?;
@@ -584,6 +649,20 @@ impl Trainer {
             }
             scored += n;
             self.event(Event::EvalBatchEnd)?;
+        }
+        if self.dist.size() > 1 {
+            // Sharded evaluation: the sums of every rank's share.
+            let mut v = [
+                loss_sum,
+                correct as f64,
+                correct5 as f64,
+                scored as f64,
+                samples as f64,
+            ];
+            self.dist.sum_f64(&mut v)?;
+            loss_sum = v[0];
+            (correct, correct5, scored, samples) =
+                (v[1] as u64, v[2] as u64, v[3] as u64, v[4] as u64);
         }
         if samples as usize != eval.len() {
             return Err(Error::msg(format!(

@@ -65,6 +65,21 @@ impl Resume {
         let d = checkpoint::differences(&self.checkpoint.meta, given, ratio, clock);
         check_differences(&self.checkpoint, &d, self.force)
     }
+
+    /// Refuses to continue on another number of data-parallel processes than the checkpoint's
+    /// run had, unless forced: the run would go on, but not as the uninterrupted one (each
+    /// rank's share of a batch, per-rank batch-norm statistics and the reduction order change).
+    pub(super) fn check_world_size(&self, size: usize) -> Result<()> {
+        let then = self.checkpoint.meta.world_size;
+        if then == size as u64 {
+            return Ok(());
+        }
+        let d = [format!(
+            "data-parallel processes: {then} -> {size} (each rank's share of a batch, per-rank batch-norm statistics and the order of the gradient sums change; the global batch stays {})",
+            self.checkpoint.meta.clock.samples_per_batch
+        )];
+        check_differences(&self.checkpoint, &d, self.force)
+    }
 }
 
 /// Refuses to resume across differences unless forced (then warns about each).

@@ -1,0 +1,301 @@
+//! Data-parallel training over MPI, on one machine with 2 ranks through `mpirun` (built with
+//! `--features mpi`; `.ci/run` installs Open MPI): the same run as one process to float rounding,
+//! bitwise repeatable, exact resume after SIGTERM, a killed rank ends the job, and the checks on
+//! the batch split and the world size.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+/// An MLP (no batch norm, so the ranks' shares add up to the whole batch exactly) on the
+/// embedded mini set, with a checkpoint every 10 steps.
+const DP: &str = "\
+name: dp
+seed: 11
+max_duration: 40ba
+eval_interval: 20ba
+data:
+  name: fashion_mnist_mini
+  batch_size: 32
+  train_subset: 640
+  eval_subset: 203
+model:
+  name: mlp
+  hidden: [32]
+optimizer:
+  name: sgd
+  lr: 0.1
+  momentum: 0.9
+  weight_decay: 5.0e-4
+schedule:
+  name: cosine
+  t_warmup: 4ba
+callbacks:
+  - name: checkpoint
+    interval: 10ba
+";
+
+fn train_ranks(recipe: &Path, run_dir: &Path, n: usize, extra: &[&str]) -> Output {
+    let n = n.to_string();
+    let mut args = vec!["--nproc", &n];
+    args.extend_from_slice(extra);
+    // One thread per rank: two ranks on this machine's cores.
+    let mut c = recipe_cmd();
+    c.env("RAYON_NUM_THREADS", "1");
+    c.args([
+        "run",
+        recipe.to_str().unwrap(),
+        "-q",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ])
+    .args(&args)
+    .output()
+    .unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "{}\n{}", stderr(o), stdout(o));
+}
+
+fn weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut t: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(
+        run_dir.join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+    .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+#[test]
+fn two_ranks_at_half_the_batch_train_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(dir.path(), "dp.yaml", DP);
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    ok(&train(&recipe, &one, &[]));
+    ok(&train_ranks(&recipe, &two, 2, &[]));
+    let (a, b) = (weights(&one), weights(&two));
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(diff <= 1e-4 * scale, "{name}: {diff} (scale {scale})");
+    }
+    // The same global numbers are logged: the evaluation covers all 203 samples, sharded.
+    let (la, lb) = (
+        metrics(&one, "eval/accuracy"),
+        metrics(&two, "eval/accuracy"),
+    );
+    assert_eq!(la.len(), 2);
+    assert_eq!(la.len(), lb.len());
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1.0 / 203.0, "{la:?} {lb:?}");
+    }
+    let (ta, tb) = (metrics(&one, "train/loss"), metrics(&two, "train/loss"));
+    assert_eq!(ta.len(), 40);
+    assert_eq!(tb.len(), 40, "rank 0 alone writes the log");
+    for (x, y) in ta.iter().zip(&tb) {
+        assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} {y}");
+    }
+    // The checkpoints record the world size.
+    let ckpt = recipe_engine::checkpoint::latest(&two, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ckpt.meta.world_size, 2);
+    assert_eq!(
+        ckpt.meta.timestamp.sample,
+        40 * 32,
+        "samples count globally"
+    );
+}
+
+#[test]
+fn two_rank_runs_with_batch_norm_are_bitwise_repeatable_and_resume_exactly_after_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "dp.yaml",
+        // With batch norm: its running statistics must be the same on every rank, at every
+        // batch, for the checkpoint (rank 0's) to be the whole job's state.
+        &DP.replace("max_duration: 40ba", "max_duration: 1000ba")
+            .replace("interval: 10ba", "interval: 100ba")
+            .replace(
+                "name: mlp\n  hidden: [32]",
+                "name: small_cnn\n  channels: [4, 8]",
+            ),
+    );
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    ok(&train_ranks(&recipe, &a, 2, &[]));
+    ok(&train_ranks(&recipe, &b, 2, &[]));
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(b.join("model.safetensors")).unwrap(),
+        "same seed, same world size: same bytes"
+    );
+    // Stopped by SIGTERM to the launcher, resumed with --resume latest.
+    let c = dir.path().join("c");
+    let child = recipe_cmd()
+        .env("RAYON_NUM_THREADS", "1")
+        .args([
+            "run",
+            recipe.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            c.to_str().unwrap(),
+            "--nproc",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", || {
+        !recipe_engine::checkpoint::list(&c).is_empty()
+    });
+    let s = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        !c.join("model.safetensors").exists(),
+        "stopped before the end"
+    );
+    // One report, from rank 0, with the command that starts the same job again.
+    assert_eq!(err.matches("interrupted by SIGTERM").count(), 1, "{err}");
+    let resume = err
+        .lines()
+        .find(|l| l.starts_with("resume with: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(resume.contains("--nproc 2"), "{resume}");
+    ok(&train_ranks(&recipe, &c, 2, &["--resume", "latest"]));
+    assert_eq!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(c.join("model.safetensors")).unwrap(),
+        "the resumed run ends on the uninterrupted run's bytes"
+    );
+    // Another world size is refused, with the difference named; --force goes on.
+    let o = train(&recipe, &c, &["--resume", "latest"]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("data-parallel processes: 2 -> 1"), "{err}");
+    ok(&train(&recipe, &c, &["--resume", "latest", "--force"]));
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "dp.yaml",
+        &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
+    );
+    let run_dir = dir.path().join("run");
+    let mut child = recipe_cmd()
+        .env("RAYON_NUM_THREADS", "1")
+        .args([
+            "run",
+            recipe.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--nproc",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", || {
+        !recipe_engine::checkpoint::list(&run_dir).is_empty()
+    });
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
+    let s = std::process::Command::new("kill")
+        .args(["-KILL", &ranks[1].to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the job still runs 30 s after a rank was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    for pid in ranks {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
+            "rank process {pid} is left behind"
+        );
+    }
+    recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
+        .expect("the last checkpoint still loads");
+}
+
+#[test]
+fn a_batch_that_does_not_split_between_ranks_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "dp.yaml",
+        &DP.replace("batch_size: 32", "batch_size: 33"),
+    );
+    let run_dir = dir.path().join("run");
+    let o = train_ranks(&recipe, &run_dir, 2, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("data.batch_size"), "{err}");
+    assert!(
+        err.contains("does not split evenly between 2 processes"),
+        "{err}"
+    );
+    assert!(err.contains("dp.yaml"), "the error names the file: {err}");
+    assert!(!run_dir.join("recipe.yaml").exists());
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the command may hold spaces, so read after the last ')'.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let ppid: u32 = rest.split(' ').nth(1).unwrap().parse().unwrap();
+        if ppid == pid && stat.contains("(recipe") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))
+        .unwrap_or(true)
+}
