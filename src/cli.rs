@@ -17,7 +17,7 @@ use std::sync::Arc;
     name = "recipe",
     version,
     about = "Train models from YAML recipes; shrink a whole recipe consistently with --scale.",
-    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe run recipes/fashion_mnist_resnet.yaml --resume latest\n  recipe export runs/fashion_mnist_resnet-1 --to resnet20.safetensors\n  recipe plot schedule recipes/fashion_mnist_resnet.yaml --scales 0.25,0.5,1\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
+    after_help = "Examples:\n  recipe run recipes/quickstart.yaml\n  recipe run recipes/fashion_mnist_resnet.yaml --scale 0.25\n  recipe show recipes/resnet50_imagenet.yaml --scale 0.5\n  recipe run recipes/quickstart.yaml --set optimizer.lr=0.2 --set max_duration=3ep\n  recipe run recipes/fashion_mnist_resnet.yaml --resume latest\n  recipe run recipes/fashion_mnist_resnet.yaml --nproc 2   (data parallel; a build with --features mpi)\n  recipe export runs/fashion_mnist_resnet-1 --to resnet20.safetensors\n  recipe plot schedule recipes/fashion_mnist_resnet.yaml --scales 0.25,0.5,1\n  recipe list\n\nLogging: -v for debug traces of event dispatch (RUST_LOG overrides)."
 )]
 pub struct Cli {
     #[command(subcommand)]

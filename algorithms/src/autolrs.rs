@@ -30,7 +30,10 @@
 //! is not implemented (training loss throughout).
 //!
 //! **Expected effect.** A run that picks its own LR per stage; compare at equal total steps
-//! (search included) with `recipe bench speedup` or `recipe bench sweep`.
+//! (search included) with `recipe bench speedup` or `recipe bench sweep`. Measured here
+//! (benches/README.md, "AutoLRS against a tuned cosine schedule"): on a 936-step Fashion-MNIST
+//! run its search takes 44% of the steps and it ends 8.7 points below the tuned cosine (78.5%
+//! against 87.2%, 3 seeds): a short budget is the regime where it loses.
 
 use recipe_engine::algorithm::{Algorithm, AlgorithmConfig};
 use recipe_engine::candle_core::Tensor;
