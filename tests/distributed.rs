@@ -145,24 +145,7 @@ fn two_rank_runs_with_batch_norm_are_bitwise_repeatable_and_resume_exactly_after
     );
     // Stopped by SIGTERM to the launcher, resumed with --resume latest.
     let c = dir.path().join("c");
-    let child = recipe_cmd()
-        .env("RAYON_NUM_THREADS", "1")
-        .args([
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            c.to_str().unwrap(),
-            "--nproc",
-            "2",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("a checkpoint", || {
-        !recipe_engine::checkpoint::list(&c).is_empty()
-    });
+    let child = spawn_ranks_until_a_checkpoint(&recipe, &c);
     let s = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -205,24 +188,7 @@ fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
         &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
     );
     let run_dir = dir.path().join("run");
-    let mut child = recipe_cmd()
-        .env("RAYON_NUM_THREADS", "1")
-        .args([
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--nproc",
-            "2",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("a checkpoint", || {
-        !recipe_engine::checkpoint::list(&run_dir).is_empty()
-    });
+    let mut child = spawn_ranks_until_a_checkpoint(&recipe, &run_dir);
     let ranks = children(child.id());
     assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
     let s = std::process::Command::new("kill")
@@ -271,6 +237,29 @@ fn a_batch_that_does_not_split_between_ranks_is_refused_before_anything_is_writt
     );
     assert!(err.contains("dp.yaml"), "the error names the file: {err}");
     assert!(!run_dir.join("recipe.yaml").exists());
+}
+
+/// Starts a 2-rank run in the background (stderr piped) and waits for its first checkpoint.
+fn spawn_ranks_until_a_checkpoint(recipe: &Path, run_dir: &Path) -> std::process::Child {
+    let child = recipe_cmd()
+        .env("RAYON_NUM_THREADS", "1")
+        .args([
+            "run",
+            recipe.to_str().unwrap(),
+            "-q",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--nproc",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a checkpoint", || {
+        !recipe_engine::checkpoint::list(run_dir).is_empty()
+    });
+    child
 }
 
 /// The processes whose parent is `pid`.
