@@ -37,8 +37,6 @@ pub trait Collective: Send + Sync {
     /// Ends every rank of the job now, with `code` (after an error on this rank, so that the
     /// others do not wait for it in a collective forever).
     fn abort(&self, code: i32) -> !;
-    /// What carries the job, for logs: `single process`, `MPI (Open MPI v4.1.4)`.
-    fn describe(&self) -> String;
 }
 
 /// A job of one process: sums are the values themselves.
@@ -63,9 +61,6 @@ impl Collective for Single {
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
-    }
-    fn describe(&self) -> String {
-        "single process".into()
     }
 }
 

@@ -16,7 +16,6 @@ pub struct Mpi {
     comm: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
-    library: String,
 }
 
 // SAFETY: the communicator is a handle into the MPI library, which was started with (at least)
@@ -43,15 +42,11 @@ pub fn init() -> Result<(Arc<Mpi>, MpiGuard)> {
     let comm = universe.world();
     let rank = comm.rank() as usize;
     let size = comm.size() as usize;
-    let library = mpi::environment::library_version()
-        .map(|v| v.lines().next().unwrap_or_default().trim().to_string())
-        .unwrap_or_else(|_| "unknown library".into());
     Ok((
         Arc::new(Mpi {
             comm: Mutex::new(comm),
             rank,
             size,
-            library,
         }),
         MpiGuard {
             _universe: universe,
@@ -64,6 +59,16 @@ impl Mpi {
         // A poisoned lock only means another thread panicked holding it; the handle is intact.
         self.comm.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// MPI_Allreduce with MPI_SUM. MPI_IN_PLACE is not exposed by the crate: reduce into a
+    /// second buffer.
+    fn sum<T: mpi::datatype::Equivalence + Copy + Default>(&self, buf: &mut [T]) -> Result<()> {
+        let mut out = vec![T::default(); buf.len()];
+        self.comm()
+            .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
 }
 
 impl Collective for Mpi {
@@ -74,19 +79,10 @@ impl Collective for Mpi {
         self.size
     }
     fn sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        // MPI_IN_PLACE is not exposed by the crate: reduce into a second buffer.
-        let mut out = vec![0f32; buf.len()];
-        self.comm()
-            .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
-        buf.copy_from_slice(&out);
-        Ok(())
+        self.sum(buf)
     }
     fn sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        let mut out = vec![0f64; buf.len()];
-        self.comm()
-            .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
-        buf.copy_from_slice(&out);
-        Ok(())
+        self.sum(buf)
     }
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
         let comm = self.comm();
@@ -99,8 +95,5 @@ impl Collective for Mpi {
     }
     fn abort(&self, code: i32) -> ! {
         self.comm().abort(code)
-    }
-    fn describe(&self) -> String {
-        format!("MPI ({}), {} ranks", self.library, self.size)
     }
 }

@@ -352,6 +352,7 @@ impl Trainer {
             lock: None,
             classes: splits.classes.clone(),
             dist,
+            job_signal: 0,
         };
         if let Some(r) = &resume {
             trainer.check_restorable(&r.checkpoint, r.force)?;

@@ -72,6 +72,9 @@ pub struct Trainer {
     classes: Option<Vec<String>>,
     /// The data-parallel job this process is part of (a job of one by default).
     dist: Arc<dyn crate::dist::Collective>,
+    /// Data parallel: a signal that reached any rank, agreed on in the last step's all-reduce,
+    /// so that every rank stops at the same batch (0: none).
+    job_signal: usize,
 }
 
 fn signal_name(sig: usize) -> String {
@@ -252,18 +255,10 @@ impl Trainer {
     /// When a signal arrived: write a checkpoint at this batch (unless one was just written) and
     /// stop with [`Error::Interrupted`].
     fn check_interrupt(&mut self) -> Result<()> {
-        let mut sig = self
-            .interrupt
-            .as_ref()
-            .map_or(0, |f| f.load(Ordering::SeqCst));
-        if self.dist.size() > 1 {
-            // Every rank stops at the same batch: a signal that reached any of them counts.
-            let mut v = [sig as f64];
-            self.dist.sum_f64(&mut v)?;
-            if v[0] > 0.0 && sig == 0 {
-                sig = 15;
-            }
-        }
+        let sig = match self.dist.size() {
+            1 => self.local_signal(),
+            _ => self.job_signal,
+        };
         if sig == 0 {
             return Ok(());
         }
@@ -281,6 +276,13 @@ impl Trainer {
             batch: self.state.timestamp.batch,
             checkpoint: path,
         })
+    }
+
+    /// The signal this process received (0: none).
+    fn local_signal(&self) -> usize {
+        self.interrupt
+            .as_ref()
+            .map_or(0, |f| f.load(Ordering::SeqCst))
     }
 
     fn event(&mut self, e: Event) -> Result<()> {
@@ -470,7 +472,8 @@ impl Trainer {
     /// Data parallel: sums each rank's gradients weighted by its samples, divided by the global
     /// batch's (the gradient of the global mean loss, identical on every rank), averages the
     /// batch-norm buffers ([`crate::dist::reduce_step`]), and sums the loss, correct predictions
-    /// and sample counts. A job of one returns its arguments untouched.
+    /// and sample counts, and whether a signal reached any rank. A job of one returns its
+    /// arguments untouched.
     fn reduce_pass(
         &mut self,
         loss: f64,
@@ -481,13 +484,18 @@ impl Trainer {
         if self.dist.size() == 1 {
             return Ok((loss, correct, n, batch_samples));
         }
+        let signal = self.local_signal();
         let mut counts = [
             loss * n as f64,
             correct as f64,
             n as f64,
             batch_samples as f64,
+            signal as f64,
         ];
         self.dist.sum_f64(&mut counts)?;
+        if counts[4] > 0.0 {
+            self.job_signal = if signal > 0 { signal } else { 15 };
+        }
         let total = counts[2];
         crate::dist::reduce_step(
             self.dist.as_ref(),
