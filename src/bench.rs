@@ -71,6 +71,9 @@ pub struct ThroughputArgs {
     /// RAYON_NUM_THREADS says otherwise.
     #[arg(long, value_name = "N")]
     pub nproc: Option<usize>,
+    /// Every batch norm synchronised across the ranks (the recipe's `sync_batchnorm: true`).
+    #[arg(long)]
+    pub sync_batchnorm: bool,
 }
 
 /// Per-step averages of one measurement.
@@ -126,7 +129,13 @@ fn build_parts(a: &ThroughputArgs, shape: [usize; 3], dev: &Device) -> Result<Pa
         "optimizer",
     )?;
     let ctx = BindContext::standalone(dev, shape, a.classes, a.batch);
-    let model: Box<dyn Model> = model_spec.config.build(&ctx)?;
+    let mut model: Box<dyn Model> = model_spec.config.build(&ctx)?;
+    if a.sync_batchnorm {
+        let net = model.network_mut().ok_or_else(|| {
+            Error::msg("--sync-batchnorm: this model is not a module tree of the zoo")
+        })?;
+        recipe_engine::dist::sync_batchnorm::convert(net)?;
+    }
     let opt: Box<dyn Optimizer> = opt_spec
         .config
         .build(&ctx.with_path("optimizer"), model.params())?;

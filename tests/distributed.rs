@@ -75,6 +75,21 @@ fn weights(run_dir: &Path) -> Vec<(String, Vec<f32>)> {
     t
 }
 
+/// The largest difference between two runs' weights, relative to each tensor's largest value.
+fn max_rel_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    let mut worst = 0f32;
+    for ((_, x), (_, y)) in a.iter().zip(b) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
 #[test]
 fn two_ranks_at_half_the_batch_train_as_one_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,16 +98,8 @@ fn two_ranks_at_half_the_batch_train_as_one_process() {
     let two = dir.path().join("two");
     ok(&train(&recipe, &one, &[]));
     ok(&train_ranks(&recipe, &two, 2, &[]));
-    let (a, b) = (weights(&one), weights(&two));
-    assert_eq!(
-        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
-        b.iter().map(|x| &x.0).collect::<Vec<_>>()
-    );
-    for ((name, x), (_, y)) in a.iter().zip(&b) {
-        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
-        assert!(diff <= 1e-4 * scale, "{name}: {diff} (scale {scale})");
-    }
+    let diff = max_rel_diff(&weights(&one), &weights(&two));
+    assert!(diff <= 1e-4, "2 ranks against 1 process: {diff}");
     // The same global numbers are logged: the evaluation covers all 203 samples, sharded.
     let (la, lb) = (
         metrics(&one, "eval/accuracy"),
@@ -117,6 +124,70 @@ fn two_ranks_at_half_the_batch_train_as_one_process() {
         40 * 32,
         "samples count globally"
     );
+}
+
+#[test]
+fn with_sync_batchnorm_two_ranks_train_a_resnet_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    // A ResNet: batch norm after every convolution, the running statistics in the weights.
+    let text = DP
+        .replace(
+            "name: mlp\n  hidden: [32]",
+            "name: resnet_cifar\n  depth: 8\n  width: 0.25",
+        )
+        .replace("max_duration: 40ba", "max_duration: 12ba");
+    let plain = write_recipe(dir.path(), "bn.yaml", &text);
+    let synced = write_recipe(
+        dir.path(),
+        "sync.yaml",
+        &format!("{text}sync_batchnorm: true\n"),
+    );
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    let per_rank = dir.path().join("per_rank");
+    ok(&train(&plain, &one, &[]));
+    ok(&train_ranks(&synced, &two, 2, &[]));
+    ok(&train_ranks(&plain, &per_rank, 2, &[]));
+    let synced_diff = max_rel_diff(&weights(&one), &weights(&two));
+    let per_rank_diff = max_rel_diff(&weights(&one), &weights(&per_rank));
+    assert!(
+        synced_diff <= 1e-4,
+        "2 ranks with synchronised batch norm against 1 process: {synced_diff}"
+    );
+    // The comparison can tell: each rank normalising its own half is another computation.
+    assert!(
+        per_rank_diff > 10.0 * synced_diff,
+        "per-rank statistics {per_rank_diff}, synchronised {synced_diff}"
+    );
+    // Synchronised runs repeat bitwise.
+    let again = dir.path().join("again");
+    ok(&train_ranks(&synced, &again, 2, &[]));
+    assert_eq!(
+        std::fs::read(two.join("model.safetensors")).unwrap(),
+        std::fs::read(again.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn sync_batchnorm_refuses_a_last_batch_that_does_not_split_evenly() {
+    let dir = tempfile::tempdir().unwrap();
+    // 643 samples in batches of 32: a last batch of 3, which plain data parallel splits 1 + 2.
+    let text = DP.replace("train_subset: 640", "train_subset: 643") + "sync_batchnorm: true\n";
+    let recipe = write_recipe(
+        dir.path(),
+        "dp.yaml",
+        &text.replace("  batch_size: 32", "  batch_size: 32\n  drop_last: false"),
+    );
+    let run_dir = dir.path().join("run");
+    let o = train_ranks(&recipe, &run_dir, 2, &[]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("sync_batchnorm"), "{err}");
+    assert!(
+        err.contains("do not split evenly between 2 processes"),
+        "{err}"
+    );
+    assert!(!run_dir.join("recipe.yaml").exists());
 }
 
 #[test]

@@ -15,6 +15,7 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod sync_batchnorm;
 
 use crate::error::{Error, Result};
 use std::sync::{Arc, OnceLock};

@@ -201,6 +201,23 @@ impl BatchNorm2d {
         self.momentum
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    pub fn weight(&self) -> &Param {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Param {
+        &self.bias
+    }
+
+    /// The running mean and variance (buffers).
+    pub fn running(&self) -> (&Param, &Param) {
+        (&self.running_mean, &self.running_var)
+    }
+
     /// Batch norm followed by a ReLU when `relu` (fused on CPU).
     pub fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         self.forward_given(x, train, relu, None)

@@ -126,6 +126,10 @@ pub struct Recipe {
     /// and backward in microbatches of this many samples, and the optimizer steps once per
     /// batch with the gradient of the whole batch. Times stay in whole batches.
     pub microbatch_size: Option<usize>,
+    /// Data parallel (`sync_batchnorm: true`): every batch norm normalises with the statistics
+    /// of the whole global batch, summed across ranks (PyTorch's `SyncBatchNorm`), instead of
+    /// each rank's share. The same model on one process.
+    pub sync_batchnorm: bool,
     prepared: bool,
 }
 
@@ -144,6 +148,7 @@ const TOP_KEYS: &[&str] = &[
     "callbacks",
     "scale_policy",
     "device_train_microbatch_size",
+    "sync_batchnorm",
 ];
 
 fn get<'a>(m: &'a Mapping, k: &str) -> Option<&'a Value> {
@@ -383,6 +388,17 @@ impl Recipe {
                 }
             },
         };
+        let sync_batchnorm = match get(m, "sync_batchnorm") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(Error::recipe_hint(
+                    "sync_batchnorm",
+                    "must be true or false",
+                    "true normalises with the whole global batch's statistics across data-parallel processes; false (the default) with each process's share",
+                ))
+            }
+        };
         let data = Recipe::parse_data(get(m, "data"))?;
         let model = parse_spec(
             Kind::Model,
@@ -446,6 +462,7 @@ impl Recipe {
             scale_policy,
             scale_ratio: 1.0,
             microbatch_size,
+            sync_batchnorm,
             prepared: false,
         })
     }
@@ -639,6 +656,9 @@ impl Recipe {
         m.insert("device".into(), self.device.clone().into());
         if let Some(n) = self.microbatch_size {
             m.insert("device_train_microbatch_size".into(), (n as u64).into());
+        }
+        if self.sync_batchnorm {
+            m.insert("sync_batchnorm".into(), true.into());
         }
         let mut data = match self.data.dataset.to_yaml() {
             Value::Mapping(d) => d,

@@ -98,6 +98,16 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
             e => locate(Error::recipe(&a.path, e.to_string())),
         })?;
     }
+    if recipe.sync_batchnorm {
+        let net = model.network_mut().ok_or_else(|| {
+            locate(Error::recipe_hint(
+                "sync_batchnorm",
+                "this model is not a module tree, so its batch norms cannot be synchronised",
+                "use a model of the zoo (`recipe list` shows them) or leave sync_batchnorm out",
+            ))
+        })?;
+        crate::dist::sync_batchnorm::convert(net).map_err(locate)?;
+    }
     let optimizer = recipe
         .optimizer
         .config
@@ -202,6 +212,17 @@ fn check_world(recipe: &Recipe, train_len: usize, size: usize) -> Result<()> {
         }
     }
     let last = train_len % b;
+    if recipe.sync_batchnorm && !l.drop_last && !last.is_multiple_of(size) {
+        // Synchronised batch norm pairs every rank's forward passes: unequal shares would also
+        // weigh the ranks' statistics gradients unequally.
+        return Err(Error::recipe_hint(
+            "sync_batchnorm",
+            format!(
+                "an epoch's last batch has {last} samples, which do not split evenly between {size} processes"
+            ),
+            "set data.drop_last: true, or a train_subset whose last batch is a multiple of the process count",
+        ));
+    }
     if !l.drop_last && last != 0 && last < size {
         return Err(Error::recipe_hint(
             "data.drop_last",
