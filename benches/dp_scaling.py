@@ -4,9 +4,12 @@ through mpirun (`--nproc N`, a binary built with `--features mpi`), one thread p
 global batch the same, alternating the sides in every round. The table gives the median and the
 range of the rounds of images/s, the scaling efficiency (N ranks' images/s over N times one
 rank's, by the medians), CPU-ms per image (the ranks' user + system time over the measured
-steps) and the all-reduce's time per step.
+steps) and the all-reduce's time per step. With `--sync-batchnorm` the two sides are N ranks
+with plain and with synchronised batch norm (`sync_batchnorm: true`), and the ratio column is
+the synchronised side's images/s over the plain side's.
 
     python3 benches/dp_scaling.py target/release/recipe --ranks 2 --rounds 5
+    python3 benches/dp_scaling.py target/release/recipe --ranks 2 --rounds 5 --sync-batchnorm
 """
 import argparse
 import json
@@ -19,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import MODELS  # noqa: E402
 
 
-def measure(binary, block, inp, batch, classes, steps, warmup, ranks):
+def measure(binary, block, inp, batch, classes, steps, warmup, ranks, sync):
     cmd = [binary, "bench", "throughput", "--model", block, "--input", inp, "--batch", str(batch),
            "--classes", str(classes), "--steps", str(steps), "--warmup", str(warmup), "--json",
-           "--nproc", str(ranks)]
+           "--nproc", str(ranks)] + (["--sync-batchnorm"] if sync else [])
     env = dict(os.environ, RAYON_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -39,26 +42,36 @@ def main():
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="only the models whose label contains this")
+    ap.add_argument("--sync-batchnorm", action="store_true",
+                    help="compare N ranks with plain and with synchronised batch norm")
     a = ap.parse_args()
     n = a.ranks
-    print(f"| model | 1 rank images/s median (range) | {n} ranks images/s median (range) "
-          f"| efficiency | CPU-ms/image 1 / {n} | all-reduce ms/step |")
+    # (label, ranks, sync); the ratio column is the second side over the first
+    if a.sync_batchnorm:
+        sides = [(f"{n} ranks", n, False), (f"{n} ranks sync BN", n, True)]
+        ratio = "sync / plain"
+    else:
+        sides = [("1 rank", 1, False), (f"{n} ranks", n, False)]
+        ratio = "efficiency"
+    (la, _, _), (lb, _, _) = sides
+    print(f"| model | {la} images/s median (range) | {lb} images/s median (range) "
+          f"| {ratio} | CPU-ms/image {la} / {lb} | all-reduce ms/step {la} / {lb} |")
     print("|---|---|---|---|---|---|")
     for label, block, _ref, inp, batch, classes, steps, warmup in MODELS:
         if a.only and a.only not in label:
             continue
-        runs = {1: [], n: []}
+        runs = [[], []]
         for r in range(a.rounds):
-            order = (1, n) if r % 2 == 0 else (n, 1)
-            for k in order:
-                runs[k].append(measure(a.binary, block, inp, batch, classes, steps, warmup, k))
-        med = {k: statistics.median(x[0] for x in v) for k, v in runs.items()}
-        lo = {k: min(x[0] for x in v) for k, v in runs.items()}
-        hi = {k: max(x[0] for x in v) for k, v in runs.items()}
-        cpu = {k: statistics.median(x[1] for x in v) for k, v in runs.items()}
-        ar = statistics.median(x[2] for x in runs[n])
-        print(f"| {label} | {med[1]:.1f} ({lo[1]:.1f}-{hi[1]:.1f}) | {med[n]:.1f} ({lo[n]:.1f}-{hi[n]:.1f}) "
-              f"| {med[n] / (n * med[1]):.2f} | {cpu[1]:.2f} / {cpu[n]:.2f} | {ar:.1f} |", flush=True)
+            for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                _, ranks, sync = sides[k]
+                runs[k].append(measure(a.binary, block, inp, batch, classes, steps, warmup, ranks, sync))
+        med = [statistics.median(x[0] for x in v) for v in runs]
+        rng = [f"{min(x[0] for x in v):.1f}-{max(x[0] for x in v):.1f}" for v in runs]
+        cpu = [statistics.median(x[1] for x in v) for v in runs]
+        ar = [statistics.median(x[2] for x in v) for v in runs]
+        scale = med[1] / med[0] if a.sync_batchnorm else med[1] / (n * med[0])
+        print(f"| {label} | {med[0]:.1f} ({rng[0]}) | {med[1]:.1f} ({rng[1]}) | {scale:.2f} "
+              f"| {cpu[0]:.2f} / {cpu[1]:.2f} | {ar[0]:.1f} / {ar[1]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

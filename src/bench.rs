@@ -12,6 +12,7 @@ use recipe_engine::model::ModelConfig;
 use recipe_engine::optim::Optimizer;
 use recipe_engine::optim::OptimizerConfig;
 use recipe_engine::plugin::BindContext;
+use recipe_engine::precision::Precision;
 use recipe_engine::recipe::{parse_spec, Spec};
 use recipe_engine::recipe::{Recipe, RecipeSource};
 use recipe_engine::registry::Kind;
@@ -74,6 +75,10 @@ pub struct ThroughputArgs {
     /// Every batch norm synchronised across the ranks (the recipe's `sync_batchnorm: true`).
     #[arg(long)]
     pub sync_batchnorm: bool,
+    /// The recipe's `precision`: fp32, or amp_bf16 (convolutions in bf16 with f32 sums, on CPUs
+    /// with AVX512-BF16).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
 }
 
 /// Per-step averages of one measurement.
@@ -135,6 +140,17 @@ fn build_parts(a: &ThroughputArgs, shape: [usize; 3], dev: &Device) -> Result<Pa
             Error::msg("--sync-batchnorm: this model is not a module tree of the zoo")
         })?;
         recipe_engine::dist::sync_batchnorm::convert(net)?;
+    }
+    let precision = Precision::parse(&a.precision)
+        .map_err(|_| Error::msg(format!("--precision {}: fp32 or amp_bf16", a.precision)))?;
+    if precision != Precision::Fp32 {
+        precision
+            .check(!dev.is_cpu())
+            .map_err(|e| Error::msg(format!("--precision {}: {e}", a.precision)))?;
+        let net = model
+            .network_mut()
+            .ok_or_else(|| Error::msg("--precision: this model is not a module tree of the zoo"))?;
+        precision.convert(net)?;
     }
     let opt: Box<dyn Optimizer> = opt_spec
         .config

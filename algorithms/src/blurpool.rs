@@ -45,7 +45,7 @@ pub fn blur_2d(x: &Tensor, stride: usize) -> Result<Tensor> {
     let filter = Tensor::from_vec(f, (1, 1, 3, 3), x.device())?.to_dtype(x.dtype())?;
     // Depthwise as one single-channel convolution over every (sample, channel) plane.
     let planes = x.reshape((n * c, 1, h, w))?;
-    let y = ops::conv2d(&planes, &filter, None, Conv2dParams { stride, padding: 1 })?;
+    let y = ops::conv2d(&planes, &filter, None, Conv2dParams::new(stride, 1))?;
     let (_, _, ho, wo) = y.dims4()?;
     Ok(y.reshape((n, c, ho, wo))?)
 }

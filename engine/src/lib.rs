@@ -26,6 +26,7 @@ pub mod models;
 pub mod optim;
 pub mod param;
 pub mod plugin;
+pub mod precision;
 pub mod recipe;
 pub mod registry;
 pub mod rng;

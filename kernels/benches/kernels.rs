@@ -151,10 +151,7 @@ fn conv(c: &mut Criterion) {
     ] {
         let x = Var::from_tensor(&rand(&[n, ci, h, h])).expect("var");
         let w = Var::from_tensor(&rand(&[o, ci, k, k])).expect("var");
-        let params = Conv2dParams {
-            stride: s,
-            padding: p,
-        };
+        let params = Conv2dParams::new(s, p);
         let oh = (h + 2 * p - k) / s + 1;
         let flops = 2 * n * o * ci * k * k * oh * oh;
         g.throughput(Throughput::Elements(flops as u64));
@@ -197,6 +194,7 @@ fn batch_norm(c: &mut Criterion) {
             running_mean: &rm,
             running_var: &rv,
             momentum: 0.1,
+            sync: None,
         };
         ops::batch_norm(&x, &w, &b, stats, 1e-5, true, true).expect("batch norm")
     };

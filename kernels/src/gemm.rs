@@ -28,7 +28,7 @@ impl<'a, T> Mat<'a, T> {
             cs: cols,
         }
     }
-    fn fits(&self, r: usize, c: usize) -> bool {
+    pub(crate) fn fits(&self, r: usize, c: usize) -> bool {
         r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
     }
 }

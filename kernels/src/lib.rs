@@ -10,6 +10,7 @@
 //! - [`act`]: the residual join `relu(a + b)`.
 //! - [`loss`]: softmax cross entropy with hard or soft targets; top-1 accuracy.
 //! - [`gemm`]: the matrix product (the `gemm` crate) the convolutions run on.
+//! - [`bf16`]: the matrix product in bf16 with f32 sums (AVX512-BF16), for `amp_bf16`.
 //! - [`paths`]: which path each kernel takes, set in one place (from code, or the environment).
 //!
 //! On CPU (f32 and f64) every op is parallel over the cores with rayon. Backward passes read
@@ -37,6 +38,7 @@ macro_rules! float_storage {
 }
 
 pub mod act;
+pub mod bf16;
 pub mod conv;
 pub mod gemm;
 pub mod loss;
@@ -49,7 +51,7 @@ pub(crate) mod testing;
 pub use act::add_relu;
 pub use conv::{bn_relu_conv2d, conv2d, conv2d_backward, conv2d_with_batch_stats, Conv2dParams};
 pub use loss::{cross_entropy, top1_correct, topk_correct, Targets};
-pub use norm::{batch_norm, batch_norm_add_relu, batch_norm_given, BatchNormStats, Saved};
+pub use norm::{batch_norm, batch_norm_add_relu, batch_norm_given, BatchNormStats, Saved, StatSum};
 pub use paths::{paths, set_paths, Paths, Switch};
 pub use pool::{avg_pool2d, global_avg_pool, max_pool2d};
 

@@ -16,11 +16,20 @@ use candle_core::{
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
+/// Sums per-channel statistics across data-parallel processes, in place: every process calls
+/// it at the same point of its forward and backward passes with a buffer of the same length, and
+/// each ends with the elementwise sum over all of them (the engine passes MPI's all-reduce).
+pub type StatSum = Arc<dyn Fn(&mut [f64]) -> Result<()> + Send + Sync>;
+
 /// Running statistics of a batch-norm layer, updated in train mode.
 pub struct BatchNormStats<'a> {
     pub running_mean: &'a Var,
     pub running_var: &'a Var,
     pub momentum: f64,
+    /// Synchronised batch norm: the batch statistics of the whole global batch, summed across
+    /// processes by this (in the forward pass the mean and variance, in the backward pass the
+    /// two sums the input gradient needs); `None` normalises with this process's batch alone.
+    pub sync: Option<StatSum>,
 }
 
 /// Batch norm of `x` [N, C, H, W] with affine `weight`/`bias` [C], followed by a ReLU when
@@ -71,6 +80,13 @@ pub fn batch_norm_given(
         return train_fused(x, stats, eps, relu, given, |x, op| {
             x.apply_op3(weight, bias, op)
         });
+    }
+    if stats.sync.is_some() {
+        candle_core::bail!(
+            "synchronised batch norm runs on CPU in f32 or f64 (the fused kernels), not on {:?} in {:?}",
+            x.device(),
+            x.dtype()
+        );
     }
     check_count(x)?;
     let mean = x.mean_keepdim((0, 2, 3))?;
@@ -132,12 +148,14 @@ pub(crate) fn bn_relu_gradients(
     saved: &Saved,
     eps: f64,
     grad: &Tensor,
+    sync: Option<StatSum>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let op = FusedBatchNorm {
         eps,
         relu: true,
         saved: Arc::new(OnceLock::from(saved.clone())),
         given: None,
+        sync,
     };
     op.gradients(x, weight, bias, &grad.contiguous()?, true)
 }
@@ -186,6 +204,7 @@ fn train_fused(
         relu,
         saved: kept.clone(),
         given,
+        sync: stats.sync.clone(),
     };
     let y = apply(&x.contiguous()?, op)?;
     let Some(saved) = kept.get() else {
@@ -207,16 +226,50 @@ pub(crate) fn check_given(given: &Saved, c: usize) -> Result<()> {
     Ok(())
 }
 
-/// `update_running` with the batch statistics of `x` (N, C, H, W) in `saved`.
+/// `update_running` with the batch statistics `saved` of a batch like `x` (N, C, H, W; over
+/// the global batch when synchronised).
 pub(crate) fn update_running_from(stats: &BatchNormStats, saved: &Saved, x: &Tensor) -> Result<()> {
-    let (n, c, h, w) = x.dims4()?;
+    let c = x.dim(1)?;
     let dev = x.device();
     update_running(
         stats,
         Tensor::from_slice(&saved.mean, c, dev)?.to_dtype(x.dtype())?,
         Tensor::from_slice(&saved.var, c, dev)?.to_dtype(x.dtype())?,
-        (n * h * w) as f64,
+        saved.count,
     )
+}
+
+/// The statistics of the global batch from this process's `local` ones: one sum across
+/// processes of [count, Σx, Σx²] per channel, each rebuilt in f64 from the local mean and
+/// (centred, two-pass) variance, so the cancellation in E[x²] - mean² costs f64 digits only.
+pub(crate) fn global_stats(local: &Saved, sum: &StatSum) -> Result<Saved> {
+    let c = local.mean.len();
+    let n = local.count;
+    let mut buf = Vec::with_capacity(2 * c + 1);
+    buf.push(n);
+    buf.extend(local.mean.iter().map(|m| m * n));
+    buf.extend(
+        local
+            .mean
+            .iter()
+            .zip(&local.var)
+            .map(|(m, v)| (v + m * m) * n),
+    );
+    sum(&mut buf)?;
+    let count = buf[0];
+    if buf.len() != 2 * c + 1 || count < 2.0 {
+        candle_core::bail!(
+            "synchronised batch norm: {count} values per channel across the processes (and {} sums for {c} channels); every process must normalise the same layers with a share of the batch",
+            buf.len()
+        );
+    }
+    let mean: Vec<f64> = buf[1..=c].iter().map(|s| s / count).collect();
+    let var = buf[c + 1..]
+        .iter()
+        .zip(&mean)
+        .map(|(s2, m)| (s2 / count - m * m).max(0.0))
+        .collect();
+    Ok(Saved { mean, var, count })
 }
 
 /// Running statistics after one batch: momentum-weighted, with the unbiased variance of `count`
@@ -267,6 +320,9 @@ pub struct Saved {
     pub(crate) mean: Vec<f64>,
     /// Biased variance.
     pub(crate) var: Vec<f64>,
+    /// The values per channel they are over (N x H x W, summed over the processes when
+    /// synchronised).
+    pub(crate) count: f64,
 }
 
 /// Mean and biased variance per channel (two passes: mean, then centred squares), parallel over
@@ -292,7 +348,11 @@ pub(crate) fn stats_of<T: WithDType>(x: &[T], n: usize, c: usize, hw: usize) -> 
         })
         .collect();
     let (mean, var) = per.into_iter().unzip();
-    Saved { mean, var }
+    Saved {
+        mean,
+        var,
+        count: m,
+    }
 }
 
 /// The normalisation and affine map of each channel as one `x * s + t`, in `T`: the forward pass
@@ -343,8 +403,10 @@ struct FusedBatchNorm {
     eps: f64,
     relu: bool,
     saved: Arc<OnceLock<Saved>>,
-    /// Batch statistics computed by the op that produced the input, if any.
+    /// Batch statistics computed by the op that produced the input, if any (this process's).
     given: Option<Saved>,
+    /// Synchronised: the statistics are the global batch's.
+    sync: Option<StatSum>,
 }
 
 impl FusedBatchNorm {
@@ -356,31 +418,40 @@ impl FusedBatchNorm {
         b: &[T],
         residual: Option<&[T]>,
         (n, c, hw): (usize, usize, usize),
-    ) -> Vec<T> {
+    ) -> Result<Vec<T>> {
         let st = match &self.given {
             Some(g) => g.clone(),
             None => stats_of(x, n, c, hw),
         };
+        let st = match &self.sync {
+            Some(sum) => global_stats(&st, sum)?,
+            None => st,
+        };
         let affine: Vec<(T, T)> = affine_of(&st, wt, b, self.eps);
         let _ = self.saved.set(st);
         let relu = self.relu;
-        par_new(x.len(), hw, x.par_chunks(hw).enumerate(), |o, (p, xs)| {
-            let (s, t) = affine[p % c];
-            if let Some(r) = residual {
-                for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[p * hw..][..hw]) {
-                    let y = v * s + t + r;
-                    *o = if y > T::zero() { y } else { T::zero() };
+        Ok(par_new(
+            x.len(),
+            hw,
+            x.par_chunks(hw).enumerate(),
+            |o, (p, xs)| {
+                let (s, t) = affine[p % c];
+                if let Some(r) = residual {
+                    for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[p * hw..][..hw]) {
+                        let y = v * s + t + r;
+                        *o = if y > T::zero() { y } else { T::zero() };
+                    }
+                } else if relu {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = bn_relu(v, (s, t));
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xs) {
+                        *o = v * s + t;
+                    }
                 }
-            } else if relu {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = bn_relu(v, (s, t));
-                }
-            } else {
-                for (o, &v) in o.iter_mut().zip(xs) {
-                    *o = v * s + t;
-                }
-            }
-        })
+            },
+        ))
     }
 }
 
@@ -405,7 +476,7 @@ impl CustomOp3 for FusedBatchNorm {
             contiguous_slice::<T>(s3, l3, "batch_norm")?,
             None,
             (n, c, h * w),
-        ));
+        )?);
         Ok((out, l1.shape().clone()))
     }
 
@@ -444,6 +515,7 @@ impl FusedBatchNorm {
             weight: weight.to_dtype(DType::F64)?.to_vec1()?,
             bias: bias.to_dtype(DType::F64)?.to_vec1()?,
             sums: OnceLock::new(),
+            sync: self.sync.clone(),
         };
         let dx = x.apply_op2_no_bwd(grad, &op)?;
         let Some((sdy, sdxhat)) = op.sums.get() else {
@@ -491,7 +563,7 @@ impl CustomOp3 for BatchNormAddRelu {
                 &wb[c..],
                 Some(contiguous_slice::<T>(s3, l3, name)?),
                 (n, c, h * w),
-            )
+            )?
         });
         Ok((out, l1.shape().clone()))
     }
@@ -521,12 +593,20 @@ struct BatchNormGrad {
     saved: Saved,
     weight: Vec<f64>,
     bias: Vec<f64>,
-    /// (Σ dy, Σ dy * xhat) per channel, with dy masked by the ReLU.
+    /// (Σ dy, Σ dy * xhat) per channel, with dy masked by the ReLU: this process's, the
+    /// gradients of its weight and bias.
     sums: OnceLock<(Vec<f64>, Vec<f64>)>,
+    /// Synchronised: the input gradient takes the two sums over the global batch.
+    sync: Option<StatSum>,
 }
 
 impl BatchNormGrad {
-    fn backward<T: WithDType>(&self, x: &[T], dy: &[T], dims: (usize, usize, usize)) -> Vec<T> {
+    fn backward<T: WithDType>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        dims: (usize, usize, usize),
+    ) -> Result<Vec<T>> {
         match self.relu {
             true => self.backward_with::<T, true>(x, dy, dims),
             false => self.backward_with::<T, false>(x, dy, dims),
@@ -540,7 +620,7 @@ impl BatchNormGrad {
         x: &[T],
         dy: &[T],
         (n, c, hw): (usize, usize, usize),
-    ) -> Vec<T> {
+    ) -> Result<Vec<T>> {
         let affine: Vec<(T, T)> = affine(&self.saved, &self.weight, &self.bias, self.eps);
         // dy where the forward output x * s + t was positive (the same arithmetic as the forward)
         let mask = |ch: usize| {
@@ -588,10 +668,24 @@ impl BatchNormGrad {
             }
         }
         // Σ dy * xhat = (Σ dy * x - mean Σ dy) * invstd
-        let sdxhat: Vec<f64> = (0..c)
-            .map(|ch| (sdyx[ch] - self.saved.mean[ch] * sdy[ch]) * invstd[ch])
-            .collect();
-        let m = (n * hw) as f64;
+        let hat = |sdy: &[f64], sdyx: &[f64]| -> Vec<f64> {
+            (0..c)
+                .map(|ch| (sdyx[ch] - self.saved.mean[ch] * sdy[ch]) * invstd[ch])
+                .collect()
+        };
+        let local = (hat(&sdy, &sdyx), sdy);
+        // Synchronised, the input gradient is the global batch's: the two sums over every
+        // process (each the sums of its own loss's gradient, as PyTorch's SyncBatchNorm).
+        let (sdxhat, sdy) = match &self.sync {
+            Some(sum) => {
+                let mut buf: Vec<f64> = local.1.iter().chain(&sdyx).copied().collect();
+                sum(&mut buf)?;
+                let (gdy, gdyx) = buf.split_at(c);
+                (hat(gdy, gdyx), gdy.to_vec())
+            }
+            None => local.clone(),
+        };
+        let m = self.saved.count;
         // dx = k (dy - Σdy/m - xhat Σ(dy xhat)/m) = A dy + B x + C per channel, k = weight * invstd
         let coef: Vec<(T, T, T)> = (0..c)
             .map(|ch| {
@@ -609,8 +703,8 @@ impl BatchNormGrad {
                 *o = a * mask(g, xv) + b * xv + cc;
             }
         });
-        let _ = self.sums.set((sdy, sdxhat));
-        dx
+        let _ = self.sums.set((local.1, local.0));
+        Ok(dx)
     }
 }
 
@@ -632,7 +726,7 @@ impl CustomOp2 for BatchNormGrad {
             contiguous_slice::<T>(s1, l1, name)?,
             contiguous_slice::<T>(s2, l2, name)?,
             (n, c, h * w),
-        ));
+        )?);
         Ok((out, l1.shape().clone()))
     }
 }
@@ -676,6 +770,7 @@ mod tests {
                         relu,
                         saved: Default::default(),
                         given: None,
+                        sync: None,
                     },
                 )
                 .unwrap()
@@ -716,6 +811,7 @@ mod tests {
                 running_mean: &rm,
                 running_var: &rv,
                 momentum: 0.1,
+                sync: None,
             };
             let ours = batch_norm(&x, &wt, &b, stats, 1e-5, true, relu).unwrap();
             let want = reference(&x, &wt, &b, 1e-5);
@@ -755,6 +851,7 @@ mod tests {
                 running_mean: m,
                 running_var: v,
                 momentum: 0.1,
+                sync: None,
             };
             let ours =
                 batch_norm_add_relu(&x, &wt, &b, &r, stats(&m1, &v1), 1e-5, true, None).unwrap();
@@ -794,6 +891,7 @@ mod tests {
                 running_mean: &m,
                 running_var: &v,
                 momentum: 0.1,
+                sync: None,
             };
             batch_norm_add_relu(x, wt, b, r, stats, 1e-5, true, None).unwrap()
         };
@@ -816,6 +914,7 @@ mod tests {
             running_mean: &rm,
             running_var: &rv,
             momentum: 0.1,
+            sync: None,
         };
         let (w4, b3) = (
             rand_tensor(&[4], 42, DType::F32),
@@ -842,6 +941,7 @@ mod tests {
                 running_mean: &rm,
                 running_var: &rv,
                 momentum: 0.1,
+                sync: None,
             },
             1e-5,
             true,
@@ -863,5 +963,134 @@ mod tests {
         let want_v = ((var.flatten_all().unwrap() * 0.1).unwrap() + 0.9).unwrap();
         assert!(max_rel_err(rm.as_tensor(), &want_m) < 1e-5);
         assert!(max_rel_err(rv.as_tensor(), &want_v) < 1e-5);
+    }
+
+    /// A job of ranks as threads: the sum adds every thread's buffer (each calls it at the same
+    /// points, as MPI ranks do), then hands the total to each.
+    struct ThreadJob {
+        acc: std::sync::Mutex<Vec<f64>>,
+        barrier: std::sync::Barrier,
+    }
+
+    fn thread_sum(job: Arc<ThreadJob>) -> StatSum {
+        Arc::new(move |buf: &mut [f64]| {
+            {
+                let mut a = job.acc.lock().unwrap();
+                if a.is_empty() {
+                    a.resize(buf.len(), 0.0);
+                }
+                for (a, b) in a.iter_mut().zip(buf.iter()) {
+                    *a += b;
+                }
+            }
+            job.barrier.wait();
+            buf.copy_from_slice(&job.acc.lock().unwrap());
+            if job.barrier.wait().is_leader() {
+                job.acc.lock().unwrap().clear();
+            }
+            job.barrier.wait();
+            Ok(())
+        })
+    }
+
+    /// Two ranks with synchronised batch norm, each on half of the batch, compute what one
+    /// process computes on the whole batch, through every fused path: statistics computed by
+    /// the batch norm, given by the convolution before it, inside the next convolution
+    /// (`bn_relu_conv2d`) and in the residual join. The outputs and input gradients are the
+    /// halves of one process's, the parameter gradients add up to its, and the running
+    /// statistics are its on both ranks.
+    #[test]
+    fn synchronised_halves_compute_the_whole_batch() {
+        use crate::conv::{bn_relu_conv2d, conv2d_with_batch_stats, Conv2dParams};
+        let (n, c) = (8, 3);
+        let x = rand_tensor(&[n, c, 6, 6], 51, DType::F64);
+        let up = rand_tensor(&[n, c, 6, 6], 52, DType::F64);
+        let k = [53, 54].map(|s| rand_tensor(&[c, c, 3, 3], s, DType::F64));
+        let affine =
+            [55, 56, 57, 58, 59, 60].map(|s| (rand_tensor(&[c], s, DType::F64) + 1.5).unwrap());
+        let p = Conv2dParams::new(1, 1);
+        // The network on `x` (a batch or a rank's share) with its parameters as fresh Vars:
+        // outputs, gradients of x and of every parameter, and the three running statistics.
+        let net = |x: &Tensor, up: &Tensor, sync: Option<StatSum>| {
+            let x = Var::from_tensor(x).unwrap();
+            let ks = k.clone().map(|t| Var::from_tensor(&t).unwrap());
+            let ab = affine.clone().map(|t| Var::from_tensor(&t).unwrap());
+            let running: Vec<(Var, Var)> = (0..3)
+                .map(|_| {
+                    (
+                        Var::zeros(c, DType::F64, &Device::Cpu).unwrap(),
+                        Var::ones(c, DType::F64, &Device::Cpu).unwrap(),
+                    )
+                })
+                .collect();
+            let st = |i: usize| BatchNormStats {
+                running_mean: &running[i].0,
+                running_var: &running[i].1,
+                momentum: 0.1,
+                sync: sync.clone(),
+            };
+            let (z1, s1) = conv2d_with_batch_stats(x.as_tensor(), ks[0].as_tensor(), p).unwrap();
+            let (z2, s2) = bn_relu_conv2d(&z1, &ab[0], &ab[1], st(0), 1e-5, s1, &ks[1], p).unwrap();
+            let joined =
+                batch_norm_add_relu(&z2, &ab[2], &ab[3], &x, st(1), 1e-5, true, Some(s2)).unwrap();
+            let y = batch_norm(&joined, &ab[4], &ab[5], st(2), 1e-5, true, false).unwrap();
+            let g = (&y * up).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut grads = vec![g.get(x.as_tensor()).unwrap().clone()];
+            for v in ks.iter().chain(&ab) {
+                grads.push(g.get(v.as_tensor()).unwrap().clone());
+            }
+            let stats: Vec<Tensor> = running
+                .iter()
+                .flat_map(|(m, v)| [m.as_tensor().clone(), v.as_tensor().clone()])
+                .collect();
+            (y, grads, stats)
+        };
+        let (y, grads, stats) = net(&x, &up, None);
+        let job = Arc::new(ThreadJob {
+            acc: Default::default(),
+            barrier: std::sync::Barrier::new(2),
+        });
+        let halves: Vec<_> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..2)
+                .map(|r| {
+                    let (xs, ups) = (
+                        x.narrow(0, r * 4, 4).unwrap(),
+                        up.narrow(0, r * 4, 4).unwrap(),
+                    );
+                    let sum = thread_sum(job.clone());
+                    let net = &net;
+                    sc.spawn(move || net(&xs, &ups, Some(sum)))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        type Half = (Tensor, Vec<Tensor>, Vec<Tensor>);
+        let cat = |i: usize, of: fn(&Half, usize) -> Tensor| {
+            Tensor::cat(&[of(&halves[0], i), of(&halves[1], i)], 0).unwrap()
+        };
+        assert!(
+            max_rel_err(&cat(0, |h, _| h.0.clone()), &y) < 1e-10,
+            "output"
+        );
+        assert!(
+            max_rel_err(&cat(0, |h, i| h.1[i].clone()), &grads[0]) < 1e-9,
+            "input gradient"
+        );
+        for (i, whole) in grads.iter().enumerate().skip(1) {
+            let summed = (&halves[0].1[i] + &halves[1].1[i]).unwrap();
+            assert!(max_rel_err(&summed, whole) < 1e-9, "parameter gradient {i}");
+        }
+        for h in &halves {
+            for (a, b) in h.2.iter().zip(&stats) {
+                assert!(max_rel_err(a, b) < 1e-10, "running statistics");
+            }
+        }
+        // And without the sum the halves are another computation (the test can tell).
+        let alone = net(
+            &x.narrow(0, 0, 4).unwrap(),
+            &up.narrow(0, 0, 4).unwrap(),
+            None,
+        );
+        assert!(max_rel_err(&alone.0, &y.narrow(0, 0, 4).unwrap()) > 1e-3);
     }
 }

@@ -115,6 +115,8 @@ pub struct Cpu {
     pub avx512: bool,
     /// AVX-512 F and VL: what the direct convolution's tiles need.
     pub avx512_vl: bool,
+    /// AVX-512 F, BW, VL and BF16: the bf16 products (`crate::bf16`).
+    pub avx512_bf16: bool,
 }
 
 /// The CPU's features that the kernels use.
@@ -124,9 +126,13 @@ pub fn cpu() -> Cpu {
         #[cfg(target_arch = "x86_64")]
         {
             let f = std::arch::is_x86_feature_detected!("avx512f");
+            let vl = f && std::arch::is_x86_feature_detected!("avx512vl");
             Cpu {
                 avx512: f,
-                avx512_vl: f && std::arch::is_x86_feature_detected!("avx512vl"),
+                avx512_vl: vl,
+                avx512_bf16: vl
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512bf16"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -134,6 +140,7 @@ pub fn cpu() -> Cpu {
             Cpu {
                 avx512: false,
                 avx512_vl: false,
+                avx512_bf16: false,
             }
         }
     })

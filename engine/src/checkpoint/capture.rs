@@ -160,7 +160,7 @@ fn tree_mismatch(ckpt: &Checkpoint, state: &State, rewrites_only: bool) -> Optio
         }
     };
     Some(Error::msg(format!(
-        "its model was rewritten differently: {first}\n  the checkpoint's rewrites: {}\n  this run's rewrites: {}\n  hint: resume with the algorithms that wrote it (module surgery is part of the model)",
+        "its model was rewritten differently: {first}\n  the checkpoint's rewrites: {}\n  this run's rewrites: {}\n  hint: resume with the algorithms, sync_batchnorm and precision that wrote it (module surgery is part of the model)",
         said(&ckpt.meta.rewrites),
         said(net.rewrites())
     )))

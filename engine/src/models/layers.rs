@@ -45,7 +45,7 @@ impl Conv2d {
             c_in,
             c_out,
             k,
-            params: Conv2dParams { stride, padding },
+            params: Conv2dParams::new(stride, padding),
         })
     }
 
@@ -68,12 +68,17 @@ impl Conv2d {
         self.params
     }
 
+    /// Runs the products in bf16 with f32 sums (`precision: amp_bf16`) or in f32.
+    pub fn set_bf16(&mut self, on: bool) {
+        self.params = self.params.with_bf16(on);
+    }
+
     /// This convolution with another kernel of the same shape (weight standardization) and the
     /// stride set to `stride` (blur pooling moves the stride into the blur).
     pub fn forward_with(&self, x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
         let p = Conv2dParams {
             stride,
-            padding: self.params.padding,
+            ..self.params
         };
         let bias = self.bias.as_ref().map(Param::tensor);
         Ok(ops::conv2d(x, weight, bias.as_ref(), p)?)
@@ -122,13 +127,14 @@ impl Module for Conv2d {
     }
     fn describe(&self) -> String {
         format!(
-            "Conv2d({}, {}, kernel_size={}, stride={}, padding={}, bias={})",
+            "Conv2d({}, {}, kernel_size={}, stride={}, padding={}, bias={}{})",
             self.c_in,
             self.c_out,
             self.k,
             self.params.stride,
             self.params.padding,
-            self.bias.is_some()
+            self.bias.is_some(),
+            if self.params.bf16 { ", bf16" } else { "" }
         )
     }
     fn own_params(&self) -> Vec<Param> {
@@ -146,6 +152,11 @@ pub struct BatchNorm2d {
     c: usize,
     momentum: f64,
     eps: f64,
+    /// Synchronised across data-parallel processes (`sync_batchnorm: true`).
+    synced: bool,
+    /// The sum across processes when synchronised in a job of several (on one process the
+    /// global batch is this one's, and the plain kernels run bit for bit).
+    sum: Option<ops::StatSum>,
 }
 
 impl BatchNorm2d {
@@ -171,7 +182,16 @@ impl BatchNorm2d {
             c,
             momentum: 0.1,
             eps: 1e-5,
+            synced: false,
+            sum: None,
         })
+    }
+
+    /// Normalises with the statistics of the global batch from now on, summed across
+    /// processes by `sum` (`None` in a job of one).
+    pub fn synchronise(&mut self, sum: Option<ops::StatSum>) {
+        self.synced = true;
+        self.sum = sum;
     }
 
     pub fn num_features(&self) -> usize {
@@ -199,23 +219,6 @@ impl BatchNorm2d {
 
     pub fn momentum(&self) -> f64 {
         self.momentum
-    }
-
-    pub fn eps(&self) -> f64 {
-        self.eps
-    }
-
-    pub fn weight(&self) -> &Param {
-        &self.weight
-    }
-
-    pub fn bias(&self) -> &Param {
-        &self.bias
-    }
-
-    /// The running mean and variance (buffers).
-    pub fn running(&self) -> (&Param, &Param) {
-        (&self.running_mean, &self.running_var)
     }
 
     /// Batch norm followed by a ReLU when `relu` (fused on CPU).
@@ -269,21 +272,29 @@ impl BatchNorm2d {
             running_mean: &self.running_mean.var,
             running_var: &self.running_var.var,
             momentum: self.momentum,
+            sync: self.sum.clone(),
         }
     }
 }
 
 impl Module for BatchNorm2d {
     fn kind(&self) -> &'static str {
-        "BatchNorm2d"
+        if self.synced {
+            "SyncBatchNorm2d"
+        } else {
+            "BatchNorm2d"
+        }
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_act(x, train, false)
     }
     fn describe(&self) -> String {
         format!(
-            "BatchNorm2d({}, eps={}, momentum={})",
-            self.c, self.eps, self.momentum
+            "{}({}, eps={}, momentum={})",
+            self.kind(),
+            self.c,
+            self.eps,
+            self.momentum
         )
     }
     fn own_params(&self) -> Vec<Param> {

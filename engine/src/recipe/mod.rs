@@ -130,6 +130,8 @@ pub struct Recipe {
     /// of the whole global batch, summed across ranks (PyTorch's `SyncBatchNorm`), instead of
     /// each rank's share. The same model on one process.
     pub sync_batchnorm: bool,
+    /// `precision: fp32 | amp_bf16 | amp_fp16` (`crate::precision`).
+    pub precision: crate::precision::Precision,
     prepared: bool,
 }
 
@@ -149,6 +151,7 @@ const TOP_KEYS: &[&str] = &[
     "scale_policy",
     "device_train_microbatch_size",
     "sync_batchnorm",
+    "precision",
 ];
 
 fn get<'a>(m: &'a Mapping, k: &str) -> Option<&'a Value> {
@@ -399,6 +402,17 @@ impl Recipe {
                 ))
             }
         };
+        let precision = match get(m, "precision") {
+            None => crate::precision::Precision::Fp32,
+            Some(Value::String(s)) => crate::precision::Precision::parse(s)?,
+            Some(_) => {
+                return Err(Error::recipe_hint(
+                    "precision",
+                    "must be a name",
+                    "fp32 (the default), amp_bf16 or amp_fp16",
+                ))
+            }
+        };
         let data = Recipe::parse_data(get(m, "data"))?;
         let model = parse_spec(
             Kind::Model,
@@ -463,6 +477,7 @@ impl Recipe {
             scale_ratio: 1.0,
             microbatch_size,
             sync_batchnorm,
+            precision,
             prepared: false,
         })
     }
@@ -659,6 +674,9 @@ impl Recipe {
         }
         if self.sync_batchnorm {
             m.insert("sync_batchnorm".into(), true.into());
+        }
+        if self.precision != crate::precision::Precision::Fp32 {
+            m.insert("precision".into(), self.precision.name().into());
         }
         let mut data = match self.data.dataset.to_yaml() {
             Value::Mapping(d) => d,

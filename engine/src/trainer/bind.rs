@@ -108,6 +108,20 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
         })?;
         crate::dist::sync_batchnorm::convert(net).map_err(locate)?;
     }
+    if recipe.precision != crate::precision::Precision::Fp32 {
+        recipe
+            .precision
+            .check(!ctx.device.is_cpu())
+            .map_err(locate)?;
+        let net = model.network_mut().ok_or_else(|| {
+            locate(Error::recipe_hint(
+                "precision",
+                "this model is not a module tree, so its convolutions cannot change precision",
+                "use a model of the zoo (`recipe list` shows them) or precision: fp32",
+            ))
+        })?;
+        recipe.precision.convert(net).map_err(locate)?;
+    }
     let optimizer = recipe
         .optimizer
         .config
@@ -154,7 +168,8 @@ fn build_plugins(recipe: &Recipe, ctx: &BindContext) -> Result<Plugins> {
 pub fn validate(recipe: &Recipe) -> Result<ModelSummary> {
     let locate = |e: Error| recipe.source.locate(e);
     let info = recipe.checked_data_info().map_err(locate)?;
-    device_index(&recipe.device).map_err(locate)?;
+    let cuda = device_index(&recipe.device).map_err(locate)?.is_some();
+    recipe.precision.check(cuda).map_err(locate)?;
     let clock = recipe.clock().map_err(locate)?;
     let ctx = BindContext {
         clock,

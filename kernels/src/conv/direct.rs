@@ -63,6 +63,8 @@ pub(super) struct Direct {
     /// Built once by `new`, not per image.
     taps: Vec<Tap>,
     strided: Vec<(usize, usize)>,
+    /// `strided` for the bf16 pairs' copy (`pairs`): planes of channel pairs.
+    strided_pairs: Vec<(usize, usize)>,
     plan: Vec<(usize, usize)>,
 }
 
@@ -160,6 +162,7 @@ impl Direct {
             masks: Vec::new(),
             taps: Vec::new(),
             strided: Vec::new(),
+            strided_pairs: Vec::new(),
             plan: Vec::new(),
         };
         d.taps = (0..kh * kw)
@@ -184,12 +187,16 @@ impl Direct {
         d.plan = tiles(d.vectors());
         if s > 1 {
             let (stride, lo) = (d.stride(), d.dx.0);
-            d.strided = (d.taps.iter())
-                .map(|t| {
-                    let plane = t.phase * c * stride;
-                    (plane + t.at(d.margin, pw), (t.dx - lo) as usize)
-                })
-                .collect();
+            let offsets = |channels: usize| {
+                (d.taps.iter())
+                    .map(|t| {
+                        let plane = t.phase * channels * stride;
+                        (plane + t.at(d.margin, pw), (t.dx - lo) as usize)
+                    })
+                    .collect()
+            };
+            d.strided = offsets(c);
+            d.strided_pairs = offsets(c.div_ceil(2));
         }
         // always so for the kernels above; flat indexing of the output rows rests on it
         (ow == pw && oh <= ph && available()).then_some(d)
@@ -233,6 +240,57 @@ impl Direct {
     /// the last vector's masked-off lanes point).
     pub(super) fn buf_len(&self) -> usize {
         self.s * self.s * self.c * self.stride() + LANES
+    }
+
+    /// Values of the bf16 pairs' copy `pairs` writes.
+    pub(super) fn pairs_len(&self) -> usize {
+        self.s * self.s * self.c.div_ceil(2) * self.stride() + LANES
+    }
+
+    /// The copy `buf` (`pad`) as bf16 pairs of channels for the bf16 tiles: channels 2i and
+    /// 2i + 1 (zero past the last) of each phase rounded to bf16 and packed into one 32-bit
+    /// value per pixel (`crate::bf16::pairs_into`), plane `phase * ceil(C / 2) + i` at
+    /// `(phase * ceil(C / 2) + i) * stride()`; the margins stay zero.
+    pub(super) fn pairs(&self, buf: &[f32], out: &mut [f32]) {
+        let (c, stride, cp) = (self.c, self.stride(), self.c.div_ceil(2));
+        let taps = self.taps();
+        for phase in 0..self.s * self.s {
+            if !taps.iter().any(|t| t.phase == phase) {
+                continue;
+            }
+            for i in 0..cp {
+                let plane = |ci: usize| &buf[(phase * c + ci) * stride..][..stride];
+                let hi = (2 * i + 1 < c).then(|| plane(2 * i + 1));
+                let dst = &mut out[(phase * cp + i) * stride..][..stride];
+                crate::bf16::pairs_into(plane(2 * i), hi, dst);
+            }
+        }
+        out[self.s * self.s * cp * stride..].fill(0.0);
+    }
+
+    /// The kernel [O, C, K, K] for the bf16 tiles: [O / 8][ceil(C / 2)][K * K][8] bf16 pairs of
+    /// input channels (`pairs`' layout; zero past the last channel).
+    pub(super) fn kernel_bf16(&self, k: &[f32]) -> Vec<f32> {
+        let (c, kk) = (self.c, self.k * self.k);
+        let at = |o: usize, ci: usize, t: usize| {
+            if ci < c {
+                k[(o * c + ci) * kk + t]
+            } else {
+                0.0
+            }
+        };
+        let mut out = Vec::with_capacity(self.o * c.div_ceil(2) * kk);
+        for kb in 0..self.o / NK {
+            for i in 0..c.div_ceil(2) {
+                for t in 0..kk {
+                    for j in 0..NK {
+                        let o = kb * NK + j;
+                        out.push(crate::bf16::pair(at(o, 2 * i, t), at(o, 2 * i + 1, t)));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The kernel [O, C, K, K] laid out as the tiles read it: [O / 8][C][K * K][8].
@@ -296,19 +354,35 @@ impl Direct {
     /// The convolution of one image from its copy `buf` (`pad`) with a kernel from `kernel`,
     /// into `y` [O, OH*OW].
     pub(super) fn run(&self, kernel: &[f32], buf: &[f32], y: &mut [f32]) {
-        let (kk, l, cols) = (self.k * self.k, self.l(), self.dx_range().1);
+        self.run_on(kernel, buf, y, false)
+    }
+
+    /// `run` in bf16: the copy from `pairs`, the kernel from `kernel_bf16`; the sums f32.
+    pub(super) fn run_bf16(&self, kernel: &[f32], pairs: &[f32], y: &mut [f32]) {
         assert!(
-            kernel.len() == self.o * self.c * kk
-                && buf.len() >= self.buf_len()
-                && y.len() >= self.o * l,
+            crate::bf16::available(),
+            "bf16 direct convolution without AVX512-BF16"
+        );
+        self.run_on(kernel, pairs, y, true)
+    }
+
+    fn run_on(&self, kernel: &[f32], buf: &[f32], y: &mut [f32], bf16: bool) {
+        let (kk, l, cols) = (self.k * self.k, self.l(), self.dx_range().1);
+        let (c, len, taps) = match bf16 {
+            true => (self.c.div_ceil(2), self.pairs_len(), &self.strided_pairs),
+            false => (self.c, self.buf_len(), &self.strided),
+        };
+        assert!(
+            kernel.len() == self.o * c * kk && buf.len() >= len && y.len() >= self.o * l,
             "direct convolution: operands do not match the shape {self:?}"
         );
         let (masks, stride) = (&self.masks, self.stride());
         for kb in 0..self.o / NK {
-            let wk = &kernel[kb * self.c * kk * NK..][..self.c * kk * NK];
+            let wk = &kernel[kb * c * kk * NK..][..c * kk * NK];
             for &(v0, nvec) in &self.plan {
                 let tile = Tile {
-                    c: self.c,
+                    c,
+                    bf16,
                     k: self.k,
                     w: self.pw,
                     stride,
@@ -316,7 +390,7 @@ impl Direct {
                     masks: &masks[v0 * cols..],
                     cols,
                     keep: self.keep(),
-                    taps: &self.strided,
+                    taps,
                 };
                 let y = &mut y[kb * NK * l + v0 * LANES..];
                 // SAFETY: `available()` held when `new` built this shape (AVX-512 F and VL);
@@ -542,6 +616,7 @@ impl StridedGrad {
                 for &(v0, nvec) in &self.plan {
                     let tile = Tile {
                         c: d.o,
+                        bf16: false,
                         k: 0,
                         w: d.pw,
                         stride,
@@ -654,7 +729,11 @@ impl GradRow<'_> {
 
 /// The operands of one tile (8 output channels by 1 to 3 vectors of pixels).
 struct Tile<'a> {
+    /// Input channels, or channel pairs when `bf16`.
     c: usize,
+    /// `x` and `wk` hold bf16 pairs of input channels (`Direct::pairs`, `Direct::kernel_bf16`)
+    /// and the sums run on VDPBF16PS.
+    bf16: bool,
     k: usize,
     /// Row width of the planes (and of the output).
     w: usize,
@@ -677,124 +756,227 @@ pub(super) fn available() -> bool {
     crate::paths::direct_enabled()
 }
 
+/// `acc + x * w`, lane by lane (the f32 tiles' step).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn madd_f32(
+    acc: std::arch::x86_64::__m512,
+    x: std::arch::x86_64::__m512,
+    w: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    std::arch::x86_64::_mm512_fmadd_ps(x, w, acc)
+}
+
+/// `acc + x.lo * w.lo + x.hi * w.hi`, lane by lane, with `x` and `w` holding bf16 pairs in
+/// their 32-bit lanes (VDPBF16PS; the bf16 tiles' step).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn madd_bf16(
+    acc: std::arch::x86_64::__m512,
+    x: std::arch::x86_64::__m512,
+    w: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::{__m512, __m512bh, _mm512_dpbf16_ps};
+    // SAFETY: same-sized vector types; the lanes are reinterpreted, not converted.
+    let (x, w): (__m512bh, __m512bh) = unsafe {
+        (
+            std::mem::transmute::<__m512, __m512bh>(x),
+            std::mem::transmute::<__m512, __m512bh>(w),
+        )
+    };
+    _mm512_dpbf16_ps(acc, x, w)
+}
+
+/// The body of `run_k` and `run_k_bf16`: one tile's sums, `$madd` adding the
+/// products of a vector of inputs and a broadcast weight (an f32 FMA, or a bf16 pair's
+/// VDPBF16PS). Index loops over constant ranges: unrolled, every index of `acc` is a constant
+/// and the sums stay in registers.
+macro_rules! tile_k {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $madd:ident) => {
+            $(#[$doc])*
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::needless_range_loop)]
+            unsafe fn $name<const NV: usize, const K: usize>(
+                &self,
+                x: &[f32],
+                origin: usize,
+                y: &mut [f32],
+                l: usize,
+            ) {
+                use std::arch::x86_64::*;
+                let p = K / 2;
+                let w = self.w as isize;
+                let mut acc = [[_mm512_setzero_ps(); NK]; NV];
+                let mut mask = [[0u16; K]; NV];
+                for (v, m) in mask.iter_mut().enumerate() {
+                    m.copy_from_slice(&self.masks[v * K..][..K]);
+                }
+                let xp = x.as_ptr().add(origin);
+                let mut wp = self.wk.as_ptr();
+                for ci in 0..self.c {
+                    let xc = xp.add(ci * self.stride);
+                    for ky in 0..K {
+                        let row = xc.offset((ky as isize - p as isize) * w - p as isize);
+                        for kx in 0..K {
+                            let src = row.add(kx);
+                            let mut xv = [_mm512_setzero_ps(); NV];
+                            for (v, xv) in xv.iter_mut().enumerate() {
+                                *xv = _mm512_maskz_loadu_ps(mask[v][kx], src.add(v * LANES));
+                            }
+                            for j in 0..NK {
+                                let b = _mm512_set1_ps(*wp.add(j));
+                                for v in 0..NV {
+                                    acc[v][j] = $madd(acc[v][j], xv[v], b);
+                                }
+                            }
+                            wp = wp.add(NK);
+                        }
+                    }
+                }
+                let yp = y.as_mut_ptr();
+                for (v, acc) in acc.iter().enumerate() {
+                    // the centre column's mask is the pixels of the vector
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), mask[v][p], *a);
+                    }
+                }
+            }
+    };
+}
+
+/// The body of `run_taps_f32` and `run_taps_bf16`: one tile's sums, `$madd` adding the
+/// products of a vector of inputs and a broadcast weight (an f32 FMA, or a bf16 pair's
+/// VDPBF16PS). Index loops over constant ranges: unrolled, every index of `acc` is a constant
+/// and the sums stay in registers.
+macro_rules! tile_taps {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $madd:ident) => {
+            $(#[$doc])*
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            #[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
+            unsafe fn $name<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
+                use std::arch::x86_64::*;
+                let mut acc = [[_mm512_setzero_ps(); NK]; NV];
+                let (xp, m) = (x.as_ptr(), self.masks.as_ptr());
+                let mut wp = self.wk.as_ptr();
+                for ci in 0..self.c {
+                    let xc = xp.add(ci * self.stride);
+                    for &(at, col) in self.taps {
+                        let src = xc.add(at);
+                        let mut xv = [_mm512_setzero_ps(); NV];
+                        for v in 0..NV {
+                            xv[v] = _mm512_maskz_loadu_ps(*m.add(v * self.cols + col), src.add(v * LANES));
+                        }
+                        for j in 0..NK {
+                            let b = _mm512_set1_ps(*wp.add(j));
+                            for v in 0..NV {
+                                acc[v][j] = $madd(acc[v][j], xv[v], b);
+                            }
+                        }
+                        wp = wp.add(NK);
+                    }
+                }
+                let yp = y.as_mut_ptr();
+                for (v, acc) in acc.iter().enumerate() {
+                    let keep = *m.add(v * self.cols + self.keep);
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), keep, *a);
+                    }
+                }
+            }
+    };
+}
+
 impl Tile<'_> {
     /// `run_k` for this tile's kernel size.
     ///
     /// # Safety
     /// As `run_k`.
     unsafe fn run<const NV: usize>(&self, x: &[f32], origin: usize, y: &mut [f32], l: usize) {
-        match self.k {
-            3 => self.run_k::<NV, 3>(x, origin, y, l),
-            5 => self.run_k::<NV, 5>(x, origin, y, l),
-            7 => self.run_k::<NV, 7>(x, origin, y, l),
-            k => unreachable!("direct convolution: no tiles for {k}x{k} (`Direct::new`)"),
+        match (self.bf16, self.k) {
+            (false, 3) => self.run_k::<NV, 3>(x, origin, y, l),
+            (false, 5) => self.run_k::<NV, 5>(x, origin, y, l),
+            (false, 7) => self.run_k::<NV, 7>(x, origin, y, l),
+            (true, 3) => self.run_k_bf16::<NV, 3>(x, origin, y, l),
+            (true, 5) => self.run_k_bf16::<NV, 5>(x, origin, y, l),
+            (true, 7) => self.run_k_bf16::<NV, 7>(x, origin, y, l),
+            (_, k) => unreachable!("direct convolution: no tiles for {k}x{k} (`Direct::new`)"),
         }
     }
 
-    /// `y[j * l + 16 v + i] = Σ_ci Σ_(ky,kx) wk[ci][ky K + kx][j] x[ci * stride + 16 v + i +
-    /// (ky - p) w + kx - p]` over the tile's NV vectors (masked lanes read as zero and are not
-    /// stored); the taps unrolled for the kernel size K.
+    /// `run_taps_f32` or, for bf16 pairs, `run_taps_bf16`.
     ///
     /// # Safety
-    /// The CPU has AVX-512F and VL; `self.k == K`; `masks` holds NV * K values and `wk`
-    /// C * K * K * 8; for every vector v < NV and lane i unmasked by `masks`, the loads
-    /// `x[origin + ci * stride + 16 v + i + (ky - p) w + kx - p]` (for every ci < c and tap)
-    /// and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    // index loops over constant ranges: unrolled, every index of `acc` is a constant and the
-    // sums stay in registers
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn run_k<const NV: usize, const K: usize>(
-        &self,
-        x: &[f32],
-        origin: usize,
-        y: &mut [f32],
-        l: usize,
-    ) {
-        use std::arch::x86_64::*;
-        let p = K / 2;
-        let w = self.w as isize;
-        let mut acc = [[_mm512_setzero_ps(); NK]; NV];
-        let mut mask = [[0u16; K]; NV];
-        for (v, m) in mask.iter_mut().enumerate() {
-            m.copy_from_slice(&self.masks[v * K..][..K]);
-        }
-        let xp = x.as_ptr().add(origin);
-        let mut wp = self.wk.as_ptr();
-        for ci in 0..self.c {
-            let xc = xp.add(ci * self.stride);
-            for ky in 0..K {
-                let row = xc.offset((ky as isize - p as isize) * w - p as isize);
-                for kx in 0..K {
-                    let src = row.add(kx);
-                    let mut xv = [_mm512_setzero_ps(); NV];
-                    for (v, xv) in xv.iter_mut().enumerate() {
-                        *xv = _mm512_maskz_loadu_ps(mask[v][kx], src.add(v * LANES));
-                    }
-                    for j in 0..NK {
-                        let b = _mm512_set1_ps(*wp.add(j));
-                        for v in 0..NV {
-                            acc[v][j] = _mm512_fmadd_ps(xv[v], b, acc[v][j]);
-                        }
-                    }
-                    wp = wp.add(NK);
-                }
-            }
-        }
-        let yp = y.as_mut_ptr();
-        for (v, acc) in acc.iter().enumerate() {
-            // the centre column's mask is the pixels of the vector
-            for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), mask[v][p], *a);
-            }
-        }
-    }
-
-    /// The tile of a strided convolution: `y[j * l + 16 v + i] = Σ_ci Σ_t wk[ci][t][j]
-    /// x[ci * stride + taps[t].0 + 16 v + i]` (masked lanes read as zero and are not stored),
-    /// `x` starting at the tile's first pixel of the copy.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F and VL; `wk` holds C * taps * 8 values and `masks` NV * cols; for
-    /// every vector v < NV and lane i unmasked by `masks`, the loads and the stores are in
-    /// bounds.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl")]
-    #[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
+    /// As `run_taps_f32`, and for bf16 the CPU has AVX512-BF16 and BW.
     unsafe fn run_taps<const NV: usize>(&self, x: &[f32], y: &mut [f32], l: usize) {
-        use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); NK]; NV];
-        let (xp, m) = (x.as_ptr(), self.masks.as_ptr());
-        let mut wp = self.wk.as_ptr();
-        for ci in 0..self.c {
-            let xc = xp.add(ci * self.stride);
-            for &(at, col) in self.taps {
-                let src = xc.add(at);
-                let mut xv = [_mm512_setzero_ps(); NV];
-                for v in 0..NV {
-                    xv[v] = _mm512_maskz_loadu_ps(*m.add(v * self.cols + col), src.add(v * LANES));
-                }
-                for j in 0..NK {
-                    let b = _mm512_set1_ps(*wp.add(j));
-                    for v in 0..NV {
-                        acc[v][j] = _mm512_fmadd_ps(xv[v], b, acc[v][j]);
-                    }
-                }
-                wp = wp.add(NK);
-            }
+        if self.bf16 {
+            self.run_taps_bf16::<NV>(x, y, l)
+        } else {
+            self.run_taps_f32::<NV>(x, y, l)
         }
-        let yp = y.as_mut_ptr();
-        for (v, acc) in acc.iter().enumerate() {
-            let keep = *m.add(v * self.cols + self.keep);
-            for (j, a) in acc.iter().enumerate() {
-                _mm512_mask_storeu_ps(yp.add(j * l + v * LANES), keep, *a);
-            }
-        }
+    }
+
+    tile_k! {
+        #[doc = " `y[j * l + 16 v + i] = Σ_ci Σ_(ky,kx) wk[ci][ky K + kx][j] x[ci * stride + 16 v + i +"]
+        #[doc = " (ky - p) w + kx - p]` over the tile's NV vectors (masked lanes read as zero and are not"]
+        #[doc = " stored); the taps unrolled for the kernel size K."]
+        #[doc = ""]
+        #[doc = " # Safety"]
+        #[doc = " The CPU has AVX-512F and VL; `self.k == K`; `masks` holds NV * K values and `wk`"]
+        #[doc = " C * K * K * 8; for every vector v < NV and lane i unmasked by `masks`, the loads"]
+        #[doc = " `x[origin + ci * stride + 16 v + i + (ky - p) w + kx - p]` (for every ci < c and tap)"]
+        #[doc = " and the stores `y[j * l + 16 v + i]` (j < 8) are in bounds."]
+        run_k, "avx512f,avx512vl", madd_f32
+    }
+    tile_k! {
+        /// `run_k` on bf16 pairs of input channels (`Direct::pairs`) and of weights: each
+        /// VDPBF16PS adds two channels' products, so half the instructions of `run_k`.
+        ///
+        /// # Safety
+        /// As `run_k` with the pairs as channels, and the CPU has AVX512-BF16 and BW.
+        run_k_bf16, "avx512f,avx512vl,avx512bw,avx512bf16", madd_bf16
+    }
+
+    tile_taps! {
+        #[doc = " The tile of a strided convolution: `y[j * l + 16 v + i] = Σ_ci Σ_t wk[ci][t][j]"]
+        #[doc = " x[ci * stride + taps[t].0 + 16 v + i]` (masked lanes read as zero and are not stored),"]
+        #[doc = " `x` starting at the tile's first pixel of the copy."]
+        #[doc = ""]
+        #[doc = " # Safety"]
+        #[doc = " The CPU has AVX-512F and VL; `wk` holds C * taps * 8 values and `masks` NV * cols; for"]
+        #[doc = " every vector v < NV and lane i unmasked by `masks`, the loads and the stores are in"]
+        #[doc = " bounds."]
+        run_taps_f32, "avx512f,avx512vl", madd_f32
+    }
+    tile_taps! {
+        /// `run_taps_f32` on bf16 pairs of input channels and of weights.
+        ///
+        /// # Safety
+        /// As `run_taps_f32` with the pairs as channels, and the CPU has AVX512-BF16 and BW.
+        run_taps_bf16, "avx512f,avx512vl,avx512bw,avx512bf16", madd_bf16
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn run_taps<const NV: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+    unsafe fn run_taps_f32<const NV: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+        unreachable!("the direct convolution is built only for x86_64 (`available()`)")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_taps_bf16<const NV: usize>(&self, _x: &[f32], _y: &mut [f32], _l: usize) {
+        unreachable!("the direct convolution is built only for x86_64 (`available()`)")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_k_bf16<const NV: usize, const K: usize>(
+        &self,
+        _x: &[f32],
+        _origin: usize,
+        _y: &mut [f32],
+        _l: usize,
+    ) {
         unreachable!("the direct convolution is built only for x86_64 (`available()`)")
     }
 

@@ -7,7 +7,8 @@ use super::geometry::Geometry;
 use super::{batch_stats, checked, Conv2dParams, ConvGrad, Moments};
 use crate::contiguous_slice;
 use crate::norm::{
-    check_affine, check_count, check_given, update_running_from, BatchNormStats, Saved,
+    check_affine, check_count, check_given, global_stats, update_running_from, BatchNormStats,
+    Saved, StatSum,
 };
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use std::sync::{Arc, OnceLock};
@@ -16,6 +17,8 @@ use std::sync::{Arc, OnceLock};
 /// (`conv::conv2d_with_batch_stats`): the batch norm runs inside the convolution
 /// (`conv::conv2d_after_bn_relu`), so its output is never written. Updates the running
 /// statistics like `batch_norm`; returns the convolution's output and its batch statistics.
+/// Synchronised (`stats.sync`), the given statistics are this process's and the batch norm
+/// normalises with the global batch's.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_relu_conv2d(
     x: &Tensor,
@@ -31,9 +34,13 @@ pub fn bn_relu_conv2d(
     let c = x.dim(1)?;
     check_affine(weight, bias, c)?;
     check_given(&given, c)?;
+    let given = match &stats.sync {
+        Some(sum) => global_stats(&given, sum)?,
+        None => given,
+    };
     update_running_from(&stats, &given, x)?;
     let wb = Tensor::stack(&[weight, bias], 0)?;
-    conv2d_after_bn_relu(x, &wb, given, eps, k, p)
+    conv2d_after_bn_relu(x, &wb, given, eps, k, p, stats.sync.clone())
 }
 
 /// `conv2d(relu(batch_norm(z)), k)` in training on CPU (f32 or f64), with the batch statistics
@@ -43,7 +50,7 @@ pub fn bn_relu_conv2d(
 /// convolution (and again inside its kernel gradient) and never written out (except on the
 /// Winograd path): one pass over the activations and one activation tensor fewer than a batch
 /// norm and then a convolution, with bitwise the same results. The running statistics are the caller's
-/// (`norm::bn_relu_conv2d`).
+/// (`norm::bn_relu_conv2d`); `sync` sums the batch norm's backward sums across processes.
 pub(crate) fn conv2d_after_bn_relu(
     z: &Tensor,
     wb: &Tensor,
@@ -51,6 +58,7 @@ pub(crate) fn conv2d_after_bn_relu(
     eps: f64,
     k: &Tensor,
     p: Conv2dParams,
+    sync: Option<StatSum>,
 ) -> Result<(Tensor, Saved)> {
     let sink = Arc::new(OnceLock::new());
     let op = ConvAfterBn {
@@ -58,6 +66,7 @@ pub(crate) fn conv2d_after_bn_relu(
         eps,
         saved,
         moments: sink.clone(),
+        sync,
     };
     let y = checked(z, k, p)?.apply_op3(&wb.contiguous()?, &k.contiguous()?, op)?;
     let Some(rows) = sink.get() else {
@@ -89,9 +98,10 @@ fn check_wb(wb: &Layout, c: usize, name: &str) -> Result<()> {
 struct ConvAfterBn {
     params: Conv2dParams,
     eps: f64,
-    /// Batch statistics of z.
+    /// Batch statistics of z (the global batch's when synchronised).
     saved: Saved,
     moments: Arc<OnceLock<Vec<Moments>>>,
+    sync: Option<StatSum>,
 }
 
 impl CustomOp3 for ConvAfterBn {
@@ -156,7 +166,15 @@ impl CustomOp3 for ConvAfterBn {
         }
         let da = dy.apply_op2_no_bwd(&k.contiguous()?, &ConvGrad::Input(n, g))?;
         let (w, b) = (wb.get(0)?, wb.get(1)?);
-        let (dz, dw, db) = crate::norm::bn_relu_gradients(z, &w, &b, &self.saved, self.eps, &da)?;
+        let (dz, dw, db) = crate::norm::bn_relu_gradients(
+            z,
+            &w,
+            &b,
+            &self.saved,
+            self.eps,
+            &da,
+            self.sync.clone(),
+        )?;
         Ok((Some(dz), Some(Tensor::stack(&[dw, db], 0)?), dk))
     }
 }
@@ -224,19 +242,13 @@ mod tests {
             (2, 4, 6, 7, 1, 2, 0),
         ] {
             let case = format!("n{n} c{c} o{o} h{h} k{k} s{s} p{p}");
-            let params = Conv2dParams {
-                stride: s,
-                padding: p,
-            };
+            let params = Conv2dParams::new(s, p);
             let x = Var::from_tensor(&rand_tensor(&[n, 3, h, h], 1, DType::F32)).unwrap();
             let k0 = Var::from_tensor(&rand_tensor(&[c, 3, 3, 3], 2, DType::F32)).unwrap();
             let wt = Var::from_tensor(&rand_tensor(&[c], 3, DType::F32)).unwrap();
             let b = Var::from_tensor(&rand_tensor(&[c], 4, DType::F32)).unwrap();
             let k1 = Var::from_tensor(&rand_tensor(&[o, c, k, k], 5, DType::F32)).unwrap();
-            let p0 = Conv2dParams {
-                stride: 1,
-                padding: 1,
-            };
+            let p0 = Conv2dParams::new(1, 1);
             let run = |fused: bool| {
                 let rm = Var::zeros(c, DType::F32, &Device::Cpu).unwrap();
                 let rv = Var::ones(c, DType::F32, &Device::Cpu).unwrap();
@@ -244,6 +256,7 @@ mod tests {
                     running_mean: &rm,
                     running_var: &rv,
                     momentum: 0.1,
+                    sync: None,
                 };
                 let (z, given) = conv2d_with_batch_stats(&x, &k0, p0).unwrap();
                 let (y, y_stats) = match fused {
@@ -297,6 +310,7 @@ mod tests {
                         running_mean: &rm,
                         running_var: &rv,
                         momentum: 0.1,
+                        sync: None,
                     };
                     let (zn, _, zh, zw) = z.dims4().unwrap();
                     let flat: Vec<f64> = z.flatten_all().unwrap().to_vec1().unwrap();

@@ -23,6 +23,9 @@ pub(super) struct Geometry {
     pub(super) p: usize,
     pub(super) oh: usize,
     pub(super) ow: usize,
+    /// The products in bf16 (`Conv2dParams::bf16`): im2col or in place, never the direct or
+    /// Winograd paths, which compute in f32.
+    pub(super) bf16: bool,
 }
 
 impl Geometry {
@@ -46,6 +49,7 @@ impl Geometry {
                 p: p.padding,
                 oh,
                 ow,
+                bf16: p.bf16,
             },
         ))
     }
@@ -99,6 +103,9 @@ impl Geometry {
     /// products run twice as fast and the transforms do not, so it is off there. Measurements:
     /// `benches/README.md`.
     pub(super) fn winograd(&self) -> Option<Winograd> {
+        if self.bf16 {
+            return None;
+        }
         let min_channels = crate::paths::winograd_min_channels()?;
         let fits = self.kh == 3 && self.kw == 3 && self.s == 1;
         (fits && self.c >= min_channels && self.o >= min_channels).then_some(Winograd {
@@ -121,7 +128,12 @@ impl Geometry {
     /// measured equal or slower (`benches/README.md`). `Paths::im2col_only` turns it off.
     pub(super) fn implicit(&self) -> bool {
         let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
-        !crate::paths::paths().im2col_only && self.s == 1 && !self.pointwise() && shape
+        let bf16_im2col = self.bf16 && std::env::var("BF16_IM2COL").is_ok();
+        !bf16_im2col
+            && !crate::paths::paths().im2col_only
+            && self.s == 1
+            && !self.pointwise()
+            && shape
     }
 
     /// Whether the kernel gradient reads the unfolded image in place (`kernel_grad_image`):
@@ -158,6 +170,7 @@ impl Geometry {
     /// forced on (`Paths::winograd`), so the forward and its input gradient take one path.
     pub(super) fn direct<T: WithDType>(&self) -> Option<Direct> {
         if TypeId::of::<T>() != TypeId::of::<f32>()
+            || (self.bf16 && !crate::bf16::available())
             || crate::paths::paths().im2col_only
             || self.winograd().is_some()
         {
@@ -169,11 +182,23 @@ impl Geometry {
         )
     }
 
+    /// Whether a bf16 convolution computes its kernel gradient in bf16: everywhere but on the
+    /// direct 3x3 path, whose kernel gradient (`Direct::kernel_grad`) runs in f32 from the f32
+    /// input and output gradient (`grad_kernel` takes the direct path first).
+    #[cfg(test)]
+    pub(super) fn kernel_grad_in_bf16(&self) -> bool {
+        self.bf16 && !self.direct::<f32>().is_some_and(|d| d.has_kernel_grad())
+    }
+
     /// The kernel prepared for `conv_image`: in tiles for the direct convolution, rearranged as
     /// [ky][o][c][kx] when the convolution runs in place (`implicit`), else as it is (borrowed).
     pub(super) fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {
         if let Some(d) = self.direct::<T>() {
-            let kernel = Cow::Owned(d.kernel(&k));
+            let kernel = match self.bf16 {
+                // T is f32 on the direct path; the pairs are bit patterns in f32 slots
+                true => Cow::Owned(f32s_into::<T>(d.kernel_bf16(f32s(&k)))),
+                false => Cow::Owned(d.kernel(&k)),
+            };
             return Prepared {
                 path: Path::Direct(Box::new(d)),
                 kernel,
@@ -215,12 +240,15 @@ impl Geometry {
                 p: self.kh - 1 - self.p,
                 oh: self.h,
                 ow: self.w,
+                bf16: self.bf16,
             };
             let flipped = self.flipped_kernel(k);
             return InputGrad::Transposed(transposed, transposed.prepare(Cow::Owned(flipped)));
         }
-        // strided on AVX-512 (f32): a direct convolution of dy per phase of the input
-        if let Some(sg) = self.direct::<T>().and_then(|d| d.input_grad(f32s(k))) {
+        // strided on AVX-512 (f32): a direct convolution of dy per phase of the input (in
+        // bf16 the folded product, whose operands are rounded)
+        let strided = self.direct::<T>().filter(|_| !self.bf16);
+        if let Some(sg) = strided.and_then(|d| d.input_grad(f32s(k))) {
             return InputGrad::Strided(Box::new(sg));
         }
         InputGrad::Folded(k)
@@ -279,6 +307,19 @@ pub(super) fn f32s<T: WithDType>(v: &[T]) -> &[f32] {
     );
     // SAFETY: T is f32 (checked above), so the slice is one of f32.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// A vector of f32 values as one of T (T is f32: the direct path's kernels).
+/// The values are moved, not converted: the bf16 pairs are bit patterns, NaNs among them.
+pub(super) fn f32s_into<T: WithDType>(v: Vec<f32>) -> Vec<T> {
+    assert_eq!(
+        TypeId::of::<T>(),
+        TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: T is f32 (checked above): the same allocation, length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
 }
 
 /// `f32s` for a mutable slice.

@@ -45,10 +45,31 @@ pub use fused::bn_relu_conv2d;
 pub struct Conv2dParams {
     pub stride: usize,
     pub padding: usize,
+    /// The products in bf16 with f32 sums (`precision: amp_bf16`): the input and the kernel
+    /// rounded to bf16 as they are packed (`crate::bf16`), the output and both gradients f32.
+    /// CPU, f32 tensors and AVX512-BF16 only; elsewhere the op is an error.
+    pub bf16: bool,
+}
+
+impl Conv2dParams {
+    /// A convolution in f32.
+    pub fn new(stride: usize, padding: usize) -> Self {
+        Conv2dParams {
+            stride,
+            padding,
+            bf16: false,
+        }
+    }
+
+    /// The same convolution with its products in bf16 (`bf16 = true`) or f32.
+    pub fn with_bf16(self, bf16: bool) -> Self {
+        Conv2dParams { bf16, ..self }
+    }
 }
 
 /// Convolution of `x` [N, C, H, W] with `w` [O, C, KH, KW], plus an optional bias [O].
 pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    check_bf16(x, p)?;
     let y = if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         conv2d_cpu(x, w, p)?
     } else {
@@ -108,8 +129,29 @@ fn conv2d_cpu(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
     checked(x, w, p)?.apply_op2(&w.contiguous()?, op)
 }
 
+/// An error unless a bf16 convolution (`p.bf16`) can run on `x`: f32 on a CPU with AVX512-BF16.
+fn check_bf16(x: &Tensor, p: Conv2dParams) -> Result<()> {
+    if !p.bf16 {
+        return Ok(());
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        candle_core::bail!(
+            "conv2d: bf16 products run on the CPU in f32 tensors, got {:?} on {:?}",
+            x.dtype(),
+            x.device()
+        );
+    }
+    if !crate::bf16::available() {
+        candle_core::bail!(
+            "conv2d: bf16 products need a CPU with AVX512-BF16, which this one lacks; use f32"
+        );
+    }
+    Ok(())
+}
+
 /// `x` made contiguous, after checking that it and the kernel make a convolution.
 pub(super) fn checked(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    check_bf16(x, p)?;
     let (_, c, _, _) = x.dims4()?;
     let (_, c2, _, _) = w.dims4()?;
     if c != c2 {
@@ -184,7 +226,11 @@ pub(super) fn batch_stats(rows: &[Moments], (n, o, oh, ow): (usize, usize, usize
         mean[oi] = mu;
         var[oi] = m2 / count.max(1.0);
     }
-    Saved { mean, var }
+    Saved {
+        mean,
+        var,
+        count: (n * oh * ow) as f64,
+    }
 }
 
 /// The convolution as a candle op on (input, kernel), with its own backward; with `moments`,
@@ -304,6 +350,7 @@ mod tests {
                 p,
                 oh: h + 2 * p - 2,
                 ow: w + 2 * p - 2,
+                bf16: false,
             };
             let img: Vec<f32> = (0..c * h * w).map(|i| i as f32 - 40.0).collect();
             // without a prologue, and with a batch norm + ReLU that zeroes some values
@@ -419,10 +466,7 @@ mod tests {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
             let kt = Var::from_tensor(&rand_tensor(&[o, c, k, k], 2, DType::F32)).unwrap();
-            let params = Conv2dParams {
-                stride: s,
-                padding: p,
-            };
+            let params = Conv2dParams::new(s, p);
             let ours = conv2d_cpu(x.as_tensor(), kt.as_tensor(), params).unwrap();
             let theirs = x.as_tensor().conv2d(kt.as_tensor(), p, s, 1, 1).unwrap();
             assert!(max_rel_err(&ours, &theirs) < 1e-5, "forward {case}");
@@ -444,6 +488,103 @@ mod tests {
         }
     }
 
+    /// A bf16 convolution (`Conv2dParams::bf16`) computes the f32 convolution of the inputs
+    /// rounded to bf16, on every path it takes (in place, im2col, pointwise, strided, folded
+    /// input gradient), forward and both gradients (whose output gradient is rounded too), and
+    /// the same bits when run again.
+    #[test]
+    fn bf16_convolution_is_the_convolution_of_the_rounded_operands() {
+        if !crate::bf16::available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let round = |t: &Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let r: Vec<f64> = v
+                .iter()
+                .map(|&x| crate::bf16::round_bf16(x) as f64)
+                .collect();
+            Tensor::from_vec(r, t.dims(), t.device()).unwrap()
+        };
+        for (n, c, h, w, o, k, s, p) in [
+            (2, 16, 12, 12, 16, 3, 1, 1), // in place (16 output channels)
+            (2, 16, 8, 8, 32, 3, 1, 1),   // im2col
+            (3, 8, 9, 7, 16, 3, 2, 1),    // strided: phase planes, folded input gradient
+            (2, 8, 6, 6, 24, 1, 1, 0),    // pointwise
+            (2, 8, 9, 9, 16, 1, 2, 0),    // strided projection
+            (1, 3, 20, 20, 8, 7, 2, 3),   // a stem
+            (40, 3, 5, 5, 4, 3, 1, 0),    // several images per kernel-gradient group
+            (2, 3, 28, 28, 16, 3, 1, 1),  // direct, an odd number of channels
+            (2, 16, 8, 8, 32, 3, 1, 1),   // direct
+            (2, 5, 9, 11, 16, 5, 1, 2),   // direct 5x5
+            (2, 16, 9, 7, 16, 3, 2, 1),   // direct strided
+            (2, 16, 9, 9, 16, 1, 2, 0),   // direct strided projection
+        ] {
+            let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
+            let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
+            let kt = Var::from_tensor(&rand_tensor(&[o, c, k, k], 2, DType::F32)).unwrap();
+            let params = Conv2dParams::new(s, p).with_bf16(true);
+            let ours = conv2d(x.as_tensor(), kt.as_tensor(), None, params).unwrap();
+            let up = rand_tensor(ours.dims(), 3, DType::F32);
+            let g = (&ours * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            // the reference: f64 convolution of the rounded operands
+            let (xr, kr, upr) = (round(x.as_tensor()), round(kt.as_tensor()), round(&up));
+            let want = xr.conv2d(&kr, p, s, 1, 1).unwrap();
+            assert!(max_rel_err(&ours, &want) < 1e-5, "forward {case}");
+            let (dx, dk) =
+                conv2d_backward(&xr, &kr, &upr, Conv2dParams::new(s, p), true, true).unwrap();
+            let dx_ours = g.get(x.as_tensor()).unwrap();
+            let dk_ours = g.get(kt.as_tensor()).unwrap();
+            assert!(
+                max_rel_err(dx_ours, &dx.unwrap()) < 1e-5,
+                "input gradient {case}"
+            );
+            // the direct 3x3 kernel gradient stays f32 (`Geometry::kernel_grad_in_bf16`)
+            let g1 = Geometry::new(x.shape(), kt.shape(), params);
+            let dk_want = match g1.unwrap().1.kernel_grad_in_bf16() {
+                true => dk.unwrap(),
+                false => {
+                    let (x64, up64) = (
+                        x.to_dtype(DType::F64).unwrap(),
+                        up.to_dtype(DType::F64).unwrap(),
+                    );
+                    let k64 = kt.to_dtype(DType::F64).unwrap();
+                    let p64 = Conv2dParams::new(s, p);
+                    conv2d_backward(&x64, &k64, &up64, p64, false, true)
+                        .unwrap()
+                        .1
+                        .unwrap()
+                }
+            };
+            assert!(
+                max_rel_err(dk_ours, &dk_want) < 1e-5,
+                "kernel gradient {case}"
+            );
+            // and it is not the f32 convolution
+            let f32_conv = conv2d(x.as_tensor(), kt.as_tensor(), None, Conv2dParams::new(s, p));
+            assert!(
+                max_rel_err(&ours, &f32_conv.unwrap()) > 1e-4,
+                "rounded {case}"
+            );
+            let again = conv2d(x.as_tensor(), kt.as_tensor(), None, params).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&again), bits(&ours), "deterministic {case}");
+        }
+        // f64 tensors have no bf16 path: an error that says so
+        let x = rand_tensor(&[1, 3, 5, 5], 1, DType::F64);
+        let kt = rand_tensor(&[4, 3, 3, 3], 2, DType::F64);
+        let err = conv2d(&x, &kt, None, Conv2dParams::new(1, 1).with_bf16(true)).unwrap_err();
+        assert!(err.to_string().contains("bf16"), "{err}");
+    }
+
     /// On a CPU with AVX-512 the direct convolution is what runs the stride-1 "same" and the
     /// stride-2 downsampling shapes of `matches_candle_forward_and_gradients` in f32, and
     /// nothing else: not f64, not pointwise, stride 3, narrower-padded or 12-channel ones.
@@ -451,16 +592,9 @@ mod tests {
     fn direct_convolution_covers_the_same_convolutions() {
         let geometry = |c, h, w, o, k, s, p| {
             let x = Shape::from((1, c, h, w));
-            Geometry::new(
-                &x,
-                &Shape::from((o, c, k, k)),
-                Conv2dParams {
-                    stride: s,
-                    padding: p,
-                },
-            )
-            .unwrap()
-            .1
+            Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, p))
+                .unwrap()
+                .1
         };
         let on = direct::available() && !crate::paths::paths().im2col_only;
         for (c, h, w, o, k, s, p) in [
@@ -515,10 +649,7 @@ mod tests {
                 let case = format!("{dtype:?} {n} {c} {h} {o} {k} {s} {p}");
                 let x = (rand_tensor(&[n, c, h, h], 6, dtype) + 0.5).unwrap();
                 let kt = rand_tensor(&[o, c, k, k], 7, dtype);
-                let params = Conv2dParams {
-                    stride: s,
-                    padding: p,
-                };
+                let params = Conv2dParams::new(s, p);
                 let (y, stats) = conv2d_with_batch_stats(&x, &kt, params).unwrap();
                 let plain = conv2d_cpu(&x, &kt, params).unwrap();
                 assert!(max_rel_err(&y, &plain) == 0.0, "output {case}");
@@ -541,10 +672,7 @@ mod tests {
     /// input or a kernel for other channels is an error, not a panic in the kernels.
     #[test]
     fn backward_of_mismatched_operands_is_an_error() {
-        let p = Conv2dParams {
-            stride: 2,
-            padding: 0,
-        };
+        let p = Conv2dParams::new(2, 0);
         let empty = rand_tensor(&[1, 0, 4, 4], 1, DType::F32);
         let k0 = rand_tensor(&[2, 0, 3, 3], 2, DType::F32);
         let dy = rand_tensor(&[1, 2, 1, 1], 3, DType::F32);
@@ -583,10 +711,7 @@ mod tests {
             (17, 2, 4, 4, 2, 3, 2, 1),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
-            let params = Conv2dParams {
-                stride: s,
-                padding: p,
-            };
+            let params = Conv2dParams::new(s, p);
             let x = rand_tensor(&[n, c, h, w], 4, DType::F64);
             let kt = rand_tensor(&[o, c, k, k], 5, DType::F64);
             check_grad_fd(

@@ -8,6 +8,7 @@ use super::geometry::{f32s, f32s_mut, Geometry, InputGrad, Path, Prepared};
 use super::layout::{bn_relu_row, Prologue};
 use super::row_moments;
 use super::Moments;
+use crate::bf16::matmul_bf16;
 use crate::gemm::{matmul, Mat};
 use crate::norm::bn_relu;
 use crate::{par_new, par_new_with};
@@ -16,6 +17,32 @@ use rayon::prelude::*;
 use std::borrow::Cow;
 
 impl Geometry {
+    /// `dst (+)= a b`, the passes' one product: in bf16 with f32 sums for a bf16 convolution
+    /// (T is then f32: `check_bf16`), else in T.
+    #[allow(clippy::too_many_arguments)]
+    fn product<T: WithDType>(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [T],
+        accumulate: bool,
+        a: Mat<T>,
+        b: Mat<T>,
+    ) {
+        if !self.bf16 {
+            return matmul(m, n, k, dst, accumulate, a, b);
+        }
+        fn f32_view<T: WithDType>(v: Mat<'_, T>) -> Mat<'_, f32> {
+            Mat {
+                data: f32s(v.data),
+                rs: v.rs,
+                cs: v.cs,
+            }
+        }
+        matmul_bf16(m, n, k, f32s_mut(dst), accumulate, f32_view(a), f32_view(b));
+    }
+
     /// Scratch for `conv_image`: (shifted copies, wide output) in place, (cols, nothing) for
     /// im2col, (the image with margins, nothing) for the direct convolution.
     pub(super) fn conv_scratch<T: WithDType>(&self, how: &Prepared<T>) -> (Vec<T>, Vec<T>) {
@@ -25,7 +52,10 @@ impl Geometry {
                 vec![T::zero(); self.o * self.wide()],
             ),
             Path::Im2col => (self.scratch(), Vec::new()),
-            Path::Direct(d) => (vec![T::zero(); d.buf_len()], Vec::new()),
+            Path::Direct(d) => (
+                vec![T::zero(); d.buf_len()],
+                vec![T::zero(); if self.bf16 { d.pairs_len() } else { 0 }],
+            ),
         }
     }
 
@@ -70,7 +100,12 @@ impl Geometry {
                     None => d.pad(img, buf, |_, v| v),
                     Some((st, _)) => d.pad(img, buf, |ci, v| bn_relu(v, st[ci])),
                 }
-                d.run(f32s(k), f32s(buf), f32s_mut(y));
+                if self.bf16 {
+                    d.pairs(f32s(buf), f32s_mut(acc));
+                    d.run_bf16(f32s(k), f32s(acc), f32s_mut(y));
+                } else {
+                    d.run(f32s(k), f32s(buf), f32s_mut(y));
+                }
             }
             Path::Implicit => {
                 let rows = k;
@@ -78,7 +113,7 @@ impl Geometry {
                 self.pad_shifted(img, buf, prologue.map(|(st, _)| st));
                 for ky in 0..self.kh {
                     let kr = Mat::rows(&rows[ky * o * kwc..][..o * kwc], kwc);
-                    matmul(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
+                    self.product(o, wide, kwc, acc, ky > 0, kr, self.row_view(buf, ky));
                 }
                 for (dst, src) in y.chunks_exact_mut(ow).zip(acc.chunks_exact(wp)) {
                     dst.copy_from_slice(&src[..ow]);
@@ -86,7 +121,7 @@ impl Geometry {
             }
             Path::Im2col => {
                 let cols = self.cols_of(img, buf, prologue);
-                matmul(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
+                self.product(o, l, ckk, y, false, Mat::rows(k, ckk), Mat::rows(cols, l));
             }
         }
     }
@@ -230,7 +265,7 @@ impl Geometry {
                 let (o, ckk, l) = (self.o, self.ckk(), self.l());
                 let (dcols, scratch) = bufs.0.split_at_mut(ckk * l);
                 let (kt, gm) = (Mat::transposed(k, ckk), Mat::rows(g, l));
-                matmul(ckk, l, o, dcols, false, kt, gm);
+                self.product(ckk, l, o, dcols, false, kt, gm);
                 self.col2im(dcols, dimg, scratch);
             }
         }
@@ -288,7 +323,7 @@ impl Geometry {
             let ckk = self.ckk();
             let cols = self.cols_of(img, buf, prologue);
             let gt = Mat::transposed(g, l);
-            matmul(ckk, o, l, acc, !first, Mat::rows(cols, l), gt);
+            self.product(ckk, o, l, acc, !first, Mat::rows(cols, l), gt);
             return;
         }
         let kwc = self.kw * c;
@@ -304,7 +339,7 @@ impl Geometry {
                 rs: c,
                 cs: 1,
             };
-            matmul(o, kwc, wide, a, !first, Mat::rows(dyw, wide), b);
+            self.product(o, kwc, wide, a, !first, Mat::rows(dyw, wide), b);
         }
     }
 

@@ -1,0 +1,511 @@
+//! Matrix products in bf16 with f32 accumulation, for `precision: amp_bf16` on CPUs with
+//! AVX512-BF16 (`VDPBF16PS`: 32 products of bf16 pairs summed into 16 f32 lanes per
+//! instruction, twice the multiplications of an f32 FMA). The operands stay f32 in memory
+//! (master weights and activations); they are rounded to bf16 (round to nearest even) while they
+//! are packed for the product, as PyTorch's autocast rounds a convolution's inputs, and the sums
+//! and the result are f32.
+//!
+//! One product is `dst (m x n, row-major) (+)= a (m x k) * b (k x n)` over the same strided views
+//! as [`crate::gemm`]. The reduction dimension is split into pairs (`k` rounded up with a zero).
+//! Blocks of `KC` pairs: `a` is packed in panels of `MR` rows, 16 pairs per row and block (one
+//! 64-byte store), `b` in panels of `NR` columns, each pair of rows interleaved column by
+//! column; a tile of `MR x NR` sums lives in 24 registers while one block of pairs runs through
+//! it (each `a` pair broadcast against two vectors of `b` pairs). Operands whose packed direction
+//! is contiguous are read with (masked) vector loads, others with gathers. The order of every sum
+//! is fixed by the shapes: results are deterministic and do not depend on the thread count.
+//!
+//! Hardware without AVX512-BF16 has no such product here: [`available`] says so, and the
+//! engine refuses `amp_bf16` there with a clear error before anything runs.
+
+use crate::gemm::Mat;
+
+/// Rows of `a` per register tile.
+const MR: usize = 8;
+/// Vectors of 16 columns of `b` per register tile.
+const NV: usize = 2;
+/// Columns of `b` per register tile.
+const NR: usize = 16 * NV;
+/// Pairs per packed row segment of `a` (one 512-bit store).
+const KB: usize = 16;
+/// Pairs per block of the reduction: a packed `b` panel (`KC * NR` pairs, 16 KB) and an `a`
+/// panel (6 KB) stay in L1 while the panel's tiles run.
+const KC: usize = 128;
+
+/// Whether this CPU runs the bf16 products (AVX-512 F, BW, VL and BF16).
+pub fn available() -> bool {
+    crate::paths::cpu().avx512_bf16
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as an f32: what the products multiply.
+/// Subnormal values become zero of their sign, as the hardware's conversion makes them.
+pub fn round_bf16(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x.is_subnormal() {
+        return 0.0f32.copysign(x);
+    }
+    let b = x.to_bits();
+    f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+}
+
+/// `lo` and `hi` rounded to bf16 (`round_bf16`) and packed as the low and high halves of one
+/// 32-bit pair, kept in an f32 slot (the layout the bf16 direct convolution reads).
+pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
+    let (lo, hi) = (round_bf16(lo), round_bf16(hi));
+    f32::from_bits((lo.to_bits() >> 16) | (hi.to_bits() & 0xffff_0000))
+}
+
+/// `out[i] = pair(lo[i], hi[i])` (`hi` zero when `None`), 16 at a time on AVX512-BF16.
+pub(crate) fn pairs_into(lo: &[f32], hi: Option<&[f32]>, out: &mut [f32]) {
+    assert!(lo.len() >= out.len() && hi.is_none_or(|h| h.len() >= out.len()));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features; every access is below `out.len()` (asserted).
+        done = unsafe { x86::pairs_into(lo, hi, out) };
+    }
+    for i in done..out.len() {
+        out[i] = pair(lo[i], hi.map_or(0.0, |h| h[i]));
+    }
+}
+
+/// `dst` (row-major m x n, f32) = a (m x k) * b (k x n) with both operands rounded to bf16 and
+/// the products summed in f32, plus the old `dst` when `accumulate`. Single-threaded (callers
+/// parallelise over images). Panics when the CPU lacks AVX512-BF16 (check [`available`]) or the
+/// views are too small.
+pub fn matmul_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<f32>,
+    b: Mat<f32>,
+) {
+    assert!(
+        dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
+        "matmul_bf16: operand too small for {m}x{k} by {k}x{n}"
+    );
+    // Gather offsets are 32-bit: the packing reads at most 32 values along a stride.
+    assert!(
+        32 * a.rs.max(a.cs).max(b.rs).max(b.cs) < i32::MAX as usize,
+        "matmul_bf16: strides over 2^26"
+    );
+    assert!(
+        available(),
+        "matmul_bf16 needs AVX512-BF16 (check bf16::available first)"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has the features (asserted above) and every view reaches only inside its
+    // slice for the given sizes (asserted above); the packing reads past no edge (masked).
+    unsafe {
+        x86::matmul(m, n, k, dst, accumulate, a, b)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Mat, KB, KC, MR, NR, NV};
+    use std::arch::x86_64::*;
+
+    /// The lane mask of the first `valid` of 16 lanes.
+    fn mask16(valid: usize) -> __mmask16 {
+        if valid >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << valid) - 1
+        }
+    }
+
+    /// 16 values of `v` from `start`, `stride` apart; lanes at or past `valid` are zero (and
+    /// never read).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(v: Mat<f32>, start: usize, stride: usize, valid: usize) -> __m512 {
+        let mask = mask16(valid);
+        if mask == 0 {
+            return _mm512_setzero_ps();
+        }
+        let base = v.data.as_ptr().add(start);
+        if stride == 1 {
+            _mm512_maskz_loadu_ps(mask, base)
+        } else {
+            let idx = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32(stride as i32),
+            );
+            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base)
+        }
+    }
+
+    /// `a`'s rows `i0..i0 + MR` (zero past `m`) and pairs `p0..p0 + kc` (zero past `k`) as
+    /// [kc / KB][MR][KB] pairs.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_a(
+        a: Mat<f32>,
+        m: usize,
+        k: usize,
+        i0: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [u32],
+    ) {
+        let blocks = kc.div_ceil(KB);
+        for blk in 0..blocks {
+            let k0 = 2 * (p0 + blk * KB);
+            let left = k.saturating_sub(k0);
+            for r in 0..MR {
+                let i = i0 + r;
+                let dst = out.as_mut_ptr().add((blk * MR + r) * KB);
+                if i >= m || left == 0 {
+                    _mm512_storeu_si512(dst.cast(), _mm512_setzero_si512());
+                    continue;
+                }
+                let at = i * a.rs + k0 * a.cs;
+                let lo = load16(a, at, a.cs, left);
+                let hi = if left > 16 {
+                    load16(a, at + 16 * a.cs, a.cs, left - 16)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                // bf16 of k0..k0 + 32 in order: pairs (k0, k0 + 1), (k0 + 2, k0 + 3), ...
+                let v: __m512i =
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.cast(), v);
+            }
+        }
+    }
+
+    /// `b`'s columns `j0..j0 + NR` (zero past `n`) and pairs `p0..p0 + kc` (zero past `k`) as
+    /// [kc rounded up to KB][NR] pairs, each the rows 2p and 2p + 1 of one column.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_b(
+        b: Mat<f32>,
+        n: usize,
+        k: usize,
+        j0: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [u32],
+    ) {
+        let interleave = interleave();
+        let pairs = kc.div_ceil(KB) * KB;
+        for q in 0..pairs {
+            let r0 = 2 * (p0 + q);
+            for h in 0..NR / 16 {
+                let j = j0 + 16 * h;
+                let dst = out.as_mut_ptr().add(q * NR + 16 * h);
+                let valid = n.saturating_sub(j);
+                if r0 >= k || valid == 0 {
+                    _mm512_storeu_si512(dst.cast(), _mm512_setzero_si512());
+                    continue;
+                }
+                let lo = load16(b, r0 * b.rs + j * b.cs, b.cs, valid);
+                let hi = if r0 + 1 < k {
+                    load16(b, (r0 + 1) * b.rs + j * b.cs, b.cs, valid)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let v: __m512i =
+                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(interleave, v));
+            }
+        }
+    }
+
+    /// `pairs_into` for the whole vectors of `out`; returns how many values it wrote.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pairs_into(lo: &[f32], hi: Option<&[f32]>, out: &mut [f32]) -> usize {
+        let interleave = interleave();
+        let whole = out.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let a = _mm512_loadu_ps(lo.as_ptr().add(i));
+            let b = hi.map_or(_mm512_setzero_ps(), |h| _mm512_loadu_ps(h.as_ptr().add(i)));
+            let v: __m512i = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(b, a));
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(i).cast(),
+                _mm512_permutexvar_epi16(interleave, v),
+            );
+        }
+        whole
+    }
+
+    /// The word order that turns `[a x16 | b x16]` into `a[0], b[0], a[1], b[1], ...`.
+    #[target_feature(enable = "avx512f")]
+    fn interleave() -> __m512i {
+        _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        )
+    }
+
+    /// One MR x NR tile over `blocks` blocks of KB pairs: `tile` (row-major, NR wide) = the sums.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn tile(blocks: usize, a: *const u32, b: *const u32, tile: &mut [f32; MR * NR]) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for blk in 0..blocks {
+            let ab = a.add(blk * MR * KB);
+            let bb = b.add(blk * KB * NR);
+            for q in 0..KB {
+                let mut bv: [__m512bh; NV] = std::mem::zeroed();
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        bb.add(q * NR + 16 * v).cast(),
+                    ));
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av: __m512bh = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                        *ab.add(r * KB + q) as i32,
+                    ));
+                    for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                        *acc = _mm512_dpbf16_ps(*acc, av, bv);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, &acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16 * v), acc);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn matmul(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        a: Mat<f32>,
+        b: Mat<f32>,
+    ) {
+        let panels = m.div_ceil(MR);
+        // The packed operands of this thread's previous product, reused: packing writes every
+        // value a tile reads, so they need no zeroing (and a fresh buffer per call cost more
+        // in page faults and memset than the packing itself).
+        thread_local! {
+            static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const {
+                std::cell::RefCell::new((Vec::new(), Vec::new()))
+            };
+        }
+        PACKED.with_borrow_mut(|(pa, pb)| {
+            pa.resize(pa.len().max(panels * KC * MR), 0);
+            pb.resize(KC * NR, 0);
+            run(
+                m,
+                n,
+                k,
+                dst,
+                accumulate,
+                a,
+                b,
+                &mut pa[..panels * KC * MR],
+                pb,
+            )
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        a: Mat<f32>,
+        b: Mat<f32>,
+        pa: &mut [u32],
+        pb: &mut [u32],
+    ) {
+        let pairs = k.div_ceil(2);
+        let mut t = [0f32; MR * NR];
+        for p0 in (0..pairs).step_by(KC) {
+            let kc = KC.min(pairs - p0);
+            let blocks = kc.div_ceil(KB);
+            let add = accumulate || p0 > 0;
+            for (ip, pa) in pa.chunks_exact_mut(KC * MR).enumerate() {
+                pack_a(a, m, k, ip * MR, p0, kc, pa);
+            }
+            for j0 in (0..n).step_by(NR) {
+                pack_b(b, n, k, j0, p0, kc, pb);
+                let cols = NR.min(n - j0);
+                for (ip, pa) in pa.chunks_exact(KC * MR).enumerate() {
+                    tile(blocks, pa.as_ptr(), pb.as_ptr(), &mut t);
+                    let i0 = ip * MR;
+                    for (r, sums) in t.chunks_exact(NR).take(m - i0).enumerate() {
+                        let row = &mut dst[(i0 + r) * n + j0..][..cols];
+                        if add {
+                            row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
+                        } else {
+                            row.copy_from_slice(&sums[..cols]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product of the bf16-rounded operands, in f64.
+    fn reference(m: usize, n: usize, k: usize, a: Mat<f32>, b: Mat<f32>) -> Vec<f64> {
+        let at = |v: Mat<f32>, i: usize, j: usize| round_bf16(v.data[i * v.rs + j * v.cs]) as f64;
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|l| at(a, i, l) * at(b, l, j)).sum();
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 1.7)
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1.0)
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(-2.5), -2.5);
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn matches_the_rounded_product_on_every_layout_and_edge() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // sizes off every tile edge, odd k (a zero pair member), k over one block of pairs
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (12, 32, 32),
+            (13, 33, 33),
+            (5, 70, 300),
+            (27, 17, 9),
+            (40, 3, 513),
+        ] {
+            let av = values(m * k, 1);
+            let bv = values(k * n, 2);
+            // a row-major or transposed, b row-major or transposed (gathers)
+            let at: Vec<f32> = (0..m * k).map(|idx| av[(idx % m) * k + idx / m]).collect();
+            let bt: Vec<f32> = (0..k * n).map(|idx| bv[(idx % k) * n + idx / k]).collect();
+            let want = reference(m, n, k, Mat::rows(&av, k), Mat::rows(&bv, n));
+            let scale: f64 = want.iter().map(|v| v.abs()).fold(1.0, f64::max);
+            let cases = [
+                (Mat::rows(&av, k), Mat::rows(&bv, n)),
+                (Mat::transposed(&at, m), Mat::rows(&bv, n)),
+                (Mat::rows(&av, k), Mat::transposed(&bt, k)),
+                (Mat::transposed(&at, m), Mat::transposed(&bt, k)),
+            ];
+            for (case, (a, b)) in cases.into_iter().enumerate() {
+                let mut dst = vec![f32::NAN; m * n];
+                matmul_bf16(m, n, k, &mut dst, false, a, b);
+                let err = dst
+                    .iter()
+                    .zip(&want)
+                    .map(|(d, w)| (*d as f64 - w).abs())
+                    .fold(0.0, f64::max);
+                // f32 sums of k exact products
+                assert!(
+                    err < 1e-6 * scale * k as f64,
+                    "{m}x{n}x{k} case {case}: {err}"
+                );
+                // accumulating adds the product once more
+                matmul_bf16(m, n, k, &mut dst, true, a, b);
+                let err2 = dst
+                    .iter()
+                    .zip(&want)
+                    .map(|(d, w)| (*d as f64 - 2.0 * w).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    err2 < 2e-6 * scale * k as f64,
+                    "{m}x{n}x{k} case {case} accumulated"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn differs_from_the_f32_product_by_bf16_rounding_only() {
+        if !available() {
+            return;
+        }
+        let (m, n, k) = (16, 64, 144);
+        let (av, bv) = (values(m * k, 3), values(k * n, 4));
+        let mut f32_out = vec![0.0; m * n];
+        crate::gemm::matmul(
+            m,
+            n,
+            k,
+            &mut f32_out,
+            false,
+            Mat::rows(&av, k),
+            Mat::rows(&bv, n),
+        );
+        let mut bf = vec![0.0; m * n];
+        matmul_bf16(
+            m,
+            n,
+            k,
+            &mut bf,
+            false,
+            Mat::rows(&av, k),
+            Mat::rows(&bv, n),
+        );
+        // each operand's rounding moves a product by at most 2^-9 of it (2^-8 for both), so an
+        // element moves by at most 2^-8 of the sum of its products' magnitudes
+        let mut differs = false;
+        for i in 0..m {
+            for j in 0..n {
+                let bound: f32 = (0..k).map(|l| (av[i * k + l] * bv[l * n + j]).abs()).sum();
+                let d = (bf[i * n + j] - f32_out[i * n + j]).abs();
+                assert!(
+                    d <= bound / 256.0 + 1e-5,
+                    "({i}, {j}): {d} over {bound}/256"
+                );
+                differs |= d > 1e-4;
+            }
+        }
+        assert!(differs, "bf16 rounding shows in the product");
+        // and the same call gives the same bits
+        let mut again = vec![0.0; m * n];
+        matmul_bf16(
+            m,
+            n,
+            k,
+            &mut again,
+            false,
+            Mat::rows(&av, k),
+            Mat::rows(&bv, n),
+        );
+        assert!(again
+            .iter()
+            .zip(&bf)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
