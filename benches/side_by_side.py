@@ -5,7 +5,11 @@ the two implementations alternating, both on the same number of threads; then th
 fp32 matrix product (PyTorch's, MKL) for the ratio to the limit. Prints a Markdown table.
 
     cargo build --release
-    python3 benches/side_by_side.py --python /path/to/venv-with-torch/bin/python
+    python3 benches/side_by_side.py --python /path/to/venv-with-torch/bin/python --rounds 5
+    python3 benches/side_by_side.py --python /path/to/venv-with-torch/bin/python --precision amp_bf16
+
+The table gives each side's median and range over the rounds (the order of the two sides swaps
+every round) and the ratio of the medians.
 
 Only the standard library here; PyTorch is needed in the interpreter given by --python.
 """
@@ -41,8 +45,11 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="an interpreter with torch")
     ap.add_argument("--recipe", default=os.path.join(ROOT, "target", "release", "recipe"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per model")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per model")
     ap.add_argument("--only", help="run only models whose label contains this")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"],
+                    help="both sides in this precision: recipe's `precision: amp_bf16` against "
+                         "PyTorch's CPU autocast to bfloat16")
     a = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     ref = os.path.join(HERE, "reference", "throughput.py")
@@ -52,33 +59,37 @@ def main():
             continue
         ours, theirs = [], []
         common = ["--input", inp, "--batch", str(batch), "--classes", str(classes),
-                  "--steps", str(steps), "--warmup", str(warmup), "--json"]
-        for _ in range(a.rounds):
-            ours.append(run_json([a.recipe, "bench", "throughput", "--model", block] + common, env))
-            theirs.append(run_json([a.python, ref, "--model", ref_name, "--threads",
-                                    str(a.threads)] + common, env))
+                  "--steps", str(steps), "--warmup", str(warmup), "--json",
+                  "--precision", a.precision]
+        for r in range(a.rounds):
+            # the order swaps every round, so neither side always runs after the other
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                if side == 0:
+                    ours.append(run_json([a.recipe, "bench", "throughput", "--model", block] + common, env))
+                else:
+                    theirs.append(run_json([a.python, ref, "--model", ref_name, "--threads",
+                                            str(a.threads)] + common, env))
             print(f"{label}: recipe {ours[-1]['images_per_sec']:.1f}, "
                   f"torch {theirs[-1]['images_per_sec']:.1f} images/s", file=sys.stderr)
-        best = lambda rs: max(rs, key=lambda r: r["images_per_sec"])
-        rows.append((label, inp, batch, best(ours), best(theirs), ours, theirs))
+        rows.append((label, inp, batch, ours, theirs))
     mm = run_json([a.python, ref, "--matmul", "--threads", str(a.threads), "--json"], env)
-    print(f"\n{a.threads} threads; best of {a.rounds} alternating rounds; "
-          f"{rows[0][4]['impl'] if rows else ''}; fp32 matmul 2048^3: "
-          f"{mm['matmul_gflops']:.0f} GFLOP/s (PyTorch)\n")
-    print("| model | input | batch | recipe images/s | PyTorch images/s | ratio | rounds: recipe (median, range) "
-          "| rounds: PyTorch (median, range) | images per CPU-second: recipe / PyTorch (medians) "
+    impl = rows[0][4][0]["impl"] if rows else ""
+    print(f"\n{a.threads} threads; {a.precision}; medians of {a.rounds} alternating rounds; "
+          f"{impl}; fp32 matmul 2048^3: {mm['matmul_gflops']:.0f} GFLOP/s (PyTorch)\n")
+    print("| model | input | batch | recipe images/s median (range) | PyTorch images/s median (range) "
+          "| ratio of medians | images per CPU-second: recipe / PyTorch (medians) "
           "| recipe fwd/bwd/opt ms | PyTorch fwd/bwd/opt ms | recipe peak RSS MB | PyTorch peak RSS MB (before model) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, inp, batch, o, t, ours, theirs in rows:
-        split = lambda r: f"{r['forward_ms']:.1f} / {r['backward_ms']:.1f} / {r['optimizer_ms']:.1f}"
-        spread = lambda rs: (f"{statistics.median(r['images_per_sec'] for r in rs):.1f} "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    med = lambda rs, k: statistics.median(r.get(k) or float("nan") for r in rs)
+    for label, inp, batch, ours, theirs in rows:
+        split = lambda rs: " / ".join(f"{med(rs, k):.1f}" for k in ("forward_ms", "backward_ms", "optimizer_ms"))
+        spread = lambda rs: (f"{med(rs, 'images_per_sec'):.1f} "
                              f"({min(r['images_per_sec'] for r in rs):.1f}-{max(r['images_per_sec'] for r in rs):.1f})")
-        per_cpu = lambda rs: statistics.median(r.get("images_per_cpu_sec") or float("nan") for r in rs)
-        print(f"| {label} | {inp} | {batch} | {o['images_per_sec']:.1f} | {t['images_per_sec']:.1f} "
-              f"| {o['images_per_sec'] / t['images_per_sec']:.2f}x | {spread(ours)} | {spread(theirs)} "
-              f"| {per_cpu(ours):.1f} / {per_cpu(theirs):.1f} | {split(o)} | {split(t)} "
-              f"| {o['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} ({t['start_rss_mb']:.0f}) |")
-
+        ratio = med(ours, "images_per_sec") / med(theirs, "images_per_sec")
+        print(f"| {label} | {inp} | {batch} | {spread(ours)} | {spread(theirs)} | {ratio:.2f}x "
+              f"| {med(ours, 'images_per_cpu_sec'):.1f} / {med(theirs, 'images_per_cpu_sec'):.1f} "
+              f"| {split(ours)} | {split(theirs)} | {med(ours, 'peak_rss_mb'):.0f} "
+              f"| {med(theirs, 'peak_rss_mb'):.0f} ({med(theirs, 'start_rss_mb'):.0f}) |")
 
 if __name__ == "__main__":
     main()

@@ -147,6 +147,9 @@ def main():
     ap.add_argument("--size", type=int, default=2048, help="matmul size (with --matmul)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (as `recipe bench throughput --device`)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"],
+                    help="amp_bf16: forward and loss under torch.autocast(bfloat16), as Composer's "
+                         "precision: amp_bf16 (the recipe's key of the same name)")
     a = ap.parse_args()
     try:
         import torch
@@ -172,6 +175,8 @@ def main():
     x = (torch.rand(a.batch, c, h, w) * 2 - 1).to(dev)
     y = (torch.arange(a.batch) % a.classes).to(dev)
     loss_fn = nn.CrossEntropyLoss()
+    autocast = lambda: torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                                      enabled=a.precision == "amp_bf16")
     f = b = o = 0.0
     cpu0 = None
     for step in range(a.warmup + a.steps):
@@ -179,7 +184,8 @@ def main():
             t = os.times()
             cpu0 = t.user + t.system
         t0 = time.perf_counter()
-        loss = loss_fn(model(x), y)
+        with autocast():
+            loss = loss_fn(model(x), y)
         loss.item()
         t1 = time.perf_counter()
         loss.backward()
@@ -203,6 +209,7 @@ def main():
         "input": a.input,
         "threads": a.threads,
         "device": a.device,
+        "precision": a.precision,
         "images_per_sec": a.batch * n / (f + b + o),
         # Per CPU-second of the process (user + system, every thread): what a shared machine's
         # other load disturbs far less than wall time.

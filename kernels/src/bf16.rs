@@ -56,6 +56,20 @@ pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
     f32::from_bits((lo.to_bits() >> 16) | (hi.to_bits() & 0xffff_0000))
 }
 
+/// `out[i]` = the bf16 bits of `round_bf16(src[i])`, 16 at a time on AVX512-BF16.
+pub(crate) fn to_bf16(src: &[f32], out: &mut [u16]) {
+    assert!(src.len() >= out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has the features; every access is below `out.len()` (asserted).
+        done = unsafe { x86::to_bf16(src, out) };
+    }
+    for i in done..out.len() {
+        out[i] = (round_bf16(src[i]).to_bits() >> 16) as u16;
+    }
+}
+
 /// `out[i] = pair(lo[i], hi[i])` (`hi` zero when `None`), 16 at a time on AVX512-BF16.
 pub(crate) fn pairs_into(lo: &[f32], hi: Option<&[f32]>, out: &mut [f32]) {
     assert!(lo.len() >= out.len() && hi.is_none_or(|h| h.len() >= out.len()));
@@ -224,6 +238,18 @@ mod x86 {
                 _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(interleave, v));
             }
         }
+    }
+
+    /// `to_bf16` for the whole vectors of `out`; returns how many values it wrote.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn to_bf16(src: &[f32], out: &mut [u16]) -> usize {
+        let whole = out.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
+            let v = std::mem::transmute::<__m256bh, __m256i>(v);
+            _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), v);
+        }
+        whole
     }
 
     /// `pairs_into` for the whole vectors of `out`; returns how many values it wrote.

@@ -503,6 +503,40 @@ impl Direct {
     /// in L1), 16 lanes of pixels at a time, its lanes added at the end of each pass: the result
     /// depends on the shapes only.
     pub(super) fn kernel_grad(&self, xbuf: &[f32], images: usize, dy: &[f32], out: &mut [f32]) {
+        // SAFETY (of the rows' run): `available()` held when `new` built this shape (AVX-512 F
+        // and VL); `kernel_grad_rows` checks the operands against the shape.
+        self.kernel_grad_rows(xbuf, images, dy, out, |row, out, add| unsafe {
+            row.run(out, add)
+        })
+    }
+
+    /// `kernel_grad` on bf16 copies (`crate::bf16::to_bf16`) of the padded images `xbuf` and of
+    /// the output gradient `dy`: the products in bf16, the sums in f32.
+    pub(super) fn kernel_grad_bf16(
+        &self,
+        xbuf: &[u16],
+        images: usize,
+        dy: &[u16],
+        out: &mut [f32],
+    ) {
+        assert!(
+            crate::bf16::available(),
+            "bf16 kernel gradient without AVX512-BF16"
+        );
+        // SAFETY: as `kernel_grad`, and the CPU has AVX512-BF16 and BW (asserted).
+        self.kernel_grad_rows(xbuf, images, dy, out, |row, out, add| unsafe {
+            row.run_bf16(out, add)
+        })
+    }
+
+    fn kernel_grad_rows<T>(
+        &self,
+        xbuf: &[T],
+        images: usize,
+        dy: &[T],
+        out: &mut [f32],
+        run: impl Fn(&GradRow<T>, &mut [f32], bool),
+    ) {
         let (c, k, l) = (self.c, self.k, self.l());
         let (lo, cols) = self.dx_range();
         let masks = &self.masks;
@@ -542,11 +576,10 @@ impl Direct {
                             masks,
                         };
                         let at = ((kb * c + ci) * k + ky) * k * NK;
-                        // SAFETY: `available()` held when `new` built this shape (AVX-512 F
-                        // and VL); with the shape's own masks, the assertion above keeps every
-                        // unmasked load inside `xbuf` and `dy` (masked-off lanes, which may
+                        // With the shape's own masks, the assertion above keeps every unmasked
+                        // load of `run` inside `xbuf` and `dy` (masked-off lanes, which may
                         // point past `dy`, are not read: masked loads do not touch them).
-                        unsafe { row.run(&mut out[at..at + k * NK], first > 0) };
+                        run(&row, &mut out[at..at + k * NK], first > 0);
                     }
                 }
             }
@@ -648,9 +681,10 @@ impl StridedGrad {
 }
 
 /// One kernel row's gradient for 8 output channels, summed over a pass of images.
-struct GradRow<'a> {
-    /// The pass's first image's copy; image i at `i * image` after it.
-    x: &'a [f32],
+struct GradRow<'a, T> {
+    /// The pass's first image's copy (f32, or bf16 bits for `run_bf16`); image i at
+    /// `i * image` after it.
+    x: &'a [T],
     /// Where each of the row's 3 taps reads output pixel 0, from the start of an image's copy,
     /// and its mask column.
     at: [usize; 3],
@@ -661,7 +695,7 @@ struct GradRow<'a> {
     image: usize,
     /// The first image's output gradient for the first of the 8 channels; image i at
     /// `i * dy_image`.
-    dy: &'a [f32],
+    dy: &'a [T],
     dy_image: usize,
     l: usize,
     images: usize,
@@ -669,7 +703,74 @@ struct GradRow<'a> {
     masks: &'a [u16],
 }
 
-impl GradRow<'_> {
+/// `out[(i % 3) * 8 + i / 3] (+)= the lane sum of acc[i]` for the 24 sums of a kernel-gradient
+/// row; constant indices (one loop indexing `acc` and the sums live on the stack).
+macro_rules! store_row_sums {
+    ($acc:ident, $out:ident, $add:ident) => {
+        store_row_sums!(@ $acc, $out, $add; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23)
+    };
+    (@ $acc:ident, $out:ident, $add:ident; $($i:literal)*) => {$(
+        let sum = _mm512_reduce_add_ps($acc[$i]);
+        let o = &mut $out[($i % 3) * NK + $i / 3];
+        *o = if $add { *o + sum } else { sum };
+    )*};
+}
+
+impl GradRow<'_, u16> {
+    /// `GradRow::run` on bf16 copies of the image and of the output gradient: vectors of 32
+    /// pixels, each VDPBF16PS adding the products of two neighbouring pixels into one f32 lane,
+    /// so half the instructions; the masks of two 16-pixel vectors make one 32-pixel mask.
+    ///
+    /// # Safety
+    /// As `run`, and the CPU has AVX512-BF16 and BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512bf16")]
+    unsafe fn run_bf16(&self, out: &mut [f32], add: bool) {
+        use std::arch::x86_64::*;
+        let nv = self.l.div_ceil(LANES);
+        let mut acc = [_mm512_setzero_ps(); 3 * NK];
+        let l = self.l;
+        let bh = |v: __m512i| std::mem::transmute::<__m512i, __m512bh>(v);
+        for img in 0..self.images {
+            let xi = self.x.as_ptr().add(img * self.image).cast::<i16>();
+            let di = self.dy.as_ptr().add(img * self.dy_image).cast::<i16>();
+            let (x0, x1, x2) = (xi.add(self.at[0]), xi.add(self.at[1]), xi.add(self.at[2]));
+            for v in (0..nv).step_by(2) {
+                let (m, next) = (self.masks.as_ptr().add(v * self.cols), v + 1 < nv);
+                let mask = |col: usize| {
+                    let hi = if next {
+                        *m.add(self.cols + col) as u32
+                    } else {
+                        0
+                    };
+                    (*m.add(col) as u32) | (hi << 16)
+                };
+                let at = v * LANES;
+                let x0 = bh(_mm512_maskz_loadu_epi16(mask(self.mask[0]), x0.add(at)));
+                let x1 = bh(_mm512_maskz_loadu_epi16(mask(self.mask[1]), x1.add(at)));
+                let x2 = bh(_mm512_maskz_loadu_epi16(mask(self.mask[2]), x2.add(at)));
+                let keep = mask(self.keep);
+                macro_rules! channel {
+                    ($($j:literal)*) => {$(
+                        let d = bh(_mm512_maskz_loadu_epi16(keep, di.add($j * l + at)));
+                        acc[3 * $j] = _mm512_dpbf16_ps(acc[3 * $j], x0, d);
+                        acc[3 * $j + 1] = _mm512_dpbf16_ps(acc[3 * $j + 1], x1, d);
+                        acc[3 * $j + 2] = _mm512_dpbf16_ps(acc[3 * $j + 2], x2, d);
+                    )*};
+                }
+                channel!(0 1 2 3 4 5 6 7);
+            }
+        }
+        store_row_sums!(acc, out, add);
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn run_bf16(&self, _out: &mut [f32], _add: bool) {
+        unreachable!("the direct convolution is built only for x86_64 (`available()`)")
+    }
+}
+
+impl GradRow<'_, f32> {
     /// `out[kx * 8 + j] (+)= Σ_img Σ_q dy[img][j][q] x[img][q + kx]` over the masked lanes: 24
     /// vector sums (3 columns by 8 channels) and the 3 pixel vectors of one position in
     /// registers, each output gradient vector loaded once per position.
@@ -710,15 +811,7 @@ impl GradRow<'_> {
                 channel!(0 1 2 3 4 5 6 7);
             }
         }
-        // constant indices here too: one loop indexing `acc` and the sums live on the stack
-        macro_rules! reduce {
-            ($($i:literal)*) => {$(
-                let sum = _mm512_reduce_add_ps(acc[$i]);
-                let o = &mut out[($i % K) * NK + $i / K];
-                *o = if add { *o + sum } else { sum };
-            )*};
-        }
-        reduce!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23);
+        store_row_sums!(acc, out, add);
     }
 
     #[cfg(not(target_arch = "x86_64"))]

@@ -182,14 +182,6 @@ impl Geometry {
         )
     }
 
-    /// Whether a bf16 convolution computes its kernel gradient in bf16: everywhere but on the
-    /// direct 3x3 path, whose kernel gradient (`Direct::kernel_grad`) runs in f32 from the f32
-    /// input and output gradient (`grad_kernel` takes the direct path first).
-    #[cfg(test)]
-    pub(super) fn kernel_grad_in_bf16(&self) -> bool {
-        self.bf16 && !self.direct::<f32>().is_some_and(|d| d.has_kernel_grad())
-    }
-
     /// The kernel prepared for `conv_image`: in tiles for the direct convolution, rearranged as
     /// [ky][o][c][kx] when the convolution runs in place (`implicit`), else as it is (borrowed).
     pub(super) fn prepare<'a, T: WithDType>(&self, k: Cow<'a, [T]>) -> Prepared<'a, T> {

@@ -407,9 +407,18 @@ impl Geometry {
             // the direct kernel gradient: each group's images copied with margins (through
             // the prologue), then summed by `Direct::kernel_grad`
             let len = d.buf_len();
+            // bf16: the padded images and the output gradient rounded into copies of bf16 bits
+            let bf16_len = |values: usize| if self.bf16 { values } else { 0 };
             partials.par_chunks_mut(ckk * o).enumerate().for_each_init(
-                || vec![T::zero(); group * len],
-                |xbuf, (gi, acc)| {
+                || {
+                    let x16 = vec![0u16; bf16_len(group * len)];
+                    (
+                        vec![T::zero(); group * len],
+                        x16,
+                        vec![0u16; bf16_len(group * o * l)],
+                    )
+                },
+                |(xbuf, x16, dy16), (gi, acc)| {
                     let first = gi * group;
                     let images = group.min(n - first);
                     for (j, buf) in xbuf.chunks_exact_mut(len).take(images).enumerate() {
@@ -420,7 +429,14 @@ impl Geometry {
                         }
                     }
                     let g = &dy[first * o * l..(first + images) * o * l];
-                    d.kernel_grad(f32s(xbuf), images, f32s(g), f32s_mut(acc));
+                    if self.bf16 {
+                        let (x16, dy16) = (&mut x16[..images * len], &mut dy16[..g.len()]);
+                        crate::bf16::to_bf16(&f32s(xbuf)[..images * len], x16);
+                        crate::bf16::to_bf16(f32s(g), dy16);
+                        d.kernel_grad_bf16(x16, images, dy16, f32s_mut(acc));
+                    } else {
+                        d.kernel_grad(f32s(xbuf), images, f32s(g), f32s_mut(acc));
+                    }
                 },
             );
             return self.kernel_from_partials(&partials, true);
