@@ -238,6 +238,14 @@ fn read_result(path: &Path) -> Option<CellResult> {
 
 /// `recipe bench sweep`.
 pub fn sweep(a: &SweepArgs, interrupt: Arc<AtomicUsize>) -> Result<PathBuf> {
+    // Every rank would run the same cells and write the same result files, and on machines
+    // without a shared folder each rank would see other cells finished: refused before anything
+    // is written.
+    if recipe_engine::dist::launched_by_mpi().is_some() {
+        return Err(Error::msg(
+            "`recipe bench sweep` runs in one process, not under mpirun or srun: every rank would run and write the same cells; start it without the launcher (one recipe can still train data-parallel with `recipe run FILE --nproc N`)",
+        ));
+    }
     if a.scales.is_empty() || a.scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(Error::msg(
             "--scales: give positive ratios, e.g. 0.1,0.25,0.5,1",

@@ -428,3 +428,34 @@ fn bad_augmentation_settings_name_their_key() {
         assert!(e.contains(key) && e.contains(what), "{block}: {e}");
     }
 }
+
+/// Under mpirun (Open MPI's rank variables set; a job of one here) a sweep is refused before it writes
+/// anything: every rank would run and write the same cells.
+#[test]
+fn a_sweep_under_an_mpi_launcher_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_recipe(dir.path(), "tiny.yaml", TINY);
+    let out = dir.path().join("sweep");
+    let o = recipe_cmd()
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .args([
+            "bench",
+            "sweep",
+            file.to_str().unwrap(),
+            "--scales",
+            "1",
+            "--seeds",
+            "1",
+        ])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("not under mpirun") && e.contains("--nproc"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written");
+}

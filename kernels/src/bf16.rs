@@ -493,16 +493,20 @@ mod tests {
             Mat::rows(&av, k),
             Mat::rows(&bv, n),
         );
-        let mut bf = vec![0.0; m * n];
-        matmul_bf16(
-            m,
-            n,
-            k,
-            &mut bf,
-            false,
-            Mat::rows(&av, k),
-            Mat::rows(&bv, n),
-        );
+        let product = || {
+            let mut out = vec![0.0; m * n];
+            matmul_bf16(
+                m,
+                n,
+                k,
+                &mut out,
+                false,
+                Mat::rows(&av, k),
+                Mat::rows(&bv, n),
+            );
+            out
+        };
+        let bf = product();
         // each operand's rounding moves a product by at most 2^-9 of it (2^-8 for both), so an
         // element moves by at most 2^-8 of the sum of its products' magnitudes
         let mut differs = false;
@@ -519,16 +523,7 @@ mod tests {
         }
         assert!(differs, "bf16 rounding shows in the product");
         // and the same call gives the same bits
-        let mut again = vec![0.0; m * n];
-        matmul_bf16(
-            m,
-            n,
-            k,
-            &mut again,
-            false,
-            Mat::rows(&av, k),
-            Mat::rows(&bv, n),
-        );
+        let again = product();
         assert!(again
             .iter()
             .zip(&bf)

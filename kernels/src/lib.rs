@@ -10,7 +10,8 @@
 //! - [`act`]: the residual join `relu(a + b)`.
 //! - [`loss`]: softmax cross entropy with hard or soft targets; top-1 accuracy.
 //! - [`gemm`]: the matrix product (the `gemm` crate) the convolutions run on.
-//! - [`bf16`]: the matrix product in bf16 with f32 sums (AVX512-BF16), for `amp_bf16`.
+//! - [`bf16`]: the matrix product in bf16 with f32 sums (AVX512-BF16), for `amp_bf16`, and
+//!   the rounding the bf16 convolutions share.
 //! - [`paths`]: which path each kernel takes, set in one place (from code, or the environment).
 //!
 //! On CPU (f32 and f64) every op is parallel over the cores with rayon. Backward passes read

@@ -26,6 +26,13 @@
 //! because im2col and the product's own repacking of it, which this path drops, cost about a
 //! fifth of the convolutions' time.
 //! `Paths::direct` (`RECIPE_DIRECT=0`) turns the direct convolution off, for comparisons.
+//!
+//! bf16 (`precision: amp_bf16`, AVX512-BF16): the same tiles on bf16 pairs. Forward: the copy
+//! is rounded into planes of channel pairs (one 32-bit value per pixel, `Direct::pairs`) and the
+//! kernel into pairs of weights (`Direct::kernel_bf16`); each VDPBF16PS adds two channels'
+//! products into the f32 sums, so half the instructions. Kernel gradient: bf16 copies of the
+//! padded images and of the output gradient, 32-pixel vectors whose neighbouring pixels are the
+//! pairs (`GradRow::run_bf16`). The masks are the f32 tiles' (two of them make a 32-pixel mask).
 
 use super::layout::{gather_every, interleave_phases};
 use candle_core::WithDType;

@@ -19,6 +19,13 @@
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
 //! which takes the normalised batch whole). Other devices use candle's convolution.
 //!
+//! In bf16 (`Conv2dParams::bf16`, the recipe's `precision: amp_bf16`; CPUs with AVX512-BF16):
+//! the same passes with every product's operands rounded to bf16 and the sums in f32. The direct
+//! tiles read bf16 pairs of input channels (forward and stride-1 input gradient) or bf16 copies
+//! of 32 pixels (3x3 kernel gradient) and add with VDPBF16PS; the im2col and in-place paths run
+//! the packed bf16 product (`crate::bf16`); Winograd and the strided direct input gradient are
+//! not taken (the folded product runs instead).
+//!
 //! - this file: the public ops, their candle glue and the batch statistics of the output;
 //! - `geometry.rs`: one image's convolution shape, and the path it takes;
 //! - `layout.rs`: im2col/col2im, phase planes, padded and shifted rows, the channel-last copy;
