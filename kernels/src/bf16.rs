@@ -215,6 +215,9 @@ mod x86 {
         kc: usize,
         out: &mut [u32],
     ) {
+        if b.rs == 1 && b.cs != 1 {
+            return pack_b_columns(b, n, k, j0, p0, kc, out);
+        }
         let interleave = interleave();
         let pairs = kc.div_ceil(KB) * KB;
         for q in 0..pairs {
@@ -276,6 +279,90 @@ mod x86 {
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
             4, 19, 3, 18, 2, 17, 1, 16, 0,
         )
+    }
+
+    /// `pack_b` for a `b` whose columns are contiguous (`rs == 1`, a transposed operand such
+    /// as the output gradient of a kernel gradient): per block of 16 pairs and 16 columns, each
+    /// column's 32 values are one pair vector, and the 16 vectors are transposed in registers
+    /// (`transpose16`) into the panel's rows, instead of gathering every value.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_b_columns(
+        b: Mat<f32>,
+        n: usize,
+        k: usize,
+        j0: usize,
+        p0: usize,
+        kc: usize,
+        out: &mut [u32],
+    ) {
+        let stages = butterflies();
+        for q0 in (0..kc.div_ceil(KB) * KB).step_by(KB) {
+            let r0 = 2 * (p0 + q0);
+            let left = k.saturating_sub(r0);
+            for h in 0..NV {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (c, v) in v.iter_mut().enumerate() {
+                    let j = j0 + 16 * h + c;
+                    if j >= n || left == 0 {
+                        continue;
+                    }
+                    let at = r0 + j * b.cs;
+                    let lo = load16(b, at, 1, left);
+                    let hi = if left > 16 {
+                        load16(b, at + 16, 1, left - 16)
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    *v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                }
+                transpose16(&mut v, &stages);
+                for (t, v) in v.iter().enumerate() {
+                    _mm512_storeu_si512(out.as_mut_ptr().add((q0 + t) * NR + 16 * h).cast(), *v);
+                }
+            }
+        }
+    }
+
+    /// The permutes of `transpose16`: for each of its four stages (block sizes 8, 4, 2, 1), the
+    /// lanes of the new low and high vector of a pair, as indices into the pair (16 and up: the
+    /// second vector).
+    #[target_feature(enable = "avx512f")]
+    fn butterflies() -> [(usize, __m512i, __m512i); 4] {
+        [8usize, 4, 2, 1].map(|bit| {
+            let (mut lo, mut hi) = ([0i32; 16], [0i32; 16]);
+            for l in 0..16 {
+                let (base, within) = (l / (2 * bit) * 2 * bit, l % (2 * bit));
+                let (l0, l1) = if within < bit {
+                    (base + within, base + bit + within)
+                } else {
+                    (16 + base + within - bit, 16 + base + within)
+                };
+                (lo[l], hi[l]) = (l0 as i32, l1 as i32);
+            }
+            // SAFETY: 16 i32 values are one 512-bit vector.
+            unsafe {
+                (
+                    bit,
+                    _mm512_loadu_si512(lo.as_ptr().cast()),
+                    _mm512_loadu_si512(hi.as_ptr().cast()),
+                )
+            }
+        })
+    }
+
+    /// Transposes 16 vectors of 16 32-bit lanes: lane j of vector i goes to lane i of vector j.
+    /// Four butterfly stages (`butterflies`), each exchanging the elements whose row and column
+    /// differ in that stage's bit, with two-source permutes.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512i; 16], stages: &[(usize, __m512i, __m512i); 4]) {
+        for &(bit, lo, hi) in stages {
+            for i in (0..16).filter(|i| i & bit == 0) {
+                let (a, c) = (r[i], r[i + bit]);
+                r[i] = _mm512_permutex2var_epi32(a, lo, c);
+                r[i + bit] = _mm512_permutex2var_epi32(a, hi, c);
+            }
+        }
     }
 
     /// One MR x NR tile over `blocks` blocks of KB pairs: `tile` (row-major, NR wide) = the sums.
