@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,6 +60,10 @@ pub enum Command {
         /// recipe run FILE` and `srun` work as they are.
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
+        /// Data parallel: end the job when one collective (a step's all-reduce) has waited this
+        /// long for the other ranks, since one of them is hung or stopped; 0 waits for ever.
+        #[arg(long, value_name = "SECONDS", default_value_t = recipe_engine::dist::DEFAULT_COLLECTIVE_TIMEOUT.as_secs())]
+        collective_timeout: u64,
     },
     /// Write a checkpoint's model weights as a plain safetensors file, with PyTorch's names
     /// (torchvision's for the ResNets, BatchNorm's num_batches_tracked included).
@@ -267,9 +272,15 @@ pub fn run_command(cmd: Command) -> Result<()> {
             force,
             overwrite,
             nproc,
+            collective_timeout,
         } => match nproc {
             Some(n) if recipe_engine::dist::launched_by_mpi().is_none() => crate::job::launch(n),
-            _ => run(&recipe, run_dir, quiet, resume.as_deref(), force, overwrite),
+            _ => {
+                recipe_engine::dist::set_collective_timeout(
+                    (collective_timeout > 0).then(|| Duration::from_secs(collective_timeout)),
+                );
+                run(&recipe, run_dir, quiet, resume.as_deref(), force, overwrite)
+            }
         },
         Command::Export {
             checkpoint,

@@ -1,7 +1,7 @@
 //! Data-parallel training over MPI, on one machine with 2 ranks through `mpirun` (built with
 //! `--features mpi`; `.ci/run` installs Open MPI): the same run as one process to float rounding,
-//! bitwise repeatable, exact resume after SIGTERM, a killed rank ends the job, and the checks on
-//! the batch split and the world size.
+//! bitwise repeatable, exact resume after SIGTERM, a killed or stopped rank ends the job, and the
+//! checks on the batch split and the world size.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -216,12 +216,8 @@ fn two_rank_runs_with_batch_norm_are_bitwise_repeatable_and_resume_exactly_after
     );
     // Stopped by SIGTERM to the launcher, resumed with --resume latest.
     let c = dir.path().join("c");
-    let child = spawn_ranks_until_a_checkpoint(&recipe, &c);
-    let s = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(s.success());
+    let child = spawn_ranks_until_a_checkpoint(&recipe, &c, &[]);
+    signal("-TERM", child.id());
     let o = child.wait_with_output().unwrap();
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
@@ -259,32 +255,50 @@ fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
         &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
     );
     let run_dir = dir.path().join("run");
-    let mut child = spawn_ranks_until_a_checkpoint(&recipe, &run_dir);
+    let mut child = spawn_ranks_until_a_checkpoint(&recipe, &run_dir, &[]);
     let ranks = children(child.id());
     assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
-    let s = std::process::Command::new("kill")
-        .args(["-KILL", &ranks[1].to_string()])
-        .status()
-        .unwrap();
-    assert!(s.success());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the job still runs 30 s after a rank was killed"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    signal("-KILL", ranks[1]);
+    let status = wait_for_exit(&mut child, "a rank was killed");
     assert!(!status.success());
-    for pid in ranks {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
-            "rank process {pid} is left behind"
-        );
-    }
+    assert_no_rank_left(&ranks);
+    recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
+        .expect("the last checkpoint still loads");
+}
+
+/// A rank that stops answering (SIGSTOP: alive, but never reaching the next all-reduce) would
+/// hold the other in its collective for ever; the watchdog ends the job after
+/// --collective-timeout, saying why and how to resume.
+#[test]
+fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = write_recipe(
+        dir.path(),
+        "dp.yaml",
+        &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
+    );
+    let run_dir = dir.path().join("run");
+    let mut child =
+        spawn_ranks_until_a_checkpoint(&recipe, &run_dir, &["--collective-timeout", "3"]);
+    let ranks = children(child.id());
+    assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
+    signal("-STOP", ranks[1]);
+    let t0 = Instant::now();
+    let status = wait_for_exit(&mut child, "a rank was stopped");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "the job ended before the timeout: {:?}",
+        t0.elapsed()
+    );
+    assert!(!status.success());
+    assert_no_rank_left(&ranks);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("has waited") && err.contains("--collective-timeout 3"),
+        "the error says what waited and for how long: {err}"
+    );
+    assert!(err.contains("--resume latest"), "{err}");
     recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
         .expect("the last checkpoint still loads");
 }
@@ -311,7 +325,11 @@ fn a_batch_that_does_not_split_between_ranks_is_refused_before_anything_is_writt
 }
 
 /// Starts a 2-rank run in the background (stderr piped) and waits for its first checkpoint.
-fn spawn_ranks_until_a_checkpoint(recipe: &Path, run_dir: &Path) -> std::process::Child {
+fn spawn_ranks_until_a_checkpoint(
+    recipe: &Path,
+    run_dir: &Path,
+    extra: &[&str],
+) -> std::process::Child {
     let child = recipe_cmd()
         .env("RAYON_NUM_THREADS", "1")
         .args([
@@ -323,6 +341,7 @@ fn spawn_ranks_until_a_checkpoint(recipe: &Path, run_dir: &Path) -> std::process
             "--nproc",
             "2",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -331,6 +350,45 @@ fn spawn_ranks_until_a_checkpoint(recipe: &Path, run_dir: &Path) -> std::process
         !recipe_engine::checkpoint::list(run_dir).is_empty()
     });
     child
+}
+
+/// Sends `sig` (`-KILL`, `-STOP`, ...) to `pid`.
+fn signal(sig: &str, pid: u32) {
+    let s = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(s.success(), "kill {sig} {pid}");
+}
+
+/// The job's exit status; a failure if it still runs 30 s after `what`.
+fn wait_for_exit(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the job still runs 30 s after {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every rank process has ended (those still there are killed, so that none outlives the test).
+fn assert_no_rank_left(ranks: &[u32]) {
+    let left: Vec<u32> = ranks
+        .iter()
+        .copied()
+        .filter(|&p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(p))
+        .collect();
+    for &p in &left {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    assert!(left.is_empty(), "rank processes {left:?} are left behind");
 }
 
 /// The processes whose parent is `pid`.

@@ -18,7 +18,9 @@ pub mod mpi;
 pub mod sync_batchnorm;
 
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// The collective operations of a job, called by every rank in the same order with buffers of
 /// the same length.
@@ -67,6 +69,32 @@ impl Collective for Single {
 
 static WORLD: OnceLock<Arc<dyn Collective>> = OnceLock::new();
 
+/// How long a collective waits for the other ranks by default before the job is ended: 30
+/// minutes, torch.distributed's default. Long enough for every legitimate wait of a healthy job
+/// (rank 0 checking a large image folder or writing a checkpoint while the others wait at the
+/// next collective); short enough that a hung rank does not hold a cluster allocation for hours.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The timeout in milliseconds, 0 for none.
+static COLLECTIVE_TIMEOUT_MS: AtomicU64 =
+    AtomicU64::new(DEFAULT_COLLECTIVE_TIMEOUT.as_secs() * 1000);
+
+/// Sets how long a collective may wait for the other ranks (`None`: for ever) before this rank
+/// ends the job (`recipe run --collective-timeout`). Read by the MPI world's watchdog at every
+/// collective.
+pub fn set_collective_timeout(t: Option<Duration>) {
+    let ms = t.map_or(0, |t| (t.as_millis() as u64).max(1));
+    COLLECTIVE_TIMEOUT_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The timeout in force (`None`: a collective waits for ever).
+pub fn collective_timeout() -> Option<Duration> {
+    match COLLECTIVE_TIMEOUT_MS.load(Ordering::Relaxed) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
 /// Sets the job this process belongs to, once, before any trainer is built.
 pub fn install(world: Arc<dyn Collective>) -> Result<()> {
     WORLD
@@ -86,14 +114,38 @@ pub fn world() -> Arc<dyn Collective> {
 /// Slurm's `srun` through PMI or PMIx), read from the environment without starting MPI; with the
 /// job's size when the launcher says it.
 pub fn launched_by_mpi() -> Option<Option<usize>> {
-    let set = |k: &str| std::env::var_os(k).is_some();
-    if !(set("OMPI_COMM_WORLD_RANK") || set("PMI_RANK") || set("PMIX_RANK")) {
-        return None;
-    }
+    launched_by_mpi_from(env)
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+fn launched_by_mpi_from(var: impl Fn(&str) -> Option<String>) -> Option<Option<usize>> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+        .iter()
+        .find(|k| var(k).is_some())?;
     let size = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
         .iter()
-        .find_map(|k| std::env::var(k).ok()?.trim().parse::<usize>().ok());
+        .find_map(|k| var(k)?.trim().parse::<usize>().ok());
     Some(size)
+}
+
+/// This process's rank among the job's processes on its own machine, as the launcher says
+/// (Open MPI, MPICH/Hydra, Slurm); `None` outside a launcher.
+pub fn local_rank() -> Option<usize> {
+    local_rank_from(env)
+}
+
+fn local_rank_from(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    launched_by_mpi_from(&var)?;
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| var(k)?.trim().parse().ok())
 }
 
 /// Data parallel, after a step's backward pass: replaces each gradient by the sum over ranks of
@@ -188,6 +240,42 @@ pub fn shard_range(n: usize, rank: usize, size: usize) -> std::ops::Range<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The launchers' variables, read as each documents them: a GPU per local rank depends on
+    /// it (`device: cuda` in a job).
+    #[test]
+    fn local_rank_comes_from_the_launcher() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        const OPEN_MPI: &[(&str, &str)] = &[
+            ("OMPI_COMM_WORLD_RANK", "5"),
+            ("OMPI_COMM_WORLD_SIZE", "8"),
+            ("OMPI_COMM_WORLD_LOCAL_RANK", "1"),
+        ];
+        assert_eq!(local_rank_from(vars(OPEN_MPI)), Some(1));
+        assert_eq!(launched_by_mpi_from(vars(OPEN_MPI)), Some(Some(8)));
+        const HYDRA: &[(&str, &str)] = &[
+            ("PMI_RANK", "3"),
+            ("PMI_SIZE", "4"),
+            ("MPI_LOCALRANKID", "3"),
+        ];
+        assert_eq!(local_rank_from(vars(HYDRA)), Some(3));
+        const SLURM: &[(&str, &str)] = &[("PMIX_RANK", "6"), ("SLURM_LOCALID", "2")];
+        assert_eq!(local_rank_from(vars(SLURM)), Some(2));
+        assert_eq!(launched_by_mpi_from(vars(SLURM)), Some(None));
+        // A stray SLURM_LOCALID outside a launched job (an sbatch script's own shell) is no rank.
+        assert_eq!(local_rank_from(vars(&[("SLURM_LOCALID", "1")])), None);
+        assert_eq!(
+            local_rank_from(vars(&[("OMPI_COMM_WORLD_RANK", "0")])),
+            None
+        );
+    }
 
     #[test]
     fn shards_cover_a_batch_once_in_order() {

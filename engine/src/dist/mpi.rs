@@ -3,19 +3,86 @@
 //!
 //! MPI is started with `MPI_THREAD_SERIALIZED` and every call goes through one mutex, so the
 //! trainer may call from whichever thread it runs on; the data loader's threads never call MPI.
+//!
+//! A collective waits for every rank; MPI itself never gives up, so a rank that hangs (stopped,
+//! deadlocked, stuck on a dead file system) would hold the others for ever. A watchdog thread
+//! ends the job when one collective has waited longer than [`super::collective_timeout`]: it
+//! says what was waiting, since when, and how to resume, and calls MPI_Abort, which makes the
+//! launcher end every rank. The last checkpoint is untouched (rank 0 writes checkpoints to a
+//! temporary file and renames it into place).
 
 use super::Collective;
 use crate::error::{Error, Result};
 use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// The MPI world of this process.
 pub struct Mpi {
     comm: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
+    watch: Arc<Watch>,
+}
+
+/// The collective in progress, if any: what it is and when it started; the watchdog waits on
+/// `changed`.
+#[derive(Default)]
+struct Watch {
+    waiting: Mutex<Option<(&'static str, Instant)>>,
+    changed: Condvar,
+}
+
+impl Watch {
+    fn set(&self, now: Option<(&'static str, Instant)>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        self.changed.notify_one();
+    }
+
+    /// The watchdog's loop: sleeps until a collective starts, then until it ends or outlasts
+    /// the timeout; in the second case it ends the job.
+    fn guard(&self, rank: usize, size: usize) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            // the timeout is re-read at each wake: it is set once the command line is read
+            let sleep = match (*waiting, super::collective_timeout()) {
+                (Some((what, since)), Some(limit)) => {
+                    let waited = since.elapsed();
+                    if waited >= limit {
+                        timed_out(rank, size, what, waited);
+                    }
+                    limit - waited
+                }
+                _ => Duration::from_secs(1),
+            };
+            waiting = match self.changed.wait_timeout(waiting, sleep) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Ends the job after `what` waited `waited` on this rank: the reason on stderr, then MPI_Abort.
+fn timed_out(rank: usize, size: usize, what: &str, waited: Duration) -> ! {
+    let limit = super::collective_timeout().map_or(0, |t| t.as_secs());
+    eprintln!(
+        "error: rank {rank} of {size}: the {what} has waited {:.0} s for the other ranks \
+         (--collective-timeout {limit}): one of them is hung or stopped. Ending the job.\n  \
+         hint: the last checkpoint is intact; find why the rank stopped, then start the job again \
+         with `--resume latest`",
+        waited.as_secs_f64()
+    );
+    // The main thread holds the communicator's lock inside the collective, so MPI_Abort is
+    // called here without it: the one call MPI allows as a best effort from anywhere.
+    // SAFETY: MPI is initialised (this thread is started by `init`) and not finalised (the
+    // guard that finalises it outlives every collective).
+    unsafe {
+        mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 124);
+    }
+    std::process::exit(124)
 }
 
 // SAFETY: the communicator is a handle into the MPI library, which was started with (at least)
@@ -42,11 +109,20 @@ pub fn init() -> Result<(Arc<Mpi>, MpiGuard)> {
     let comm = universe.world();
     let rank = comm.rank() as usize;
     let size = comm.size() as usize;
+    let watch = Arc::new(Watch::default());
+    if size > 1 {
+        let w = watch.clone();
+        std::thread::Builder::new()
+            .name("recipe-collective-watchdog".into())
+            .spawn(move || w.guard(rank, size))
+            .map_err(|e| Error::msg(format!("cannot start the collective watchdog: {e}")))?;
+    }
     Ok((
         Arc::new(Mpi {
             comm: Mutex::new(comm),
             rank,
             size,
+            watch,
         }),
         MpiGuard {
             _universe: universe,
@@ -60,12 +136,22 @@ impl Mpi {
         self.comm.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `f` on the communicator, watched: the watchdog ends the job if it outlasts the timeout.
+    fn watched<R>(&self, what: &'static str, f: impl FnOnce(&SimpleCommunicator) -> R) -> R {
+        let comm = self.comm();
+        self.watch.set(Some((what, Instant::now())));
+        let r = f(&comm);
+        self.watch.set(None);
+        r
+    }
+
     /// MPI_Allreduce with MPI_SUM. MPI_IN_PLACE is not exposed by the crate: reduce into a
     /// second buffer.
     fn sum<T: mpi::datatype::Equivalence + Copy + Default>(&self, buf: &mut [T]) -> Result<()> {
         let mut out = vec![T::default(); buf.len()];
-        self.comm()
-            .all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum());
+        self.watched("all-reduce", |c| {
+            c.all_reduce_into(&buf[..], &mut out[..], SystemOperation::sum())
+        });
         buf.copy_from_slice(&out);
         Ok(())
     }
@@ -85,12 +171,13 @@ impl Collective for Mpi {
         self.sum(buf)
     }
     fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
-        let comm = self.comm();
-        let root = comm.process_at_rank(0);
-        let mut len = bytes.len() as u64;
-        root.broadcast_into(&mut len);
-        bytes.resize(len as usize, 0);
-        root.broadcast_into(&mut bytes[..]);
+        self.watched("broadcast from rank 0", |comm| {
+            let root = comm.process_at_rank(0);
+            let mut len = bytes.len() as u64;
+            root.broadcast_into(&mut len);
+            bytes.resize(len as usize, 0);
+            root.broadcast_into(&mut bytes[..]);
+        });
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {

@@ -33,11 +33,13 @@ fn device_error(m: String) -> Error {
 }
 
 /// The recipe's `device` read without opening it: `None` for the CPU, `Some(i)` for CUDA
-/// device i.
+/// device i. Plain `cuda` is the process's own GPU: device 0 alone, the device of its local
+/// rank in a data-parallel job (rank r on a node takes GPU r, as torchrun and Composer do), so
+/// that `mpirun -n 8` on an 8-GPU node puts one rank on each.
 fn device_index(s: &str) -> Result<Option<usize>> {
     match s {
         "cpu" => Ok(None),
-        "cuda" => Ok(Some(0)),
+        "cuda" => Ok(Some(crate::dist::local_rank().unwrap_or(0))),
         s if s.starts_with("cuda:") => s[5..]
             .parse()
             .map(Some)
