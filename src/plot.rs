@@ -73,6 +73,49 @@ fn range(panels: &Panel, axis: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// The corner of the chart that the lines cross least, for the legend (so that it hides no
+/// point): each line sampled along its segments, positions counted per corner quarter.
+fn legend_corner(p: &Panel, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+    use SeriesLabelPosition::*;
+    let mut hits = [0usize; 4];
+    let norm = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+    for s in &p.series {
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&q| norm(q))
+            .collect();
+        let samples = pts.windows(2).flat_map(|w| {
+            (0..16).map(move |k| {
+                let t = k as f64 / 16.0;
+                (
+                    w[0].0 + t * (w[1].0 - w[0].0),
+                    w[0].1 + t * (w[1].1 - w[0].1),
+                )
+            })
+        });
+        for (u, v) in samples.chain(pts.last().copied()) {
+            let (right, up) = (u > 0.5, v > 0.5);
+            if (u - 0.5).abs() > 0.05 && (v - 0.5).abs() > 0.05 {
+                hits[match (up, right) {
+                    (true, true) => 0,
+                    (true, false) => 1,
+                    (false, true) => 2,
+                    (false, false) => 3,
+                }] += 1;
+            }
+        }
+    }
+    // the first of the least crossed, in the order of `hits`: upper right when they tie
+    match (0..4).min_by_key(|&i| hits[i]) {
+        Some(1) => UpperLeft,
+        Some(2) => LowerRight,
+        Some(3) => LowerLeft,
+        _ => UpperRight,
+    }
+}
+
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -120,6 +163,7 @@ where
     }
     chart
         .configure_series_labels()
+        .position(legend_corner(p, (x0, x1), (y0, y1)))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 12))
