@@ -248,22 +248,8 @@ fn two_rank_runs_with_batch_norm_are_bitwise_repeatable_and_resume_exactly_after
 
 #[test]
 fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    let recipe = write_recipe(
-        dir.path(),
-        "dp.yaml",
-        &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
-    );
-    let run_dir = dir.path().join("run");
-    let mut child = spawn_ranks_until_a_checkpoint(&recipe, &run_dir, &[]);
-    let ranks = children(child.id());
-    assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
-    signal("-KILL", ranks[1]);
-    let status = wait_for_exit(&mut child, "a rank was killed");
-    assert!(!status.success());
-    assert_no_rank_left(&ranks);
-    recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
-        .expect("the last checkpoint still loads");
+    let job = signal_a_rank("-KILL", &[]);
+    assert!(!job.status.success(), "{}", job.stderr);
 }
 
 /// A rank that stops answering (SIGSTOP: alive, but never reaching the next all-reduce) would
@@ -271,6 +257,32 @@ fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
 /// --collective-timeout, saying why and how to resume.
 #[test]
 fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
+    let job = signal_a_rank("-STOP", &["--collective-timeout", "3"]);
+    assert!(
+        job.after_signal >= Duration::from_secs(3),
+        "the job ended before the timeout: {:?}",
+        job.after_signal
+    );
+    assert!(!job.status.success());
+    let err = &job.stderr;
+    assert!(
+        err.contains("has waited") && err.contains("--collective-timeout 3"),
+        "the error says what waited and for how long: {err}"
+    );
+    assert!(err.contains("--resume latest"), "{err}");
+}
+
+/// How a 2-rank job ended after one of its ranks got a signal.
+struct Faulted {
+    status: std::process::ExitStatus,
+    after_signal: Duration,
+    stderr: String,
+}
+
+/// Starts a long 2-rank job, sends `sig` to its second rank once a checkpoint is written, and
+/// checks what every fault must leave: the job ends within 30 s, no rank is left behind, and
+/// the last checkpoint loads.
+fn signal_a_rank(sig: &str, extra: &[&str]) -> Faulted {
     let dir = tempfile::tempdir().unwrap();
     let recipe = write_recipe(
         dir.path(),
@@ -278,29 +290,23 @@ fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
         &DP.replace("max_duration: 40ba", "max_duration: 100000ba"),
     );
     let run_dir = dir.path().join("run");
-    let mut child =
-        spawn_ranks_until_a_checkpoint(&recipe, &run_dir, &["--collective-timeout", "3"]);
+    let mut child = spawn_ranks_until_a_checkpoint(&recipe, &run_dir, extra);
     let ranks = children(child.id());
     assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
-    signal("-STOP", ranks[1]);
+    signal(sig, ranks[1]);
     let t0 = Instant::now();
-    let status = wait_for_exit(&mut child, "a rank was stopped");
-    assert!(
-        t0.elapsed() >= Duration::from_secs(3),
-        "the job ended before the timeout: {:?}",
-        t0.elapsed()
-    );
-    assert!(!status.success());
+    let status = wait_for_exit(&mut child, &format!("kill {sig} to a rank"));
+    let after_signal = t0.elapsed();
     assert_no_rank_left(&ranks);
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(
-        err.contains("has waited") && err.contains("--collective-timeout 3"),
-        "the error says what waited and for how long: {err}"
-    );
-    assert!(err.contains("--resume latest"), "{err}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
         .expect("the last checkpoint still loads");
+    Faulted {
+        status,
+        after_signal,
+        stderr,
+    }
 }
 
 #[test]
