@@ -77,6 +77,8 @@ fn range(panels: &Panel, axis: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
 /// point): each line sampled along its segments, positions counted per corner quarter.
 fn legend_corner(p: &Panel, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
     use SeriesLabelPosition::*;
+    // `hits[i]` counts the samples in `CORNERS[i]`; upper right first, so it wins ties
+    const CORNERS: [SeriesLabelPosition; 4] = [UpperRight, UpperLeft, LowerRight, LowerLeft];
     let mut hits = [0usize; 4];
     let norm = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
     for s in &p.series {
@@ -96,24 +98,13 @@ fn legend_corner(p: &Panel, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> Serie
             })
         });
         for (u, v) in samples.chain(pts.last().copied()) {
-            let (right, up) = (u > 0.5, v > 0.5);
             if (u - 0.5).abs() > 0.05 && (v - 0.5).abs() > 0.05 {
-                hits[match (up, right) {
-                    (true, true) => 0,
-                    (true, false) => 1,
-                    (false, true) => 2,
-                    (false, false) => 3,
-                }] += 1;
+                hits[2 * usize::from(v < 0.5) + usize::from(u < 0.5)] += 1;
             }
         }
     }
-    // the first of the least crossed, in the order of `hits`: upper right when they tie
-    match (0..4).min_by_key(|&i| hits[i]) {
-        Some(1) => UpperLeft,
-        Some(2) => LowerRight,
-        Some(3) => LowerLeft,
-        _ => UpperRight,
-    }
+    let least = (0..4).min_by_key(|&i| hits[i]).unwrap_or(0);
+    CORNERS[least].clone()
 }
 
 fn draw_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &Panel) -> Result<()>

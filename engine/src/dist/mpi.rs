@@ -36,9 +36,14 @@ struct Watch {
 }
 
 impl Watch {
+    /// Marks a collective as started (`Some`) or ended (`None`). Only a start wakes the watchdog:
+    /// after an end it finds nothing to time when its own sleep runs out, so a step's
+    /// collectives (two per batch norm with `sync_batchnorm`) cost one wake each, not two.
     fn set(&self, now: Option<(&'static str, Instant)>) {
         *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = now;
-        self.changed.notify_one();
+        if now.is_some() {
+            self.changed.notify_one();
+        }
     }
 
     /// The watchdog's loop: sleeps until a collective starts, then until it ends or outlasts
@@ -51,7 +56,7 @@ impl Watch {
                 (Some((what, since)), Some(limit)) => {
                     let waited = since.elapsed();
                     if waited >= limit {
-                        timed_out(rank, size, what, waited);
+                        timed_out(rank, size, what, waited, limit);
                     }
                     limit - waited
                 }
@@ -65,15 +70,16 @@ impl Watch {
     }
 }
 
-/// Ends the job after `what` waited `waited` on this rank: the reason on stderr, then MPI_Abort.
-fn timed_out(rank: usize, size: usize, what: &str, waited: Duration) -> ! {
-    let limit = super::collective_timeout().map_or(0, |t| t.as_secs());
+/// Ends the job after `what` waited `waited` (past `limit`) on this rank: the reason on stderr,
+/// then MPI_Abort.
+fn timed_out(rank: usize, size: usize, what: &str, waited: Duration, limit: Duration) -> ! {
     eprintln!(
         "error: rank {rank} of {size}: the {what} has waited {:.0} s for the other ranks \
-         (--collective-timeout {limit}): one of them is hung or stopped. Ending the job.\n  \
+         (--collective-timeout {}): one of them is hung or stopped. Ending the job.\n  \
          hint: the last checkpoint is intact; find why the rank stopped, then start the job again \
          with `--resume latest`",
-        waited.as_secs_f64()
+        waited.as_secs_f64(),
+        limit.as_secs()
     );
     // The main thread holds the communicator's lock inside the collective, so MPI_Abort is
     // called here without it: the one call MPI allows as a best effort from anywhere.
@@ -115,7 +121,12 @@ pub fn init() -> Result<(Arc<Mpi>, MpiGuard)> {
         std::thread::Builder::new()
             .name("recipe-collective-watchdog".into())
             .spawn(move || w.guard(rank, size))
-            .map_err(|e| Error::msg(format!("cannot start the collective watchdog: {e}")))?;
+            .map_err(|e| {
+                Error::msg(format!(
+                    "cannot start the collective watchdog thread: {e}; the system is out of \
+                     threads or memory: start fewer processes per machine"
+                ))
+            })?;
     }
     Ok((
         Arc::new(Mpi {
