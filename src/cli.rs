@@ -61,7 +61,8 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
         /// Data parallel: end the job when one collective (a step's all-reduce) has waited this
-        /// long for the other ranks, since one of them is hung or stopped; 0 waits for ever.
+        /// long for the other ranks, since one of them is hung or stopped (the error names it);
+        /// 0 waits for ever.
         #[arg(long, value_name = "SECONDS", default_value_t = recipe_engine::dist::DEFAULT_COLLECTIVE_TIMEOUT.as_secs())]
         collective_timeout: u64,
     },

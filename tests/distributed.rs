@@ -253,8 +253,8 @@ fn a_killed_rank_ends_the_job_and_leaves_a_loadable_checkpoint() {
 }
 
 /// A rank that stops answering (SIGSTOP: alive, but never reaching the next all-reduce) would
-/// hold the other in its collective for ever; the watchdog ends the job after
-/// --collective-timeout, saying why and how to resume.
+/// hold the other in its collective for ever; the job ends after --collective-timeout, naming
+/// the stopped rank's process and saying how to resume.
 #[test]
 fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
     let job = signal_a_rank("-STOP", &["--collective-timeout", "3"]);
@@ -269,11 +269,18 @@ fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
         err.contains("has waited") && err.contains("--collective-timeout 3"),
         "the error says what waited and for how long: {err}"
     );
+    assert!(
+        err.contains(&format!("pid {}): has not arrived", job.signalled)),
+        "the error names the stopped process ({}): {err}",
+        job.signalled
+    );
     assert!(err.contains("--resume latest"), "{err}");
 }
 
 /// How a 2-rank job ended after one of its ranks got a signal.
 struct Faulted {
+    /// The process id of the rank that got the signal.
+    signalled: u32,
     status: std::process::ExitStatus,
     after_signal: Duration,
     stderr: String,
@@ -303,6 +310,7 @@ fn signal_a_rank(sig: &str, extra: &[&str]) -> Faulted {
     recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
         .expect("the last checkpoint still loads");
     Faulted {
+        signalled: ranks[1],
         status,
         after_signal,
         stderr,
