@@ -7,10 +7,13 @@ range of the rounds, and CPU-seconds per image (user + system time of the proces
 it trained, warmup steps included) beside wall time.
 
     python3 benches/ab_binaries.py OLD/recipe NEW/recipe --rounds 5 [--only ResNet-20]
+    python3 benches/ab_binaries.py OLD/recipe NEW/recipe --only ResNet-20 \
+        --bench-args "--nproc 2 --sync-batchnorm"      # data parallel (binaries built with mpi)
 """
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -19,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from side_by_side import MODELS  # noqa: E402
 
 
-def measure(binary, block, inp, batch, classes, steps, warmup):
+def measure(binary, block, inp, batch, classes, steps, warmup, extra):
     cmd = [binary, "bench", "throughput", "--model", block, "--input", inp, "--batch", str(batch),
-           "--classes", str(classes), "--steps", str(steps), "--warmup", str(warmup), "--json"]
+           "--classes", str(classes), "--steps", str(steps), "--warmup", str(warmup), "--json"] + extra
     before = os.times()
     out = subprocess.run(cmd, capture_output=True, text=True)
     after = os.times()
@@ -38,7 +41,10 @@ def main():
     ap.add_argument("b", help="binary B")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", help="only the models whose label contains this")
+    ap.add_argument("--bench-args", default="",
+                    help="more arguments for `recipe bench throughput`, both sides, e.g. \"--nproc 2\"")
     a = ap.parse_args()
+    extra = shlex.split(a.bench_args)
     print("| model | A images/s median (range) | B images/s median (range) | B/A (medians) "
           "| A CPU-ms/image | B CPU-ms/image |")
     print("|---|---|---|---|---|---|")
@@ -50,7 +56,7 @@ def main():
             # Alternate which side goes first, so neither always runs on a warmer machine.
             order = ("a", "b") if r % 2 == 0 else ("b", "a")
             for side in order:
-                runs[side].append(measure(getattr(a, side), block, inp, batch, classes, steps, warmup))
+                runs[side].append(measure(getattr(a, side), block, inp, batch, classes, steps, warmup, extra))
         cell = {}
         for side, v in runs.items():
             ips = [x[0] for x in v]
