@@ -277,6 +277,90 @@ fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
     assert!(err.contains("--resume latest"), "{err}");
 }
 
+/// A rank stuck in its own work (its loader opening a training image that never comes: a FIFO,
+/// as on a dead network file system) holds the two others at their all-reduce. After
+/// --collective-timeout the lowest rank that has waited that long names the stuck rank's process
+/// and says it is in its own work; the other waiting rank leaves the report to it.
+#[test]
+fn a_rank_stuck_in_its_own_work_is_named_by_the_others() {
+    use recipe_engine::data::image::{encode_png, Image};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    for (split, n) in [("train", 12), ("val", 2)] {
+        for (k, class) in ["a", "b"].iter().enumerate() {
+            let d = root.join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                let px: Vec<u8> = (0..16 * 16 * 3)
+                    .map(|j| ((j + 40 * k + i) % 256) as u8)
+                    .collect();
+                let png = encode_png(&Image::new(16, 16, 3, px)).unwrap();
+                std::fs::write(d.join(format!("{i:02}.png")), png).unwrap();
+            }
+        }
+    }
+    let fifo = root.join("train/a/05_never_written.png");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    let recipe = write_recipe(
+        dir.path(),
+        "stuck.yaml",
+        &format!(
+            "name: stuck\nseed: 3\nmax_duration: 40ba\ndata:\n  name: image_folder\n  root: {}\n  \
+             batch_size: 6\n  train_transforms: [{{center_crop: 16}}]\n  \
+             eval_transforms: [{{center_crop: 16}}]\nmodel:\n  name: small_cnn\n  channels: [4]\noptimizer:\n  name: sgd\n  \
+             lr: 0.05\n",
+            root.display()
+        ),
+    );
+    let run_dir = dir.path().join("run");
+    let mut child = recipe_cmd()
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["run", recipe.to_str().unwrap(), "-q", "--run-dir"])
+        .arg(&run_dir)
+        .args(["--nproc", "3", "--collective-timeout", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ranks = Vec::new();
+    wait_for("three ranks", || {
+        ranks = children(child.id());
+        ranks.len() == 3
+    });
+    let status = wait_for_exit(&mut child, "starting the job");
+    assert_no_rank_left(&ranks);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    let named: Vec<u32> = ranks
+        .iter()
+        .copied()
+        .filter(|p| {
+            err.contains(&format!(
+                "pid {p}): has not arrived; it has been in its own work"
+            ))
+        })
+        .collect();
+    assert_eq!(
+        named.len(),
+        1,
+        "one rank is named, as stuck in its own work: {err}"
+    );
+    assert_eq!(
+        err.matches("has waited").count(),
+        1,
+        "one report, from the lowest waiting rank: {err}"
+    );
+    assert!(
+        err.contains("--collective-timeout 3") && err.contains("--resume latest"),
+        "{err}"
+    );
+}
+
 /// How a 2-rank job ended after one of its ranks got a signal.
 struct Faulted {
     /// The process id of the rank that got the signal.

@@ -9,11 +9,14 @@
 //! thread on every rank ends the job when one collective has waited longer than
 //! [`super::collective_timeout`]. To say *which* rank holds the job, it calls the roll: it asks
 //! every other rank's watchdog, over a communicator of their own, where its rank stands (waiting
-//! in which collective, or in its own work since when). Ranks that do not answer are stopped or
-//! gone; ranks in their own work are stuck there; ranks in another collective called them out of
-//! order. The lowest rank still waiting names them (rank, host, process id), says how to resume,
-//! and calls MPI_Abort, which makes the launcher end every rank. The last checkpoint is
-//! untouched (rank 0 writes checkpoints to a temporary file and renames it into place).
+//! in which collective, or in its own work since when). Ranks already past the collective (a
+//! broadcast's root goes on at once) do not hold it; ranks that do not answer are stopped or
+//! gone; ranks in their own work are stuck there; a rank at another collective under the same
+//! number called them out of order; when every rank is inside the collective, MPI or the network
+//! is stuck. The lowest waiting rank (of those that time out together) names them (rank, host,
+//! process id), says how to resume, and calls MPI_Abort, which makes the launcher end every
+//! rank. The last checkpoint is untouched (rank 0 writes checkpoints to a temporary file and
+//! renames it into place). If the late rank arrives during the roll call, the job goes on.
 //!
 //! The watchdogs call MPI beside the trainer's thread, which needs `MPI_THREAD_MULTIPLE` (Open
 //! MPI and MPICH provide it). A library without it still gets the timeout, but the error can
@@ -59,8 +62,8 @@ impl Kind {
 }
 
 /// Where a rank stands: in its `calls`-th collective (`Some(kind)`), or in its own work after
-/// it (`None`), since `since`. Every rank calls the same collectives in the same order, so the
-/// same number on two ranks is the same call.
+/// it (`None`; `calls` 0: since it started), since `since`. Every rank calls the same
+/// collectives in the same order, so the same number on two ranks is the same call.
 #[derive(Clone, Copy, Debug)]
 struct Position {
     calls: u64,
@@ -76,24 +79,96 @@ impl Position {
         }
     }
 
-    /// The answer to a roll call: [calls, kind (or 255: none), milliseconds since].
-    fn encode(&self) -> [u64; 3] {
+    /// The answer to roll call `asked`: [asked, calls, kind (or 255: none), milliseconds since].
+    fn encode(&self, asked: u64) -> [u64; 4] {
         let kind = self.within.map_or(255, |k| k as u64);
-        [self.calls, kind, self.since.elapsed().as_millis() as u64]
+        [
+            asked,
+            self.calls,
+            kind,
+            self.since.elapsed().as_millis() as u64,
+        ]
     }
 
-    fn decode(a: [u64; 3]) -> Position {
+    fn decode(a: &[u64; 4]) -> Position {
         Position {
-            calls: a[0],
-            within: Kind::ALL.get(a[1] as usize).copied(),
+            calls: a[1],
+            within: Kind::ALL.get(a[2] as usize).copied(),
             since: Instant::now()
-                .checked_sub(Duration::from_millis(a[2]))
+                .checked_sub(Duration::from_millis(a[3]))
                 .unwrap_or_else(Instant::now),
         }
     }
 
-    fn same_collective(&self, other: &Position) -> bool {
-        self.within.is_some() && self.calls == other.calls && self.within == other.within
+    /// Whether this is still the collective `at` (not yet completed on this rank).
+    fn is(&self, at: &Position) -> bool {
+        self.within.is_some() && self.calls == at.calls && self.within == at.within
+    }
+}
+
+/// Where another rank stands, seen from a rank that waits at a collective.
+enum Standing {
+    /// Waiting at the same collective.
+    Here(Position),
+    /// Already through it (a broadcast's root, a rank that got its share early): not holding.
+    Passed,
+    /// Not there yet: in its own work, or waiting at an earlier collective.
+    Behind(Position),
+    /// At a different collective under the same number: the ranks called them in different
+    /// orders.
+    Elsewhere(Position),
+    /// No answer.
+    Silent,
+}
+
+impl Standing {
+    fn of(answer: Option<Position>, at: &Position) -> Standing {
+        let Some(p) = answer else {
+            return Standing::Silent;
+        };
+        if p.calls > at.calls || (p.calls == at.calls && p.within.is_none()) {
+            Standing::Passed
+        } else if p.calls < at.calls {
+            Standing::Behind(p)
+        } else if p.within == at.within {
+            Standing::Here(p)
+        } else {
+            Standing::Elsewhere(p)
+        }
+    }
+
+    /// Why a rank that is not here holds the job; `None` for one that does not.
+    fn why(&self) -> Option<String> {
+        let secs = |p: &Position| p.since.elapsed().as_secs_f64();
+        match self {
+            Standing::Here(_) | Standing::Passed => None,
+            Standing::Silent => Some(format!(
+                "did not answer within {} s: the process is stopped, gone, or cut off from the \
+                 others",
+                ANSWER_WITHIN.as_secs()
+            )),
+            Standing::Behind(p) if p.within.is_none() && p.calls == 0 => Some(format!(
+                "has been in its own work for {:.0} s, since it started: stuck there (a \
+                 deadlock, a dead file system) or far slower than the others",
+                secs(p)
+            )),
+            Standing::Behind(p) if p.within.is_none() => Some(format!(
+                "has been in its own work for {:.0} s, since its {}: stuck there (a deadlock, a \
+                 dead file system) or far slower than the others",
+                secs(p),
+                p.collective()
+            )),
+            Standing::Behind(p) => Some(format!(
+                "waits at the earlier {}, for {:.0} s",
+                p.collective(),
+                secs(p)
+            )),
+            Standing::Elsewhere(p) => Some(format!(
+                "waits at the {} instead: the ranks called collectives in different orders (a bug \
+                 in recipe or in a plugin: please report it)",
+                p.collective()
+            )),
+        }
     }
 }
 
@@ -113,9 +188,10 @@ pub struct Mpi {
     position: Arc<Mutex<Position>>,
 }
 
-// SAFETY: the communicator is a handle into the MPI library, which was started with (at least)
-// MPI_THREAD_SERIALIZED; every use of it is serialised by the mutex, which is what that level
-// asks of the caller.
+// SAFETY: the communicator is a handle into the MPI library. The trainer's uses of it are
+// serialised by the mutex, which is what MPI_THREAD_SERIALIZED asks of the caller; the watchdog
+// calls MPI beside them only on its own communicator, which needs MPI_THREAD_MULTIPLE (it is
+// given one only then), and MPI_Abort (see `end_job`).
 unsafe impl Send for Mpi {}
 unsafe impl Sync for Mpi {}
 
@@ -158,12 +234,18 @@ pub fn init() -> Result<(Arc<Mpi>, MpiGuard)> {
     }));
     let mut watchdog = None;
     if size > 1 {
+        // the roll call needs a communicator beside the trainer's, used from the watchdog's
+        // thread, and the names of the processes it may have to blame
+        let multiple = level == mpi::Threading::Multiple;
         let dog = Watchdog {
             rank,
             size,
-            processes: exchange_processes(&comm, size),
-            // the roll call needs a communicator beside the trainer's, used from this thread
-            side: (level == mpi::Threading::Multiple).then(|| comm.duplicate()),
+            processes: if multiple {
+                exchange_processes(&comm, size)
+            } else {
+                Vec::new()
+            },
+            side: multiple.then(|| comm.duplicate()),
             position: position.clone(),
             stop: Arc::new(AtomicBool::new(false)),
         };
@@ -230,9 +312,9 @@ struct Watchdog {
     stop: Arc<AtomicBool>,
 }
 
-// SAFETY: the watchdog's communicator is used by the watchdog's thread only, and moved there
-// before any use; the library allows calls from several threads (MPI_THREAD_MULTIPLE, or the
-// communicator is `None`).
+// SAFETY: the watchdog's communicator is created before the thread starts, moved into it, and
+// used by that thread only, beside the trainer's calls on the world: it exists only under
+// MPI_THREAD_MULTIPLE, which allows that. Without it the watchdog calls only MPI_Abort.
 unsafe impl Send for Watchdog {}
 
 impl Watchdog {
@@ -243,24 +325,27 @@ impl Watchdog {
     /// Answers roll calls and times the rank's collective until MPI is about to be finalised.
     fn run(self) {
         while !self.stop.load(Ordering::Relaxed) {
+            // the timeout is re-read each time: it is set once the command line is read
+            let Some(limit) = super::collective_timeout() else {
+                // no rank times out, so none calls the roll
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            };
             let at = self.position();
             if let Some(side) = &self.side {
                 answer_roll_calls(side, &at);
             }
-            // the timeout is re-read each time: it is set once the command line is read
-            if let (Some(_), Some(limit)) = (at.within, super::collective_timeout()) {
-                let waited = at.since.elapsed();
-                if waited >= limit {
-                    self.timed_out(&at, waited, limit);
-                }
+            if at.within.is_some() && at.since.elapsed() >= limit {
+                self.timed_out(&at, limit);
             }
             std::thread::sleep(POLL);
         }
     }
 
-    /// This rank has waited `waited` (past `limit`) at `at`: finds out which ranks hold the job,
-    /// names them (or leaves it to a lower rank that waits too), and ends the job.
-    fn timed_out(&self, at: &Position, waited: Duration, limit: Duration) -> ! {
+    /// This rank has waited past `limit` at `at`: finds out which ranks hold the job, names
+    /// them (or leaves it to a lower rank that times out with it), and ends the job. Returns if
+    /// the collective completes meanwhile: the late rank arrived, and the job goes on.
+    fn timed_out(&self, at: &Position, limit: Duration) {
         let Some(side) = &self.side else {
             eprintln!(
                 "error: rank {} of {}: the {} has waited {:.0} s for the other ranks \
@@ -270,121 +355,122 @@ impl Watchdog {
                 self.rank,
                 self.size,
                 at.collective(),
-                waited.as_secs_f64(),
+                at.since.elapsed().as_secs_f64(),
                 limit.as_secs()
             );
             end_job()
         };
-        let answers = self.roll_call(side, at);
-        let waiting: Vec<usize> = (0..self.size)
-            .filter(|&r| r == self.rank || answers[r].is_some_and(|p| p.same_collective(at)))
+        let Some(answers) = self.roll_call(side, at) else {
+            return self.went_on(at);
+        };
+        let standings: Vec<Standing> = (0..self.size)
+            .map(|r| Standing::of(answers[r], at))
             .collect();
-        let reporter = waiting[0];
-        if reporter != self.rank {
-            // It reports when its own wait passes the limit: answer until then, and a margin.
-            let its_wait = answers[reporter].map_or(Duration::ZERO, |p| p.since.elapsed());
-            let until = Instant::now() + limit.saturating_sub(its_wait) + 2 * ANSWER_WITHIN;
+        // A lower rank that waits here, and times out within a roll call's time of this one
+        // (ranks reach a collective within milliseconds of each other), reports the same: this
+        // one leaves it the report, and only makes sure the job ends.
+        let reporter = (0..self.rank).find(|&r| {
+            matches!(standings[r], Standing::Here(p) if p.since.elapsed() + ANSWER_WITHIN >= limit)
+        });
+        if reporter.is_some() {
+            let until = Instant::now() + 2 * ANSWER_WITHIN + Duration::from_secs(1);
             while Instant::now() < until {
-                answer_roll_calls(side, at);
+                let now = self.position();
+                if !now.is(at) {
+                    return self.went_on(at);
+                }
+                answer_roll_calls(side, &now);
                 std::thread::sleep(POLL);
             }
-            eprintln!(
-                "error: rank {} of {}: the {} has waited past --collective-timeout {}, and rank \
-                 {reporter}, which was to name the ranks holding the job, has not ended it. \
-                 Ending the job.\n  hint: the last checkpoint is intact; start the job again \
-                 with `--resume latest`",
-                self.rank,
-                self.size,
-                at.collective(),
-                limit.as_secs()
-            );
-            end_job()
         }
-        eprintln!("{}", self.report(at, waited, limit, &answers, &waiting));
+        if !self.position().is(at) {
+            return self.went_on(at);
+        }
+        eprintln!("{}", self.report(at, limit, &standings));
         end_job()
     }
 
+    /// The collective `at` completed after this rank had called the roll.
+    fn went_on(&self, at: &Position) {
+        tracing::warn!(
+            "rank {}: the {} waited past --collective-timeout for the other ranks, then \
+             completed: the job goes on",
+            self.rank,
+            at.collective()
+        );
+    }
+
     /// Asks every other rank where it stands; the answers that came within [`ANSWER_WITHIN`],
-    /// indexed by rank. Keeps answering the others' roll calls meanwhile.
-    fn roll_call(&self, side: &SimpleCommunicator, at: &Position) -> Vec<Option<Position>> {
+    /// indexed by rank, or `None` if this rank's collective completed meanwhile. Keeps
+    /// answering the others' roll calls.
+    fn roll_call(&self, side: &SimpleCommunicator, at: &Position) -> Option<Vec<Option<Position>>> {
         for r in (0..self.size).filter(|&r| r != self.rank) {
-            // Not waited for: the job ends before this rank goes on. The buffer is leaked for
-            // the same reason (the send may still read it).
-            let buf: &'static [u64; 1] = Box::leak(Box::new([at.calls]));
-            let req = side.process_at_rank(r as i32).immediate_send_with_tag(
-                StaticScope,
-                &buf[..],
-                ROLL_CALL,
-            );
-            std::mem::forget(req);
+            send_leaked(side, r as i32, [at.calls], ROLL_CALL);
         }
         let mut answers: Vec<Option<Position>> = vec![None; self.size];
         let asked = Instant::now();
         while asked.elapsed() < ANSWER_WITHIN
             && (0..self.size).any(|r| r != self.rank && answers[r].is_none())
         {
-            answer_roll_calls(side, at);
+            let now = self.position();
+            if !now.is(at) {
+                return None;
+            }
+            answer_roll_calls(side, &now);
             while let Some((msg, status)) =
                 side.any_process().immediate_matched_probe_with_tag(ANSWER)
             {
-                let mut a = [0u64; 3];
+                let mut a = [0u64; 4];
                 msg.matched_receive_into(&mut a[..]);
-                answers[status.source_rank() as usize] = Some(Position::decode(a));
+                // an answer to an earlier roll call of this rank (one that ended with the
+                // collective completing) says nothing of now
+                if a[0] == at.calls {
+                    answers[status.source_rank() as usize] = Some(Position::decode(&a));
+                }
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        answers
+        Some(answers)
     }
 
     /// The error that names the ranks holding the job at `at`.
-    fn report(
-        &self,
-        at: &Position,
-        waited: Duration,
-        limit: Duration,
-        answers: &[Option<Position>],
-        waiting: &[usize],
-    ) -> String {
-        let mut holding = Vec::new();
-        for (r, answer) in answers.iter().enumerate() {
-            if waiting.contains(&r) {
-                continue;
-            }
-            let why = match answer {
-                None => format!(
-                    "did not answer within {} s: the process is stopped, gone, or cut off",
-                    ANSWER_WITHIN.as_secs()
-                ),
-                Some(p) if p.within.is_none() => format!(
-                    "has been in its own work for {:.0} s since its {}: stuck there (a deadlock, a \
-                     dead file system) or far slower than the others",
-                    p.since.elapsed().as_secs_f64(),
-                    p.collective()
-                ),
-                Some(p) => format!(
-                    "waits in another collective, the {}: the ranks called collectives in \
-                     different orders (a bug in recipe or a plugin: please report it)",
-                    p.collective()
-                ),
-            };
-            let p = &self.processes[r];
-            holding.push(format!(
-                "  rank {r} (host {}, pid {}): has not arrived; it {why}",
-                p.host, p.pid
-            ));
-        }
-        let list: Vec<String> = waiting.iter().map(|r| r.to_string()).collect();
-        format!(
-            "error: the {} has waited {:.0} s (--collective-timeout {}) on rank{} {} of {}, for:\n\
-             {}\n  Ending the job.\n  hint: the last checkpoint is intact; look at the rank{} \
-             above (its log; `gdb -p PID` on its host shows where it is), then start the job \
-             again with `--resume latest`",
+    fn report(&self, at: &Position, limit: Duration, standings: &[Standing]) -> String {
+        let waiting: Vec<String> = (0..self.size)
+            .filter(|&r| r == self.rank || matches!(standings[r], Standing::Here(_)))
+            .map(|r| r.to_string())
+            .collect();
+        let holding: Vec<String> = (0..self.size)
+            .filter(|&r| r != self.rank)
+            .filter_map(|r| {
+                let why = standings[r].why()?;
+                let p = &self.processes[r];
+                Some(format!(
+                    "  rank {r} (host {}, pid {}): has not arrived; it {why}",
+                    p.host, p.pid
+                ))
+            })
+            .collect();
+        let head = format!(
+            "error: the {} has waited {:.0} s (--collective-timeout {}) on rank{} {} of {}",
             at.collective(),
-            waited.as_secs_f64(),
+            at.since.elapsed().as_secs_f64(),
             limit.as_secs(),
             if waiting.len() > 1 { "s" } else { "" },
-            list.join(", "),
+            waiting.join(", "),
             self.size,
+        );
+        if holding.is_empty() {
+            return format!(
+                "{head}; every other rank answered from inside it or past it, so no rank holds \
+                 it: the MPI library or the network between the ranks is stuck. Ending the \
+                 job.\n  hint: the last checkpoint is intact; check the network and the MPI \
+                 library, then start the job again with `--resume latest`"
+            );
+        }
+        format!(
+            "{head}, for:\n{}\n  Ending the job.\n  hint: the last checkpoint is intact; look at \
+             the rank{} above (its log; `gdb -p PID` on its host shows where it is), then start \
+             the job again with `--resume latest`",
             holding.join("\n"),
             if holding.len() > 1 { "s" } else { "" },
         )
@@ -399,17 +485,30 @@ fn answer_roll_calls(side: &SimpleCommunicator, at: &Position) {
     {
         let mut asked = [0u64; 1];
         msg.matched_receive_into(&mut asked[..]);
-        // 24 bytes: sent eagerly, and the asker polls for it
-        side.process_at_rank(status.source_rank())
-            .send_with_tag(&at.encode()[..], ANSWER);
+        send_leaked(side, status.source_rank(), at.encode(asked[0]), ANSWER);
     }
 }
 
+/// A non-blocking send that is never waited for: a roll call's messages, whose sender may be
+/// about to end the job, and whose receiver may be stopped (a blocking send may wait for the
+/// receiver). The buffer is leaked, since the send may read it at any later time: a few bytes
+/// per message, and messages only near a timeout.
+fn send_leaked<const N: usize>(side: &SimpleCommunicator, to: i32, msg: [u64; N], tag: Tag) {
+    let buf: &'static [u64; N] = Box::leak(Box::new(msg));
+    let req = side
+        .process_at_rank(to)
+        .immediate_send_with_tag(StaticScope, &buf[..], tag);
+    // an incomplete request panics when dropped; forgetting it leaves it to the library
+    std::mem::forget(req);
+}
+
 /// MPI_Abort on the whole job, from the watchdog while the trainer's thread may hold the
-/// communicator inside a collective: the one call MPI allows as a best effort from anywhere.
+/// communicator inside a collective. Under MPI_THREAD_MULTIPLE that is allowed; under a lower
+/// level it is outside the standard, a bet that the library aborts anyway (Open MPI and MPICH
+/// do): the job would otherwise hang for ever.
 fn end_job() -> ! {
     // SAFETY: MPI is initialised (the watchdog is started by `init`) and not finalised (the
-    // guard stops the watchdog before it finalises MPI).
+    // guard stops the watchdog before it finalises MPI); see above for the thread level.
     unsafe {
         mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 124);
     }
