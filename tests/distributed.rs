@@ -1,7 +1,8 @@
-//! Data-parallel training over MPI, on one machine with 2 ranks through `mpirun` (built with
-//! `--features mpi`; `.ci/run` installs Open MPI): the same run as one process to float rounding,
-//! bitwise repeatable, exact resume after SIGTERM, a killed or stopped rank ends the job, and the
-//! checks on the batch split and the world size.
+//! Data-parallel training over MPI, on one machine with 2 or 3 ranks through `mpirun` (built
+//! with `--features mpi`; `.ci/run` installs Open MPI): the same run as one process to float
+//! rounding, bitwise repeatable, exact resume after SIGTERM, a killed, stopped or stuck rank ends
+//! the job (the last two named by the others), and the checks on the batch split and the world
+//! size.
 #![cfg(feature = "mpi")]
 
 mod common;

@@ -577,3 +577,81 @@ impl Collective for Mpi {
             .abort(code)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(calls: u64, within: Option<Kind>) -> Position {
+        Position {
+            calls,
+            within,
+            since: Instant::now(),
+        }
+    }
+
+    /// Where a rank waiting at all-reduce #7 puts each kind of answer: only ranks that have not
+    /// come through #7 are blamed, and only a different collective under the same number is an
+    /// ordering bug.
+    #[test]
+    fn a_roll_call_blames_only_the_ranks_that_have_not_come_through() {
+        let here = at(7, Some(Kind::AllReduce));
+        let of = |p: Option<Position>| Standing::of(p, &here);
+        assert!(matches!(
+            of(Some(at(7, Some(Kind::AllReduce)))),
+            Standing::Here(_)
+        ));
+        // through it: done with #7 and in its own work, or already waiting at #8
+        assert!(matches!(of(Some(at(7, None))), Standing::Passed));
+        assert!(matches!(
+            of(Some(at(8, Some(Kind::Broadcast)))),
+            Standing::Passed
+        ));
+        // not there yet
+        assert!(matches!(of(Some(at(6, None))), Standing::Behind(_)));
+        assert!(matches!(
+            of(Some(at(6, Some(Kind::Broadcast)))),
+            Standing::Behind(_)
+        ));
+        assert!(matches!(
+            of(Some(at(7, Some(Kind::Broadcast)))),
+            Standing::Elsewhere(_)
+        ));
+        assert!(matches!(of(None), Standing::Silent));
+
+        let why = |p: Option<Position>| of(p).why();
+        assert_eq!(why(Some(at(7, Some(Kind::AllReduce)))), None);
+        assert_eq!(why(Some(at(8, Some(Kind::AllReduce)))), None);
+        let own = why(Some(at(6, None))).unwrap();
+        assert!(
+            own.contains("in its own work") && own.contains("since its collective #6"),
+            "{own}"
+        );
+        let start = why(Some(at(0, None))).unwrap();
+        assert!(start.contains("since it started"), "{start}");
+        let earlier = why(Some(at(6, Some(Kind::Broadcast)))).unwrap();
+        assert!(
+            earlier.contains("the earlier broadcast from rank 0 #6"),
+            "{earlier}"
+        );
+        let bug = why(Some(at(7, Some(Kind::Broadcast)))).unwrap();
+        assert!(bug.contains("different orders"), "{bug}");
+        assert!(why(None).unwrap().contains("did not answer"));
+    }
+
+    #[test]
+    fn an_answer_keeps_its_position_through_the_wire() {
+        let p = Position {
+            calls: 42,
+            within: Some(Kind::Broadcast),
+            since: Instant::now() - Duration::from_millis(1500),
+        };
+        let a = p.encode(9);
+        assert_eq!(a[0], 9, "the roll call's number comes back");
+        let q = Position::decode(&a);
+        assert_eq!((q.calls, q.within), (42, Some(Kind::Broadcast)));
+        assert!(q.since.elapsed() >= Duration::from_millis(1500));
+        let own = Position::decode(&at(3, None).encode(1));
+        assert_eq!(own.within, None);
+    }
+}
