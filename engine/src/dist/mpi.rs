@@ -327,8 +327,9 @@ impl Watchdog {
         while !self.stop.load(Ordering::Relaxed) {
             // the timeout is re-read each time: it is set once the command line is read
             let Some(limit) = super::collective_timeout() else {
-                // no rank times out, so none calls the roll
-                std::thread::sleep(Duration::from_secs(1));
+                // no rank times out, so none calls the roll: nothing to answer (the short sleep
+                // only keeps MpiGuard's join at exit short)
+                std::thread::sleep(POLL);
                 continue;
             };
             let at = self.position();
