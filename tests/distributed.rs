@@ -310,32 +310,38 @@ fn a_rank_stuck_in_its_own_work_is_named_by_the_others() {
         dir.path(),
         "stuck.yaml",
         &format!(
-            "name: stuck\nseed: 3\nmax_duration: 40ba\ndata:\n  name: image_folder\n  root: {}\n  \
-             batch_size: 6\n  train_transforms: [{{center_crop: 16}}]\n  \
-             eval_transforms: [{{center_crop: 16}}]\nmodel:\n  name: small_cnn\n  channels: [4]\noptimizer:\n  name: sgd\n  \
-             lr: 0.05\n",
+            "\
+name: stuck
+seed: 3
+max_duration: 40ba
+data:
+  name: image_folder
+  root: {}
+  batch_size: 6
+  train_transforms: [{{center_crop: 16}}]
+  eval_transforms: [{{center_crop: 16}}]
+model:
+  name: small_cnn
+  channels: [4]
+optimizer:
+  name: sgd
+  lr: 0.05
+",
             root.display()
         ),
     );
-    let run_dir = dir.path().join("run");
-    let mut child = recipe_cmd()
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["run", recipe.to_str().unwrap(), "-q", "--run-dir"])
-        .arg(&run_dir)
-        .args(["--nproc", "3", "--collective-timeout", "3"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_ranks(
+        &recipe,
+        &dir.path().join("run"),
+        3,
+        &["--collective-timeout", "3"],
+    );
     let mut ranks = Vec::new();
     wait_for("three ranks", || {
         ranks = children(child.id());
         ranks.len() == 3
     });
-    let status = wait_for_exit(&mut child, "starting the job");
-    assert_no_rank_left(&ranks);
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = job_end(&mut child, &ranks, "starting the job");
     assert!(!status.success(), "{err}");
     let named: Vec<u32> = ranks
         .iter()
@@ -387,11 +393,8 @@ fn signal_a_rank(sig: &str, extra: &[&str]) -> Faulted {
     assert_eq!(ranks.len(), 2, "mpirun started two ranks: {ranks:?}");
     signal(sig, ranks[1]);
     let t0 = Instant::now();
-    let status = wait_for_exit(&mut child, &format!("kill {sig} to a rank"));
+    let (status, stderr) = job_end(&mut child, &ranks, &format!("kill {sig} to a rank"));
     let after_signal = t0.elapsed();
-    assert_no_rank_left(&ranks);
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     recipe_engine::checkpoint::latest(&run_dir, &candle_core::Device::Cpu)
         .expect("the last checkpoint still loads");
     Faulted {
@@ -423,32 +426,45 @@ fn a_batch_that_does_not_split_between_ranks_is_refused_before_anything_is_writt
     assert!(!run_dir.join("recipe.yaml").exists());
 }
 
+/// Starts an `n`-rank run in the background, one thread per rank (stderr piped).
+fn spawn_ranks(recipe: &Path, run_dir: &Path, n: usize, extra: &[&str]) -> std::process::Child {
+    recipe_cmd()
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["run", recipe.to_str().unwrap(), "-q", "--run-dir"])
+        .arg(run_dir)
+        .args(["--nproc", &n.to_string()])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Starts a 2-rank run in the background (stderr piped) and waits for its first checkpoint.
 fn spawn_ranks_until_a_checkpoint(
     recipe: &Path,
     run_dir: &Path,
     extra: &[&str],
 ) -> std::process::Child {
-    let child = recipe_cmd()
-        .env("RAYON_NUM_THREADS", "1")
-        .args([
-            "run",
-            recipe.to_str().unwrap(),
-            "-q",
-            "--run-dir",
-            run_dir.to_str().unwrap(),
-            "--nproc",
-            "2",
-        ])
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_ranks(recipe, run_dir, 2, extra);
     wait_for("a checkpoint", || {
         !recipe_engine::checkpoint::list(run_dir).is_empty()
     });
     child
+}
+
+/// How a job ended after `what`: its status and stderr, once it has exited (within 30 s) and no
+/// rank of it is left.
+fn job_end(
+    child: &mut std::process::Child,
+    ranks: &[u32],
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let status = wait_for_exit(child, what);
+    assert_no_rank_left(ranks);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
 }
 
 /// Sends `sig` (`-KILL`, `-STOP`, ...) to `pid`.

@@ -147,16 +147,14 @@ impl Standing {
                  others",
                 ANSWER_WITHIN.as_secs()
             )),
-            Standing::Behind(p) if p.within.is_none() && p.calls == 0 => Some(format!(
-                "has been in its own work for {:.0} s, since it started: stuck there (a \
-                 deadlock, a dead file system) or far slower than the others",
-                secs(p)
-            )),
             Standing::Behind(p) if p.within.is_none() => Some(format!(
-                "has been in its own work for {:.0} s, since its {}: stuck there (a deadlock, a \
-                 dead file system) or far slower than the others",
+                "has been in its own work for {:.0} s, since {}: stuck there (a deadlock, a dead \
+                 file system) or far slower than the others",
                 secs(p),
-                p.collective()
+                match p.calls {
+                    0 => "it started".to_string(),
+                    _ => format!("its {}", p.collective()),
+                }
             )),
             Standing::Behind(p) => Some(format!(
                 "waits at the earlier {}, for {:.0} s",
@@ -236,20 +234,17 @@ pub fn init() -> Result<(Arc<Mpi>, MpiGuard)> {
     if size > 1 {
         // the roll call needs a communicator beside the trainer's, used from the watchdog's
         // thread, and the names of the processes it may have to blame
-        let multiple = level == mpi::Threading::Multiple;
         let dog = Watchdog {
             rank,
             size,
-            processes: if multiple {
-                exchange_processes(&comm, size)
-            } else {
-                Vec::new()
-            },
-            side: multiple.then(|| comm.duplicate()),
+            roll: (level == mpi::Threading::Multiple).then(|| Roll {
+                processes: exchange_processes(&comm, size),
+                side: comm.duplicate(),
+            }),
             position: position.clone(),
             stop: Arc::new(AtomicBool::new(false)),
         };
-        if dog.side.is_none() {
+        if dog.roll.is_none() {
             tracing::debug!(
                 "MPI thread level {level:?}: a hung rank ends the job after --collective-timeout, \
                  but the error cannot name it (that needs MPI_THREAD_MULTIPLE)"
@@ -304,12 +299,18 @@ fn exchange_processes(comm: &SimpleCommunicator, size: usize) -> Vec<Process> {
 struct Watchdog {
     rank: usize,
     size: usize,
-    processes: Vec<Process>,
-    /// The watchdogs' own communicator (a duplicate of the world); `None` when the MPI library
-    /// does not allow calls from two threads at once.
-    side: Option<SimpleCommunicator>,
+    /// What the roll call needs; `None` when the MPI library does not allow calls from two
+    /// threads at once.
+    roll: Option<Roll>,
     position: Arc<Mutex<Position>>,
     stop: Arc<AtomicBool>,
+}
+
+/// The roll call's means: the watchdogs' own communicator (a duplicate of the world) and every
+/// rank's process, to name it.
+struct Roll {
+    side: SimpleCommunicator,
+    processes: Vec<Process>,
 }
 
 // SAFETY: the watchdog's communicator is created before the thread starts, moved into it, and
@@ -333,8 +334,8 @@ impl Watchdog {
                 continue;
             };
             let at = self.position();
-            if let Some(side) = &self.side {
-                answer_roll_calls(side, &at);
+            if let Some(roll) = &self.roll {
+                answer_roll_calls(&roll.side, &at);
             }
             if at.within.is_some() && at.since.elapsed() >= limit {
                 self.timed_out(&at, limit);
@@ -347,7 +348,7 @@ impl Watchdog {
     /// them (or leaves it to a lower rank that times out with it), and ends the job. Returns if
     /// the collective completes meanwhile: the late rank arrived, and the job goes on.
     fn timed_out(&self, at: &Position, limit: Duration) {
-        let Some(side) = &self.side else {
+        let Some(Roll { side, processes }) = &self.roll else {
             eprintln!(
                 "error: rank {} of {}: the {} has waited {:.0} s for the other ranks \
                  (--collective-timeout {}): one of them is hung or stopped. Ending the job.\n  \
@@ -387,7 +388,7 @@ impl Watchdog {
         if !self.position().is(at) {
             return self.went_on(at);
         }
-        eprintln!("{}", self.report(at, limit, &standings));
+        eprintln!("{}", self.report(at, limit, &standings, processes));
         end_job()
     }
 
@@ -435,7 +436,13 @@ impl Watchdog {
     }
 
     /// The error that names the ranks holding the job at `at`.
-    fn report(&self, at: &Position, limit: Duration, standings: &[Standing]) -> String {
+    fn report(
+        &self,
+        at: &Position,
+        limit: Duration,
+        standings: &[Standing],
+        processes: &[Process],
+    ) -> String {
         let waiting: Vec<String> = (0..self.size)
             .filter(|&r| r == self.rank || matches!(standings[r], Standing::Here(_)))
             .map(|r| r.to_string())
@@ -444,7 +451,7 @@ impl Watchdog {
             .filter(|&r| r != self.rank)
             .filter_map(|r| {
                 let why = standings[r].why()?;
-                let p = &self.processes[r];
+                let p = &processes[r];
                 Some(format!(
                     "  rank {r} (host {}, pid {}): has not arrived; it {why}",
                     p.host, p.pid
