@@ -97,6 +97,51 @@ pub fn matmul_bf16(
     a: Mat<f32>,
     b: Mat<f32>,
 ) {
+    if !checked(m, n, k, dst, accumulate, a, b) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has the features and every view reaches only inside its slice for the
+    // given sizes (`checked`); the packing reads past no edge (masked).
+    unsafe {
+        x86::matmul(m, n, k, dst, accumulate, a, b)
+    }
+}
+
+/// `matmul_bf16` on the threads of the rayon pool, for one large product: each block of the
+/// reduction is packed once for all threads (`b`), and the threads share out `a`'s panels of
+/// `MR` rows. Every sum runs in the same order as in `matmul_bf16`, so the result is bitwise
+/// the same, whatever the number of threads.
+pub fn matmul_bf16_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<f32>,
+    b: Mat<f32>,
+) {
+    if !checked(m, n, k, dst, accumulate, a, b) {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `matmul_bf16`.
+    unsafe {
+        x86::matmul_par(m, n, k, dst, accumulate, a, b)
+    }
+}
+
+/// The products' checks (panics on operands too small for the sizes, or a CPU without
+/// AVX512-BF16); false when there is nothing to multiply (`dst` then already final).
+fn checked(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<f32>,
+    b: Mat<f32>,
+) -> bool {
     assert!(
         dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
         "matmul_bf16: operand too small for {m}x{k} by {k}x{n}"
@@ -111,25 +156,21 @@ pub fn matmul_bf16(
         "matmul_bf16 needs AVX512-BF16 (check bf16::available first)"
     );
     if m == 0 || n == 0 {
-        return;
+        return false;
     }
     if k == 0 {
         if !accumulate {
             dst[..m * n].fill(0.0);
         }
-        return;
+        return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has the features (asserted above) and every view reaches only inside its
-    // slice for the given sizes (asserted above); the packing reads past no edge (masked).
-    unsafe {
-        x86::matmul(m, n, k, dst, accumulate, a, b)
-    }
+    true
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Mat, KB, KC, MR, NR, NV};
+    use rayon::prelude::*;
     use std::arch::x86_64::*;
 
     /// The lane mask of the first `valid` of 16 lanes.
@@ -434,6 +475,53 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn matmul_par(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+        a: Mat<f32>,
+        b: Mat<f32>,
+    ) {
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut pb = vec![0u32; panels * KC * NR];
+        for p0 in (0..pairs).step_by(KC) {
+            let kc = KC.min(pairs - p0);
+            let blocks = kc.div_ceil(KB);
+            let add = accumulate || p0 > 0;
+            pb.par_chunks_mut(KC * NR).enumerate().for_each(|(jp, pb)| {
+                // SAFETY: the caller's features; `pb` holds one panel.
+                unsafe { pack_b(b, n, k, jp * NR, p0, kc, pb) }
+            });
+            let pb = &pb;
+            dst[..m * n]
+                .par_chunks_mut(MR * n)
+                .enumerate()
+                .for_each_init(
+                    || (vec![0u32; KC * MR], [0f32; MR * NR]),
+                    |(pa, t), (ip, rows)| {
+                        // SAFETY: the caller's features; `pa` holds one panel, `pb` every panel.
+                        unsafe { pack_a(a, m, k, ip * MR, p0, kc, pa) };
+                        for jp in 0..panels {
+                            unsafe { tile(blocks, pa.as_ptr(), pb[jp * KC * NR..].as_ptr(), t) };
+                            let (j0, cols) = (jp * NR, NR.min(n - jp * NR));
+                            for (r, sums) in t.chunks_exact(NR).take(rows.len() / n).enumerate() {
+                                let row = &mut rows[r * n + j0..][..cols];
+                                if add {
+                                    row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
+                                } else {
+                                    row.copy_from_slice(&sums[..cols]);
+                                }
+                            }
+                        }
+                    },
+                );
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn run(
         m: usize,
@@ -495,6 +583,39 @@ mod tests {
         (0..len)
             .map(|i| (i as f32 * 0.37 + seed as f32).sin() * 1.7)
             .collect()
+    }
+
+    #[test]
+    fn the_parallel_product_is_bitwise_the_serial_one_at_any_thread_count() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        // edges of the row panels (MR) and column panels (NR), two blocks of pairs
+        for &(m, n, k, accumulate) in &[(13, 70, 300, false), (40, 33, 513, true), (1, 5, 3, false)]
+        {
+            let (av, bv) = (values(m * k, 3), values(k * n, 4));
+            let bt: Vec<f32> = (0..k * n).map(|idx| bv[(idx % k) * n + idx / k]).collect();
+            for b in [Mat::rows(&bv, n), Mat::transposed(&bt, k)] {
+                let a = Mat::rows(&av, k);
+                let start = values(m * n, 5);
+                let mut want = start.clone();
+                matmul_bf16(m, n, k, &mut want, accumulate, a, b);
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut got = start.clone();
+                    pool.install(|| matmul_bf16_par(m, n, k, &mut got, accumulate, a, b));
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{m}x{n}x{k} on {threads} threads");
+                }
+            }
+        }
     }
 
     #[test]

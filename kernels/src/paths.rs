@@ -3,7 +3,7 @@
 //!
 //! The defaults pick the fastest path for the CPU (see `benches/README.md`). A program (a
 //! benchmark comparing two paths, a test) sets them with [`set_paths`]; the environment variables
-//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD` and `RECIPE_IM2COL` override the defaults when the first
+//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_BATCHED` and `RECIPE_IM2COL` override the defaults when the first
 //! kernel runs, so a binary can be compared with itself without rebuilding. Every path computes
 //! the same function; they differ in rounding only (Winograd) or not at all (direct, im2col).
 
@@ -30,6 +30,14 @@ pub struct Paths {
     /// channels in and out, on CPUs without AVX-512 only; `On`: from 8 channels on any CPU;
     /// `Off`: never. Environment: `RECIPE_WINOGRAD=0` / `=1`.
     pub winograd: Switch,
+    /// The whole batch in one product per pass (`Geometry::batched`): the images' unfolded
+    /// columns side by side, so the kernel is packed once per pass instead of once per image.
+    /// `Auto`: for small output images (under 256 pixels) with large kernels (from 2^18 weights:
+    /// ResNet-50's last two stages), where per-image products re-read a kernel too large for
+    /// the cache for a few dozen columns each; `On`: every convolution the im2col family
+    /// computes (not Winograd, not the in-place products); `Off`: never.
+    /// Environment: `RECIPE_BATCHED=0` / `=1`.
+    pub batched: Switch,
     /// Every convolution through im2col and one product (for comparisons).
     /// Environment: `RECIPE_IM2COL=1`.
     pub im2col_only: bool,
@@ -53,6 +61,7 @@ impl Paths {
                 _ => Switch::Auto,
             },
             winograd: switch("RECIPE_WINOGRAD"),
+            batched: switch("RECIPE_BATCHED"),
             im2col_only: var("RECIPE_IM2COL").as_deref() == Some("1"),
         }
     }
@@ -63,7 +72,10 @@ impl Paths {
             Switch::On => 1,
             Switch::Off => 2,
         };
-        s(self.direct) | (s(self.winograd) << 2) | ((self.im2col_only as u8) << 4)
+        s(self.direct)
+            | (s(self.winograd) << 2)
+            | ((self.im2col_only as u8) << 4)
+            | (s(self.batched) << 5)
     }
 
     fn decode(b: u8) -> Paths {
@@ -75,6 +87,7 @@ impl Paths {
         Paths {
             direct: s(b),
             winograd: s(b >> 2),
+            batched: s(b >> 5),
             im2col_only: b & 16 != 0,
         }
     }
@@ -170,14 +183,17 @@ mod tests {
     fn every_setting_survives_its_encoding() {
         for direct in [Switch::Auto, Switch::On, Switch::Off] {
             for winograd in [Switch::Auto, Switch::On, Switch::Off] {
-                for im2col_only in [false, true] {
-                    let p = Paths {
-                        direct,
-                        winograd,
-                        im2col_only,
-                    };
-                    assert_eq!(Paths::decode(p.encode()), p);
-                    assert_ne!(p.encode(), UNSET);
+                for batched in [Switch::Auto, Switch::On, Switch::Off] {
+                    for im2col_only in [false, true] {
+                        let p = Paths {
+                            direct,
+                            winograd,
+                            batched,
+                            im2col_only,
+                        };
+                        assert_eq!(Paths::decode(p.encode()), p);
+                        assert_ne!(p.encode(), UNSET);
+                    }
                 }
             }
         }
@@ -198,8 +214,10 @@ mod tests {
             ("RECIPE_DIRECT", "0"),
             ("RECIPE_WINOGRAD", "1"),
             ("RECIPE_IM2COL", "1"),
+            ("RECIPE_BATCHED", "0"),
         ]);
         assert_eq!(p.direct, Switch::Off);
+        assert_eq!(p.batched, Switch::Off);
         assert_eq!(p.winograd, Switch::On);
         assert!(p.im2col_only);
         assert_eq!(env(&[("RECIPE_WINOGRAD", "0")]).winograd, Switch::Off);

@@ -5,7 +5,9 @@
 use super::direct::{Direct, StridedGrad};
 use super::winograd::Winograd;
 use super::Conv2dParams;
+use crate::gemm::Mat;
 use crate::out_size;
+use crate::paths::Switch;
 use candle_core::{Result, Shape, WithDType};
 use std::any::TypeId;
 use std::borrow::Cow;
@@ -128,12 +130,7 @@ impl Geometry {
     /// measured equal or slower (`benches/README.md`). `Paths::im2col_only` turns it off.
     pub(super) fn implicit(&self) -> bool {
         let shape = self.c >= 8 && self.o <= 16 && 4 * self.wp() <= 5 * self.ow;
-        let bf16_im2col = self.bf16 && std::env::var("BF16_IM2COL").is_ok();
-        !bf16_im2col
-            && !crate::paths::paths().im2col_only
-            && self.s == 1
-            && !self.pointwise()
-            && shape
+        !crate::paths::paths().im2col_only && self.s == 1 && !self.pointwise() && shape
     }
 
     /// Whether the kernel gradient reads the unfolded image in place (`kernel_grad_image`):
@@ -220,20 +217,7 @@ impl Geometry {
     /// convolutions of dy per phase of the input (`StridedGrad`). Otherwise: cols' gradient =
     /// K^T dy, folded back with col2im.
     pub(super) fn input_grad<'a, T: WithDType>(&self, k: &'a [T]) -> InputGrad<'a, T> {
-        if self.s == 1 && self.kh == self.kw && self.p < self.kh {
-            let transposed = Geometry {
-                c: self.o,
-                h: self.oh,
-                w: self.ow,
-                o: self.c,
-                kh: self.kh,
-                kw: self.kw,
-                s: 1,
-                p: self.kh - 1 - self.p,
-                oh: self.h,
-                ow: self.w,
-                bf16: self.bf16,
-            };
+        if let Some(transposed) = self.transposed() {
             let flipped = self.flipped_kernel(k);
             return InputGrad::Transposed(transposed, transposed.prepare(Cow::Owned(flipped)));
         }
@@ -244,6 +228,51 @@ impl Geometry {
             return InputGrad::Strided(Box::new(sg));
         }
         InputGrad::Folded(k)
+    }
+
+    /// The convolution whose forward pass is this one's input gradient (with the flipped,
+    /// transposed kernel): stride 1 with a square kernel and padding below its size.
+    pub(super) fn transposed(&self) -> Option<Geometry> {
+        (self.s == 1 && self.kh == self.kw && self.p < self.kh).then(|| Geometry {
+            c: self.o,
+            h: self.oh,
+            w: self.ow,
+            o: self.c,
+            kh: self.kh,
+            kw: self.kw,
+            s: 1,
+            p: self.kh - 1 - self.p,
+            oh: self.h,
+            ow: self.w,
+            bf16: self.bf16,
+        })
+    }
+
+    /// Whether the three passes run the batch in one product each (`batched.rs`) instead of
+    /// image by image (`Paths::batched`). By default for output images under 256 pixels with
+    /// at least 2^18 weights (ResNet-50's 14 and 7 pixel stages): an image's product there has
+    /// a few dozen columns against a kernel of megabytes, which the per-image passes pack (or
+    /// the direct tiles stream) once per image. Never where Winograd or the in-place products
+    /// run, nor with `Paths::im2col_only`. A function of the shapes only.
+    pub(super) fn batched(&self) -> bool {
+        let p = crate::paths::paths();
+        if p.im2col_only || self.winograd().is_some() || self.implicit() {
+            return false;
+        }
+        match p.batched {
+            Switch::Off => false,
+            Switch::On => true,
+            Switch::Auto => self.l() < 256 && self.o * self.ckk() >= 1 << 18,
+        }
+    }
+
+    /// Images per product of the batched passes: all of them, unless the unfolded images (or
+    /// the output gradients side by side) would pass 2^24 values.
+    pub(super) fn batch_group(&self, n: usize) -> usize {
+        const LIMIT: usize = 1 << 24;
+        let rows = self.ckk().max(self.o * self.kh * self.kw);
+        let per_image = rows * self.l().max(self.h * self.w);
+        (LIMIT / per_image.max(1)).clamp(1, n.max(1))
     }
 
     /// The kernel gradient's image groups: at most 16, fewer when the partial kernels would
@@ -288,6 +317,15 @@ pub(super) enum InputGrad<'a, T: Clone> {
     Folded(&'a [T]),
     /// Strided on AVX-512 (f32): direct convolutions of dy per phase of the input.
     Strided(Box<StridedGrad>),
+}
+
+/// The view `v` of f32 values (T is f32 wherever the bf16 products run: `check_bf16`).
+pub(super) fn f32_mat<T: WithDType>(v: Mat<'_, T>) -> Mat<'_, f32> {
+    Mat {
+        data: f32s(v.data),
+        rs: v.rs,
+        cs: v.cs,
+    }
 }
 
 /// `v` as f32 values (the direct convolution's paths are taken only when T is f32).

@@ -109,8 +109,16 @@ impl Geometry {
     }
 
     /// Folds cols [C*KH*KW, OH*OW] back into an image [C, H, W], summing overlaps (the adjoint of
-    /// `im2col`); `img` is overwritten, `scratch` is `cols_len() - ckk * l` long.
-    pub(super) fn col2im<T: WithDType>(&self, cols: &[T], img: &mut [T], scratch: &mut [T]) {
+    /// `im2col`); `img` is overwritten, `scratch` is `cols_len() - ckk * l` long. Row r of cols
+    /// is `cols[r * rs..][..l]` (`rs = l` for one image's cols; the batched passes give the
+    /// columns of one image among the batch's).
+    pub(super) fn col2im<T: WithDType>(
+        &self,
+        cols: &[T],
+        rs: usize,
+        img: &mut [T],
+        scratch: &mut [T],
+    ) {
         let (l, s, c, h, w) = (self.l(), self.s, self.c, self.h, self.w);
         let (ph, pw) = self.phase_dims();
         let used = |a: usize, b: usize| self.phase_used(a, self.kh) && self.phase_used(b, self.kw);
@@ -124,7 +132,7 @@ impl Geometry {
         for ci in 0..c {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
-                    let row = &cols[((ci * self.kh + ky) * self.kw + kx) * l..][..l];
+                    let row = &cols[((ci * self.kh + ky) * self.kw + kx) * rs..][..l];
                     let ((a, dy), (b, dx)) = (self.tap(ky), self.tap(kx));
                     let plane = &mut planes[((a * s + b) * c + ci) * ph * pw..][..ph * pw];
                     shifted_add(row, (self.oh, self.ow), (dy, dx), plane, (ph, pw));

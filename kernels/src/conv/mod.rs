@@ -29,7 +29,10 @@
 //! - this file: the public ops, their candle glue and the batch statistics of the output;
 //! - `geometry.rs`: one image's convolution shape, and the path it takes;
 //! - `layout.rs`: im2col/col2im, phase planes, padded and shifted rows, the channel-last copy;
-//! - `passes.rs`: the forward, input-gradient and kernel-gradient passes over a batch;
+//! - `passes.rs`: the forward, input-gradient and kernel-gradient passes over a batch, image by
+//!   image;
+//! - `batched.rs`: the same passes with the whole batch in one product each, for small images
+//!   with large kernels (`Geometry::batched`);
 //! - `direct.rs`, `winograd.rs`: the direct AVX-512 convolution and Winograd F(2x2, 3x3);
 //! - `fused.rs`: a batch norm + ReLU run inside the convolution that follows it.
 
@@ -39,6 +42,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, W
 use geometry::Geometry;
 use std::sync::{Arc, OnceLock};
 
+mod batched;
 mod direct;
 mod fused;
 mod geometry;
@@ -469,6 +473,12 @@ mod tests {
             (1, 8, 1, 1, 8, 3, 2, 1),
             (1, 8, 3, 1, 8, 1, 2, 0),
             (160, 8, 12, 12, 8, 3, 1, 1),
+            // the batched passes (`batched_passes_cover_small_images_with_large_kernels`):
+            // 3x3, pointwise, strided 3x3 and strided projection
+            (3, 64, 5, 5, 512, 3, 1, 1),
+            (2, 512, 4, 3, 512, 1, 1, 0),
+            (2, 256, 9, 9, 128, 3, 2, 1),
+            (3, 512, 7, 7, 1024, 1, 2, 0),
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -527,6 +537,9 @@ mod tests {
             (2, 16, 9, 7, 16, 3, 2, 1),   // direct strided
             (2, 16, 9, 9, 16, 1, 2, 0),   // direct strided projection
             (34, 8, 12, 12, 8, 3, 1, 1),  // direct kernel gradient over passes of images
+            (3, 64, 5, 5, 512, 3, 1, 1),  // batched
+            (2, 512, 4, 3, 512, 1, 1, 0), // batched pointwise
+            (2, 256, 9, 9, 128, 3, 2, 1), // batched strided
         ] {
             let case = format!("{n} {c} {h} {w} {o} {k} {s} {p}");
             let x = Var::from_tensor(&rand_tensor(&[n, c, h, w], 1, DType::F32)).unwrap();
@@ -620,6 +633,111 @@ mod tests {
             (8, 8, 8, 12, 3, 1, 1),
         ] {
             assert!(geometry(c, h, w, o, k, s, p).direct::<f32>().is_none());
+        }
+    }
+
+    /// The batched passes take ResNet-50's small images with large kernels (14 and 7 pixels,
+    /// from 2^18 weights) and the shapes added for them to the tests against candle, and
+    /// nothing of ResNet-20 or of ResNet-50's larger images.
+    #[test]
+    fn batched_passes_cover_small_images_with_large_kernels() {
+        if crate::paths::paths() != crate::paths::Paths::default() {
+            eprintln!("skipped: kernel paths set by the environment");
+            return;
+        }
+        let geometry = |c, h, o, k, s| {
+            let x = Shape::from((1, c, h, h));
+            Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, k / 2))
+                .unwrap()
+                .1
+        };
+        let winograd = geometry(64, 5, 512, 3, 1).winograd().is_some();
+        for (c, h, o, k, s) in [
+            (256, 14, 256, 3, 1),
+            (512, 7, 512, 3, 1),
+            (1024, 14, 256, 1, 1),
+            (512, 7, 2048, 1, 1),
+            (256, 28, 256, 3, 2),
+            (1024, 14, 2048, 1, 2),
+            (64, 5, 512, 3, 1),
+            (512, 4, 512, 1, 1),
+            (256, 9, 128, 3, 2),
+        ] {
+            // 3x3 stride 1 runs as Winograd on CPUs without AVX-512
+            let want = !(winograd && k == 3 && s == 1);
+            assert_eq!(
+                geometry(c, h, o, k, s).batched(),
+                want,
+                "{c} {h} {o} {k} {s}"
+            );
+        }
+        for (c, h, o, k, s) in [
+            (64, 56, 64, 3, 1),
+            (256, 56, 128, 1, 1),
+            (128, 28, 128, 3, 1),
+            (16, 32, 16, 3, 1),
+            (64, 8, 64, 3, 1),
+            (32, 16, 64, 1, 2),
+        ] {
+            assert!(!geometry(c, h, o, k, s).batched(), "{c} {h} {o} {k} {s}");
+        }
+    }
+
+    /// The batched passes give the same bits on 1 and 3 threads (f32, and bf16 where the CPU
+    /// has it), and the same values (to rounding) when the batch is split into groups.
+    #[test]
+    fn batched_passes_do_not_depend_on_threads_or_groups() {
+        let (n, c, h, o, k, s, p) = (5, 32, 5, 24, 3, 2, 1);
+        let x = rand_tensor(&[n, c, h, h], 1, DType::F32);
+        let kt = rand_tensor(&[o, c, k, k], 2, DType::F32);
+        for bf16 in [false, true] {
+            if bf16 && !crate::bf16::available() {
+                continue;
+            }
+            let params = Conv2dParams::new(s, p).with_bf16(bf16);
+            let (_, g) = Geometry::new(x.shape(), kt.shape(), params).unwrap();
+            let dy = rand_tensor(&[n, o, g.oh, g.ow], 3, DType::F32);
+            let v = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+            let (xv, kv, dyv) = (v(&x), v(&kt), v(&dy));
+            let st: Vec<(f32, f32)> = (0..c).map(|i| (0.5 + i as f32 * 0.01, -0.1)).collect();
+            let passes = |group: usize| {
+                let mut m = vec![(0.0, 0.0); n * o];
+                let y = g.forward_batched((n, group), &xv, &kv, Some(&mut m), Some(&st));
+                let dx = g.grad_input_batched((n, group), &kv, &dyv);
+                let dk = g.grad_kernel_batched((n, group), &xv, &dyv, Some(&st));
+                let m: Vec<f32> = m.iter().flat_map(|&(a, b)| [a as f32, b as f32]).collect();
+                [y, dx, dk, m]
+            };
+            let on = |threads: usize, group: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| passes(group))
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let one = on(1, n);
+            for (what, (a, b)) in ["y", "dx", "dk", "moments"]
+                .iter()
+                .zip(one.iter().zip(&on(3, n)))
+            {
+                assert_eq!(bits(a), bits(b), "{what} bf16={bf16} on 1 and 3 threads");
+            }
+            for (what, (a, b)) in ["y", "dx", "dk", "moments"]
+                .iter()
+                .zip(one.iter().zip(&on(2, 2)))
+            {
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                let scale = a.iter().map(|a| a.abs()).fold(1.0, f32::max);
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{what} bf16={bf16} in groups of 2: {err}"
+                );
+            }
         }
     }
 

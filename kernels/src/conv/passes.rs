@@ -4,7 +4,7 @@
 //! fixed by the shapes, so results do not depend on the thread count.
 
 use super::direct::NK;
-use super::geometry::{f32s, f32s_mut, Geometry, InputGrad, Path, Prepared};
+use super::geometry::{f32_mat, f32s, f32s_mut, Geometry, InputGrad, Path, Prepared};
 use super::layout::{bn_relu_row, Prologue};
 use super::row_moments;
 use super::Moments;
@@ -33,14 +33,7 @@ impl Geometry {
         if !self.bf16 {
             return matmul(m, n, k, dst, accumulate, a, b);
         }
-        fn f32_view<T: WithDType>(v: Mat<'_, T>) -> Mat<'_, f32> {
-            Mat {
-                data: f32s(v.data),
-                rs: v.rs,
-                cs: v.cs,
-            }
-        }
-        matmul_bf16(m, n, k, f32s_mut(dst), accumulate, f32_view(a), f32_view(b));
+        matmul_bf16(m, n, k, f32s_mut(dst), accumulate, f32_mat(a), f32_mat(b));
     }
 
     /// Scratch for `conv_image`: (shifted copies, wide output) in place, (cols, nothing) for
@@ -187,6 +180,9 @@ impl Geometry {
             }
             return out;
         }
+        if self.batched() {
+            return self.forward_batched((n, self.batch_group(n)), x, k, moments, prologue);
+        }
         let how = self.prepare(Cow::Borrowed(k));
         // scratch for the normalised image: only pointwise convolutions need it (`cols_of`)
         let tmp = if prologue.is_some() && self.pointwise() {
@@ -266,7 +262,7 @@ impl Geometry {
                 let (dcols, scratch) = bufs.0.split_at_mut(ckk * l);
                 let (kt, gm) = (Mat::transposed(k, ckk), Mat::rows(g, l));
                 self.product(ckk, l, o, dcols, false, kt, gm);
-                self.col2im(dcols, dimg, scratch);
+                self.col2im(dcols, l, dimg, scratch);
             }
         }
     }
@@ -274,6 +270,9 @@ impl Geometry {
     /// Gradient of the input, image by image in parallel (the transposed convolution through
     /// Winograd where the forward would use it).
     pub(super) fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
+        if self.batched() {
+            return self.grad_input_batched((n, self.batch_group(n)), k, dy);
+        }
         let how = self.input_grad(k);
         if let InputGrad::Transposed(t, prepared) = &how {
             if let (Some(wg), Path::Im2col) = (t.winograd(), &prepared.path) {
@@ -394,6 +393,9 @@ impl Geometry {
         dy: &[T],
         prologue: Option<&[(T, T)]>,
     ) -> Vec<T> {
+        if self.batched() {
+            return self.grad_kernel_batched((n, self.batch_group(n)), x, dy, prologue);
+        }
         let (o, ckk, l, image) = (self.o, self.ckk(), self.l(), self.image());
         let (group, groups) = self.kernel_groups(n);
         // scratch for the normalised image: only pointwise convolutions need it (`cols_of`)
