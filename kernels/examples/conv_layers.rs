@@ -8,8 +8,8 @@
 //! ```
 //!
 //! Arguments: the model (`resnet50` or `resnet20`), the precision (`fp32` or `bf16`), the
-//! rounds per measurement (default 5; the median is printed), and `--ab` to time the default
-//! paths against the batched passes forced on (`Paths::batched`), alternating in each round.
+//! rounds per measurement (default 5; the median is printed), and `--ab` to time the per-image
+//! passes (`Paths::batched` off) against the defaults, alternating in each round.
 
 use candle_core::{Device, Tensor};
 use recipe_kernels::{conv2d, conv2d_backward, set_paths, Conv2dParams, Paths, Switch};
@@ -97,15 +97,15 @@ fn median(mut times: Vec<f64>) -> f64 {
     times[times.len() / 2]
 }
 
-/// The paths compared with `--ab`: the defaults (`Auto`) against the batched passes forced on
-/// where they apply (`On`); one setting otherwise.
+/// The paths compared with `--ab`: the per-image passes (`Paths::batched` off) against the
+/// defaults; one setting otherwise.
 fn sides(ab: bool) -> Vec<(&'static str, Paths)> {
-    let on = Paths {
-        batched: Switch::On,
+    let per_image = Paths {
+        batched: Switch::Off,
         ..Paths::default()
     };
     match ab {
-        true => vec![("default", Paths::default()), ("batched", on)],
+        true => vec![("per image", per_image), ("default", Paths::default())],
         false => vec![("", recipe_kernels::paths())],
     }
 }
@@ -135,7 +135,7 @@ fn main() -> candle_core::Result<()> {
         if bf16 { "bf16" } else { "fp32" },
         rayon::current_num_threads(),
         if ab {
-            " alternating rounds, default paths / batched passes"
+            " alternating rounds, per-image passes / default paths"
         } else {
             ""
         }

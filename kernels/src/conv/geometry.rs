@@ -248,21 +248,32 @@ impl Geometry {
         })
     }
 
-    /// Whether the three passes run the batch in one product each (`batched.rs`) instead of
-    /// image by image (`Paths::batched`). By default for output images under 256 pixels with
-    /// at least 2^18 weights (ResNet-50's 14 and 7 pixel stages): an image's product there has
-    /// a few dozen columns against a kernel of megabytes, which the per-image passes pack (or
-    /// the direct tiles stream) once per image. Never where Winograd or the in-place products
-    /// run, nor with `Paths::im2col_only`. A function of the shapes only.
-    pub(super) fn batched(&self) -> bool {
+    /// Whether `pass` runs the batch in one product (`batched.rs`) instead of image by image
+    /// (`Paths::batched`). By default for output images under 256 pixels with at least 2^18
+    /// weights (ResNet-50's 14 and 7 pixel stages), where an image's product has a few dozen
+    /// columns against a kernel of megabytes, which the per-image passes pack (or the direct
+    /// tiles stream) once per image: always for the kernel gradient (which then also has no
+    /// partial kernels to add); for the forward pass and the input gradient only where the
+    /// batch's copies (side by side, and back) cost less than the per-image products lose, as
+    /// measured per layer (`benches/README.md`): output images under 64 pixels (7x7), except the
+    /// pointwise forward, which reads each image in place; and the input gradient of strided
+    /// 1x1 layers. Never where Winograd or the
+    /// in-place products run, nor with `Paths::im2col_only`. A function of the shapes only.
+    pub(super) fn batched(&self, pass: Pass) -> bool {
         let p = crate::paths::paths();
         if p.im2col_only || self.winograd().is_some() || self.implicit() {
             return false;
         }
+        let small = self.l() < 64;
         match p.batched {
             Switch::Off => false,
             Switch::On => true,
-            Switch::Auto => self.l() < 256 && self.o * self.ckk() >= 1 << 18,
+            Switch::Auto if self.l() >= 256 || self.o * self.ckk() < 1 << 18 => false,
+            Switch::Auto => match pass {
+                Pass::Kernel => true,
+                Pass::Input => small || (self.kh * self.kw == 1 && self.s > 1),
+                Pass::Forward => small && !self.pointwise(),
+            },
         }
     }
 
@@ -290,6 +301,14 @@ impl Geometry {
     pub(super) fn padded_len(&self) -> usize {
         (self.plane_len() + self.kw - 1) * self.c
     }
+}
+
+/// The three passes of a convolution (`Geometry::batched` chooses per pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    Forward,
+    Input,
+    Kernel,
 }
 
 /// A kernel prepared for one image's forward convolution (`Geometry::prepare`).

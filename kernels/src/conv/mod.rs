@@ -13,7 +13,10 @@
 //! gradient is the
 //! product cols dy^T per image (or in place from a channel-last padded copy,
 //! `Geometry::implicit_kernel`), summed in groups fixed by the shapes, so it does not depend on
-//! the thread count. Gradients are computed by ops reading the tensors in place, and only those
+//! the thread count. Small output images with large kernels (ResNet-50's 14 and 7 pixel stages)
+//! run the whole batch in one product per pass instead (`batched.rs`, `Geometry::batched`): the
+//! kernel gradient always, the forward pass and input gradient where that measured faster.
+//! Gradients are computed by ops reading the tensors in place, and only those
 //! the graph needs. A batch norm + ReLU before a convolution can run inside it
 //! (`conv2d_after_bn_relu`): applied to each image while it is copied for the products (and
 //! again in the kernel gradient), so its output is never written (except on the Winograd path,
@@ -637,10 +640,12 @@ mod tests {
     }
 
     /// The batched passes take ResNet-50's small images with large kernels (14 and 7 pixels,
-    /// from 2^18 weights) and the shapes added for them to the tests against candle, and
-    /// nothing of ResNet-20 or of ResNet-50's larger images.
+    /// from 2^18 weights) and the shapes added for them to the tests against candle: the kernel
+    /// gradient always, the forward pass and input gradient where they measured faster. Nothing
+    /// of ResNet-20 or of ResNet-50's larger images.
     #[test]
     fn batched_passes_cover_small_images_with_large_kernels() {
+        use super::geometry::Pass;
         if crate::paths::paths() != crate::paths::Paths::default() {
             eprintln!("skipped: kernel paths set by the environment");
             return;
@@ -652,24 +657,26 @@ mod tests {
                 .1
         };
         let winograd = geometry(64, 5, 512, 3, 1).winograd().is_some();
-        for (c, h, o, k, s) in [
-            (256, 14, 256, 3, 1),
-            (512, 7, 512, 3, 1),
-            (1024, 14, 256, 1, 1),
-            (512, 7, 2048, 1, 1),
-            (256, 28, 256, 3, 2),
-            (1024, 14, 2048, 1, 2),
-            (64, 5, 512, 3, 1),
-            (512, 4, 512, 1, 1),
-            (256, 9, 128, 3, 2),
+        // (shape, forward and input gradient batched)
+        for ((c, h, o, k, s), (forward, input)) in [
+            ((256, 14, 256, 3, 1), (false, false)),
+            ((512, 7, 512, 3, 1), (true, true)),
+            ((1024, 14, 256, 1, 1), (false, false)),
+            ((512, 7, 2048, 1, 1), (false, true)),
+            ((256, 28, 256, 3, 2), (false, false)),
+            ((512, 28, 1024, 1, 2), (false, true)),
+            ((1024, 14, 2048, 1, 2), (true, true)),
+            ((64, 5, 512, 3, 1), (true, true)),
+            ((512, 4, 512, 1, 1), (false, true)),
+            ((256, 9, 128, 3, 2), (true, true)),
         ] {
+            let g = geometry(c, h, o, k, s);
             // 3x3 stride 1 runs as Winograd on CPUs without AVX-512
-            let want = !(winograd && k == 3 && s == 1);
-            assert_eq!(
-                geometry(c, h, o, k, s).batched(),
-                want,
-                "{c} {h} {o} {k} {s}"
-            );
+            let on = !(winograd && k == 3 && s == 1);
+            let case = format!("{c} {h} {o} {k} {s}");
+            assert_eq!(g.batched(Pass::Kernel), on, "kernel gradient {case}");
+            assert_eq!(g.batched(Pass::Forward), on && forward, "forward {case}");
+            assert_eq!(g.batched(Pass::Input), on && input, "input gradient {case}");
         }
         for (c, h, o, k, s) in [
             (64, 56, 64, 3, 1),
@@ -679,7 +686,10 @@ mod tests {
             (64, 8, 64, 3, 1),
             (32, 16, 64, 1, 2),
         ] {
-            assert!(!geometry(c, h, o, k, s).batched(), "{c} {h} {o} {k} {s}");
+            let g = geometry(c, h, o, k, s);
+            for pass in [Pass::Forward, Pass::Input, Pass::Kernel] {
+                assert!(!g.batched(pass), "{pass:?} {c} {h} {o} {k} {s}");
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 //! fixed by the shapes, so results do not depend on the thread count.
 
 use super::direct::NK;
-use super::geometry::{f32_mat, f32s, f32s_mut, Geometry, InputGrad, Path, Prepared};
+use super::geometry::{f32_mat, f32s, f32s_mut, Geometry, InputGrad, Pass, Path, Prepared};
 use super::layout::{bn_relu_row, Prologue};
 use super::row_moments;
 use super::Moments;
@@ -180,7 +180,7 @@ impl Geometry {
             }
             return out;
         }
-        if self.batched() {
+        if self.batched(Pass::Forward) {
             return self.forward_batched((n, self.batch_group(n)), x, k, moments, prologue);
         }
         let how = self.prepare(Cow::Borrowed(k));
@@ -270,7 +270,7 @@ impl Geometry {
     /// Gradient of the input, image by image in parallel (the transposed convolution through
     /// Winograd where the forward would use it).
     pub(super) fn grad_input<T: WithDType>(&self, n: usize, k: &[T], dy: &[T]) -> Vec<T> {
-        if self.batched() {
+        if self.batched(Pass::Input) {
             return self.grad_input_batched((n, self.batch_group(n)), k, dy);
         }
         let how = self.input_grad(k);
@@ -393,7 +393,7 @@ impl Geometry {
         dy: &[T],
         prologue: Option<&[(T, T)]>,
     ) -> Vec<T> {
-        if self.batched() {
+        if self.batched(Pass::Kernel) {
             return self.grad_kernel_batched((n, self.batch_group(n)), x, dy, prologue);
         }
         let (o, ckk, l, image) = (self.o, self.ckk(), self.l(), self.image());
