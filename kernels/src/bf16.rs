@@ -97,15 +97,7 @@ pub fn matmul_bf16(
     a: Mat<f32>,
     b: Mat<f32>,
 ) {
-    if !checked(m, n, k, dst, accumulate, a, b) {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has the features and every view reaches only inside its slice for the
-    // given sizes (`checked`); the packing reads past no edge (masked).
-    unsafe {
-        x86::matmul(m, n, k, dst, accumulate, a, b)
-    }
+    product(false, m, n, k, dst, accumulate, a, b)
 }
 
 /// `matmul_bf16` on the threads of the rayon pool, for one large product: each block of the
@@ -121,19 +113,14 @@ pub fn matmul_bf16_par(
     a: Mat<f32>,
     b: Mat<f32>,
 ) {
-    if !checked(m, n, k, dst, accumulate, a, b) {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `matmul_bf16`.
-    unsafe {
-        x86::matmul_par(m, n, k, dst, accumulate, a, b)
-    }
+    product(true, m, n, k, dst, accumulate, a, b)
 }
 
-/// The products' checks (panics on operands too small for the sizes, or a CPU without
-/// AVX512-BF16); false when there is nothing to multiply (`dst` then already final).
-fn checked(
+/// `matmul_bf16` (`parallel`: `matmul_bf16_par`) after the checks: panics on operands too small
+/// for the sizes or a CPU without AVX512-BF16; nothing to multiply leaves `dst` final.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    parallel: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -141,7 +128,7 @@ fn checked(
     accumulate: bool,
     a: Mat<f32>,
     b: Mat<f32>,
-) -> bool {
+) {
     assert!(
         dst.len() >= m * n && a.fits(m, k) && b.fits(k, n),
         "matmul_bf16: operand too small for {m}x{k} by {k}x{n}"
@@ -156,15 +143,23 @@ fn checked(
         "matmul_bf16 needs AVX512-BF16 (check bf16::available first)"
     );
     if m == 0 || n == 0 {
-        return false;
+        return;
     }
     if k == 0 {
         if !accumulate {
             dst[..m * n].fill(0.0);
         }
-        return false;
+        return;
     }
-    true
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has the features (asserted above) and every view reaches only inside its
+    // slice for the given sizes (asserted above); the packing reads past no edge (masked).
+    unsafe {
+        match parallel {
+            true => x86::matmul_par(m, n, k, dst, accumulate, a, b),
+            false => x86::matmul(m, n, k, dst, accumulate, a, b),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

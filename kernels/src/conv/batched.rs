@@ -15,10 +15,10 @@
 //! columns the batch is taken in groups (`Geometry::batch_group`), the kernel gradient summed
 //! over them in order.
 
-use super::geometry::{f32_mat, f32s_mut, Geometry};
+use super::geometry::Geometry;
 use super::layout::shifted_copy;
 use super::{row_moments, Moments};
-use crate::gemm::{matmul_threads, Mat};
+use crate::gemm::Mat;
 use crate::par_new;
 use candle_core::WithDType;
 use rayon::prelude::*;
@@ -42,26 +42,16 @@ fn one_of<T: WithDType>(mut parts: Vec<Vec<T>>) -> Vec<T> {
 }
 
 impl Geometry {
-    /// `dst (+)= a b` on the rayon pool (the batched passes' one large product): bf16 with f32
-    /// sums for a bf16 convolution, else in T. Bitwise the same at any thread count.
-    #[allow(clippy::too_many_arguments)]
+    /// `dst (+)= a b` on every thread of the rayon pool (`product_on`).
     fn product_par<T: WithDType>(
         &self,
-        m: usize,
-        n: usize,
-        k: usize,
+        mnk: (usize, usize, usize),
         dst: &mut [T],
         accumulate: bool,
         a: Mat<T>,
         b: Mat<T>,
     ) {
-        if self.bf16 {
-            let (a, b) = (f32_mat(a), f32_mat(b));
-            let dst = f32s_mut(dst);
-            return crate::bf16::matmul_bf16_par(m, n, k, dst, accumulate, a, b);
-        }
-        let threads = rayon::current_num_threads();
-        matmul_threads(m, n, k, dst, accumulate, a, b, threads)
+        self.product_on(rayon::current_num_threads(), mnk, dst, accumulate, a, b)
     }
 
     /// The unfolded images of `x` ([G, C, H, W]) side by side, [C*KH*KW, G*L], with the
@@ -116,7 +106,7 @@ impl Geometry {
             let cols = self.batch_cols(gn, xg, prologue);
             let mut y = vec![T::zero(); o * gn * l];
             let (km, cm) = (Mat::rows(k, ckk), Mat::rows(&cols, gn * l));
-            self.product_par(o, gn * l, ckk, &mut y, false, km, cm);
+            self.product_par((o, gn * l, ckk), &mut y, false, km, cm);
             // back to [G][O][L], with each row's moments while it is in cache
             let m = moments
                 .as_deref_mut()
@@ -155,7 +145,7 @@ impl Geometry {
             let dys = side_by_side(dyg, gn, o, l);
             let mut dcols = vec![T::zero(); ckk * gn * l];
             let (kt, dm) = (Mat::transposed(k, ckk), Mat::rows(&dys, gn * l));
-            self.product_par(ckk, gn * l, o, &mut dcols, false, kt, dm);
+            self.product_par((ckk, gn * l, o), &mut dcols, false, kt, dm);
             let items = (0..gn).into_par_iter();
             parts.push(crate::par_new_with(
                 gn * image,
@@ -185,7 +175,7 @@ impl Geometry {
             let cols = self.batch_cols(gn, xg, prologue);
             let dys = side_by_side(dyg, gn, o, l);
             let (dm, ct) = (Mat::rows(&dys, gn * l), Mat::transposed(&cols, gn * l));
-            self.product_par(o, ckk, gn * l, &mut dk, gi > 0, dm, ct);
+            self.product_par((o, ckk, gn * l), &mut dk, gi > 0, dm, ct);
         }
         dk
     }

@@ -8,8 +8,8 @@ use super::geometry::{f32_mat, f32s, f32s_mut, Geometry, InputGrad, Pass, Path, 
 use super::layout::{bn_relu_row, Prologue};
 use super::row_moments;
 use super::Moments;
-use crate::bf16::matmul_bf16;
-use crate::gemm::{matmul, Mat};
+use crate::bf16::{matmul_bf16, matmul_bf16_par};
+use crate::gemm::{matmul_threads, Mat};
 use crate::norm::bn_relu;
 use crate::{par_new, par_new_with};
 use candle_core::WithDType;
@@ -30,10 +30,28 @@ impl Geometry {
         a: Mat<T>,
         b: Mat<T>,
     ) {
+        self.product_on(1, (m, n, k), dst, accumulate, a, b)
+    }
+
+    /// `product` on `threads` threads of the rayon pool (the batched passes' one large product;
+    /// bitwise the same result at any thread count).
+    pub(super) fn product_on<T: WithDType>(
+        &self,
+        threads: usize,
+        (m, n, k): (usize, usize, usize),
+        dst: &mut [T],
+        accumulate: bool,
+        a: Mat<T>,
+        b: Mat<T>,
+    ) {
         if !self.bf16 {
-            return matmul(m, n, k, dst, accumulate, a, b);
+            return matmul_threads(m, n, k, dst, accumulate, a, b, threads);
         }
-        matmul_bf16(m, n, k, f32s_mut(dst), accumulate, f32_mat(a), f32_mat(b));
+        let (dst, a, b) = (f32s_mut(dst), f32_mat(a), f32_mat(b));
+        match threads {
+            1 => matmul_bf16(m, n, k, dst, accumulate, a, b),
+            _ => matmul_bf16_par(m, n, k, dst, accumulate, a, b),
+        }
     }
 
     /// Scratch for `conv_image`: (shifted copies, wide output) in place, (cols, nothing) for
