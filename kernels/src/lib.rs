@@ -18,7 +18,9 @@
 //! their inputs in place and compute only the gradients the graph needs; outputs are written
 //! chunk by chunk in parallel (`par_new`) without zeroing the whole buffer first; sums run in an
 //! order fixed by the shapes, so results do not depend on the thread count. On other devices the
-//! ops fall back to candle's own. `benches/kernels.rs` (criterion, in this crate) measures each.
+//! ops fall back to candle's own. `benches/kernels.rs` (criterion, in this crate) measures each;
+//! `examples/conv_layers.rs` times every convolution of ResNet-50 or ResNet-20 pass by pass
+//! (`benches/reference/conv_layers.py` is its PyTorch twin).
 
 /// Runs `$body` with the type name `$t` bound to the storage's float type (f32 or f64) and wraps
 /// the `Vec<$t>` it returns into a CPU storage; other dtypes are an error naming `$op`.
