@@ -697,7 +697,16 @@ mod tests {
     /// has it), and the same values (to rounding) when the batch is split into groups.
     #[test]
     fn batched_passes_do_not_depend_on_threads_or_groups() {
-        let (n, c, h, o, k, s, p) = (5, 32, 5, 24, 3, 2, 1);
+        // a strided layer, and one whose products are large enough for the `gemm` crate to
+        // split them over its threads
+        for (n, c, h, o, k, s, p) in [(5, 32, 5, 24, 3, 2, 1), (4, 64, 7, 512, 3, 1, 1)] {
+            batched_passes_agree((n, c, h, o, k, s, p));
+        }
+    }
+
+    fn batched_passes_agree(
+        (n, c, h, o, k, s, p): (usize, usize, usize, usize, usize, usize, usize),
+    ) {
         let x = rand_tensor(&[n, c, h, h], 1, DType::F32);
         let kt = rand_tensor(&[o, c, k, k], 2, DType::F32);
         for bf16 in [false, true] {
