@@ -469,6 +469,20 @@ mod x86 {
         })
     }
 
+    /// A tile's sums into the first (up to MR) rows of `rows` (row-major, `n` wide) at columns
+    /// `j0..`: added, or written over when `!add`.
+    fn store(t: &[f32; MR * NR], rows: &mut [f32], n: usize, j0: usize, add: bool) {
+        let cols = NR.min(n - j0);
+        for (sums, row) in t.chunks_exact(NR).zip(rows.chunks_mut(n)) {
+            let row = &mut row[j0..][..cols];
+            if add {
+                row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
+            } else {
+                row.copy_from_slice(&sums[..cols]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     pub(super) unsafe fn matmul_par(
         m: usize,
@@ -501,15 +515,7 @@ mod x86 {
                         unsafe { pack_a(a, m, k, ip * MR, p0, kc, pa) };
                         for jp in 0..panels {
                             unsafe { tile(blocks, pa.as_ptr(), pb[jp * KC * NR..].as_ptr(), t) };
-                            let (j0, cols) = (jp * NR, NR.min(n - jp * NR));
-                            for (r, sums) in t.chunks_exact(NR).take(rows.len() / n).enumerate() {
-                                let row = &mut rows[r * n + j0..][..cols];
-                                if add {
-                                    row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
-                                } else {
-                                    row.copy_from_slice(&sums[..cols]);
-                                }
-                            }
+                            store(t, rows, n, jp * NR, add);
                         }
                     },
                 );
@@ -540,18 +546,10 @@ mod x86 {
             }
             for j0 in (0..n).step_by(NR) {
                 pack_b(b, n, k, j0, p0, kc, pb);
-                let cols = NR.min(n - j0);
                 for (ip, pa) in pa.chunks_exact(KC * MR).enumerate() {
                     tile(blocks, pa.as_ptr(), pb.as_ptr(), &mut t);
-                    let i0 = ip * MR;
-                    for (r, sums) in t.chunks_exact(NR).take(m - i0).enumerate() {
-                        let row = &mut dst[(i0 + r) * n + j0..][..cols];
-                        if add {
-                            row.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
-                        } else {
-                            row.copy_from_slice(&sums[..cols]);
-                        }
-                    }
+                    let rows = &mut dst[ip * MR * n..m * n];
+                    store(&t, rows, n, j0, add);
                 }
             }
         }

@@ -257,8 +257,8 @@ impl Geometry {
     /// batch's copies (side by side, and back) cost less than the per-image products lose, as
     /// measured per layer (`benches/README.md`): output images under 64 pixels (7x7), except the
     /// pointwise forward, which reads each image in place; and the input gradient of strided
-    /// 1x1 layers. Never where Winograd or the
-    /// in-place products run, nor with `Paths::im2col_only`. A function of the shapes only.
+    /// 1x1 layers. Never where Winograd or the in-place products run, nor with
+    /// `Paths::im2col_only`. A function of the shapes only.
     pub(super) fn batched(&self, pass: Pass) -> bool {
         let p = crate::paths::paths();
         if p.im2col_only || self.winograd().is_some() || self.implicit() {
