@@ -7,9 +7,10 @@
 //! RAYON_NUM_THREADS=2 cargo run --release -p recipe-kernels --example conv_layers -- resnet50 bf16
 //! ```
 //!
-//! Arguments: the model (`resnet50` or `resnet20`), the precision (`fp32` or `bf16`), the
-//! rounds per measurement (default 5; the median is printed), and `--ab` to time the per-image
-//! passes (`Paths::batched` off) against the defaults, alternating in each round.
+//! Arguments: the model (`resnet50`, `resnet20` or `small`, the small ResNet), the precision
+//! (`fp32` or `bf16`), the rounds per measurement (default 5; the median is printed), and `--ab`
+//! to time the per-image passes (`Paths::batched` off) against the defaults, or `--ab-winograd`
+//! the direct convolution (`Paths::winograd` off) against them, alternating in each round.
 
 use candle_core::{Device, Tensor};
 use recipe_kernels::{conv2d, conv2d_backward, set_paths, Conv2dParams, Paths, Switch};
@@ -88,6 +89,12 @@ fn resnet20() -> Vec<Layer> {
     ])
 }
 
+/// The small ResNet of the throughput benchmark (batch 128, 1x28x28): a 3x3 stem at 28 px,
+/// then two basic blocks at 14 px after the max pool.
+fn small() -> Vec<Layer> {
+    layers(&[(1, 32, 3, 1, 28, 1), (32, 32, 3, 1, 14, 4)])
+}
+
 /// The median of `times`.
 fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
@@ -95,22 +102,42 @@ fn median(mut times: Vec<f64>) -> f64 {
 }
 
 /// The paths compared with `--ab`: the per-image passes (`Paths::batched` off) against the
-/// defaults; one setting otherwise.
-fn sides(ab: bool) -> Vec<(&'static str, Paths)> {
-    let per_image = Paths {
-        batched: Switch::Off,
-        ..Paths::default()
-    };
+/// defaults; with `--ab-winograd`, the direct convolution (`Paths::winograd` off) against them;
+/// one setting otherwise.
+fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
     match ab {
-        true => vec![("per image", per_image), ("default", Paths::default())],
-        false => vec![("", recipe_kernels::paths())],
+        Some("--ab") => vec![
+            (
+                "per image",
+                Paths {
+                    batched: Switch::Off,
+                    ..Paths::default()
+                },
+            ),
+            ("default", Paths::default()),
+        ],
+        Some(_) => vec![
+            (
+                "no winograd",
+                Paths {
+                    winograd: Switch::Off,
+                    ..Paths::default()
+                },
+            ),
+            ("default", Paths::default()),
+        ],
+        None => vec![("", recipe_kernels::paths())],
     }
 }
 
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let ab = args.iter().any(|a| a == "--ab");
-    let args: Vec<&String> = args.iter().filter(|a| *a != "--ab").collect();
+    let flags = ["--ab", "--ab-winograd"];
+    let ab = flags.into_iter().find(|f| args.iter().any(|a| a == f));
+    let args: Vec<&String> = args
+        .iter()
+        .filter(|a| !flags.contains(&a.as_str()))
+        .collect();
     let model = args.first().map_or("resnet50", |s| s.as_str());
     let bf16 = match args.get(1).map_or("fp32", |s| s.as_str()) {
         "fp32" => false,
@@ -123,7 +150,8 @@ fn main() -> candle_core::Result<()> {
     let (layers, n) = match model {
         "resnet50" => (resnet50(), 16),
         "resnet20" => (resnet20(), 128),
-        other => candle_core::bail!("model {other:?}: use resnet50 or resnet20"),
+        "small" => (small(), 128),
+        other => candle_core::bail!("model {other:?}: use resnet50, resnet20 or small"),
     };
     let dev = Device::Cpu;
     let sides = sides(ab);
@@ -131,7 +159,7 @@ fn main() -> candle_core::Result<()> {
         "{model} batch {n} {}, {} threads, median of {reps}{}",
         if bf16 { "bf16" } else { "fp32" },
         rayon::current_num_threads(),
-        if ab {
+        if ab.is_some() {
             " alternating rounds, per-image passes / default paths"
         } else {
             ""

@@ -27,9 +27,11 @@ pub struct Paths {
     /// AVX-512 F and VL: `Auto` and `On` both take it where the CPU has them, `Off` never.
     /// Environment: `RECIPE_DIRECT=0` is `Off`.
     pub direct: Switch,
-    /// Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions (`conv/winograd.rs`). `Auto`: from 64
-    /// channels in and out, on CPUs without AVX-512 only; `On`: from 8 channels on any CPU;
-    /// `Off`: never. Environment: `RECIPE_WINOGRAD=0` / `=1`.
+    /// Winograd F(2x2, 3x3) for the forward pass and input gradient of 3x3 stride-1
+    /// convolutions (`conv/winograd.rs`, `conv/winograd_avx512.rs`). `Auto`: from 64 channels
+    /// in and out on CPUs without AVX-512; with it, from 16 channels, a multiple of 8 output
+    /// channels and outputs of 64 pixels or more (`Geometry::winograd`); `On`: from 8 channels
+    /// on any CPU; `Off`: never. Environment: `RECIPE_WINOGRAD=0` / `=1`.
     pub winograd: Switch,
     /// The whole batch in one product per pass (`Geometry::batched`): the images' unfolded
     /// columns side by side, so the kernel is packed once per pass instead of once per image.
@@ -171,7 +173,7 @@ pub fn winograd_min_channels() -> Option<usize> {
     match paths().winograd {
         Switch::Off => None,
         Switch::On => Some(8),
-        Switch::Auto if cpu().avx512 => None,
+        Switch::Auto if cpu().avx512 => Some(16),
         Switch::Auto => Some(64),
     }
 }

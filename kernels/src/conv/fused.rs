@@ -237,6 +237,8 @@ mod tests {
             (2, 8, 24, 16, 3, 1, 1),
             (2, 6, 5, 8, 3, 1, 0),
             (2, 64, 64, 6, 3, 1, 1),
+            // Winograd on AVX-512: the prologue applied while transforming the input
+            (2, 16, 32, 10, 3, 1, 1),
             (3, 5, 7, 9, 3, 2, 1),
             (2, 4, 6, 6, 1, 1, 0),
             (2, 4, 6, 7, 1, 2, 0),

@@ -100,17 +100,22 @@ impl Geometry {
     }
 
     /// 3x3 stride-1 convolutions run as Winograd F(2x2, 3x3) where it measured faster
-    /// (`paths::winograd_min_channels`): on CPUs without AVX-512, for 64 channels or more in and
-    /// out; below that its transforms cost more than the multiplications saved. With AVX-512 the
-    /// products run twice as fast and the transforms do not, so it is off there. Measurements:
-    /// `benches/README.md`.
+    /// (`paths::winograd_min_channels`). On CPUs without AVX-512 (`winograd.rs`, the `gemm`
+    /// crate's products), for 64 channels or more in and out: below that its transforms cost
+    /// more than the multiplications saved. With AVX-512 (`winograd_avx512.rs`), from 16
+    /// channels where its own path runs (a multiple of 8 output channels) and the output has 64
+    /// pixels or more: the 7x7 outputs of ResNet-50's last stage run faster in the batched
+    /// passes. Measurements: `benches/README.md`. The kernel gradient never runs through it.
     pub(super) fn winograd(&self) -> Option<Winograd> {
         if self.bf16 {
             return None;
         }
         let min_channels = crate::paths::winograd_min_channels()?;
         let fits = self.kh == 3 && self.kw == 3 && self.s == 1;
-        (fits && self.c >= min_channels && self.o >= min_channels).then_some(Winograd {
+        if !(fits && self.c >= min_channels && self.o >= min_channels) {
+            return None;
+        }
+        let wg = Winograd {
             c: self.c,
             h: self.h,
             w: self.w,
@@ -118,7 +123,12 @@ impl Geometry {
             p: self.p,
             oh: self.oh,
             ow: self.ow,
-        })
+        };
+        let auto = crate::paths::paths().winograd == Switch::Auto;
+        if auto && crate::paths::cpu().avx512 && !(wg.avx512() && self.l() >= 64) {
+            return None;
+        }
+        Some(wg)
     }
 
     /// Whether the products read the unfolded image in place instead of im2col's copy
@@ -163,13 +173,13 @@ impl Geometry {
 
     /// The direct convolution of this geometry (`direct.rs`), where it applies: f32, AVX-512,
     /// a multiple of 8 output channels, stride 1 with a 3x3, 5x5 or 7x7 kernel and "same"
-    /// padding or stride 2 with 3x3 padding 1 or 1x1 (`Direct::new`); not where Winograd is
-    /// forced on (`Paths::winograd`), so the forward and its input gradient take one path.
+    /// padding or stride 2 with 3x3 padding 1 or 1x1 (`Direct::new`). Where Winograd runs
+    /// (`winograd`) it takes the forward pass and the input gradient, and the direct path keeps
+    /// the kernel gradient.
     pub(super) fn direct<T: WithDType>(&self) -> Option<Direct> {
         if TypeId::of::<T>() != TypeId::of::<f32>()
             || (self.bf16 && !crate::bf16::available())
             || crate::paths::paths().im2col_only
-            || self.winograd().is_some()
         {
             return None;
         }
@@ -257,11 +267,13 @@ impl Geometry {
     /// batch's copies (side by side, and back) cost less than the per-image products lose, as
     /// measured per layer (`benches/README.md`): output images under 64 pixels (7x7), except the
     /// pointwise forward, which reads each image in place; and the input gradient of strided
-    /// 1x1 layers. Never where Winograd or the in-place products run, nor with
+    /// 1x1 layers. Never where the in-place products run, nor with
     /// `Paths::im2col_only`. A function of the shapes only.
     pub(super) fn batched(&self, pass: Pass) -> bool {
         let p = crate::paths::paths();
-        if p.im2col_only || self.winograd().is_some() || self.implicit() {
+        // Winograd takes the forward pass and the input gradient, not the kernel gradient
+        let winograd = !matches!(pass, Pass::Kernel) && self.winograd().is_some();
+        if p.im2col_only || winograd || self.implicit() {
             return false;
         }
         let small = self.l() < 64;

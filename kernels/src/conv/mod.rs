@@ -36,7 +36,8 @@
 //!   image;
 //! - `batched.rs`: the same passes with the whole batch in one product each, for small images
 //!   with large kernels (`Geometry::batched`);
-//! - `direct.rs`, `winograd.rs`: the direct AVX-512 convolution and Winograd F(2x2, 3x3);
+//! - `direct.rs`, `winograd.rs`, `winograd_avx512.rs`: the direct AVX-512 convolution and
+//!   Winograd F(2x2, 3x3), portable and with AVX-512;
 //! - `fused.rs`: a batch norm + ReLU run inside the convolution that follows it.
 
 use crate::norm::Saved;
@@ -52,6 +53,8 @@ mod geometry;
 mod layout;
 mod passes;
 mod winograd;
+#[cfg(target_arch = "x86_64")]
+mod winograd_avx512;
 
 pub use fused::bn_relu_conv2d;
 
@@ -438,6 +441,11 @@ mod tests {
             (1, 8, 1, 1, 8, 3, 1, 1),
             // 64 channels: the Winograd path on CPUs without AVX-512
             (2, 64, 6, 5, 64, 3, 1, 1),
+            // Winograd's AVX-512 path (16 channels or more, 64 output pixels or more): rows of
+            // one and several 16-tile chunks, an odd width, and an input gradient with 24
+            // output channels
+            (2, 16, 8, 8, 32, 3, 1, 1),
+            (3, 24, 11, 37, 16, 3, 1, 1),
             (2, 3, 6, 10, 4, 3, 1, 1),
             (1, 2, 5, 16, 3, 5, 1, 2),
             (1, 2, 6, 8, 3, 2, 1, 1),
@@ -656,7 +664,6 @@ mod tests {
                 .unwrap()
                 .1
         };
-        let winograd = geometry(64, 5, 512, 3, 1).winograd().is_some();
         // (shape, forward and input gradient batched)
         for ((c, h, o, k, s), (forward, input)) in [
             ((256, 14, 256, 3, 1), (false, false)),
@@ -671,10 +678,10 @@ mod tests {
             ((256, 9, 128, 3, 2), (true, true)),
         ] {
             let g = geometry(c, h, o, k, s);
-            // 3x3 stride 1 runs as Winograd on CPUs without AVX-512
-            let on = !(winograd && k == 3 && s == 1);
+            // Winograd, where it runs, takes the forward pass and the input gradient
+            let on = g.winograd().is_none();
             let case = format!("{c} {h} {o} {k} {s}");
-            assert_eq!(g.batched(Pass::Kernel), on, "kernel gradient {case}");
+            assert!(g.batched(Pass::Kernel), "kernel gradient {case}");
             assert_eq!(g.batched(Pass::Forward), on && forward, "forward {case}");
             assert_eq!(g.batched(Pass::Input), on && input, "input gradient {case}");
         }
@@ -690,6 +697,40 @@ mod tests {
             for pass in [Pass::Forward, Pass::Input, Pass::Kernel] {
                 assert!(!g.batched(pass), "{pass:?} {c} {h} {o} {k} {s}");
             }
+        }
+    }
+
+    /// With AVX-512, Winograd runs the 3x3 stride-1 layers from 16 channels with outputs of 64
+    /// pixels or more (ResNet-20's, the small ResNet's, ResNet-50's first three stages), not
+    /// the 7x7 outputs that the batched passes run faster, nor the stem of 3 or 1 channels.
+    #[test]
+    fn winograd_runs_where_it_measured_faster() {
+        if crate::paths::paths() != crate::paths::Paths::default() || !crate::paths::cpu().avx512 {
+            eprintln!("skipped: kernel paths set by the environment, or no AVX-512");
+            return;
+        }
+        let geometry = |c, h, o, k, s| {
+            let x = Shape::from((1, c, h, h));
+            Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, k / 2))
+                .unwrap()
+                .1
+        };
+        for ((c, h, o, k, s), on) in [
+            ((16, 32, 16, 3, 1), true),
+            ((32, 14, 32, 3, 1), true),
+            ((64, 8, 64, 3, 1), true),
+            ((256, 14, 256, 3, 1), true),
+            ((512, 7, 512, 3, 1), false),
+            ((3, 32, 16, 3, 1), false),
+            ((8, 32, 8, 3, 1), false),
+            ((32, 16, 64, 3, 2), false),
+            ((64, 56, 64, 1, 1), false),
+        ] {
+            let g = geometry(c, h, o, k, s);
+            assert_eq!(g.winograd().is_some(), on, "{c} {h} {o} {k} {s}");
+            // its input gradient is the forward of the transposed geometry
+            let t = g.transposed().and_then(|t| t.winograd());
+            assert_eq!(t.is_some(), on, "input gradient of {c} {h} {o} {k} {s}");
         }
     }
 

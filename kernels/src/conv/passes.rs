@@ -4,9 +4,12 @@
 //! fixed by the shapes, so results do not depend on the thread count.
 
 use super::direct::NK;
-use super::geometry::{f32_mat, f32s, f32s_mut, Geometry, InputGrad, Pass, Path, Prepared};
+use super::geometry::{
+    f32_mat, f32s, f32s_into, f32s_mut, Geometry, InputGrad, Pass, Path, Prepared,
+};
 use super::layout::{bn_relu_row, Prologue};
 use super::row_moments;
+use super::winograd::Winograd;
 use super::Moments;
 use crate::bf16::{matmul_bf16, matmul_bf16_par};
 use crate::gemm::{matmul_threads, Mat};
@@ -189,8 +192,7 @@ impl Geometry {
     ) -> Vec<T> {
         let (o, l) = (self.o, self.l());
         if let Some(wg) = self.winograd() {
-            let a = prologue.map(|st| self.bn_relu_batch(x, st));
-            let out = wg.forward(n, a.as_deref().unwrap_or(x), k);
+            let out = self.winograd_forward(&wg, n, x, k, prologue);
             if let Some(m) = moments {
                 out.par_chunks(o * l)
                     .zip(m.par_chunks_mut(o))
@@ -218,6 +220,31 @@ impl Geometry {
                 self.conv_image(&how, bufs, y, img, prologue)
             },
         )
+    }
+
+    /// The convolution of `n` images through Winograd (`winograd()`), of `relu(x * s + t)` per
+    /// input channel when a `prologue` is given: the AVX-512 path (`winograd_avx512.rs`) applies
+    /// it while transforming the input; the portable one takes the normalised batch.
+    fn winograd_forward<T: WithDType>(
+        &self,
+        wg: &Winograd,
+        n: usize,
+        x: &[T],
+        k: &[T],
+        prologue: Option<&[(T, T)]>,
+    ) -> Vec<T> {
+        #[cfg(target_arch = "x86_64")]
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && wg.avx512() {
+            let st: Option<Vec<(f32, f32)>> = prologue.map(|st| {
+                st.iter()
+                    .map(|&(s, t)| (s.to_f64() as f32, t.to_f64() as f32))
+                    .collect()
+            });
+            let y = wg.forward_avx512(n, f32s(x), f32s(k), st.as_deref());
+            return f32s_into(y);
+        }
+        let a = prologue.map(|st| self.bn_relu_batch(x, st));
+        wg.forward(n, a.as_deref().unwrap_or(x), k)
     }
 
     /// `img`, or `relu(img * s + t)` per channel written into `tmp` when a `prologue` is given:
@@ -291,12 +318,10 @@ impl Geometry {
         if self.batched(Pass::Input) {
             return self.grad_input_batched((n, self.batch_group(n)), k, dy);
         }
-        let how = self.input_grad(k);
-        if let InputGrad::Transposed(t, prepared) = &how {
-            if let (Some(wg), Path::Im2col) = (t.winograd(), &prepared.path) {
-                return wg.forward(n, dy, &prepared.kernel);
-            }
+        if let Some((t, wg)) = self.transposed().and_then(|t| Some((t, t.winograd()?))) {
+            return t.winograd_forward(&wg, n, dy, &self.flipped_kernel(k), None);
         }
+        let how = self.input_grad(k);
         par_new_with(
             n * self.image(),
             self.image(),

@@ -6,12 +6,12 @@
 //! enough to run near the machine's peak). Results differ from the direct convolution by rounding
 //! only (relative error ~1e-6 in f32; tested against it in f32 and f64).
 //!
-//! Used by default for 64 channels or more in and out on CPUs without AVX-512
-//! (`Geometry::winograd`, `paths::winograd_min_channels`): with the `gemm` crate's AVX2 kernels
-//! it wins where the channels are many and the images small; with fewer channels the transforms
-//! (memory-bound, per channel and tile row) cost more than the multiplications saved, and with
-//! the AVX-512 kernels the products run twice as fast while the transforms do not, so it lost
-//! there. The measurements are in `benches/README.md`.
+//! This portable form is used by default for 64 channels or more in and out on CPUs without
+//! AVX-512 (`Geometry::winograd`, `paths::winograd_min_channels`): with the `gemm` crate's AVX2
+//! kernels it wins where the channels are many and the images small; with fewer channels the
+//! transforms (memory-bound, per channel and tile row) cost more than the multiplications saved.
+//! With AVX-512, `winograd_avx512.rs` runs the same arithmetic with its transforms in registers
+//! and its own product tiles. The measurements are in `benches/README.md`.
 
 use crate::gemm::{matmul, Mat};
 use crate::par_new_with;
@@ -59,12 +59,18 @@ const TARGET_TILES: usize = 1024;
 const MAX_BUFFER: usize = 1 << 20;
 
 impl Winograd {
-    fn tiles(&self) -> (usize, usize) {
+    /// Whether `winograd_avx512.rs` runs this shape: an x86-64 CPU with AVX-512 (F) and a
+    /// multiple of 8 output channels (its products' tiles).
+    pub(super) fn avx512(&self) -> bool {
+        cfg!(target_arch = "x86_64") && crate::paths::cpu().avx512 && self.o % 8 == 0 && self.c > 0
+    }
+
+    pub(super) fn tiles(&self) -> (usize, usize) {
         (self.oh.div_ceil(2), self.ow.div_ceil(2))
     }
 
     /// U = G g G^T for every (o, c): 16 matrices [O x C], stored xi-major.
-    fn transform_kernel<T: WithDType>(&self, k: &[T]) -> Vec<T> {
+    pub(super) fn transform_kernel<T: WithDType>(&self, k: &[T]) -> Vec<T> {
         let (o, c) = (self.o, self.c);
         let mut u = vec![T::zero(); 16 * o * c];
         let half = T::from_f64(0.5);

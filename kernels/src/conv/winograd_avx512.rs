@@ -1,0 +1,470 @@
+//! Winograd F(2x2, 3x3) in f32 on CPUs with AVX-512 (F): the arithmetic of `winograd.rs`, with
+//! the three steps written for 16-lane vectors and kept in cache, a group of images at a time.
+//!
+//! `winograd.rs` transforms a whole group through scalar loops that the compiler vectorises
+//! (each input row split into its even and odd columns for every tile row that reads it) and
+//! multiplies with the `gemm` crate, which packs both operands again; with AVX-512 its
+//! transforms cost as much as its products, and the direct tiles were faster. Here:
+//! - Input: 16 tiles of a tile row at once. Each tap column of the 4x4 tile is one permute of
+//!   two masked loads of the input row (the even or odd columns from the tile's first one;
+//!   lanes outside the row read zero, which is the padding), with the batch norm + ReLU
+//!   prologue applied to the loaded lanes; `B^T d B` in registers; 16 masked stores into
+//!   `V[xi][c][tile]`.
+//! - Products: for each of the 16 points `xi`, `M[xi] = U[xi] V[xi]` by tiles of 8 output
+//!   channels x 48 tiles summed in 24 vector registers (the direct convolution's tile shape,
+//!   with no masks and 2.25x fewer multiplications per output); `U` is stored as
+//!   `[xi][o / 8][c][8]`, so each step broadcasts 8 consecutive weights.
+//! - Output: `A^T m A` of 16 tiles in registers, the even and odd output columns interleaved by
+//!   two permutes and stored with the row's mask.
+//!
+//! Images per group: the fewest padding lanes with `V` and `M` under 256 KB each (the group's
+//! tiles are rounded up to a multiple of 16). The grouping is a function of the shape only, and
+//! no tile's value depends on the others in its group, so results do not depend on the thread
+//! count or on the group.
+
+use super::winograd::Winograd;
+use crate::par_new_with;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// f32 lanes of one vector.
+const LANES: usize = 16;
+/// Output channels per product tile.
+const NK: usize = 8;
+/// Values in each of a group's `V` and `M` buffers at most (256 KB).
+const MAX_BUFFER: usize = 1 << 16;
+/// Values between the 16 points' matrices in `V` and `M`, beyond their size: with sizes of
+/// 4 KB multiples, the transforms' 16 loads or stores of one tile would all map to the same L1
+/// set (measured 1.3-1.5x slower at 16 and 8 pixels).
+const SKEW: usize = 16;
+
+/// A 16-bit lane mask of the lanes `lo..hi` (clamped to 0..16).
+fn lane_mask(lo: isize, hi: isize) -> u16 {
+    let (lo, hi) = (lo.clamp(0, 16), hi.clamp(0, 16));
+    if hi <= lo {
+        return 0;
+    }
+    let bits = (1u32 << hi) - (1u32 << lo);
+    bits as u16
+}
+
+impl Winograd {
+    /// (images per group, tile lanes per group): the fewest padding lanes per image with both
+    /// buffers under `MAX_BUFFER`, at most 8 images; groups under 48 tiles count 1/8 more
+    /// (their products run one vector at a time, with 8 broadcasts per 8 multiplications).
+    fn group(&self) -> (usize, usize) {
+        let (th, tw) = self.tiles();
+        let t = th * tw;
+        let rows = 16 * self.c.max(self.o);
+        let cost = |g: usize| {
+            let tp = (g * t).next_multiple_of(LANES);
+            let narrow = if tp < 3 * LANES { 9 } else { 8 };
+            (tp * narrow) as f64 / g as f64
+        };
+        let mut best = 1;
+        for g in 2..=8 {
+            if rows * (g * t).next_multiple_of(LANES) > MAX_BUFFER {
+                break;
+            }
+            if cost(g) < cost(best) {
+                best = g;
+            }
+        }
+        (best, (best * t).next_multiple_of(LANES))
+    }
+
+    /// U = G g G^T as `[xi][o / 8][c][8]`.
+    fn kernel_tiles(&self, k: &[f32]) -> Vec<f32> {
+        let (o, c) = (self.o, self.c);
+        let u = self.transform_kernel(k);
+        let mut tiles = vec![0f32; u.len()];
+        for xi in 0..16 {
+            for oi in 0..o {
+                for ci in 0..c {
+                    tiles[((xi * (o / NK) + oi / NK) * c + ci) * NK + oi % NK] =
+                        u[(xi * o + oi) * c + ci];
+                }
+            }
+        }
+        tiles
+    }
+
+    /// The convolution of `n` images [N, C, H, W] with a kernel [O, C, 3, 3], of
+    /// `relu(x * s + t)` per input channel when a `prologue` [C] of (s, t) is given (bitwise the
+    /// batch norm's own arithmetic, `norm::bn_relu`). Needs `avx512()`.
+    pub(super) fn forward_avx512(
+        &self,
+        n: usize,
+        x: &[f32],
+        k: &[f32],
+        prologue: Option<&[(f32, f32)]>,
+    ) -> Vec<f32> {
+        assert!(
+            self.avx512(),
+            "Winograd's AVX-512 path on a CPU or shape without it"
+        );
+        let (c, o) = (self.c, self.o);
+        let (image, out) = (c * self.h * self.w, o * self.oh * self.ow);
+        assert_eq!(x.len(), n * image, "Winograd: input of {n} images");
+        assert_eq!(k.len(), o * c * 9, "Winograd: a 3x3 kernel");
+        if let Some(st) = prologue {
+            assert_eq!(
+                st.len(),
+                c,
+                "Winograd: one (scale, shift) per input channel"
+            );
+        }
+        let (group, tp) = self.group();
+        let u = self.kernel_tiles(k);
+        par_new_with(
+            n * out,
+            group * out,
+            x.par_chunks(group * image),
+            || {
+                (
+                    vec![0f32; 16 * (c * tp + SKEW)],
+                    vec![0f32; 16 * (o * tp + SKEW)],
+                )
+            },
+            |(v, m), y, xs| {
+                let imgs = xs.len() / image;
+                // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
+                // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
+                unsafe {
+                    match prologue {
+                        Some(st) => self.input::<true>(xs, imgs, st, tp, v),
+                        None => self.input::<false>(xs, imgs, &[], tp, v),
+                    }
+                    let used = (imgs * self.tiles().0 * self.tiles().1).next_multiple_of(LANES);
+                    self.products(&u, v, m, used, tp);
+                    self.output(m, imgs, tp, y);
+                }
+            },
+        )
+    }
+
+    /// V = B^T d B of every channel and tile of `imgs` images into `v` ([16][C][tp]; tile
+    /// `(g * th + ty) * tw + tx`).
+    ///
+    /// # Safety
+    /// AVX-512 F; `xs` holds `imgs` images, `v` 16 * C * tp values, tp >= imgs * th * tw.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input<const BN: bool>(
+        &self,
+        xs: &[f32],
+        imgs: usize,
+        st: &[(f32, f32)],
+        tp: usize,
+        v: &mut [f32],
+    ) {
+        let (c, h, w, p) = (self.c, self.h, self.w, self.p as isize);
+        let (th, tw) = self.tiles();
+        debug_assert!(v.len() >= 16 * (c * tp + SKEW) && tp >= imgs * th * tw);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let zero = _mm512_setzero_ps();
+        let vp = v.as_mut_ptr();
+        // padded rows that the tiles read
+        let rows = 2 * th + 2;
+        let mut scratch = vec![0f32; rows * 4 * LANES];
+        let ep = scratch.as_mut_ptr();
+        for g in 0..imgs {
+            for ci in 0..c {
+                let plane = xs.as_ptr().add((g * c + ci) * h * w);
+                let (sv, tv) = match BN {
+                    true => (_mm512_set1_ps(st[ci].0), _mm512_set1_ps(st[ci].1)),
+                    false => (zero, zero),
+                };
+                for tx0 in (0..tw).step_by(LANES) {
+                    let keep = lane_mask(0, (tw - tx0) as isize);
+                    // the 48 columns from `base` of a row, as three masked loads: lanes
+                    // outside the row read zero (the padding)
+                    let base = 2 * tx0 as isize - p;
+                    let (lo, hi) = (-base, w as isize - base);
+                    let masks = [0, 16, 32].map(|at| lane_mask(lo - at, hi - at));
+                    // e[pr][s]: padded row pr (input row pr - p) times B, once per row
+                    for pr in 0..rows {
+                        let e = ep.add(pr * 4 * LANES);
+                        let iy = pr as isize - p;
+                        if iy < 0 || iy >= h as isize {
+                            for s in 0..4 {
+                                _mm512_storeu_ps(e.add(s * LANES), zero);
+                            }
+                            continue;
+                        }
+                        // masked-off lanes are not read: `wrapping_offset` keeps the address
+                        // arithmetic defined outside the row
+                        let src = plane.add(iy as usize * w).wrapping_offset(base);
+                        let mut x = [zero; 3];
+                        for (i, x) in x.iter_mut().enumerate() {
+                            *x = _mm512_maskz_loadu_ps(masks[i], src.wrapping_add(16 * i));
+                            if BN {
+                                // relu(x * s + t), zero in the padding
+                                let y = _mm512_add_ps(_mm512_mul_ps(*x, sv), tv);
+                                *x = _mm512_maskz_max_ps(masks[i], y, zero);
+                            }
+                        }
+                        // d[s]: columns 2 tx + s - p; from base + 2, the vectors moved down
+                        // two lanes
+                        let (a2, b2) = (shift2(x[1], x[0]), shift2(x[2], x[1]));
+                        let d0 = _mm512_permutex2var_ps(x[0], even, x[1]);
+                        let d1 = _mm512_permutex2var_ps(x[0], odd, x[1]);
+                        let d2 = _mm512_permutex2var_ps(a2, even, b2);
+                        let d3 = _mm512_permutex2var_ps(a2, odd, b2);
+                        _mm512_storeu_ps(e, _mm512_sub_ps(d0, d2));
+                        _mm512_storeu_ps(e.add(LANES), _mm512_add_ps(d1, d2));
+                        _mm512_storeu_ps(e.add(2 * LANES), _mm512_sub_ps(d2, d1));
+                        _mm512_storeu_ps(e.add(3 * LANES), _mm512_sub_ps(d1, d3));
+                    }
+                    for ty in 0..th {
+                        let e = |k: usize, s: usize| {
+                            _mm512_loadu_ps(ep.add(((2 * ty + k) * 4 + s) * LANES))
+                        };
+                        let tile = (g * th + ty) * tw + tx0;
+                        for s in 0..4 {
+                            let (e0, e1, e2, e3) = (e(0, s), e(1, s), e(2, s), e(3, s));
+                            let vals = [
+                                _mm512_sub_ps(e0, e2),
+                                _mm512_add_ps(e1, e2),
+                                _mm512_sub_ps(e2, e1),
+                                _mm512_sub_ps(e1, e3),
+                            ];
+                            for (r, val) in vals.into_iter().enumerate() {
+                                let at = (r * 4 + s) * (c * tp + SKEW) + ci * tp + tile;
+                                _mm512_mask_storeu_ps(vp.add(at), keep, val);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// M[xi] = U[xi] V[xi] for the first `used` tiles (a multiple of 16).
+    ///
+    /// # Safety
+    /// AVX-512 F; `u` from `kernel_tiles`, `v` [16][C][tp], `m` [16][O][tp], used <= tp.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn products(&self, u: &[f32], v: &[f32], m: &mut [f32], used: usize, tp: usize) {
+        let (c, o) = (self.c, self.o);
+        debug_assert!(used <= tp && used % LANES == 0);
+        debug_assert!(u.len() == 16 * o * c);
+        debug_assert!(v.len() >= 16 * (c * tp + SKEW) && m.len() >= 16 * (o * tp + SKEW));
+        for xi in 0..16 {
+            let vx = v.as_ptr().add(xi * (c * tp + SKEW));
+            for ob in 0..o / NK {
+                let uo = u.as_ptr().add((xi * (o / NK) + ob) * c * NK);
+                let mo = m.as_mut_ptr().add(xi * (o * tp + SKEW) + ob * NK * tp);
+                let mut t = 0;
+                while t < used {
+                    // 3 vectors per tile; a remainder of 4 as two tiles of 2
+                    let nv = match (used - t) / LANES {
+                        r @ (1 | 2) => r,
+                        4 => 2,
+                        _ => 3,
+                    };
+                    let (vt, mt) = (vx.add(t), mo.add(t));
+                    match nv {
+                        1 => product_tile::<1>(uo, vt, mt, c, tp),
+                        2 => product_tile::<2>(uo, vt, mt, c, tp),
+                        _ => product_tile::<3>(uo, vt, mt, c, tp),
+                    }
+                    t += nv * LANES;
+                }
+            }
+        }
+    }
+
+    /// Y = A^T m A of every output channel and tile, written into `imgs` NCHW images.
+    ///
+    /// # Safety
+    /// AVX-512 F; `m` [16][O][tp], `y` `imgs` output images.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output(&self, m: &[f32], imgs: usize, tp: usize, y: &mut [f32]) {
+        let (o, oh, ow) = (self.o, self.oh, self.ow);
+        let (th, tw) = self.tiles();
+        debug_assert!(m.len() >= 16 * (o * tp + SKEW) && y.len() >= imgs * o * oh * ow);
+        let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi_idx =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let mp = m.as_ptr();
+        for g in 0..imgs {
+            for oc in 0..o {
+                let plane = y.as_mut_ptr().add((g * o + oc) * oh * ow);
+                for ty in 0..th {
+                    for tx0 in (0..tw).step_by(LANES) {
+                        let keep = lane_mask(0, (tw - tx0) as isize);
+                        let tile = (g * th + ty) * tw + tx0;
+                        let mut mm = [_mm512_setzero_ps(); 16];
+                        for (xi, mm) in mm.iter_mut().enumerate() {
+                            let at = xi * (o * tp + SKEW) + oc * tp + tile;
+                            *mm = _mm512_maskz_loadu_ps(keep, mp.add(at));
+                        }
+                        // u[r][j]: rows of A^T m
+                        let mut u = [[_mm512_setzero_ps(); 4]; 2];
+                        for j in 0..4 {
+                            u[0][j] = _mm512_add_ps(_mm512_add_ps(mm[j], mm[4 + j]), mm[8 + j]);
+                            u[1][j] =
+                                _mm512_sub_ps(_mm512_sub_ps(mm[4 + j], mm[8 + j]), mm[12 + j]);
+                        }
+                        let col = 2 * tx0 as isize;
+                        let (mlo, mhi) = (
+                            lane_mask(0, ow as isize - col),
+                            lane_mask(0, ow as isize - col - 16),
+                        );
+                        for (r, u) in u.iter().enumerate() {
+                            let yy = 2 * ty + r;
+                            if yy >= oh {
+                                continue;
+                            }
+                            let ye = _mm512_add_ps(_mm512_add_ps(u[0], u[1]), u[2]);
+                            let yo = _mm512_sub_ps(_mm512_sub_ps(u[1], u[2]), u[3]);
+                            let dst = plane.add(yy * ow + 2 * tx0);
+                            let lo = _mm512_permutex2var_ps(ye, lo_idx, yo);
+                            let hi = _mm512_permutex2var_ps(ye, hi_idx, yo);
+                            _mm512_mask_storeu_ps(dst, mlo, lo);
+                            _mm512_mask_storeu_ps(dst.wrapping_add(16), mhi, hi);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Lanes 2..16 of `lo` followed by lanes 0..2 of `hi`: a row's vector two columns on.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn shift2(hi: __m512, lo: __m512) -> __m512 {
+    _mm512_castsi512_ps(_mm512_alignr_epi32::<2>(
+        _mm512_castps_si512(hi),
+        _mm512_castps_si512(lo),
+    ))
+}
+
+/// `m[r][t..t + 16 NV] = sum over c of u[c][r] v[c][t..]` for the 8 output channels `r` of
+/// one block: 8 x NV vector sums in registers, one pass over the input channels.
+///
+/// # Safety
+/// AVX-512 F; `u` [C][8], `v` C rows of `tp` from the tile, `m` 8 rows of `tp` from the tile,
+/// each holding 16 NV values from there.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
+unsafe fn product_tile<const NV: usize>(
+    u: *const f32,
+    v: *const f32,
+    m: *mut f32,
+    c: usize,
+    tp: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NV]; NK];
+    for ci in 0..c {
+        let mut xv = [_mm512_setzero_ps(); NV];
+        for j in 0..NV {
+            xv[j] = _mm512_loadu_ps(v.add(ci * tp + j * LANES));
+        }
+        for r in 0..NK {
+            let b = _mm512_set1_ps(*u.add(ci * NK + r));
+            for j in 0..NV {
+                acc[r][j] = _mm512_fmadd_ps(xv[j], b, acc[r][j]);
+            }
+        }
+    }
+    for r in 0..NK {
+        for j in 0..NV {
+            _mm512_storeu_ps(m.add(r * tp + j * LANES), acc[r][j]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::norm::bn_relu;
+    use crate::testing::{max_rel_err, rand_tensor};
+    use candle_core::{Device, Tensor};
+
+    fn shape(c: usize, h: usize, w: usize, o: usize, p: usize) -> Winograd {
+        let (oh, ow) = (h + 2 * p - 2, w + 2 * p - 2);
+        Winograd {
+            c,
+            h,
+            w,
+            o,
+            p,
+            oh,
+            ow,
+        }
+    }
+
+    /// Against candle's convolution, with and without the batch norm + ReLU prologue (applied
+    /// to the input first with the batch norm's own arithmetic): odd sizes (partial tiles),
+    /// rows wider than 32 columns (several 16-tile chunks), padding 0 to 2, groups of several
+    /// images and a last group that is not full.
+    #[test]
+    fn matches_candle_with_and_without_the_prologue() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for (n, c, h, w, o, p) in [
+            (3, 8, 7, 9, 8, 1),
+            (5, 16, 14, 14, 32, 1),
+            (2, 16, 32, 32, 16, 1),
+            (2, 8, 37, 45, 16, 1),
+            (1, 9, 5, 6, 24, 0),
+            (2, 3, 3, 3, 8, 2),
+            (1, 8, 1, 1, 8, 1),
+            (11, 32, 8, 8, 64, 1),
+        ] {
+            let wg = shape(c, h, w, o, p);
+            let x = rand_tensor(&[n, c, h, w], 1, candle_core::DType::F32);
+            let k = rand_tensor(&[o, c, 3, 3], 2, candle_core::DType::F32);
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let st: Vec<(f32, f32)> = (0..c)
+                .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
+                .collect();
+            for prologue in [None, Some(&st[..])] {
+                let a: Vec<f32> = match prologue {
+                    None => xs.clone(),
+                    Some(st) => xs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| bn_relu(v, st[i / (h * w) % c]))
+                        .collect(),
+                };
+                let a = Tensor::from_vec(a, (n, c, h, w), &Device::Cpu).unwrap();
+                let want = a.conv2d(&k, p, 1, 1, 1).unwrap();
+                let got = wg.forward_avx512(n, &xs, &ks, prologue);
+                let got = Tensor::from_vec(got, want.shape(), &Device::Cpu).unwrap();
+                let err = max_rel_err(&got, &want);
+                let on = prologue.is_some();
+                assert!(err < 1e-5, "{n} {c} {h} {w} {o} p{p} prologue {on}: {err}");
+            }
+        }
+    }
+
+    /// An image's output is the same bits whatever images share its group (no tile's value
+    /// depends on another's), so the result does not depend on the batch size or the split.
+    #[test]
+    fn an_image_does_not_depend_on_its_group() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (n, c, h, w, o) = (7, 16, 14, 14, 16);
+        let wg = shape(c, h, w, o, 1);
+        assert!(wg.group().0 > 1, "the test needs groups of several images");
+        let x = rand_tensor(&[n, c, h, w], 3, candle_core::DType::F32);
+        let k = rand_tensor(&[o, c, 3, 3], 4, candle_core::DType::F32);
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let all = wg.forward_avx512(n, &xs, &ks, None);
+        let (image, out) = (c * h * w, o * h * w);
+        for i in 0..n {
+            let one = wg.forward_avx512(1, &xs[i * image..][..image], &ks, None);
+            assert_eq!(one, all[i * out..][..out], "image {i}");
+        }
+    }
+}
