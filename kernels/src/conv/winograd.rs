@@ -62,7 +62,10 @@ impl Winograd {
     /// Whether `winograd_avx512.rs` runs this shape: an x86-64 CPU with AVX-512 (F) and a
     /// multiple of 8 output channels (its products' tiles).
     pub(super) fn avx512(&self) -> bool {
-        cfg!(target_arch = "x86_64") && crate::paths::cpu().avx512 && self.o % 8 == 0 && self.c > 0
+        cfg!(target_arch = "x86_64")
+            && crate::paths::cpu().avx512
+            && self.o.is_multiple_of(8)
+            && self.c > 0
     }
 
     pub(super) fn tiles(&self) -> (usize, usize) {

@@ -171,9 +171,9 @@ impl Winograd {
         for g in 0..imgs {
             for ci in 0..c {
                 let plane = xs.as_ptr().add((g * c + ci) * h * w);
-                let (sv, tv) = match BN {
-                    true => (_mm512_set1_ps(st[ci].0), _mm512_set1_ps(st[ci].1)),
-                    false => (zero, zero),
+                let (sv, tv) = match st.get(ci) {
+                    Some(&(s, t)) if BN => (_mm512_set1_ps(s), _mm512_set1_ps(t)),
+                    _ => (zero, zero),
                 };
                 for tx0 in (0..tw).step_by(LANES) {
                     let keep = lane_mask(0, (tw - tx0) as isize);
@@ -247,7 +247,7 @@ impl Winograd {
     #[target_feature(enable = "avx512f")]
     unsafe fn products(&self, u: &[f32], v: &[f32], m: &mut [f32], used: usize, tp: usize) {
         let (c, o) = (self.c, self.o);
-        debug_assert!(used <= tp && used % LANES == 0);
+        debug_assert!(used <= tp && used.is_multiple_of(LANES));
         debug_assert!(u.len() == 16 * o * c);
         debug_assert!(v.len() >= 16 * (c * tp + SKEW) && m.len() >= 16 * (o * tp + SKEW));
         for xi in 0..16 {
