@@ -600,6 +600,15 @@ mod tests {
         assert!(err.to_string().contains("bf16"), "{err}");
     }
 
+    /// The geometry of one square image of `c` channels and `h` pixels a side, convolved into
+    /// `o` channels by a `k x k` kernel of stride `s` and "same" padding `k / 2`.
+    fn square(c: usize, h: usize, o: usize, k: usize, s: usize) -> Geometry {
+        let x = Shape::from((1, c, h, h));
+        Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, k / 2))
+            .unwrap()
+            .1
+    }
+
     /// On a CPU with AVX-512 the direct convolution is what runs the stride-1 "same" and the
     /// stride-2 downsampling shapes of `matches_candle_forward_and_gradients` in f32, and
     /// nothing else: not f64, not pointwise, stride 3, narrower-padded or 12-channel ones.
@@ -658,12 +667,6 @@ mod tests {
             eprintln!("skipped: kernel paths set by the environment");
             return;
         }
-        let geometry = |c, h, o, k, s| {
-            let x = Shape::from((1, c, h, h));
-            Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, k / 2))
-                .unwrap()
-                .1
-        };
         // (shape, forward and input gradient batched)
         for ((c, h, o, k, s), (forward, input)) in [
             ((256, 14, 256, 3, 1), (false, false)),
@@ -677,7 +680,7 @@ mod tests {
             ((512, 4, 512, 1, 1), (false, true)),
             ((256, 9, 128, 3, 2), (true, true)),
         ] {
-            let g = geometry(c, h, o, k, s);
+            let g = square(c, h, o, k, s);
             // Winograd, where it runs, takes the forward pass and the input gradient
             let on = g.winograd().is_none();
             let case = format!("{c} {h} {o} {k} {s}");
@@ -693,7 +696,7 @@ mod tests {
             (64, 8, 64, 3, 1),
             (32, 16, 64, 1, 2),
         ] {
-            let g = geometry(c, h, o, k, s);
+            let g = square(c, h, o, k, s);
             for pass in [Pass::Forward, Pass::Input, Pass::Kernel] {
                 assert!(!g.batched(pass), "{pass:?} {c} {h} {o} {k} {s}");
             }
@@ -709,12 +712,6 @@ mod tests {
             eprintln!("skipped: kernel paths set by the environment, or no AVX-512");
             return;
         }
-        let geometry = |c, h, o, k, s| {
-            let x = Shape::from((1, c, h, h));
-            Geometry::new(&x, &Shape::from((o, c, k, k)), Conv2dParams::new(s, k / 2))
-                .unwrap()
-                .1
-        };
         for ((c, h, o, k, s), on) in [
             ((16, 32, 16, 3, 1), true),
             ((32, 14, 32, 3, 1), true),
@@ -726,7 +723,7 @@ mod tests {
             ((32, 16, 64, 3, 2), false),
             ((64, 56, 64, 1, 1), false),
         ] {
-            let g = geometry(c, h, o, k, s);
+            let g = square(c, h, o, k, s);
             assert_eq!(g.winograd().is_some(), on, "{c} {h} {o} {k} {s}");
             // its input gradient is the forward of the transposed geometry
             let t = g.transposed().and_then(|t| t.winograd());

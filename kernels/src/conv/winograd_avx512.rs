@@ -115,6 +115,7 @@ impl Winograd {
             );
         }
         let (group, tp) = self.group();
+        let (th, tw) = self.tiles();
         let u = self.kernel_tiles(k);
         par_new_with(
             n * out,
@@ -124,18 +125,19 @@ impl Winograd {
                 (
                     vec![0f32; 16 * (c * tp + SKEW)],
                     vec![0f32; 16 * (o * tp + SKEW)],
+                    vec![0f32; (2 * th + 2) * 4 * LANES],
                 )
             },
-            |(v, m), y, xs| {
+            |(v, m, rows), y, xs| {
                 let imgs = xs.len() / image;
                 // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
                 // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
                 unsafe {
                     match prologue {
-                        Some(st) => self.input::<true>(xs, imgs, st, tp, v),
-                        None => self.input::<false>(xs, imgs, &[], tp, v),
+                        Some(st) => self.input::<true>(xs, imgs, st, tp, v, rows),
+                        None => self.input::<false>(xs, imgs, &[], tp, v, rows),
                     }
-                    let used = (imgs * self.tiles().0 * self.tiles().1).next_multiple_of(LANES);
+                    let used = (imgs * th * tw).next_multiple_of(LANES);
                     self.products(&u, v, m, used, tp);
                     self.output(m, imgs, tp, y);
                 }
@@ -147,7 +149,8 @@ impl Winograd {
     /// `(g * th + ty) * tw + tx`).
     ///
     /// # Safety
-    /// AVX-512 F; `xs` holds `imgs` images, `v` 16 * C * tp values, tp >= imgs * th * tw.
+    /// AVX-512 F; `xs` holds `imgs` images, `v` 16 * (C * tp + SKEW) values, tp >= imgs * th *
+    /// tw; `scratch` (2 th + 2) * 64 values.
     #[target_feature(enable = "avx512f")]
     unsafe fn input<const BN: bool>(
         &self,
@@ -156,6 +159,7 @@ impl Winograd {
         st: &[(f32, f32)],
         tp: usize,
         v: &mut [f32],
+        scratch: &mut [f32],
     ) {
         let (c, h, w, p) = (self.c, self.h, self.w, self.p as isize);
         let (th, tw) = self.tiles();
@@ -166,7 +170,7 @@ impl Winograd {
         let vp = v.as_mut_ptr();
         // padded rows that the tiles read
         let rows = 2 * th + 2;
-        let mut scratch = vec![0f32; rows * 4 * LANES];
+        debug_assert!(scratch.len() >= rows * 4 * LANES);
         let ep = scratch.as_mut_ptr();
         for g in 0..imgs {
             for ci in 0..c {
