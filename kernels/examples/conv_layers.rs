@@ -9,8 +9,9 @@
 //!
 //! Arguments: the model (`resnet50`, `resnet20` or `small`, the small ResNet), the precision
 //! (`fp32` or `bf16`), the rounds per measurement (default 5; the median is printed), and `--ab`
-//! to time the per-image passes (`Paths::batched` off) against the defaults, or `--ab-winograd`
-//! the direct convolution (`Paths::winograd` off) against them, alternating in each round.
+//! to time the per-image passes (`Paths::batched` off) against the defaults, `--ab-winograd`
+//! the direct convolution (`Paths::winograd` off) against them, or `--ab-winograd-kernel` the
+//! kernel gradient without Winograd (`Paths::winograd_kernel` off), alternating in each round.
 
 use candle_core::{Device, Tensor};
 use recipe_kernels::{conv2d, conv2d_backward, set_paths, Conv2dParams, Paths, Switch};
@@ -103,7 +104,8 @@ fn median(mut times: Vec<f64>) -> f64 {
 
 /// The paths compared with `--ab`: the per-image passes (`Paths::batched` off) against the
 /// defaults; with `--ab-winograd`, the direct convolution (`Paths::winograd` off) against them;
-/// one setting otherwise.
+/// with `--ab-winograd-kernel`, the kernel gradient without Winograd (`Paths::winograd_kernel`
+/// off) against them; one setting otherwise.
 fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
     match ab {
         Some("--ab") => vec![
@@ -111,6 +113,16 @@ fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
                 "per image",
                 Paths {
                     batched: Switch::Off,
+                    ..Paths::default()
+                },
+            ),
+            ("default", Paths::default()),
+        ],
+        Some("--ab-winograd-kernel") => vec![
+            (
+                "no winograd dk",
+                Paths {
+                    winograd_kernel: Switch::Off,
                     ..Paths::default()
                 },
             ),
@@ -132,7 +144,7 @@ fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
 
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flags = ["--ab", "--ab-winograd"];
+    let flags = ["--ab", "--ab-winograd", "--ab-winograd-kernel"];
     let ab = flags.into_iter().find(|f| args.iter().any(|a| a == f));
     let args: Vec<&String> = args
         .iter()

@@ -3,12 +3,12 @@
 //!
 //! The defaults pick the fastest path for the CPU (see `benches/README.md`). A program (a
 //! benchmark comparing two paths, a test) sets them with [`set_paths`]; the environment variables
-//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_BATCHED` and `RECIPE_IM2COL` override the defaults
-//! when the first kernel runs, so a binary can be compared with itself without rebuilding. Every
+//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_WINOGRAD_KERNEL`, `RECIPE_BATCHED` and
+//! `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared with itself without rebuilding. Every
 //! path computes the same function; they differ in rounding only (Winograd, and the order of the
 //! batched passes' sums) or not at all (direct, im2col).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
 
 /// A path's setting: chosen by the shapes and the CPU, forced on, or off.
@@ -33,6 +33,12 @@ pub struct Paths {
     /// channels and outputs of 64 pixels or more (`Geometry::winograd`); `On`: from 8 channels
     /// on any CPU; `Off`: never. Environment: `RECIPE_WINOGRAD=0` / `=1`.
     pub winograd: Switch,
+    /// Winograd (its transpose, `conv/winograd_avx512.rs`) for the kernel gradient of the
+    /// convolutions whose forward pass takes Winograd on AVX-512 (`Geometry::winograd_kernel`).
+    /// `Auto`: there, with input channels in fours, up to 128 channels; `On`: also with more;
+    /// `Off`: the kernel gradient stays on the direct tiles or the batched passes. Environment:
+    /// `RECIPE_WINOGRAD_KERNEL=0` / `=1`.
+    pub winograd_kernel: Switch,
     /// The whole batch in one product per pass (`Geometry::batched`): the images' unfolded
     /// columns side by side, so the kernel is packed once per pass instead of once per image.
     /// `Auto`: for small output images (under 256 pixels) with large kernels (from 2^18 weights:
@@ -64,12 +70,13 @@ impl Paths {
                 _ => Switch::Auto,
             },
             winograd: switch("RECIPE_WINOGRAD"),
+            winograd_kernel: switch("RECIPE_WINOGRAD_KERNEL"),
             batched: switch("RECIPE_BATCHED"),
             im2col_only: var("RECIPE_IM2COL").as_deref() == Some("1"),
         }
     }
 
-    fn encode(self) -> u8 {
+    fn encode(self) -> u16 {
         let s = |s: Switch| match s {
             Switch::Auto => 0,
             Switch::On => 1,
@@ -77,12 +84,13 @@ impl Paths {
         };
         s(self.direct)
             | (s(self.winograd) << 2)
-            | ((self.im2col_only as u8) << 4)
+            | ((self.im2col_only as u16) << 4)
             | (s(self.batched) << 5)
+            | (s(self.winograd_kernel) << 7)
     }
 
-    fn decode(b: u8) -> Paths {
-        let s = |v: u8| match v & 3 {
+    fn decode(b: u16) -> Paths {
+        let s = |v: u16| match v & 3 {
             1 => Switch::On,
             2 => Switch::Off,
             _ => Switch::Auto,
@@ -90,6 +98,7 @@ impl Paths {
         Paths {
             direct: s(b),
             winograd: s(b >> 2),
+            winograd_kernel: s(b >> 7),
             batched: s(b >> 5),
             im2col_only: b & 16 != 0,
         }
@@ -97,8 +106,8 @@ impl Paths {
 }
 
 /// Not set yet: the first reader takes `Paths::from_env()`.
-const UNSET: u8 = u8::MAX;
-static CURRENT: AtomicU8 = AtomicU8::new(UNSET);
+const UNSET: u16 = u16::MAX;
+static CURRENT: AtomicU16 = AtomicU16::new(UNSET);
 
 /// The paths in force (one atomic load once they are set).
 pub fn paths() -> Paths {
@@ -187,15 +196,18 @@ mod tests {
         for direct in [Switch::Auto, Switch::On, Switch::Off] {
             for winograd in [Switch::Auto, Switch::On, Switch::Off] {
                 for batched in [Switch::Auto, Switch::On, Switch::Off] {
-                    for im2col_only in [false, true] {
-                        let p = Paths {
-                            direct,
-                            winograd,
-                            batched,
-                            im2col_only,
-                        };
-                        assert_eq!(Paths::decode(p.encode()), p);
-                        assert_ne!(p.encode(), UNSET);
+                    for winograd_kernel in [Switch::Auto, Switch::On, Switch::Off] {
+                        for im2col_only in [false, true] {
+                            let p = Paths {
+                                direct,
+                                winograd,
+                                winograd_kernel,
+                                batched,
+                                im2col_only,
+                            };
+                            assert_eq!(Paths::decode(p.encode()), p);
+                            assert_ne!(p.encode(), UNSET);
+                        }
                     }
                 }
             }
@@ -218,7 +230,9 @@ mod tests {
             ("RECIPE_WINOGRAD", "1"),
             ("RECIPE_IM2COL", "1"),
             ("RECIPE_BATCHED", "0"),
+            ("RECIPE_WINOGRAD_KERNEL", "0"),
         ]);
+        assert_eq!(p.winograd_kernel, Switch::Off);
         assert_eq!(p.direct, Switch::Off);
         assert_eq!(p.batched, Switch::Off);
         assert_eq!(p.winograd, Switch::On);

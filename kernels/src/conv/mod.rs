@@ -705,26 +705,31 @@ mod tests {
 
     /// With AVX-512, Winograd runs the 3x3 stride-1 layers from 16 channels with outputs of 64
     /// pixels or more (ResNet-20's, the small ResNet's, ResNet-50's first three stages), not
-    /// the 7x7 outputs that the batched passes run faster, nor the stem of 3 or 1 channels.
+    /// the 7x7 outputs that the batched passes run faster, nor the stem of 3 or 1 channels; and
+    /// their kernel gradient up to 128 channels (not ResNet-50's 256-channel stage, level with
+    /// the batched passes there).
     #[test]
     fn winograd_runs_where_it_measured_faster() {
         if crate::paths::paths() != crate::paths::Paths::default() || !crate::paths::cpu().avx512 {
             eprintln!("skipped: kernel paths set by the environment, or no AVX-512");
             return;
         }
-        for ((c, h, o, k, s), on) in [
-            ((16, 32, 16, 3, 1), true),
-            ((32, 14, 32, 3, 1), true),
-            ((64, 8, 64, 3, 1), true),
-            ((256, 14, 256, 3, 1), true),
-            ((512, 7, 512, 3, 1), false),
-            ((3, 32, 16, 3, 1), false),
-            ((8, 32, 8, 3, 1), false),
-            ((32, 16, 64, 3, 2), false),
-            ((64, 56, 64, 1, 1), false),
+        for ((c, h, o, k, s), (on, kernel)) in [
+            ((16, 32, 16, 3, 1), (true, true)),
+            ((32, 14, 32, 3, 1), (true, true)),
+            ((64, 8, 64, 3, 1), (true, true)),
+            ((128, 28, 128, 3, 1), (true, true)),
+            ((256, 14, 256, 3, 1), (true, false)),
+            ((512, 7, 512, 3, 1), (false, false)),
+            ((3, 32, 16, 3, 1), (false, false)),
+            ((8, 32, 8, 3, 1), (false, false)),
+            ((32, 16, 64, 3, 2), (false, false)),
+            ((64, 56, 64, 1, 1), (false, false)),
         ] {
             let g = square(c, h, o, k, s);
             assert_eq!(g.winograd().is_some(), on, "{c} {h} {o} {k} {s}");
+            let dk = g.winograd_kernel::<f32>().is_some();
+            assert_eq!(dk, kernel, "kernel gradient of {c} {h} {o} {k} {s}");
             // its input gradient is the forward of the transposed geometry
             let t = g.transposed().and_then(|t| t.winograd());
             assert_eq!(t.is_some(), on, "input gradient of {c} {h} {o} {k} {s}");

@@ -436,6 +436,17 @@ impl Geometry {
         dy: &[T],
         prologue: Option<&[(T, T)]>,
     ) -> Vec<T> {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(wg) = self.winograd_kernel::<T>() {
+            let st: Option<Vec<(f32, f32)>> = prologue.map(|st| {
+                st.iter()
+                    .map(|&(s, t)| (s.to_f64() as f32, t.to_f64() as f32))
+                    .collect()
+            });
+            let groups = self.kernel_groups(n);
+            let dk = wg.kernel_grad_avx512(n, f32s(x), f32s(dy), st.as_deref(), groups);
+            return f32s_into(dk);
+        }
         if self.batched(Pass::Kernel) {
             return self.grad_kernel_batched((n, self.batch_group(n)), x, dy, prologue);
         }

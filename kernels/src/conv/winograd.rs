@@ -68,6 +68,12 @@ impl Winograd {
             && self.c > 0
     }
 
+    /// Whether `winograd_avx512.rs` runs this shape's kernel gradient: `avx512()`, and input
+    /// channels in fours (its product tiles are 4 output x 4 input channels).
+    pub(super) fn kernel_grad_on_avx512(&self) -> bool {
+        self.avx512() && self.c.is_multiple_of(4)
+    }
+
     pub(super) fn tiles(&self) -> (usize, usize) {
         (self.oh.div_ceil(2), self.ow.div_ceil(2))
     }

@@ -145,6 +145,233 @@ impl Winograd {
         )
     }
 
+    /// The kernel gradient [O, C, 3, 3] of `n` images [N, C, H, W] with output gradients
+    /// [N, O, OH, OW], of the input `relu(x * s + t)` when a `prologue` is given: the transpose
+    /// of the forward pass, `G^T [ sum over tiles of (A dy A^T) ⊙ (B^T x B) ] G` (the input
+    /// transform is the forward's). The images are summed in `groups` groups of `group`
+    /// (`Geometry::kernel_groups`, a function of the shape) whose partial sums are added in
+    /// order, each group a few images at a time (`group()`), so the result does not depend on
+    /// the thread count. Needs `kernel_grad_on_avx512()`.
+    pub(super) fn kernel_grad_avx512(
+        &self,
+        n: usize,
+        x: &[f32],
+        dy: &[f32],
+        prologue: Option<&[(f32, f32)]>,
+        (group, groups): (usize, usize),
+    ) -> Vec<f32> {
+        assert!(
+            self.kernel_grad_on_avx512(),
+            "Winograd's AVX-512 kernel gradient on a CPU or shape without it"
+        );
+        let (c, o) = (self.c, self.o);
+        let (image, out) = (c * self.h * self.w, o * self.oh * self.ow);
+        assert_eq!(x.len(), n * image, "Winograd: input of {n} images");
+        assert_eq!(dy.len(), n * out, "Winograd: output gradient of {n} images");
+        assert!(
+            group * groups >= n,
+            "Winograd: {groups} groups of {group} for {n} images"
+        );
+        if let Some(st) = prologue {
+            assert_eq!(
+                st.len(),
+                c,
+                "Winograd: one (scale, shift) per input channel"
+            );
+        }
+        let (sub, tp) = self.group();
+        let (th, tw) = self.tiles();
+        let per = 16 * o * c;
+        let mut partials = vec![0f32; groups * per];
+        partials.par_chunks_mut(per).enumerate().for_each_init(
+            || {
+                (
+                    vec![0f32; 16 * (c * tp + SKEW)],
+                    vec![0f32; 16 * (o * tp + SKEW)],
+                    vec![0f32; (2 * th + 2) * 4 * LANES],
+                )
+            },
+            |(v, z, rows), (gi, acc)| {
+                let end = ((gi + 1) * group).min(n);
+                let mut i = gi * group;
+                while i < end {
+                    let imgs = sub.min(end - i);
+                    let xs = &x[i * image..(i + imgs) * image];
+                    let gs = &dy[i * out..(i + imgs) * out];
+                    let tiles = imgs * th * tw;
+                    let used = tiles.next_multiple_of(LANES);
+                    // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per
+                    // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
+                    // `gs` are `imgs` images.
+                    unsafe {
+                        match prologue {
+                            Some(st) => self.input::<true>(xs, imgs, st, tp, v, rows),
+                            None => self.input::<false>(xs, imgs, &[], tp, v, rows),
+                        }
+                        self.output_grad(gs, imgs, tp, z);
+                        // the lanes past the last tile are summed too: zero in both operands
+                        for (buf, rows) in [(&mut v[..], c), (&mut z[..], o)] {
+                            for xi in 0..16 {
+                                for r in 0..rows {
+                                    let at = xi * (rows * tp + SKEW) + r * tp;
+                                    buf[at + tiles..at + used].fill(0.0);
+                                }
+                            }
+                        }
+                        self.kernel_products(z, v, acc, used, tp);
+                    }
+                    i += imgs;
+                }
+            },
+        );
+        // the groups' sums, added in order; then G^T p G of every (o, c)
+        let mut p = vec![0f32; per];
+        p.par_chunks_mut(1 << 12).enumerate().for_each(|(i, d)| {
+            for part in partials.chunks_exact(per) {
+                d.iter_mut()
+                    .zip(&part[i << 12..])
+                    .for_each(|(a, &b)| *a += b);
+            }
+        });
+        let mut dk = vec![0f32; o * c * 9];
+        for (oc, dk) in dk.chunks_exact_mut(9).enumerate() {
+            let (oi, ci) = (oc / c, oc % c);
+            let at = (oi / 4 * (c / 4) + ci / 4) * 16 + oi % 4 * 4 + ci % 4;
+            let q = |xi: usize| p[xi * o * c + at];
+            // G^T of four values (a column of p, then a row of G^T p)
+            let gt = |p0: f32, p1: f32, p2: f32, p3: f32| {
+                [p0 + (p1 + p2) * 0.5, (p1 - p2) * 0.5, (p1 + p2) * 0.5 + p3]
+            };
+            // cols[s][a] = (G^T p)[a][s]; then row a of (G^T p) G
+            let cols: [[f32; 3]; 4] =
+                std::array::from_fn(|s| gt(q(s), q(4 + s), q(8 + s), q(12 + s)));
+            for (a, dk) in dk.chunks_exact_mut(3).enumerate() {
+                dk.copy_from_slice(&gt(cols[0][a], cols[1][a], cols[2][a], cols[3][a]));
+            }
+        }
+        dk
+    }
+
+    /// Z = A dy A^T of every output channel and tile of `imgs` images' output gradients into
+    /// `z` ([16][O][tp], the tiles numbered as `input`'s): the transpose of `output`.
+    ///
+    /// # Safety
+    /// AVX-512 F; `dy` holds `imgs` output images, `z` 16 * (O * tp + SKEW) values, tp >=
+    /// imgs * th * tw.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output_grad(&self, dy: &[f32], imgs: usize, tp: usize, z: &mut [f32]) {
+        let (o, oh, ow) = (self.o, self.oh, self.ow);
+        let (th, tw) = self.tiles();
+        debug_assert!(z.len() >= 16 * (o * tp + SKEW) && dy.len() >= imgs * o * oh * ow);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let zero = _mm512_setzero_ps();
+        let zp = z.as_mut_ptr();
+        for g in 0..imgs {
+            for oc in 0..o {
+                let plane = dy.as_ptr().add((g * o + oc) * oh * ow);
+                for ty in 0..th {
+                    for tx0 in (0..tw).step_by(LANES) {
+                        let keep = lane_mask(0, (tw - tx0) as isize);
+                        let tile = (g * th + ty) * tw + tx0;
+                        let col = 2 * tx0 as isize;
+                        let masks = [
+                            lane_mask(0, ow as isize - col),
+                            lane_mask(0, ow as isize - col - 16),
+                        ];
+                        // (even, odd) columns of the tile's two rows; zero past the image
+                        let mut r = [(zero, zero); 2];
+                        for (k, r) in r.iter_mut().enumerate() {
+                            let yy = 2 * ty + k;
+                            if yy >= oh {
+                                continue;
+                            }
+                            let src = plane.add(yy * ow + 2 * tx0);
+                            let lo = _mm512_maskz_loadu_ps(masks[0], src);
+                            let hi = _mm512_maskz_loadu_ps(masks[1], src.wrapping_add(16));
+                            *r = (
+                                _mm512_permutex2var_ps(lo, even, hi),
+                                _mm512_permutex2var_ps(lo, odd, hi),
+                            );
+                        }
+                        // rows of A g: g0, g0 + g1, g0 - g1, -g1; then each row (a, b) times
+                        // A^T: a, a + b, a - b, -b
+                        let ((e0, o0), (e1, o1)) = (r[0], r[1]);
+                        let rows = [
+                            (e0, o0),
+                            (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
+                            (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
+                            (_mm512_sub_ps(zero, e1), _mm512_sub_ps(zero, o1)),
+                        ];
+                        for (rr, (a, b)) in rows.into_iter().enumerate() {
+                            let vals = [
+                                a,
+                                _mm512_add_ps(a, b),
+                                _mm512_sub_ps(a, b),
+                                _mm512_sub_ps(zero, b),
+                            ];
+                            for (s, val) in vals.into_iter().enumerate() {
+                                let at = (rr * 4 + s) * (o * tp + SKEW) + oc * tp + tile;
+                                _mm512_mask_storeu_ps(zp.add(at), keep, val);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `acc[xi] += Z[xi] V[xi]^T` over the first `used` tiles (a multiple of 16), by tiles of 4
+    /// output x 4 input channels: 16 vector sums along the tiles, then one vector of their 16
+    /// totals added to `acc`, laid out `[xi][o / 4][c / 4][o % 4][c % 4]`.
+    ///
+    /// # Safety
+    /// AVX-512 F; `z` [16][O][tp], `v` [16][C][tp], `acc` 16 O C values; used <= tp.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
+    unsafe fn kernel_products(
+        &self,
+        z: &[f32],
+        v: &[f32],
+        acc: &mut [f32],
+        used: usize,
+        tp: usize,
+    ) {
+        let (c, o) = (self.c, self.o);
+        debug_assert!(used <= tp && used.is_multiple_of(LANES));
+        debug_assert!(acc.len() == 16 * o * c);
+        debug_assert!(v.len() >= 16 * (c * tp + SKEW) && z.len() >= 16 * (o * tp + SKEW));
+        let ap = acc.as_mut_ptr();
+        for xi in 0..16 {
+            let zx = z.as_ptr().add(xi * (o * tp + SKEW));
+            let vx = v.as_ptr().add(xi * (c * tp + SKEW));
+            for ob in 0..o / 4 {
+                let zo = zx.add(ob * 4 * tp);
+                for cb in 0..c / 4 {
+                    let vc = vx.add(cb * 4 * tp);
+                    // s[4 j + i]: input channel j, output channel i of the block
+                    let mut s = [_mm512_setzero_ps(); 16];
+                    for t in (0..used).step_by(LANES) {
+                        let mut zv = [_mm512_setzero_ps(); 4];
+                        let mut vv = [_mm512_setzero_ps(); 4];
+                        for i in 0..4 {
+                            zv[i] = _mm512_loadu_ps(zo.add(i * tp + t));
+                            vv[i] = _mm512_loadu_ps(vc.add(i * tp + t));
+                        }
+                        for j in 0..4 {
+                            for i in 0..4 {
+                                s[4 * j + i] = _mm512_fmadd_ps(zv[i], vv[j], s[4 * j + i]);
+                            }
+                        }
+                    }
+                    // lane 4 i + j: output channel i, input channel j
+                    let at = ap.add(((xi * (o / 4) + ob) * (c / 4) + cb) * 16);
+                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum_lanes(s)));
+                }
+            }
+        }
+    }
+
     /// V = B^T d B of every channel and tile of `imgs` images into `v` ([16][C][tp]; tile
     /// `(g * th + ty) * tw + tx`).
     ///
@@ -346,6 +573,35 @@ fn shift2(hi: __m512, lo: __m512) -> __m512 {
     ))
 }
 
+/// The 16 vectors' totals in one vector: lane `4 q + r` is the sum of the lanes of `a[4 r + q]`
+/// (four rounds of pairwise 128-bit and 32-bit shuffles and adds).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sum_lanes(a: [__m512; 16]) -> __m512 {
+    // each of a pair's halves, then quarters, then pairs of lanes, then lanes, summed
+    let b: [__m512; 8] = std::array::from_fn(|i| {
+        let (x, y) = (a[2 * i], a[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        )
+    });
+    let c: [__m512; 4] = std::array::from_fn(|i| {
+        let (x, y) = (b[2 * i], b[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xDD>(x, y),
+        )
+    });
+    let pairs = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(x, y),
+            _mm512_shuffle_ps::<0xDD>(x, y),
+        )
+    };
+    pairs(pairs(c[0], c[1]), pairs(c[2], c[3]))
+}
+
 /// `m[r][t..t + 16 NV] = sum over c of u[c][r] v[c][t..]` for the 8 output channels `r` of
 /// one block: 8 x NV vector sums in registers, one pass over the input channels.
 ///
@@ -446,6 +702,121 @@ mod tests {
                 let on = prologue.is_some();
                 assert!(err < 1e-5, "{n} {c} {h} {w} {o} p{p} prologue {on}: {err}");
             }
+        }
+    }
+
+    /// The kernel gradient against its definition summed in f64, with and without the
+    /// prologue: partial tiles (odd sizes), rows of several 16-tile chunks, padding 0 to 2,
+    /// kernel groups of one and several images, sub-groups that do not fill a group.
+    #[test]
+    fn kernel_gradient_matches_its_definition() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        for (n, c, h, w, o, p, group) in [
+            (3, 8, 7, 9, 8, 1, 2),
+            (5, 16, 14, 14, 32, 1, 5),
+            (2, 16, 32, 32, 16, 1, 1),
+            (2, 8, 37, 45, 16, 1, 2),
+            (1, 4, 5, 6, 24, 0, 1),
+            (2, 4, 3, 3, 8, 2, 1),
+            (1, 8, 1, 1, 8, 1, 1),
+            (11, 32, 8, 8, 64, 1, 6),
+        ] {
+            let wg = shape(c, h, w, o, p);
+            let (oh, ow) = (wg.oh, wg.ow);
+            let x = rand_tensor(&[n, c, h, w], 5, candle_core::DType::F32);
+            let g = rand_tensor(&[n, o, oh, ow], 6, candle_core::DType::F32);
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let gs = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let st: Vec<(f32, f32)> = (0..c)
+                .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
+                .collect();
+            for prologue in [None, Some(&st[..])] {
+                let a = |ni: usize, ci: usize, y: isize, x: isize| -> f64 {
+                    if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                        return 0.0;
+                    }
+                    let v = xs[((ni * c + ci) * h + y as usize) * w + x as usize];
+                    prologue.map_or(v, |st| bn_relu(v, st[ci])) as f64
+                };
+                let mut want = vec![0f64; o * c * 9];
+                for (i, want) in want.iter_mut().enumerate() {
+                    let (oi, ci, ky, kx) = (i / (c * 9), i / 9 % c, i / 3 % 3, i % 3);
+                    for ni in 0..n {
+                        for y in 0..oh {
+                            for xx in 0..ow {
+                                let d = gs[((ni * o + oi) * oh + y) * ow + xx] as f64;
+                                let (iy, ix) = (
+                                    (y + ky) as isize - p as isize,
+                                    (xx + kx) as isize - p as isize,
+                                );
+                                *want += d * a(ni, ci, iy, ix);
+                            }
+                        }
+                    }
+                }
+                let got = wg.kernel_grad_avx512(n, &xs, &gs, prologue, (group, n.div_ceil(group)));
+                let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(&a, b)| (a as f64 - b).abs())
+                    .fold(0.0, f64::max)
+                    / scale;
+                let on = prologue.is_some();
+                assert!(
+                    err < 1e-5,
+                    "{n} {c} {h} {w} {o} p{p} group {group} prologue {on}: {err}"
+                );
+            }
+        }
+    }
+
+    /// The kernel gradient is the same bits on 1 and 3 threads.
+    #[test]
+    fn kernel_gradient_does_not_depend_on_threads() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (n, c, h, w, o) = (9, 16, 14, 14, 16);
+        let wg = shape(c, h, w, o, 1);
+        let x = rand_tensor(&[n, c, h, w], 7, candle_core::DType::F32);
+        let g = rand_tensor(&[n, o, h, w], 8, candle_core::DType::F32);
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gs = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| wg.kernel_grad_avx512(n, &xs, &gs, None, (2, 5)))
+        };
+        assert_eq!(on(1), on(3));
+    }
+
+    /// `sum_lanes`: lane `4 q + r` of the result is the total of `a[4 r + q]`.
+    #[test]
+    fn sum_lanes_transposes_the_totals() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        // lane l of a[k] is 16 k + l: a[k]'s total is 256 k + 120, distinct for every k
+        let mut got = [0f32; 16];
+        // SAFETY: AVX-512 was checked above; `got` holds 16 values.
+        unsafe {
+            let a: [__m512; 16] = std::array::from_fn(|k| {
+                let lanes: [f32; 16] = std::array::from_fn(|l| (k * 16 + l) as f32);
+                _mm512_loadu_ps(lanes.as_ptr())
+            });
+            _mm512_storeu_ps(got.as_mut_ptr(), sum_lanes(a));
+        }
+        for (lane, &v) in got.iter().enumerate() {
+            let (q, r) = (lane / 4, lane % 4);
+            assert_eq!(v, (256 * (4 * r + q) + 120) as f32, "lane {lane}");
         }
     }
 
