@@ -125,7 +125,7 @@ impl Winograd {
                 (
                     vec![0f32; 16 * (c * tp + SKEW)],
                     vec![0f32; 16 * (o * tp + SKEW)],
-                    vec![0f32; (2 * th + 2) * 4 * LANES],
+                    vec![0f32; self.scratch_len()],
                 )
             },
             |(v, m, rows), y, xs| {
@@ -188,7 +188,7 @@ impl Winograd {
                 (
                     vec![0f32; 16 * (c * tp + SKEW)],
                     vec![0f32; 16 * (o * tp + SKEW)],
-                    vec![0f32; (2 * th + 2) * 4 * LANES],
+                    vec![0f32; self.scratch_len()],
                 )
             },
             |(v, z, rows), (gi, acc)| {
@@ -372,12 +372,31 @@ impl Winograd {
         }
     }
 
+    /// Values of `input`'s and `output_grad`'s per-thread scratch.
+    fn scratch_len(&self) -> usize {
+        let th = self.tiles().0;
+        ((2 * th + 2) * 4 * LANES).max(8 * self.packed_stride())
+    }
+
+    /// The length of each of the 8 packed row arrays of `input` (rows of 8 tiles or fewer):
+    /// `th + 1` rows of `tw` lanes, and one vector's slack for the loads past the last row.
+    fn packed_stride(&self) -> usize {
+        let (th, tw) = self.tiles();
+        (th + 1) * tw + LANES
+    }
+
     /// V = B^T d B of every channel and tile of `imgs` images into `v` ([16][C][tp]; tile
     /// `(g * th + ty) * tw + tx`).
     ///
+    /// Each padded row is multiplied by B once (`row_times_b`), then four rows at a time by
+    /// B^T. Rows of more than 8 tiles go 16 tiles of a tile row per vector. Rows of 8 tiles or
+    /// fewer would fill half a vector or less, so there the products with B are packed: row
+    /// `pr` at `(pr / 2) * tw` of an array per parity of `pr`, where the rows that the next
+    /// tile rows read follow one another; one load then holds `16 / tw` tile rows.
+    ///
     /// # Safety
     /// AVX-512 F; `xs` holds `imgs` images, `v` 16 * (C * tp + SKEW) values, tp >= imgs * th *
-    /// tw; `scratch` (2 th + 2) * 64 values.
+    /// tw; `scratch` `scratch_len()` values.
     #[target_feature(enable = "avx512f")]
     unsafe fn input<const BN: bool>(
         &self,
@@ -388,17 +407,26 @@ impl Winograd {
         v: &mut [f32],
         scratch: &mut [f32],
     ) {
-        let (c, h, w, p) = (self.c, self.h, self.w, self.p as isize);
+        let (c, h, w) = (self.c, self.h, self.w);
         let (th, tw) = self.tiles();
         debug_assert!(v.len() >= 16 * (c * tp + SKEW) && tp >= imgs * th * tw);
-        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        debug_assert!(scratch.len() >= self.scratch_len());
         let zero = _mm512_setzero_ps();
         let vp = v.as_mut_ptr();
         // padded rows that the tiles read
         let rows = 2 * th + 2;
-        debug_assert!(scratch.len() >= rows * 4 * LANES);
         let ep = scratch.as_mut_ptr();
+        let packed = tw <= LANES / 2;
+        let stride = self.packed_stride();
+        // B^T of four rows (or of four columns): the values of points r = 0..4
+        let bt = |d0, d1, d2, d3| {
+            [
+                _mm512_sub_ps(d0, d2),
+                _mm512_add_ps(d1, d2),
+                _mm512_sub_ps(d2, d1),
+                _mm512_sub_ps(d1, d3),
+            ]
+        };
         for g in 0..imgs {
             for ci in 0..c {
                 let plane = xs.as_ptr().add((g * c + ci) * h * w);
@@ -406,46 +434,45 @@ impl Winograd {
                     Some(&(s, t)) if BN => (_mm512_set1_ps(s), _mm512_set1_ps(t)),
                     _ => (zero, zero),
                 };
+                let v_at = |r: usize, s: usize, tile: usize| {
+                    vp.add((r * 4 + s) * (c * tp + SKEW) + ci * tp + tile)
+                };
+                if packed {
+                    let row_mask = lane_mask(0, tw as isize);
+                    for pr in 0..rows {
+                        let e = self.row_times_b::<BN>(plane, pr, 0, (sv, tv));
+                        let at = (pr % 2) * 4 * stride + pr / 2 * tw;
+                        for (s, e) in e.into_iter().enumerate() {
+                            _mm512_mask_storeu_ps(ep.add(at + s * stride), row_mask, e);
+                        }
+                    }
+                    let per = LANES / tw;
+                    for ty in (0..th).step_by(per) {
+                        let keep = lane_mask(0, (per.min(th - ty) * tw) as isize);
+                        let tile = (g * th + ty) * tw;
+                        // padded row 2 ty + k of the tile rows from ty
+                        let e = |k: usize, s: usize| {
+                            _mm512_loadu_ps(ep.add(((k % 2) * 4 + s) * stride + (ty + k / 2) * tw))
+                        };
+                        for s in 0..4 {
+                            for (r, val) in bt(e(0, s), e(1, s), e(2, s), e(3, s))
+                                .into_iter()
+                                .enumerate()
+                            {
+                                _mm512_mask_storeu_ps(v_at(r, s, tile), keep, val);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for tx0 in (0..tw).step_by(LANES) {
                     let keep = lane_mask(0, (tw - tx0) as isize);
-                    // the 48 columns from `base` of a row, as three masked loads: lanes
-                    // outside the row read zero (the padding)
-                    let base = 2 * tx0 as isize - p;
-                    let (lo, hi) = (-base, w as isize - base);
-                    let masks = [0, 16, 32].map(|at| lane_mask(lo - at, hi - at));
-                    // e[pr][s]: padded row pr (input row pr - p) times B, once per row
+                    // e[pr][s]: padded row pr times B, once per row
                     for pr in 0..rows {
-                        let e = ep.add(pr * 4 * LANES);
-                        let iy = pr as isize - p;
-                        if iy < 0 || iy >= h as isize {
-                            for s in 0..4 {
-                                _mm512_storeu_ps(e.add(s * LANES), zero);
-                            }
-                            continue;
+                        let e = self.row_times_b::<BN>(plane, pr, tx0, (sv, tv));
+                        for (s, e) in e.into_iter().enumerate() {
+                            _mm512_storeu_ps(ep.add((pr * 4 + s) * LANES), e);
                         }
-                        // masked-off lanes are not read: `wrapping_offset` keeps the address
-                        // arithmetic defined outside the row
-                        let src = plane.add(iy as usize * w).wrapping_offset(base);
-                        let mut x = [zero; 3];
-                        for (i, x) in x.iter_mut().enumerate() {
-                            *x = _mm512_maskz_loadu_ps(masks[i], src.wrapping_add(16 * i));
-                            if BN {
-                                // relu(x * s + t), zero in the padding
-                                let y = _mm512_add_ps(_mm512_mul_ps(*x, sv), tv);
-                                *x = _mm512_maskz_max_ps(masks[i], y, zero);
-                            }
-                        }
-                        // d[s]: columns 2 tx + s - p; from base + 2, the vectors moved down
-                        // two lanes
-                        let (a2, b2) = (shift2(x[1], x[0]), shift2(x[2], x[1]));
-                        let d0 = _mm512_permutex2var_ps(x[0], even, x[1]);
-                        let d1 = _mm512_permutex2var_ps(x[0], odd, x[1]);
-                        let d2 = _mm512_permutex2var_ps(a2, even, b2);
-                        let d3 = _mm512_permutex2var_ps(a2, odd, b2);
-                        _mm512_storeu_ps(e, _mm512_sub_ps(d0, d2));
-                        _mm512_storeu_ps(e.add(LANES), _mm512_add_ps(d1, d2));
-                        _mm512_storeu_ps(e.add(2 * LANES), _mm512_sub_ps(d2, d1));
-                        _mm512_storeu_ps(e.add(3 * LANES), _mm512_sub_ps(d1, d3));
                     }
                     for ty in 0..th {
                         let e = |k: usize, s: usize| {
@@ -453,22 +480,74 @@ impl Winograd {
                         };
                         let tile = (g * th + ty) * tw + tx0;
                         for s in 0..4 {
-                            let (e0, e1, e2, e3) = (e(0, s), e(1, s), e(2, s), e(3, s));
-                            let vals = [
-                                _mm512_sub_ps(e0, e2),
-                                _mm512_add_ps(e1, e2),
-                                _mm512_sub_ps(e2, e1),
-                                _mm512_sub_ps(e1, e3),
-                            ];
-                            for (r, val) in vals.into_iter().enumerate() {
-                                let at = (r * 4 + s) * (c * tp + SKEW) + ci * tp + tile;
-                                _mm512_mask_storeu_ps(vp.add(at), keep, val);
+                            for (r, val) in bt(e(0, s), e(1, s), e(2, s), e(3, s))
+                                .into_iter()
+                                .enumerate()
+                            {
+                                _mm512_mask_storeu_ps(v_at(r, s, tile), keep, val);
                             }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Padded row `pr` (input row `pr - p`) of one plane times B, for the 16 tiles from `tx0`:
+    /// value `s`, lane `t` is column `s` of `d B` for the row's four columns from
+    /// `2 (tx0 + t) - p`, with the prologue `relu(x * s + t)` applied to the loaded values when
+    /// `BN`. Zero outside the image (the padding).
+    ///
+    /// # Safety
+    /// AVX-512 F; `plane` is an H x W plane.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_times_b<const BN: bool>(
+        &self,
+        plane: *const f32,
+        pr: usize,
+        tx0: usize,
+        (sv, tv): (__m512, __m512),
+    ) -> [__m512; 4] {
+        let (h, w, p) = (self.h, self.w, self.p as isize);
+        let zero = _mm512_setzero_ps();
+        let iy = pr as isize - p;
+        if iy < 0 || iy >= h as isize {
+            return [zero; 4];
+        }
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        // the 48 columns from `base` of the row, as three masked loads: lanes outside the row
+        // read zero (the padding); masked-off lanes are not read, and `wrapping_offset` keeps
+        // the address arithmetic defined outside the row
+        let base = 2 * tx0 as isize - p;
+        let (lo, hi) = (-base, w as isize - base);
+        let src = plane.add(iy as usize * w).wrapping_offset(base);
+        let mut x = [zero; 3];
+        for (i, x) in x.iter_mut().enumerate() {
+            let mask = lane_mask(lo - 16 * i as isize, hi - 16 * i as isize);
+            if mask == 0 {
+                continue;
+            }
+            *x = _mm512_maskz_loadu_ps(mask, src.wrapping_add(16 * i));
+            if BN {
+                // relu(x * s + t), zero in the padding
+                let y = _mm512_add_ps(_mm512_mul_ps(*x, sv), tv);
+                *x = _mm512_maskz_max_ps(mask, y, zero);
+            }
+        }
+        // d[s]: columns 2 tx + s - p; from base + 2, the vectors moved down two lanes
+        let (a2, b2) = (shift2(x[1], x[0]), shift2(x[2], x[1]));
+        let d0 = _mm512_permutex2var_ps(x[0], even, x[1]);
+        let d1 = _mm512_permutex2var_ps(x[0], odd, x[1]);
+        let d2 = _mm512_permutex2var_ps(a2, even, b2);
+        let d3 = _mm512_permutex2var_ps(a2, odd, b2);
+        [
+            _mm512_sub_ps(d0, d2),
+            _mm512_add_ps(d1, d2),
+            _mm512_sub_ps(d2, d1),
+            _mm512_sub_ps(d1, d3),
+        ]
     }
 
     /// M[xi] = U[xi] V[xi] for the first `used` tiles (a multiple of 16).
