@@ -16,6 +16,12 @@
 //!   `[xi][o / 8][c][8]`, so each step broadcasts 8 consecutive weights.
 //! - Output: `A^T m A` of 16 tiles in registers, the even and odd output columns interleaved by
 //!   two permutes and stored with the row's mask.
+//! - Where a tile row has 8, 4, 2 or 1 tiles, each vector holds `16 / tw` tile rows instead
+//!   (`rows_per_vector`), so the transforms of small images do not run on half-empty vectors.
+//!
+//! The kernel gradient (`kernel_grad_avx512`) is the forward pass transposed: the same input
+//! transform, `A dy A^T` for the output gradient, and for each point the sum over tiles of
+//! their products by tiles of 4 x 4 channels, then `G^T . G` once per weight.
 //!
 //! Images per group: the fewest padding lanes with `V` and `M` under 256 KB each (the group's
 //! tiles are rounded up to a multiple of 16). The grouping is a function of the shape only, and
