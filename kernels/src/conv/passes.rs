@@ -235,11 +235,7 @@ impl Geometry {
     ) -> Vec<T> {
         #[cfg(target_arch = "x86_64")]
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && wg.avx512() {
-            let st: Option<Vec<(f32, f32)>> = prologue.map(|st| {
-                st.iter()
-                    .map(|&(s, t)| (s.to_f64() as f32, t.to_f64() as f32))
-                    .collect()
-            });
+            let st = prologue_f32(prologue);
             let y = wg.forward_avx512(n, f32s(x), f32s(k), st.as_deref());
             return f32s_into(y);
         }
@@ -438,11 +434,7 @@ impl Geometry {
     ) -> Vec<T> {
         #[cfg(target_arch = "x86_64")]
         if let Some(wg) = self.winograd_kernel::<T>() {
-            let st: Option<Vec<(f32, f32)>> = prologue.map(|st| {
-                st.iter()
-                    .map(|&(s, t)| (s.to_f64() as f32, t.to_f64() as f32))
-                    .collect()
-            });
+            let st = prologue_f32(prologue);
             let groups = self.kernel_groups(n);
             let dk = wg.kernel_grad_avx512(n, f32s(x), f32s(dy), st.as_deref(), groups);
             return f32s_into(dk);
@@ -509,4 +501,15 @@ impl Geometry {
         );
         self.kernel_from_partials(&partials, false)
     }
+}
+
+/// A prologue's (scale, shift) pairs as f32, for the f32-only AVX-512 Winograd path (called
+/// where `T` is f32, so the values are unchanged).
+#[cfg(target_arch = "x86_64")]
+fn prologue_f32<T: WithDType>(prologue: Option<&[(T, T)]>) -> Option<Vec<(f32, f32)>> {
+    prologue.map(|st| {
+        st.iter()
+            .map(|&(s, t)| (s.to_f64() as f32, t.to_f64() as f32))
+            .collect()
+    })
 }

@@ -79,6 +79,36 @@ impl Winograd {
         (best, (best * t).next_multiple_of(LANES))
     }
 
+    /// Checks an input of `n` images and a prologue of one (scale, shift) per channel; returns
+    /// the values per input image and per output image.
+    fn checked_sizes(
+        &self,
+        n: usize,
+        x: &[f32],
+        prologue: Option<&[(f32, f32)]>,
+    ) -> (usize, usize) {
+        let image = self.c * self.h * self.w;
+        assert_eq!(x.len(), n * image, "Winograd: input of {n} images");
+        if let Some(st) = prologue {
+            assert_eq!(
+                st.len(),
+                self.c,
+                "Winograd: one (scale, shift) per input channel"
+            );
+        }
+        (image, self.o * self.oh * self.ow)
+    }
+
+    /// A thread's buffers for groups of `tp` tile lanes: `V` [16][C][tp], `M` (or the output
+    /// gradient's `Z`) [16][O][tp], each matrix `SKEW` apart, and `input`'s scratch.
+    fn group_buffers(&self, tp: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        (
+            vec![0f32; 16 * (self.c * tp + SKEW)],
+            vec![0f32; 16 * (self.o * tp + SKEW)],
+            vec![0f32; self.scratch_len()],
+        )
+    }
+
     /// U = G g G^T as `[xi][o / 8][c][8]`.
     fn kernel_tiles(&self, k: &[f32]) -> Vec<f32> {
         let (o, c) = (self.o, self.c);
@@ -109,17 +139,8 @@ impl Winograd {
             self.avx512(),
             "Winograd's AVX-512 path on a CPU or shape without it"
         );
-        let (c, o) = (self.c, self.o);
-        let (image, out) = (c * self.h * self.w, o * self.oh * self.ow);
-        assert_eq!(x.len(), n * image, "Winograd: input of {n} images");
-        assert_eq!(k.len(), o * c * 9, "Winograd: a 3x3 kernel");
-        if let Some(st) = prologue {
-            assert_eq!(
-                st.len(),
-                c,
-                "Winograd: one (scale, shift) per input channel"
-            );
-        }
+        let (image, out) = self.checked_sizes(n, x, prologue);
+        assert_eq!(k.len(), self.o * self.c * 9, "Winograd: a 3x3 kernel");
         let (group, tp) = self.group();
         let (th, tw) = self.tiles();
         let u = self.kernel_tiles(k);
@@ -127,13 +148,7 @@ impl Winograd {
             n * out,
             group * out,
             x.par_chunks(group * image),
-            || {
-                (
-                    vec![0f32; 16 * (c * tp + SKEW)],
-                    vec![0f32; 16 * (o * tp + SKEW)],
-                    vec![0f32; self.scratch_len()],
-                )
-            },
+            || self.group_buffers(tp),
             |(v, m, rows), y, xs| {
                 let imgs = xs.len() / image;
                 // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
@@ -171,32 +186,18 @@ impl Winograd {
             "Winograd's AVX-512 kernel gradient on a CPU or shape without it"
         );
         let (c, o) = (self.c, self.o);
-        let (image, out) = (c * self.h * self.w, o * self.oh * self.ow);
-        assert_eq!(x.len(), n * image, "Winograd: input of {n} images");
+        let (image, out) = self.checked_sizes(n, x, prologue);
         assert_eq!(dy.len(), n * out, "Winograd: output gradient of {n} images");
         assert!(
             group * groups >= n,
             "Winograd: {groups} groups of {group} for {n} images"
         );
-        if let Some(st) = prologue {
-            assert_eq!(
-                st.len(),
-                c,
-                "Winograd: one (scale, shift) per input channel"
-            );
-        }
         let (sub, tp) = self.group();
         let (th, tw) = self.tiles();
         let per = 16 * o * c;
         let mut partials = vec![0f32; groups * per];
         partials.par_chunks_mut(per).enumerate().for_each_init(
-            || {
-                (
-                    vec![0f32; 16 * (c * tp + SKEW)],
-                    vec![0f32; 16 * (o * tp + SKEW)],
-                    vec![0f32; self.scratch_len()],
-                )
-            },
+            || self.group_buffers(tp),
             |(v, z, rows), (gi, acc)| {
                 let end = ((gi + 1) * group).min(n);
                 let mut i = gi * group;
