@@ -107,37 +107,30 @@ fn median(mut times: Vec<f64>) -> f64 {
 /// with `--ab-winograd-kernel`, the kernel gradient without Winograd (`Paths::winograd_kernel`
 /// off) against them; one setting otherwise.
 fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
+    let against_default = |label, paths| vec![(label, paths), ("default", Paths::default())];
+    let d = Paths::default();
     match ab {
-        Some("--ab") => vec![
-            (
-                "per image",
-                Paths {
-                    batched: Switch::Off,
-                    ..Paths::default()
-                },
-            ),
-            ("default", Paths::default()),
-        ],
-        Some("--ab-winograd-kernel") => vec![
-            (
-                "no winograd dk",
-                Paths {
-                    winograd_kernel: Switch::Off,
-                    ..Paths::default()
-                },
-            ),
-            ("default", Paths::default()),
-        ],
-        Some(_) => vec![
-            (
-                "no winograd",
-                Paths {
-                    winograd: Switch::Off,
-                    ..Paths::default()
-                },
-            ),
-            ("default", Paths::default()),
-        ],
+        Some("--ab") => against_default(
+            "per image",
+            Paths {
+                batched: Switch::Off,
+                ..d
+            },
+        ),
+        Some("--ab-winograd-kernel") => against_default(
+            "no winograd dk",
+            Paths {
+                winograd_kernel: Switch::Off,
+                ..d
+            },
+        ),
+        Some(_) => against_default(
+            "no winograd",
+            Paths {
+                winograd: Switch::Off,
+                ..d
+            },
+        ),
         None => vec![("", recipe_kernels::paths())],
     }
 }

@@ -105,7 +105,8 @@ impl Geometry {
     /// more than the multiplications saved. With AVX-512 (`winograd_avx512.rs`), from 16
     /// channels where its own path runs (a multiple of 8 output channels) and the output has 64
     /// pixels or more: the 7x7 outputs of ResNet-50's last stage run faster in the batched
-    /// passes. Measurements: `benches/README.md`. The kernel gradient never runs through it.
+    /// passes. Measurements: `benches/README.md`. The kernel gradient takes it where
+    /// `winograd_kernel` says.
     pub(super) fn winograd(&self) -> Option<Winograd> {
         if self.bf16 {
             return None;
@@ -283,8 +284,8 @@ impl Geometry {
     /// batch's copies (side by side, and back) cost less than the per-image products lose, as
     /// measured per layer (`benches/README.md`): output images under 64 pixels (7x7), except the
     /// pointwise forward, which reads each image in place; and the input gradient of strided
-    /// 1x1 layers. Never where the in-place products run, nor with
-    /// `Paths::im2col_only`. A function of the shapes only.
+    /// 1x1 layers. Never where Winograd runs the pass (`winograd`, `winograd_kernel`) or the
+    /// in-place products run, nor with `Paths::im2col_only`. A function of the shapes only.
     pub(super) fn batched(&self, pass: Pass) -> bool {
         let p = crate::paths::paths();
         let winograd = match pass {

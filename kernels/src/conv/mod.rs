@@ -193,6 +193,23 @@ pub(super) fn checked(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor>
 /// own mean, in f64.
 pub(crate) type Moments = (f64, f64);
 
+/// The element-wise sum of `partials`, blocks of `len` values (one per group of images) added in
+/// block order, in parallel over spans of the block: the same bits at any thread count (the
+/// kernel gradients' fixed-order sums).
+fn sum_in_order<T: WithDType>(partials: &[T], len: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const SPAN: usize = 1 << 12;
+    let mut sum = vec![T::zero(); len];
+    sum.par_chunks_mut(SPAN).enumerate().for_each(|(i, d)| {
+        for part in partials.chunks_exact(len) {
+            d.iter_mut()
+                .zip(&part[i * SPAN..])
+                .for_each(|(a, &b)| *a += b);
+        }
+    });
+    sum
+}
+
 /// The moments of each row of `l` values of one image's output (still in cache).
 pub(super) fn row_moments<T: WithDType>(y: &[T], l: usize, m: &mut [Moments]) {
     for (row, m) in y.chunks_exact(l).zip(m.iter_mut()) {

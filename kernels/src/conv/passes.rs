@@ -8,9 +8,9 @@ use super::geometry::{
     f32_mat, f32s, f32s_into, f32s_mut, Geometry, InputGrad, Pass, Path, Prepared,
 };
 use super::layout::{bn_relu_row, Prologue};
-use super::row_moments;
 use super::winograd::Winograd;
 use super::Moments;
+use super::{row_moments, sum_in_order};
 use crate::bf16::{matmul_bf16, matmul_bf16_par};
 use crate::gemm::{matmul_threads, Mat};
 use crate::norm::bn_relu;
@@ -389,16 +389,8 @@ impl Geometry {
         partials: &[T],
         direct: bool,
     ) -> Vec<T> {
-        const SPAN: usize = 1 << 12;
         let (o, ckk) = (self.o, self.ckk());
-        let mut dk_t = vec![T::zero(); ckk * o];
-        dk_t.par_chunks_mut(SPAN).enumerate().for_each(|(i, d)| {
-            for part in partials.chunks_exact(ckk * o) {
-                d.iter_mut()
-                    .zip(&part[i * SPAN..])
-                    .for_each(|(a, &b)| *a += b);
-            }
-        });
+        let dk_t = sum_in_order(partials, ckk * o);
         // The sums are [C*KH*KW][O] for im2col, [KH][O][KW][C] for the implicit products,
         // [O/8][C*KH*KW][8] for the direct kernel gradient.
         let (c, kh, kw) = (self.c, self.kh, self.kw);

@@ -28,6 +28,7 @@
 //! no tile's value depends on the others in its group, so results do not depend on the thread
 //! count or on the group.
 
+use super::sum_in_order;
 use super::winograd::Winograd;
 use crate::par_new_with;
 use rayon::prelude::*;
@@ -149,15 +150,12 @@ impl Winograd {
             group * out,
             x.par_chunks(group * image),
             || self.group_buffers(tp),
-            |(v, m, rows), y, xs| {
+            |(v, m, scratch), y, xs| {
                 let imgs = xs.len() / image;
                 // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
                 // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
                 unsafe {
-                    match prologue {
-                        Some(st) => self.input::<true>(xs, imgs, st, tp, v, rows),
-                        None => self.input::<false>(xs, imgs, &[], tp, v, rows),
-                    }
+                    self.input_with(prologue, xs, imgs, tp, v, scratch);
                     let used = (imgs * th * tw).next_multiple_of(LANES);
                     self.products(&u, v, m, used, tp);
                     self.output(m, imgs, tp, y);
@@ -198,7 +196,7 @@ impl Winograd {
         let mut partials = vec![0f32; groups * per];
         partials.par_chunks_mut(per).enumerate().for_each_init(
             || self.group_buffers(tp),
-            |(v, z, rows), (gi, acc)| {
+            |(v, z, scratch), (gi, acc)| {
                 let end = ((gi + 1) * group).min(n);
                 let mut i = gi * group;
                 while i < end {
@@ -211,10 +209,7 @@ impl Winograd {
                     // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
                     // `gs` are `imgs` images.
                     unsafe {
-                        match prologue {
-                            Some(st) => self.input::<true>(xs, imgs, st, tp, v, rows),
-                            None => self.input::<false>(xs, imgs, &[], tp, v, rows),
-                        }
+                        self.input_with(prologue, xs, imgs, tp, v, scratch);
                         self.output_grad(gs, imgs, tp, z);
                         // the lanes past the last tile are summed too: zero in both operands
                         for (buf, rows) in [(&mut v[..], c), (&mut z[..], o)] {
@@ -232,14 +227,7 @@ impl Winograd {
             },
         );
         // the groups' sums, added in order; then G^T p G of every (o, c)
-        let mut p = vec![0f32; per];
-        p.par_chunks_mut(1 << 12).enumerate().for_each(|(i, d)| {
-            for part in partials.chunks_exact(per) {
-                d.iter_mut()
-                    .zip(&part[i << 12..])
-                    .for_each(|(a, &b)| *a += b);
-            }
-        });
+        let p = sum_in_order(&partials, per);
         let mut dk = vec![0f32; o * c * 9];
         for (oc, dk) in dk.chunks_exact_mut(9).enumerate() {
             let (oi, ci) = (oc / c, oc % c);
@@ -275,87 +263,89 @@ impl Winograd {
         let zero = _mm512_setzero_ps();
         let zp = z.as_mut_ptr();
         let per = rows_per_vector(tw);
+        let vectors = self.tile_vectors();
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         for g in 0..imgs {
             for oc in 0..o {
                 let plane = dy.as_ptr().add((g * o + oc) * oh * ow);
-                for ty in (0..th).step_by(per) {
-                    for tx0 in (0..tw).step_by(LANES) {
-                        let n_rows = per.min(th - ty);
-                        let lanes = if per == 1 { tw - tx0 } else { n_rows * tw };
-                        let keep = lane_mask(0, lanes as isize);
-                        let tile = (g * th + ty) * tw + tx0;
-                        // the 32 columns from 2 tx0 of the tile rows' row k (for several tile
-                        // rows, row j's columns at 2 j tw); zero past the image
-                        let row_pair = |k: usize| {
-                            let (mut lo, mut hi) = (zero, zero);
-                            if per == 1 {
-                                let yy = 2 * ty + k;
-                                if yy < oh {
-                                    let col = 2 * tx0 as isize;
-                                    let src = plane.add(yy * ow + 2 * tx0);
-                                    let m0 = lane_mask(0, ow as isize - col);
-                                    let m1 = lane_mask(0, ow as isize - col - 16);
-                                    lo = _mm512_maskz_loadu_ps(m0, src);
-                                    hi = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
-                                }
-                                return (lo, hi);
+                for &TileVector {
+                    ty,
+                    tx0,
+                    n_rows,
+                    keep,
+                } in &vectors
+                {
+                    let tile = (g * th + ty) * tw + tx0;
+                    // the 32 columns from 2 tx0 of the tile rows' row k (for several tile
+                    // rows, row j's columns at 2 j tw); zero past the image
+                    let row_pair = |k: usize| {
+                        let (mut lo, mut hi) = (zero, zero);
+                        if per == 1 {
+                            let yy = 2 * ty + k;
+                            if yy < oh {
+                                let col = 2 * tx0 as isize;
+                                let src = plane.add(yy * ow + 2 * tx0);
+                                let m0 = lane_mask(0, ow as isize - col);
+                                let m1 = lane_mask(0, ow as isize - col - 16);
+                                lo = _mm512_maskz_loadu_ps(m0, src);
+                                hi = _mm512_maskz_loadu_ps(m1, src.wrapping_add(16));
                             }
-                            for j in 0..n_rows {
-                                let yy = 2 * (ty + j) + k;
-                                if yy >= oh {
-                                    break;
-                                }
-                                let row = _mm512_maskz_loadu_ps(
-                                    lane_mask(0, ow as isize),
-                                    plane.add(yy * ow),
-                                );
-                                // lanes at..at + 2 tw of the 32 take the row's first 2 tw
-                                let at = (2 * j * tw) as isize;
-                                let to = at + 2 * tw as isize;
-                                let shift = _mm512_set1_epi32(at as i32);
-                                let idx = _mm512_sub_epi32(iota, shift);
-                                let m0 = lane_mask(at, to);
-                                if m0 != 0 {
-                                    lo = _mm512_mask_permutexvar_ps(lo, m0, idx, row);
-                                }
-                                let m1 = lane_mask(at - 16, to - 16);
-                                if m1 != 0 {
-                                    let idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
-                                    hi = _mm512_mask_permutexvar_ps(hi, m1, idx, row);
-                                }
-                            }
-                            (lo, hi)
-                        };
-                        // (even, odd) columns of the tiles' two rows
-                        let mut r = [(zero, zero); 2];
-                        for (k, r) in r.iter_mut().enumerate() {
-                            let (lo, hi) = row_pair(k);
-                            *r = (
-                                _mm512_permutex2var_ps(lo, even, hi),
-                                _mm512_permutex2var_ps(lo, odd, hi),
-                            );
+                            return (lo, hi);
                         }
-                        // rows of A g: g0, g0 + g1, g0 - g1, -g1; then each row (a, b) times
-                        // A^T: a, a + b, a - b, -b
-                        let ((e0, o0), (e1, o1)) = (r[0], r[1]);
-                        let rows = [
-                            (e0, o0),
-                            (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
-                            (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
-                            (_mm512_sub_ps(zero, e1), _mm512_sub_ps(zero, o1)),
-                        ];
-                        for (rr, (a, b)) in rows.into_iter().enumerate() {
-                            let vals = [
-                                a,
-                                _mm512_add_ps(a, b),
-                                _mm512_sub_ps(a, b),
-                                _mm512_sub_ps(zero, b),
-                            ];
-                            for (s, val) in vals.into_iter().enumerate() {
-                                let at = (rr * 4 + s) * (o * tp + SKEW) + oc * tp + tile;
-                                _mm512_mask_storeu_ps(zp.add(at), keep, val);
+                        for j in 0..n_rows {
+                            let yy = 2 * (ty + j) + k;
+                            if yy >= oh {
+                                break;
                             }
+                            let row = _mm512_maskz_loadu_ps(
+                                lane_mask(0, ow as isize),
+                                plane.add(yy * ow),
+                            );
+                            // lanes at..at + 2 tw of the 32 take the row's first 2 tw
+                            let at = (2 * j * tw) as isize;
+                            let to = at + 2 * tw as isize;
+                            let shift = _mm512_set1_epi32(at as i32);
+                            let idx = _mm512_sub_epi32(iota, shift);
+                            let m0 = lane_mask(at, to);
+                            if m0 != 0 {
+                                lo = _mm512_mask_permutexvar_ps(lo, m0, idx, row);
+                            }
+                            let m1 = lane_mask(at - 16, to - 16);
+                            if m1 != 0 {
+                                let idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+                                hi = _mm512_mask_permutexvar_ps(hi, m1, idx, row);
+                            }
+                        }
+                        (lo, hi)
+                    };
+                    // (even, odd) columns of the tiles' two rows
+                    let mut r = [(zero, zero); 2];
+                    for (k, r) in r.iter_mut().enumerate() {
+                        let (lo, hi) = row_pair(k);
+                        *r = (
+                            _mm512_permutex2var_ps(lo, even, hi),
+                            _mm512_permutex2var_ps(lo, odd, hi),
+                        );
+                    }
+                    // rows of A g: g0, g0 + g1, g0 - g1, -g1; then each row (a, b) times
+                    // A^T: a, a + b, a - b, -b
+                    let ((e0, o0), (e1, o1)) = (r[0], r[1]);
+                    let rows = [
+                        (e0, o0),
+                        (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
+                        (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
+                        (_mm512_sub_ps(zero, e1), _mm512_sub_ps(zero, o1)),
+                    ];
+                    for (rr, (a, b)) in rows.into_iter().enumerate() {
+                        let vals = [
+                            a,
+                            _mm512_add_ps(a, b),
+                            _mm512_sub_ps(a, b),
+                            _mm512_sub_ps(zero, b),
+                        ];
+                        for (s, val) in vals.into_iter().enumerate() {
+                            let at = (rr * 4 + s) * (o * tp + SKEW) + oc * tp + tile;
+                            _mm512_mask_storeu_ps(zp.add(at), keep, val);
                         }
                     }
                 }
@@ -425,6 +415,26 @@ impl Winograd {
     fn packed_stride(&self) -> usize {
         let (th, tw) = self.tiles();
         (th + 1) * tw + LANES
+    }
+
+    /// `input` with the prologue when one is given.
+    ///
+    /// # Safety
+    /// As `input`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input_with(
+        &self,
+        prologue: Option<&[(f32, f32)]>,
+        xs: &[f32],
+        imgs: usize,
+        tp: usize,
+        v: &mut [f32],
+        scratch: &mut [f32],
+    ) {
+        match prologue {
+            Some(st) => self.input::<true>(xs, imgs, st, tp, v, scratch),
+            None => self.input::<false>(xs, imgs, &[], tp, v, scratch),
+        }
     }
 
     /// V = B^T d B of every channel and tile of `imgs` images into `v` ([16][C][tp]; tile
@@ -640,64 +650,99 @@ impl Winograd {
             _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         let mp = m.as_ptr();
         let per = rows_per_vector(tw);
+        let vectors = self.tile_vectors();
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let row_mask = lane_mask(0, ow as isize);
         for g in 0..imgs {
             for oc in 0..o {
                 let plane = y.as_mut_ptr().add((g * o + oc) * oh * ow);
-                for ty in (0..th).step_by(per) {
-                    for tx0 in (0..tw).step_by(LANES) {
-                        let n_rows = per.min(th - ty);
-                        let lanes = if per == 1 { tw - tx0 } else { n_rows * tw };
-                        let keep = lane_mask(0, lanes as isize);
-                        let tile = (g * th + ty) * tw + tx0;
-                        let mut mm = [_mm512_setzero_ps(); 16];
-                        for (xi, mm) in mm.iter_mut().enumerate() {
-                            let at = xi * (o * tp + SKEW) + oc * tp + tile;
-                            *mm = _mm512_maskz_loadu_ps(keep, mp.add(at));
+                for &TileVector {
+                    ty,
+                    tx0,
+                    n_rows,
+                    keep,
+                } in &vectors
+                {
+                    let tile = (g * th + ty) * tw + tx0;
+                    let mut mm = [_mm512_setzero_ps(); 16];
+                    for (xi, mm) in mm.iter_mut().enumerate() {
+                        let at = xi * (o * tp + SKEW) + oc * tp + tile;
+                        *mm = _mm512_maskz_loadu_ps(keep, mp.add(at));
+                    }
+                    // u[r][j]: rows of A^T m
+                    let mut u = [[_mm512_setzero_ps(); 4]; 2];
+                    for j in 0..4 {
+                        u[0][j] = _mm512_add_ps(_mm512_add_ps(mm[j], mm[4 + j]), mm[8 + j]);
+                        u[1][j] = _mm512_sub_ps(_mm512_sub_ps(mm[4 + j], mm[8 + j]), mm[12 + j]);
+                    }
+                    let col = 2 * tx0 as isize;
+                    let (mlo, mhi) = (
+                        lane_mask(0, ow as isize - col),
+                        lane_mask(0, ow as isize - col - 16),
+                    );
+                    for (r, u) in u.iter().enumerate() {
+                        if 2 * ty + r >= oh {
+                            continue;
                         }
-                        // u[r][j]: rows of A^T m
-                        let mut u = [[_mm512_setzero_ps(); 4]; 2];
-                        for j in 0..4 {
-                            u[0][j] = _mm512_add_ps(_mm512_add_ps(mm[j], mm[4 + j]), mm[8 + j]);
-                            u[1][j] =
-                                _mm512_sub_ps(_mm512_sub_ps(mm[4 + j], mm[8 + j]), mm[12 + j]);
+                        let ye = _mm512_add_ps(_mm512_add_ps(u[0], u[1]), u[2]);
+                        let yo = _mm512_sub_ps(_mm512_sub_ps(u[1], u[2]), u[3]);
+                        let lo = _mm512_permutex2var_ps(ye, lo_idx, yo);
+                        let hi = _mm512_permutex2var_ps(ye, hi_idx, yo);
+                        if per == 1 {
+                            let dst = plane.add((2 * ty + r) * ow + 2 * tx0);
+                            _mm512_mask_storeu_ps(dst, mlo, lo);
+                            _mm512_mask_storeu_ps(dst.wrapping_add(16), mhi, hi);
+                            continue;
                         }
-                        let col = 2 * tx0 as isize;
-                        let (mlo, mhi) = (
-                            lane_mask(0, ow as isize - col),
-                            lane_mask(0, ow as isize - col - 16),
-                        );
-                        for (r, u) in u.iter().enumerate() {
-                            if 2 * ty + r >= oh {
-                                continue;
+                        // tile row j's outputs: the 2 tw columns from 2 j tw of the 32
+                        for j in 0..n_rows {
+                            let yy = 2 * (ty + j) + r;
+                            if yy >= oh {
+                                break;
                             }
-                            let ye = _mm512_add_ps(_mm512_add_ps(u[0], u[1]), u[2]);
-                            let yo = _mm512_sub_ps(_mm512_sub_ps(u[1], u[2]), u[3]);
-                            let lo = _mm512_permutex2var_ps(ye, lo_idx, yo);
-                            let hi = _mm512_permutex2var_ps(ye, hi_idx, yo);
-                            if per == 1 {
-                                let dst = plane.add((2 * ty + r) * ow + 2 * tx0);
-                                _mm512_mask_storeu_ps(dst, mlo, lo);
-                                _mm512_mask_storeu_ps(dst.wrapping_add(16), mhi, hi);
-                                continue;
-                            }
-                            // tile row j's outputs: the 2 tw columns from 2 j tw of the 32
-                            for j in 0..n_rows {
-                                let yy = 2 * (ty + j) + r;
-                                if yy >= oh {
-                                    break;
-                                }
-                                let at = _mm512_set1_epi32((2 * j * tw) as i32);
-                                let idx = _mm512_add_epi32(iota, at);
-                                let out = _mm512_permutex2var_ps(lo, idx, hi);
-                                _mm512_mask_storeu_ps(plane.add(yy * ow), row_mask, out);
-                            }
+                            let at = _mm512_set1_epi32((2 * j * tw) as i32);
+                            let idx = _mm512_add_epi32(iota, at);
+                            let out = _mm512_permutex2var_ps(lo, idx, hi);
+                            _mm512_mask_storeu_ps(plane.add(yy * ow), row_mask, out);
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// One vector of tiles in the output transforms: `n_rows` tile rows from `ty` where
+/// `rows_per_vector` packs several, else the 16 tiles of row `ty` from `tx0`; `keep` masks the
+/// lanes that hold tiles.
+#[derive(Clone, Copy)]
+struct TileVector {
+    ty: usize,
+    tx0: usize,
+    n_rows: usize,
+    keep: u16,
+}
+
+impl Winograd {
+    /// The vectors that cover one image's tiles, in tile order.
+    fn tile_vectors(&self) -> Vec<TileVector> {
+        let (th, tw) = self.tiles();
+        let per = rows_per_vector(tw);
+        let mut vectors = Vec::new();
+        for ty in (0..th).step_by(per) {
+            for tx0 in (0..tw).step_by(LANES) {
+                let n_rows = per.min(th - ty);
+                let lanes = if per == 1 { tw - tx0 } else { n_rows * tw };
+                let keep = lane_mask(0, lanes as isize);
+                vectors.push(TileVector {
+                    ty,
+                    tx0,
+                    n_rows,
+                    keep,
+                });
+            }
+        }
+        vectors
     }
 }
 
