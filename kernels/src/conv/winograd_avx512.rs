@@ -16,8 +16,11 @@
 //!   `[xi][o / 8][c][8]`, so each step broadcasts 8 consecutive weights.
 //! - Output: `A^T m A` of 16 tiles in registers, the even and odd output columns interleaved by
 //!   two permutes and stored with the row's mask.
-//! - Where a tile row has 8, 4, 2 or 1 tiles, each vector holds `16 / tw` tile rows instead
-//!   (`rows_per_vector`), so the transforms of small images do not run on half-empty vectors.
+//! - Where a tile row has 8 tiles or fewer, it takes 8, 4, 2 or 1 lanes (`lane_tiles`: rows of
+//!   7 tiles are padded to 8) and each vector holds `16 / lanes` tile rows (`rows_per_vector`),
+//!   so the transforms of small images do not run on half-empty vectors.
+//! - The input and output-gradient transforms prefetch the planes ahead of the one they read
+//!   (`prefetch`): without it `perf` put their time on the loads of each plane's rows.
 //!
 //! The kernel gradient (`kernel_grad_avx512`) is the forward pass transposed: the same input
 //! transform, `A dy A^T` for the output gradient, and for each point the sum over tiles of
@@ -60,7 +63,7 @@ impl Winograd {
     /// buffers under `MAX_BUFFER`, at most 8 images; groups under 48 tiles count 1/8 more
     /// (their products run one vector at a time, with 8 broadcasts per 8 multiplications).
     fn group(&self) -> (usize, usize) {
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         let t = th * tw;
         let rows = 16 * self.c.max(self.o);
         let cost = |g: usize| {
@@ -143,7 +146,7 @@ impl Winograd {
         let (image, out) = self.checked_sizes(n, x, prologue);
         assert_eq!(k.len(), self.o * self.c * 9, "Winograd: a 3x3 kernel");
         let (group, tp) = self.group();
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         let u = self.kernel_tiles(k);
         par_new_with(
             n * out,
@@ -191,7 +194,7 @@ impl Winograd {
             "Winograd: {groups} groups of {group} for {n} images"
         );
         let (sub, tp) = self.group();
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         let per = 16 * o * c;
         let mut partials = vec![0f32; groups * per];
         partials.par_chunks_mut(per).enumerate().for_each_init(
@@ -256,7 +259,7 @@ impl Winograd {
     #[target_feature(enable = "avx512f")]
     unsafe fn output_grad(&self, dy: &[f32], imgs: usize, tp: usize, z: &mut [f32]) {
         let (o, oh, ow) = (self.o, self.oh, self.ow);
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         debug_assert!(z.len() >= 16 * (o * tp + SKEW) && dy.len() >= imgs * o * oh * ow);
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
@@ -268,6 +271,7 @@ impl Winograd {
         for g in 0..imgs {
             for oc in 0..o {
                 let plane = dy.as_ptr().add((g * o + oc) * oh * ow);
+                prefetch(plane.wrapping_add(ahead(oh * ow)), oh * ow);
                 for &TileVector {
                     ty,
                     tx0,
@@ -406,14 +410,14 @@ impl Winograd {
 
     /// Values of `input`'s per-thread scratch.
     fn scratch_len(&self) -> usize {
-        let th = self.tiles().0;
+        let th = self.lane_tiles().0;
         ((2 * th + 2) * 4 * LANES).max(8 * self.packed_stride())
     }
 
     /// The length of each of the 8 packed row arrays of `input` (`rows_per_vector` > 1):
     /// `th + 1` rows of `tw` lanes, and one vector's slack for the loads past the last row.
     fn packed_stride(&self) -> usize {
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         (th + 1) * tw + LANES
     }
 
@@ -460,7 +464,7 @@ impl Winograd {
         scratch: &mut [f32],
     ) {
         let (c, h, w) = (self.c, self.h, self.w);
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         debug_assert!(v.len() >= 16 * (c * tp + SKEW) && tp >= imgs * th * tw);
         debug_assert!(scratch.len() >= self.scratch_len());
         let zero = _mm512_setzero_ps();
@@ -482,6 +486,7 @@ impl Winograd {
         for g in 0..imgs {
             for ci in 0..c {
                 let plane = xs.as_ptr().add((g * c + ci) * h * w);
+                prefetch(plane.wrapping_add(ahead(h * w)), h * w);
                 let (sv, tv) = match st.get(ci) {
                     Some(&(s, t)) if BN => (_mm512_set1_ps(s), _mm512_set1_ps(t)),
                     _ => (zero, zero),
@@ -643,7 +648,7 @@ impl Winograd {
     #[target_feature(enable = "avx512f")]
     unsafe fn output(&self, m: &[f32], imgs: usize, tp: usize, y: &mut [f32]) {
         let (o, oh, ow) = (self.o, self.oh, self.ow);
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         debug_assert!(m.len() >= 16 * (o * tp + SKEW) && y.len() >= imgs * o * oh * ow);
         let lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let hi_idx =
@@ -724,9 +729,22 @@ struct TileVector {
 }
 
 impl Winograd {
+    /// (tile rows, lanes per tile row) of one image in the transforms' buffers: rows of 5 to 7
+    /// tiles take 8 lanes, 3 take 4, so that `rows_per_vector` packs them as it packs rows of 8
+    /// and 4 (the padding tiles read the row's edge and zeros, and their outputs are not
+    /// stored; their output gradients are zero, so the kernel gradient's sums do not change).
+    fn lane_tiles(&self) -> (usize, usize) {
+        let (th, tw) = self.tiles();
+        if tw <= LANES / 2 {
+            (th, tw.next_power_of_two())
+        } else {
+            (th, tw)
+        }
+    }
+
     /// The vectors that cover one image's tiles, in tile order.
     fn tile_vectors(&self) -> Vec<TileVector> {
-        let (th, tw) = self.tiles();
+        let (th, tw) = self.lane_tiles();
         let per = rows_per_vector(tw);
         let mut vectors = Vec::new();
         for ty in (0..th).step_by(per) {
@@ -746,16 +764,36 @@ impl Winograd {
     }
 }
 
-/// Tile rows per vector in the transforms: `16 / tw` where rows of `tw` tiles fill a vector
-/// exactly (rows of 8, 4, 2 or 1 tiles: the 16, 8, 4 and 2 px layers), one row (16 tiles at a
-/// time) otherwise. Measured per layer: 8 px 1.2x faster packed, 16 px 1.05x, rows of 7 tiles
-/// (14 px, 14 of 16 lanes) level.
+/// Tile rows per vector in the transforms: `16 / tw` where rows of `tw` lanes (`lane_tiles`)
+/// fill a vector exactly (8, 4, 2 or 1: the 16, 8, 4 and 2 px layers, and the 14, 10, 6 px ones
+/// padded), one row (16 tiles at a time) otherwise. Measured per layer: 8 px 1.2x faster
+/// packed, 16 px 1.05x; 14 px 1.1x padded to rows of 8 (packed without padding, 14 of 16 lanes,
+/// it was level).
 fn rows_per_vector(tw: usize) -> usize {
     if tw <= LANES / 2 && LANES.is_multiple_of(tw) {
         LANES / tw
     } else {
         1
     }
+}
+
+/// Asks for the cache lines of the `len` values from `p` (the next plane of a transform). The
+/// transforms read their planes in order, yet `perf` put their time on the first use of each
+/// loaded row: the stream is not prefetched far enough ahead by the hardware alone.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn prefetch(p: *const f32, len: usize) {
+    for i in (0..len).step_by(LANES) {
+        // a prefetch never faults: the address is only computed (`wrapping_add`), never
+        // dereferenced
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i) as *const i8);
+    }
+}
+
+/// How far ahead the transforms prefetch, in values, for planes of `len`: whole planes, at
+/// least two and at least 8 KB.
+fn ahead(len: usize) -> usize {
+    len * (2048 / len.max(1)).max(2)
 }
 
 /// Lanes 2..16 of `lo` followed by lanes 0..2 of `hi`: a row's vector two columns on.
@@ -872,7 +910,8 @@ mod tests {
             (2, 3, 3, 3, 8, 2),
             (1, 8, 1, 1, 8, 1),
             (11, 32, 8, 8, 64, 1),
-            // rows of 8 and 4 tiles packed 2 and 4 per vector, an odd output height
+            // rows of 8 and 4 tiles packed 2 and 4 per vector, an odd output height (rows of 7,
+            // 5 and 3 tiles, padded to 8 and 4 lanes, are the shapes above)
             (3, 16, 16, 16, 16, 1),
             (2, 8, 7, 8, 8, 1),
         ] {
