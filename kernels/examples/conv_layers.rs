@@ -93,7 +93,11 @@ fn resnet20() -> Vec<Layer> {
 /// The small ResNet of the throughput benchmark (batch 128, 1x28x28): a 3x3 stem and a basic
 /// block at 28 px, the max pool, a basic block at 14 px.
 fn small() -> Vec<Layer> {
-    layers(&[(1, 32, 3, 1, 28, 1), (32, 32, 3, 1, 28, 2), (32, 32, 3, 1, 14, 2)])
+    layers(&[
+        (1, 32, 3, 1, 28, 1),
+        (32, 32, 3, 1, 28, 2),
+        (32, 32, 3, 1, 14, 2),
+    ])
 }
 
 /// The median of `times`.
