@@ -4,9 +4,10 @@
 //! The defaults pick the fastest path for the CPU (see `benches/README.md`). A program (a
 //! benchmark comparing two paths, a test) sets them with [`set_paths`]; the environment variables
 //! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_WINOGRAD_KERNEL`, `RECIPE_BATCHED` and
-//! `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared with itself without rebuilding. Every
-//! path computes the same function; they differ in rounding only (Winograd, and the order of the
-//! batched passes' sums) or not at all (direct, im2col).
+//! `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared
+//! with itself without rebuilding. Every path computes the same function; they differ in
+//! rounding only (Winograd, and the order of the batched passes' sums) or not at all (direct,
+//! im2col).
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;

@@ -20,7 +20,7 @@
 //!   7 tiles are padded to 8) and each vector holds `16 / lanes` tile rows (`rows_per_vector`),
 //!   so the transforms of small images do not run on half-empty vectors.
 //! - The input and output-gradient transforms prefetch the planes ahead of the one they read
-//!   (`prefetch`): without it `perf` put their time on the loads of each plane's rows.
+//!   (`prefetch_ahead`): without it `perf` put their time on the loads of each plane's rows.
 //!
 //! The kernel gradient (`kernel_grad_avx512`) is the forward pass transposed: the same input
 //! transform, `A dy A^T` for the output gradient, and for each point the sum over tiles of
@@ -271,7 +271,7 @@ impl Winograd {
         for g in 0..imgs {
             for oc in 0..o {
                 let plane = dy.as_ptr().add((g * o + oc) * oh * ow);
-                prefetch(plane.wrapping_add(ahead(oh * ow)), oh * ow);
+                prefetch_ahead(plane, oh * ow);
                 for &TileVector {
                     ty,
                     tx0,
@@ -486,7 +486,7 @@ impl Winograd {
         for g in 0..imgs {
             for ci in 0..c {
                 let plane = xs.as_ptr().add((g * c + ci) * h * w);
-                prefetch(plane.wrapping_add(ahead(h * w)), h * w);
+                prefetch_ahead(plane, h * w);
                 let (sv, tv) = match st.get(ci) {
                     Some(&(s, t)) if BN => (_mm512_set1_ps(s), _mm512_set1_ps(t)),
                     _ => (zero, zero),
@@ -777,23 +777,19 @@ fn rows_per_vector(tw: usize) -> usize {
     }
 }
 
-/// Asks for the cache lines of the `len` values from `p` (the next plane of a transform). The
-/// transforms read their planes in order, yet `perf` put their time on the first use of each
-/// loaded row: the stream is not prefetched far enough ahead by the hardware alone.
+/// Asks for the cache lines of the planes ahead of `plane` (of `len` values each): as many whole
+/// planes ahead as fit in 8 KB, at least two. The transforms read their planes in order, yet
+/// `perf` put their time on the first use of each loaded row: the hardware alone does not fetch
+/// far enough ahead of a loop that computes this much per row.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn prefetch(p: *const f32, len: usize) {
+fn prefetch_ahead(plane: *const f32, len: usize) {
+    let from = plane.wrapping_add(len * (2048 / len.max(1)).max(2));
     for i in (0..len).step_by(LANES) {
         // a prefetch never faults: the address is only computed (`wrapping_add`), never
         // dereferenced
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(i) as *const i8);
     }
-}
-
-/// How far ahead the transforms prefetch, in values, for planes of `len`: whole planes, at
-/// least two and at least 8 KB.
-fn ahead(len: usize) -> usize {
-    len * (2048 / len.max(1)).max(2)
 }
 
 /// Lanes 2..16 of `lo` followed by lanes 0..2 of `hi`: a row's vector two columns on.
