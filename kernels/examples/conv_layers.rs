@@ -10,8 +10,9 @@
 //! Arguments: the model (`resnet50`, `resnet20` or `small`, the small ResNet), the precision
 //! (`fp32` or `bf16`), the rounds per measurement (default 5; the median is printed), and `--ab`
 //! to time the per-image passes (`Paths::batched` off) against the defaults, `--ab-winograd`
-//! the direct convolution (`Paths::winograd` off) against them, or `--ab-winograd-kernel` the
-//! kernel gradient without Winograd (`Paths::winograd_kernel` off), alternating in each round.
+//! the direct convolution (`Paths::winograd` off) against them, `--ab-winograd-kernel` the
+//! kernel gradient without Winograd (`Paths::winograd_kernel` off), or `--ab-winograd4`
+//! Winograd F(2x2, 3x3) (`Paths::winograd4` off), alternating in each round.
 
 use candle_core::{Device, Tensor};
 use recipe_kernels::{conv2d, conv2d_backward, set_paths, Conv2dParams, Paths, Switch};
@@ -109,7 +110,8 @@ fn median(mut times: Vec<f64>) -> f64 {
 /// The paths compared with `--ab`: the per-image passes (`Paths::batched` off) against the
 /// defaults; with `--ab-winograd`, the direct convolution (`Paths::winograd` off) against them;
 /// with `--ab-winograd-kernel`, the kernel gradient without Winograd (`Paths::winograd_kernel`
-/// off) against them; one setting otherwise.
+/// off) against them; with `--ab-winograd4`, Winograd F(2x2, 3x3) (`Paths::winograd4` off)
+/// against them; one setting otherwise.
 fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
     let against_default = |label, paths| vec![(label, paths), ("default", Paths::default())];
     let d = Paths::default();
@@ -128,6 +130,13 @@ fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
                 ..d
             },
         ),
+        Some("--ab-winograd4") => against_default(
+            "F(2x2,3x3)",
+            Paths {
+                winograd4: Switch::Off,
+                ..d
+            },
+        ),
         Some(_) => against_default(
             "no winograd",
             Paths {
@@ -141,7 +150,12 @@ fn sides(ab: Option<&str>) -> Vec<(&'static str, Paths)> {
 
 fn main() -> candle_core::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flags = ["--ab", "--ab-winograd", "--ab-winograd-kernel"];
+    let flags = [
+        "--ab",
+        "--ab-winograd",
+        "--ab-winograd-kernel",
+        "--ab-winograd4",
+    ];
     let ab = flags.into_iter().find(|f| args.iter().any(|a| a == f));
     let args: Vec<&String> = args
         .iter()

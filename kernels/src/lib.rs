@@ -144,6 +144,53 @@ pub(crate) fn out_size(input: usize, kernel: usize, stride: usize, pad: usize) -
     Ok((input + 2 * pad - kernel) / stride + 1)
 }
 
+/// `v` as f32 values, for the f32-only kernels (the direct convolution, Winograd, the 2x2 max
+/// pool), taken only when T is f32.
+pub(crate) fn f32s<T: WithDType>(v: &[T]) -> &[f32] {
+    assert_eq!(
+        std::any::TypeId::of::<T>(),
+        std::any::TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
+/// A vector of f32 values as one of T (T is f32: the f32-only kernels' outputs).
+/// The values are moved, not converted: the bf16 pairs are bit patterns, NaNs among them.
+pub(crate) fn f32s_into<T: WithDType>(v: Vec<f32>) -> Vec<T> {
+    assert_eq!(
+        std::any::TypeId::of::<T>(),
+        std::any::TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: T is f32 (checked above): the same allocation, length and capacity.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// `f32s` for a mutable slice.
+pub(crate) fn f32s_mut<T: WithDType>(v: &mut [T]) -> &mut [f32] {
+    assert_eq!(
+        std::any::TypeId::of::<T>(),
+        std::any::TypeId::of::<f32>(),
+        "f32 values expected"
+    );
+    // SAFETY: T is f32 (checked above), so the slice is one of f32.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
+}
+
+/// A 16-bit lane mask of the lanes `lo..hi` (clamped to 0..16): the masked loads and stores
+/// of the AVX-512 kernels at the edges of rows.
+pub(crate) fn lane_mask(lo: isize, hi: isize) -> u16 {
+    let (lo, hi) = (lo.clamp(0, 16), hi.clamp(0, 16));
+    if hi <= lo {
+        return 0;
+    }
+    let bits = (1u32 << hi) - (1u32 << lo);
+    bits as u16
+}
+
 /// Lanes of the summing loops: four vectors of 8 f32, independent chains of adds (one chain
 /// waits on the add's latency: 2 values per cycle, measured as 2.5% of a ResNet-20 step in the
 /// convolution's batch statistics alone).

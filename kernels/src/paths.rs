@@ -3,8 +3,8 @@
 //!
 //! The defaults pick the fastest path for the CPU (see `benches/README.md`). A program (a
 //! benchmark comparing two paths, a test) sets them with [`set_paths`]; the environment variables
-//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_WINOGRAD_KERNEL`, `RECIPE_BATCHED` and
-//! `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared
+//! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_WINOGRAD_KERNEL`, `RECIPE_WINOGRAD4`,
+//! `RECIPE_BATCHED` and `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared
 //! with itself without rebuilding. Every path computes the same function; they differ in
 //! rounding only (Winograd, and the order of the batched passes' sums) or not at all (direct,
 //! im2col).
@@ -40,6 +40,11 @@ pub struct Paths {
     /// `Off`: the kernel gradient stays on the direct tiles or the batched passes. Environment:
     /// `RECIPE_WINOGRAD_KERNEL=0` / `=1`.
     pub winograd_kernel: Switch,
+    /// Winograd F(4x4, 3x3) (`conv/winograd4_avx512.rs`) instead of F(2x2, 3x3) for the
+    /// forward pass and input gradient, where those take Winograd on AVX-512. `Auto`: where it
+    /// measured faster (`Winograd::f4`); `On`: wherever the AVX-512 path runs; `Off`: never.
+    /// Environment: `RECIPE_WINOGRAD4=0` / `=1`.
+    pub winograd4: Switch,
     /// The whole batch in one product per pass (`Geometry::batched`): the images' unfolded
     /// columns side by side, so the kernel is packed once per pass instead of once per image.
     /// `Auto`: for small output images (under 256 pixels) with large kernels (from 2^18 weights:
@@ -72,6 +77,7 @@ impl Paths {
             },
             winograd: switch("RECIPE_WINOGRAD"),
             winograd_kernel: switch("RECIPE_WINOGRAD_KERNEL"),
+            winograd4: switch("RECIPE_WINOGRAD4"),
             batched: switch("RECIPE_BATCHED"),
             im2col_only: var("RECIPE_IM2COL").as_deref() == Some("1"),
         }
@@ -88,6 +94,7 @@ impl Paths {
             | ((self.im2col_only as u16) << 4)
             | (s(self.batched) << 5)
             | (s(self.winograd_kernel) << 7)
+            | (s(self.winograd4) << 9)
     }
 
     fn decode(b: u16) -> Paths {
@@ -100,6 +107,7 @@ impl Paths {
             direct: s(b),
             winograd: s(b >> 2),
             winograd_kernel: s(b >> 7),
+            winograd4: s(b >> 9),
             batched: s(b >> 5),
             im2col_only: b & 16 != 0,
         }
@@ -198,16 +206,19 @@ mod tests {
             for winograd in [Switch::Auto, Switch::On, Switch::Off] {
                 for batched in [Switch::Auto, Switch::On, Switch::Off] {
                     for winograd_kernel in [Switch::Auto, Switch::On, Switch::Off] {
-                        for im2col_only in [false, true] {
-                            let p = Paths {
-                                direct,
-                                winograd,
-                                winograd_kernel,
-                                batched,
-                                im2col_only,
-                            };
-                            assert_eq!(Paths::decode(p.encode()), p);
-                            assert_ne!(p.encode(), UNSET);
+                        for winograd4 in [Switch::Auto, Switch::On, Switch::Off] {
+                            for im2col_only in [false, true] {
+                                let p = Paths {
+                                    direct,
+                                    winograd,
+                                    winograd_kernel,
+                                    winograd4,
+                                    batched,
+                                    im2col_only,
+                                };
+                                assert_eq!(Paths::decode(p.encode()), p);
+                                assert_ne!(p.encode(), UNSET);
+                            }
                         }
                     }
                 }
@@ -232,7 +243,9 @@ mod tests {
             ("RECIPE_IM2COL", "1"),
             ("RECIPE_BATCHED", "0"),
             ("RECIPE_WINOGRAD_KERNEL", "0"),
+            ("RECIPE_WINOGRAD4", "0"),
         ]);
+        assert_eq!(p.winograd4, Switch::Off);
         assert_eq!(p.winograd_kernel, Switch::Off);
         assert_eq!(p.direct, Switch::Off);
         assert_eq!(p.batched, Switch::Off);

@@ -9,6 +9,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod max2_avx512;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Max,
@@ -256,6 +259,17 @@ impl Pool {
         self.k == self.s && self.p == 0
     }
 
+    /// Whether the 2x2 max pool's AVX-512 path (`max2_avx512`) runs: f32 on a CPU with AVX-512.
+    fn max2_avx512<T: WithDType>(&self) -> bool {
+        let f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+        cfg!(target_arch = "x86_64")
+            && f32
+            && self.mode == Mode::Max
+            && self.tiled()
+            && self.k == 2
+            && crate::paths::cpu().avx512
+    }
+
     /// The index (in the plane) of the first maximum of the window at (oy, ox) of a tiled pool.
     #[inline]
     fn tile_argmax<T: WithDType>(&self, plane: &[T], w: usize, oy: usize, ox: usize) -> usize {
@@ -276,6 +290,22 @@ impl Pool {
 
     fn forward<T: WithDType>(&self, x: &[T], planes: usize, h: usize, w: usize) -> Result<Vec<T>> {
         let (oh, ow) = self.geometry(h, w)?;
+        #[cfg(target_arch = "x86_64")]
+        if self.max2_avx512::<T>() {
+            let out = par_new(
+                planes * oh * ow,
+                oh * ow,
+                x.par_chunks(h * w),
+                |o, plane| {
+                    // SAFETY: AVX-512 was checked (`max2_avx512`); `plane` is H x W with
+                    // OH = H / 2 and OW = W / 2, `o` OH x OW.
+                    unsafe {
+                        max2_avx512::forward(crate::f32s(plane), w, oh, ow, crate::f32s_mut(o))
+                    }
+                },
+            );
+            return Ok(out);
+        }
         if self.tiled() {
             let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
             let out = par_new(
@@ -351,6 +381,16 @@ impl Pool {
         let (oh, ow) = self.geometry(h, w)?;
         let inv = T::from_f64(1.0 / (self.k * self.k) as f64);
         let items = x.par_chunks(h * w).zip(g.par_chunks(oh * ow));
+        #[cfg(target_arch = "x86_64")]
+        if self.max2_avx512::<T>() {
+            let out = par_new(planes * h * w, h * w, items, |dx, (plane, go)| {
+                let (plane, go, dx) = (crate::f32s(plane), crate::f32s(go), crate::f32s_mut(dx));
+                // SAFETY: AVX-512 was checked (`max2_avx512`); `plane` and `dx` are H x W with
+                // OH = H / 2 and OW = W / 2, `go` OH x OW.
+                unsafe { max2_avx512::backward(plane, go, w, (oh, ow), dx) }
+            });
+            return Ok(out);
+        }
         if self.tiled() {
             let out = par_new(planes * h * w, h * w, items, |dx, (plane, go)| {
                 for oy in 0..oh {
@@ -488,6 +528,47 @@ mod tests {
         let x = Tensor::zeros((1, 2, 0, 0), DType::F32, &candle_core::Device::Cpu).unwrap();
         let err = max_pool2d(&x, 2, 2, 1).unwrap_err().to_string();
         assert!(err.contains("empty planes"), "{err}");
+    }
+
+    /// The 2x2 max pool's AVX-512 path against the scalar window scan (`tile_argmax`), bit for
+    /// bit: values drawn from a few, so that windows tie; signed zeros (the first of equal
+    /// values wins, `-0.0` before `0.0`); NaNs (never greater, never passed over by a greater
+    /// value after them); odd sizes; rows of more than 16 windows.
+    #[test]
+    fn max2_avx512_is_bitwise_the_window_scan() {
+        let op = Pool {
+            mode: Mode::Max,
+            k: 2,
+            s: 2,
+            p: 0,
+        };
+        let palette = [1.5f32, -2.0, 0.0, -0.0, f32::NAN, 1.5, 3.0, -0.0];
+        for (planes, h, w) in [(3, 28, 28), (2, 5, 37), (1, 9, 70), (2, 2, 2), (1, 3, 3)] {
+            let len = planes * h * w;
+            // a multiplicative hash picks from the palette: every ordering of ties and NaNs occurs
+            let x: Vec<f32> = (0..len)
+                .map(|i| palette[(i as u32).wrapping_mul(2654435761) as usize >> 13 & 7])
+                .collect();
+            let (oh, ow) = op.geometry(h, w).unwrap();
+            let g: Vec<f32> = (0..planes * oh * ow).map(|i| i as f32 + 0.25).collect();
+            let mut want_y = Vec::new();
+            let mut want_dx = vec![0f32; len];
+            for p in 0..planes {
+                let plane = &x[p * h * w..][..h * w];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let at = op.tile_argmax(plane, w, oy, ox);
+                        want_y.push(plane[at]);
+                        want_dx[p * h * w + at] = g[(p * oh + oy) * ow + ox];
+                    }
+                }
+            }
+            let y = op.forward(&x, planes, h, w).unwrap();
+            let dx = op.backward(&x, &g, planes, h, w).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want_y), "forward {planes} {h} {w}");
+            assert_eq!(bits(&dx), bits(&want_dx), "backward {planes} {h} {w}");
+        }
     }
 
     /// Non-overlapping windows (the tiled fast path), odd sizes included (the last row and

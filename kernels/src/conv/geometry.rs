@@ -378,37 +378,4 @@ pub(super) fn f32_mat<T: WithDType>(v: Mat<'_, T>) -> Mat<'_, f32> {
     }
 }
 
-/// `v` as f32 values (the direct convolution's paths are taken only when T is f32).
-pub(super) fn f32s<T: WithDType>(v: &[T]) -> &[f32] {
-    assert_eq!(
-        TypeId::of::<T>(),
-        TypeId::of::<f32>(),
-        "f32 values expected"
-    );
-    // SAFETY: T is f32 (checked above), so the slice is one of f32.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
-}
-
-/// A vector of f32 values as one of T (T is f32: the direct path's kernels).
-/// The values are moved, not converted: the bf16 pairs are bit patterns, NaNs among them.
-pub(super) fn f32s_into<T: WithDType>(v: Vec<f32>) -> Vec<T> {
-    assert_eq!(
-        TypeId::of::<T>(),
-        TypeId::of::<f32>(),
-        "f32 values expected"
-    );
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: T is f32 (checked above): the same allocation, length and capacity.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
-}
-
-/// `f32s` for a mutable slice.
-pub(super) fn f32s_mut<T: WithDType>(v: &mut [T]) -> &mut [f32] {
-    assert_eq!(
-        TypeId::of::<T>(),
-        TypeId::of::<f32>(),
-        "f32 values expected"
-    );
-    // SAFETY: T is f32 (checked above), so the slice is one of f32.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len()) }
-}
+pub(super) use crate::{f32s, f32s_into, f32s_mut};

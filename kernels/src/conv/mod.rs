@@ -54,6 +54,8 @@ mod layout;
 mod passes;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
+mod winograd4_avx512;
+#[cfg(target_arch = "x86_64")]
 mod winograd_avx512;
 
 pub use fused::bn_relu_conv2d;
@@ -724,32 +726,49 @@ mod tests {
     /// pixels or more (ResNet-20's, the small ResNet's, ResNet-50's first three stages), not
     /// the 7x7 outputs that the batched passes run faster, nor the stem of 3 or 1 channels; and
     /// their kernel gradient up to 128 channels (not ResNet-50's 256-channel stage, level with
-    /// the batched passes there).
+    /// the batched passes there). F(4x4, 3x3) takes the forward pass and input gradient of
+    /// outputs 21 px wide or more with at most 64 channels (ResNet-20's 32 px stage, the small
+    /// ResNet's 28 px block, ResNet-50's 56 px stage), and the kernel gradient of those with
+    /// 16 channels.
     #[test]
     fn winograd_runs_where_it_measured_faster() {
         if crate::paths::paths() != crate::paths::Paths::default() || !crate::paths::cpu().avx512 {
             eprintln!("skipped: kernel paths set by the environment, or no AVX-512");
             return;
         }
-        for ((c, h, o, k, s), (on, kernel)) in [
-            ((16, 32, 16, 3, 1), (true, true)),
-            ((32, 14, 32, 3, 1), (true, true)),
-            ((64, 8, 64, 3, 1), (true, true)),
-            ((128, 28, 128, 3, 1), (true, true)),
-            ((256, 14, 256, 3, 1), (true, false)),
-            ((512, 7, 512, 3, 1), (false, false)),
-            ((3, 32, 16, 3, 1), (false, false)),
-            ((8, 32, 8, 3, 1), (false, false)),
-            ((32, 16, 64, 3, 2), (false, false)),
-            ((64, 56, 64, 1, 1), (false, false)),
+        // (on, kernel gradient, F(4x4) forward and input gradient, F(4x4) kernel gradient)
+        for ((c, h, o, k, s), (on, kernel, f4, f4_kernel)) in [
+            ((16, 32, 16, 3, 1), (true, true, true, true)),
+            ((32, 28, 32, 3, 1), (true, true, true, false)),
+            ((32, 14, 32, 3, 1), (true, true, false, false)),
+            ((32, 16, 32, 3, 1), (true, true, false, false)),
+            ((64, 8, 64, 3, 1), (true, true, false, false)),
+            ((64, 56, 64, 3, 1), (true, true, true, false)),
+            ((128, 28, 128, 3, 1), (true, true, false, false)),
+            ((256, 14, 256, 3, 1), (true, false, false, false)),
+            ((512, 7, 512, 3, 1), (false, false, false, false)),
+            ((3, 32, 16, 3, 1), (false, false, false, false)),
+            ((8, 32, 8, 3, 1), (false, false, false, false)),
+            ((32, 16, 64, 3, 2), (false, false, false, false)),
+            ((64, 56, 64, 1, 1), (false, false, false, false)),
         ] {
             let g = square(c, h, o, k, s);
-            assert_eq!(g.winograd().is_some(), on, "{c} {h} {o} {k} {s}");
-            let dk = g.winograd_kernel::<f32>().is_some();
-            assert_eq!(dk, kernel, "kernel gradient of {c} {h} {o} {k} {s}");
+            let shape = format!("{c} {h} {o} {k} {s}");
+            let wg = g.winograd();
+            assert_eq!(wg.is_some(), on, "{shape}");
+            assert_eq!(wg.is_some_and(|wg| wg.f4()), f4, "F(4x4) of {shape}");
+            let dk = g.winograd_kernel::<f32>();
+            assert_eq!(dk.is_some(), kernel, "kernel gradient of {shape}");
+            let dk4 = dk.is_some_and(|wg| wg.f4_kernel());
+            assert_eq!(dk4, f4_kernel, "F(4x4) kernel gradient of {shape}");
             // its input gradient is the forward of the transposed geometry
             let t = g.transposed().and_then(|t| t.winograd());
-            assert_eq!(t.is_some(), on, "input gradient of {c} {h} {o} {k} {s}");
+            assert_eq!(t.is_some(), on, "input gradient of {shape}");
+            assert_eq!(
+                t.is_some_and(|t| t.f4()),
+                f4,
+                "F(4x4) input gradient of {shape}"
+            );
         }
     }
 

@@ -74,6 +74,31 @@ impl Winograd {
         self.avx512() && self.c.is_multiple_of(4)
     }
 
+    /// Whether the AVX-512 path runs F(4x4, 3x3) (`winograd4_avx512.rs`) instead of
+    /// F(2x2, 3x3) for this shape's forward pass (and the input gradient, a forward pass of the
+    /// transposed shape): `Paths::winograd4`. By default where it measured faster: rows of 6
+    /// tiles or more (outputs 21 px wide or wider) and at most 64 channels. Narrower rows leave
+    /// most of a vector's lanes empty in its transforms (an 8 px image has 2x2 tiles), and with
+    /// 128 channels or more its 36 matrices per group no longer stay in L2
+    /// (`benches/README.md`).
+    pub(super) fn f4(&self) -> bool {
+        let on = match crate::paths::paths().winograd4 {
+            crate::paths::Switch::Off => false,
+            crate::paths::Switch::On => true,
+            crate::paths::Switch::Auto => self.ow.div_ceil(4) >= 6 && self.c.max(self.o) <= 64,
+        };
+        on && self.avx512()
+    }
+
+    /// Whether the kernel gradient runs F(4x4, 3x3) (`kernel_grad_avx512` with `m = 4`):
+    /// where `f4()` holds and, by default, with at most 16 channels. With 32 channels (the small
+    /// ResNet's 28 px layers) it measured slower than F(2x2, 3x3), with 64 (ResNet-50's 56 px
+    /// layers) level (`benches/README.md`).
+    pub(super) fn f4_kernel(&self) -> bool {
+        let auto = crate::paths::paths().winograd4 == crate::paths::Switch::Auto;
+        self.f4() && !(auto && self.c.max(self.o) > 16)
+    }
+
     pub(super) fn tiles(&self) -> (usize, usize) {
         (self.oh.div_ceil(2), self.ow.div_ceil(2))
     }

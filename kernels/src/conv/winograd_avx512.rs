@@ -38,34 +38,31 @@ use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// f32 lanes of one vector.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// Output channels per product tile.
-const NK: usize = 8;
+pub(super) const NK: usize = 8;
 /// Values in each of a group's `V` and `M` buffers at most (256 KB).
 const MAX_BUFFER: usize = 1 << 16;
 /// Values between the 16 points' matrices in `V` and `M`, beyond their size: with sizes of
 /// 4 KB multiples, the transforms' 16 loads or stores of one tile would all map to the same L1
 /// set (measured 1.3-1.5x slower at 16 and 8 pixels).
-const SKEW: usize = 16;
+pub(super) const SKEW: usize = 16;
 
-/// A 16-bit lane mask of the lanes `lo..hi` (clamped to 0..16).
-fn lane_mask(lo: isize, hi: isize) -> u16 {
-    let (lo, hi) = (lo.clamp(0, 16), hi.clamp(0, 16));
-    if hi <= lo {
-        return 0;
-    }
-    let bits = (1u32 << hi) - (1u32 << lo);
-    bits as u16
-}
+pub(super) use crate::lane_mask;
 
 impl Winograd {
     /// (images per group, tile lanes per group): the fewest padding lanes per image with both
     /// buffers under `MAX_BUFFER`, at most 8 images; groups under 48 tiles count 1/8 more
     /// (their products run one vector at a time, with 8 broadcasts per 8 multiplications).
     fn group(&self) -> (usize, usize) {
-        let (th, tw) = self.lane_tiles();
+        self.group_of(2)
+    }
+
+    /// `group()` for output tiles of `m` x `m` (`(m + 2)^2` points).
+    pub(super) fn group_of(&self, m: usize) -> (usize, usize) {
+        let (th, tw) = self.lane_tiles_of(m);
         let t = th * tw;
-        let rows = 16 * self.c.max(self.o);
+        let rows = (m + 2) * (m + 2) * self.c.max(self.o);
         let cost = |g: usize| {
             let tp = (g * t).next_multiple_of(LANES);
             let narrow = if tp < 3 * LANES { 9 } else { 8 };
@@ -85,7 +82,7 @@ impl Winograd {
 
     /// Checks an input of `n` images and a prologue of one (scale, shift) per channel; returns
     /// the values per input image and per output image.
-    fn checked_sizes(
+    pub(super) fn checked_sizes(
         &self,
         n: usize,
         x: &[f32],
@@ -106,10 +103,20 @@ impl Winograd {
     /// A thread's buffers for groups of `tp` tile lanes: `V` [16][C][tp], `M` (or the output
     /// gradient's `Z`) [16][O][tp], each matrix `SKEW` apart, and `input`'s scratch.
     fn group_buffers(&self, tp: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        self.group_buffers_of(16, tp, self.scratch_len())
+    }
+
+    /// `group_buffers` for `points` matrices per buffer and `scratch` values of scratch.
+    pub(super) fn group_buffers_of(
+        &self,
+        points: usize,
+        tp: usize,
+        scratch: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         (
-            vec![0f32; 16 * (self.c * tp + SKEW)],
-            vec![0f32; 16 * (self.o * tp + SKEW)],
-            vec![0f32; self.scratch_len()],
+            vec![0f32; points * (self.c * tp + SKEW)],
+            vec![0f32; points * (self.o * tp + SKEW)],
+            vec![0f32; scratch],
         )
     }
 
@@ -160,7 +167,7 @@ impl Winograd {
                 unsafe {
                     self.input_with(prologue, xs, imgs, tp, v, scratch);
                     let used = (imgs * th * tw).next_multiple_of(LANES);
-                    self.products(&u, v, m, used, tp);
+                    self.products(16, &u, v, m, used, tp);
                     self.output(m, imgs, tp, y);
                 }
             },
@@ -173,9 +180,12 @@ impl Winograd {
     /// transform is the forward's). The images are summed in `groups` groups of `group`
     /// (`Geometry::kernel_groups`, a function of the shape) whose partial sums are added in
     /// order, each group a few images at a time (`group()`), so the result does not depend on
-    /// the thread count. Needs `kernel_grad_on_avx512()`.
+    /// the thread count. Output tiles of `m` x `m`: 2, or 4 for F(4x4, 3x3)
+    /// (`winograd4_avx512.rs`). Needs `kernel_grad_on_avx512()`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn kernel_grad_avx512(
         &self,
+        m: usize,
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -193,12 +203,22 @@ impl Winograd {
             group * groups >= n,
             "Winograd: {groups} groups of {group} for {n} images"
         );
-        let (sub, tp) = self.group();
-        let (th, tw) = self.lane_tiles();
-        let per = 16 * o * c;
+        assert!(
+            m == 2 || m == 4,
+            "Winograd: F(2x2) or F(4x4), not F({m}x{m})"
+        );
+        let points = (m + 2) * (m + 2);
+        let (sub, tp) = self.group_of(m);
+        let (th, tw) = self.lane_tiles_of(m);
+        let per = points * o * c;
         let mut partials = vec![0f32; groups * per];
+        let scratch = if m == 4 {
+            self.scratch_len4()
+        } else {
+            self.scratch_len()
+        };
         partials.par_chunks_mut(per).enumerate().for_each_init(
-            || self.group_buffers(tp),
+            || self.group_buffers_of(points, tp, scratch),
             |(v, z, scratch), (gi, acc)| {
                 let end = ((gi + 1) * group).min(n);
                 let mut i = gi * group;
@@ -212,18 +232,23 @@ impl Winograd {
                     // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
                     // `gs` are `imgs` images.
                     unsafe {
-                        self.input_with(prologue, xs, imgs, tp, v, scratch);
-                        self.output_grad(gs, imgs, tp, z);
+                        if m == 4 {
+                            self.input4_with(prologue, xs, imgs, tp, v, scratch);
+                            self.output_grad4(gs, imgs, tp, z);
+                        } else {
+                            self.input_with(prologue, xs, imgs, tp, v, scratch);
+                            self.output_grad(gs, imgs, tp, z);
+                        }
                         // the lanes past the last tile are summed too: zero in both operands
                         for (buf, rows) in [(&mut v[..], c), (&mut z[..], o)] {
-                            for xi in 0..16 {
+                            for xi in 0..points {
                                 for r in 0..rows {
                                     let at = xi * (rows * tp + SKEW) + r * tp;
                                     buf[at + tiles..at + used].fill(0.0);
                                 }
                             }
                         }
-                        self.kernel_products(z, v, acc, used, tp);
+                        self.kernel_products(points, z, v, acc, used, tp);
                     }
                     i += imgs;
                 }
@@ -231,6 +256,9 @@ impl Winograd {
         );
         // the groups' sums, added in order; then G^T p G of every (o, c)
         let p = sum_in_order(&partials, per);
+        if m == 4 {
+            return self.kernel_from_points4(&p);
+        }
         let mut dk = vec![0f32; o * c * 9];
         for (oc, dk) in dk.chunks_exact_mut(9).enumerate() {
             let (oi, ci) = (oc / c, oc % c);
@@ -357,16 +385,18 @@ impl Winograd {
         }
     }
 
-    /// `acc[xi] += Z[xi] V[xi]^T` over the first `used` tiles (a multiple of 16), by tiles of 4
-    /// output x 4 input channels: 16 vector sums along the tiles, then one vector of their 16
-    /// totals added to `acc`, laid out `[xi][o / 4][c / 4][o % 4][c % 4]`.
+    /// `acc[xi] += Z[xi] V[xi]^T` for each of the `points` points, over the first `used` tiles
+    /// (a multiple of 16), by tiles of 4 output x 4 input channels: 16 vector sums along the
+    /// tiles, then one vector of their 16 totals added to `acc`, laid out
+    /// `[xi][o / 4][c / 4][o % 4][c % 4]`.
     ///
     /// # Safety
-    /// AVX-512 F; `z` [16][O][tp], `v` [16][C][tp], `acc` 16 O C values; used <= tp.
+    /// AVX-512 F; `z` [points][O][tp], `v` [points][C][tp], `acc` points O C values; used <= tp.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // constant index ranges: the sums stay in registers
     unsafe fn kernel_products(
         &self,
+        points: usize,
         z: &[f32],
         v: &[f32],
         acc: &mut [f32],
@@ -375,10 +405,10 @@ impl Winograd {
     ) {
         let (c, o) = (self.c, self.o);
         debug_assert!(used <= tp && used.is_multiple_of(LANES));
-        debug_assert!(acc.len() == 16 * o * c);
-        debug_assert!(v.len() >= 16 * (c * tp + SKEW) && z.len() >= 16 * (o * tp + SKEW));
+        debug_assert!(acc.len() == points * o * c);
+        debug_assert!(v.len() >= points * (c * tp + SKEW) && z.len() >= points * (o * tp + SKEW));
         let ap = acc.as_mut_ptr();
-        for xi in 0..16 {
+        for xi in 0..points {
             let zx = z.as_ptr().add(xi * (o * tp + SKEW));
             let vx = v.as_ptr().add(xi * (c * tp + SKEW));
             for ob in 0..o / 4 {
@@ -606,17 +636,27 @@ impl Winograd {
         ]
     }
 
-    /// M[xi] = U[xi] V[xi] for the first `used` tiles (a multiple of 16).
+    /// M[xi] = U[xi] V[xi] for each of the `points` points and the first `used` tiles (a
+    /// multiple of 16).
     ///
     /// # Safety
-    /// AVX-512 F; `u` from `kernel_tiles`, `v` [16][C][tp], `m` [16][O][tp], used <= tp.
+    /// AVX-512 F; `u` from `kernel_tiles` (or F(4x4, 3x3)'s), `v` [points][C][tp], `m`
+    /// [points][O][tp], used <= tp.
     #[target_feature(enable = "avx512f")]
-    unsafe fn products(&self, u: &[f32], v: &[f32], m: &mut [f32], used: usize, tp: usize) {
+    pub(super) unsafe fn products(
+        &self,
+        points: usize,
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+        used: usize,
+        tp: usize,
+    ) {
         let (c, o) = (self.c, self.o);
         debug_assert!(used <= tp && used.is_multiple_of(LANES));
-        debug_assert!(u.len() == 16 * o * c);
-        debug_assert!(v.len() >= 16 * (c * tp + SKEW) && m.len() >= 16 * (o * tp + SKEW));
-        for xi in 0..16 {
+        debug_assert!(u.len() == points * o * c);
+        debug_assert!(v.len() >= points * (c * tp + SKEW) && m.len() >= points * (o * tp + SKEW));
+        for xi in 0..points {
             let vx = v.as_ptr().add(xi * (c * tp + SKEW));
             for ob in 0..o / NK {
                 let uo = u.as_ptr().add((xi * (o / NK) + ob) * c * NK);
@@ -721,11 +761,11 @@ impl Winograd {
 /// `rows_per_vector` packs several, else the 16 tiles of row `ty` from `tx0`; `keep` masks the
 /// lanes that hold tiles.
 #[derive(Clone, Copy)]
-struct TileVector {
-    ty: usize,
-    tx0: usize,
-    n_rows: usize,
-    keep: u16,
+pub(super) struct TileVector {
+    pub ty: usize,
+    pub tx0: usize,
+    pub n_rows: usize,
+    pub keep: u16,
 }
 
 impl Winograd {
@@ -734,7 +774,12 @@ impl Winograd {
     /// and 4 (the padding tiles read the row's edge and zeros, and their outputs are not
     /// stored; their output gradients are zero, so the kernel gradient's sums do not change).
     fn lane_tiles(&self) -> (usize, usize) {
-        let (th, tw) = self.tiles();
+        self.lane_tiles_of(2)
+    }
+
+    /// `lane_tiles` for output tiles of `m` x `m`.
+    pub(super) fn lane_tiles_of(&self, m: usize) -> (usize, usize) {
+        let (th, tw) = (self.oh.div_ceil(m), self.ow.div_ceil(m));
         if tw <= LANES / 2 {
             (th, tw.next_power_of_two())
         } else {
@@ -744,7 +789,12 @@ impl Winograd {
 
     /// The vectors that cover one image's tiles, in tile order.
     fn tile_vectors(&self) -> Vec<TileVector> {
-        let (th, tw) = self.lane_tiles();
+        self.tile_vectors_of(2)
+    }
+
+    /// `tile_vectors` for output tiles of `m` x `m`.
+    pub(super) fn tile_vectors_of(&self, m: usize) -> Vec<TileVector> {
+        let (th, tw) = self.lane_tiles_of(m);
         let per = rows_per_vector(tw);
         let mut vectors = Vec::new();
         for ty in (0..th).step_by(per) {
@@ -769,7 +819,7 @@ impl Winograd {
 /// padded), one row (16 tiles at a time) otherwise. Measured per layer: 8 px 1.2x faster
 /// packed, 16 px 1.05x; 14 px 1.1x padded to rows of 8 (packed without padding, 14 of 16 lanes,
 /// it was level).
-fn rows_per_vector(tw: usize) -> usize {
+pub(super) fn rows_per_vector(tw: usize) -> usize {
     if tw <= LANES / 2 && LANES.is_multiple_of(tw) {
         LANES / tw
     } else {
@@ -783,7 +833,7 @@ fn rows_per_vector(tw: usize) -> usize {
 /// far enough ahead of a loop that computes this much per row.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn prefetch_ahead(plane: *const f32, len: usize) {
+pub(super) fn prefetch_ahead(plane: *const f32, len: usize) {
     let from = plane.wrapping_add(len * (2048 / len.max(1)).max(2));
     for i in (0..len).step_by(LANES) {
         // a prefetch never faults: the address is only computed (`wrapping_add`), never
@@ -939,9 +989,10 @@ mod tests {
         }
     }
 
-    /// The kernel gradient against its definition summed in f64, with and without the
-    /// prologue: partial tiles (odd sizes), rows of several 16-tile chunks, padding 0 to 2,
-    /// kernel groups of one and several images, sub-groups that do not fill a group.
+    /// The kernel gradient against its definition summed in f64, through F(2x2, 3x3) and
+    /// F(4x4, 3x3), with and without the prologue: partial tiles (odd sizes), rows of several
+    /// 16-tile chunks, rows of 7 tiles (28 px through F(4x4)), padding 0 to 2, kernel groups of
+    /// one and several images, sub-groups that do not fill a group.
     #[test]
     fn kernel_gradient_matches_its_definition() {
         if !crate::paths::cpu().avx512 {
@@ -959,6 +1010,8 @@ mod tests {
             (11, 32, 8, 8, 64, 1, 6),
             (3, 16, 16, 16, 16, 1, 2),
             (2, 8, 7, 8, 8, 1, 1),
+            (3, 16, 28, 28, 8, 1, 2),
+            (2, 4, 70, 75, 8, 1, 1),
         ] {
             let wg = shape(c, h, w, o, p);
             let (oh, ow) = (wg.oh, wg.ow);
@@ -969,7 +1022,7 @@ mod tests {
             let st: Vec<(f32, f32)> = (0..c)
                 .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
                 .collect();
-            for prologue in [None, Some(&st[..])] {
+            for (m, prologue) in [(2, None), (2, Some(&st[..])), (4, None), (4, Some(&st[..]))] {
                 let a = |ni: usize, ci: usize, y: isize, x: isize| -> f64 {
                     if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
                         return 0.0;
@@ -993,7 +1046,8 @@ mod tests {
                         }
                     }
                 }
-                let got = wg.kernel_grad_avx512(n, &xs, &gs, prologue, (group, n.div_ceil(group)));
+                let got =
+                    wg.kernel_grad_avx512(m, n, &xs, &gs, prologue, (group, n.div_ceil(group)));
                 let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
                 let err = got
                     .iter()
@@ -1002,9 +1056,11 @@ mod tests {
                     .fold(0.0, f64::max)
                     / scale;
                 let on = prologue.is_some();
+                // F(4x4)'s larger transform coefficients round a few times more
+                let tol = if m == 4 { 2e-5 } else { 1e-5 };
                 assert!(
-                    err < 1e-5,
-                    "{n} {c} {h} {w} {o} p{p} group {group} prologue {on}: {err}"
+                    err < tol,
+                    "F({m}x{m}) {n} {c} {h} {w} {o} p{p} group {group} prologue {on}: {err}"
                 );
             }
         }
@@ -1023,14 +1079,16 @@ mod tests {
         let g = rand_tensor(&[n, o, h, w], 8, candle_core::DType::F32);
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let gs = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let on = |threads: usize| {
+        let on = |m: usize, threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| wg.kernel_grad_avx512(n, &xs, &gs, None, (2, 5)))
+            pool.install(|| wg.kernel_grad_avx512(m, n, &xs, &gs, None, (2, 5)))
         };
-        assert_eq!(on(1), on(3));
+        for m in [2, 4] {
+            assert_eq!(on(m, 1), on(m, 3), "F({m}x{m}, 3x3)");
+        }
     }
 
     /// `sum_lanes`: lane `4 q + r` of the result is the total of `a[4 r + q]`.
