@@ -36,8 +36,9 @@
 //!   image;
 //! - `batched.rs`: the same passes with the whole batch in one product each, for small images
 //!   with large kernels (`Geometry::batched`);
-//! - `direct.rs`, `winograd.rs`, `winograd_avx512.rs`: the direct AVX-512 convolution and
-//!   Winograd F(2x2, 3x3), portable and with AVX-512;
+//! - `direct.rs`, `winograd.rs`, `winograd_avx512.rs`, `winograd4_avx512.rs`: the direct
+//!   AVX-512 convolution, Winograd F(2x2, 3x3) portable and with AVX-512, and F(4x4, 3x3) with
+//!   AVX-512 for the larger images (`Winograd::f4`);
 //! - `fused.rs`: a batch norm + ReLU run inside the convolution that follows it.
 
 use crate::norm::Saved;

@@ -236,11 +236,8 @@ impl Geometry {
         #[cfg(target_arch = "x86_64")]
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && wg.avx512() {
             let st = prologue_f32(prologue);
-            let y = if wg.f4() {
-                wg.forward4_avx512(n, f32s(x), f32s(k), st.as_deref())
-            } else {
-                wg.forward_avx512(n, f32s(x), f32s(k), st.as_deref())
-            };
+            let tile = if wg.f4() { 4 } else { 2 };
+            let y = wg.forward_avx512(tile, n, f32s(x), f32s(k), st.as_deref());
             return f32s_into(y);
         }
         let a = prologue.map(|st| self.bn_relu_batch(x, st));
@@ -432,8 +429,8 @@ impl Geometry {
         if let Some(wg) = self.winograd_kernel::<T>() {
             let st = prologue_f32(prologue);
             let groups = self.kernel_groups(n);
-            let m = if wg.f4_kernel() { 4 } else { 2 };
-            let dk = wg.kernel_grad_avx512(m, n, f32s(x), f32s(dy), st.as_deref(), groups);
+            let tile = if wg.f4_kernel() { 4 } else { 2 };
+            let dk = wg.kernel_grad_avx512(tile, n, f32s(x), f32s(dy), st.as_deref(), groups);
             return f32s_into(dk);
         }
         if self.batched(Pass::Kernel) {

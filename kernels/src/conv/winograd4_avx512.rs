@@ -21,8 +21,6 @@ use super::winograd::Winograd;
 use super::winograd_avx512::{
     lane_mask, prefetch_ahead, rows_per_vector, TileVector, LANES, NK, SKEW,
 };
-use crate::par_new_with;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 
 /// Points of the transformed tile (6 x 6).
@@ -105,13 +103,12 @@ const G6: [[f64; 3]; 6] = [
 /// `G g G^T` of one 3x3 kernel, computed in f64 (the sixths and twenty-fourths are not exact in
 /// binary; one rounding to f32 at the end).
 fn transform_kernel6(g: &[f32]) -> [[f32; 6]; 6] {
-    let gm = G6;
     // t = G g (6 x 3), then U = t G^T
     let t: [[f64; 3]; 6] = std::array::from_fn(|r| {
-        std::array::from_fn(|j| (0..3).map(|k| gm[r][k] * g[k * 3 + j] as f64).sum())
+        std::array::from_fn(|j| (0..3).map(|k| G6[r][k] * g[k * 3 + j] as f64).sum())
     });
     std::array::from_fn(|r| {
-        std::array::from_fn(|s| (0..3).map(|j| t[r][j] * gm[s][j]).sum::<f64>() as f32)
+        std::array::from_fn(|s| (0..3).map(|j| t[r][j] * G6[s][j]).sum::<f64>() as f32)
     })
 }
 
@@ -130,7 +127,7 @@ impl Winograd {
     }
 
     /// U = G g G^T as `[xi][o / 8][c][8]`, `xi = 6 r + s`.
-    fn kernel_tiles4(&self, k: &[f32]) -> Vec<f32> {
+    pub(super) fn kernel_tiles4(&self, k: &[f32]) -> Vec<f32> {
         let (o, c) = (self.o, self.c);
         let mut tiles = vec![0f32; POINTS * o * c];
         for oi in 0..o {
@@ -142,64 +139,6 @@ impl Winograd {
             }
         }
         tiles
-    }
-
-    /// The convolution of `n` images [N, C, H, W] with a kernel [O, C, 3, 3] through
-    /// F(4x4, 3x3), of `relu(x * s + t)` per input channel when a `prologue` [C] of (s, t) is
-    /// given (bitwise the batch norm's own arithmetic). Needs `avx512()`.
-    pub(super) fn forward4_avx512(
-        &self,
-        n: usize,
-        x: &[f32],
-        k: &[f32],
-        prologue: Option<&[(f32, f32)]>,
-    ) -> Vec<f32> {
-        assert!(
-            self.avx512(),
-            "Winograd's AVX-512 path on a CPU or shape without it"
-        );
-        let (image, out) = self.checked_sizes(n, x, prologue);
-        assert_eq!(k.len(), self.o * self.c * 9, "Winograd: a 3x3 kernel");
-        let (group, tp) = self.group_of(4);
-        let (th, tw) = self.lane_tiles_of(4);
-        let u = self.kernel_tiles4(k);
-        par_new_with(
-            n * out,
-            group * out,
-            x.par_chunks(group * image),
-            || self.group_buffers_of(POINTS, tp, self.scratch_len4()),
-            |(v, m, scratch), y, xs| {
-                let imgs = xs.len() / image;
-                // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
-                // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
-                unsafe {
-                    self.input4_with(prologue, xs, imgs, tp, v, scratch);
-                    let used = (imgs * th * tw).next_multiple_of(LANES);
-                    self.products(POINTS, &u, v, m, used, tp);
-                    self.output4(m, imgs, tp, y);
-                }
-            },
-        )
-    }
-
-    /// `input4` with the prologue when one is given.
-    ///
-    /// # Safety
-    /// As `input4`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input4_with(
-        &self,
-        prologue: Option<&[(f32, f32)]>,
-        xs: &[f32],
-        imgs: usize,
-        tp: usize,
-        v: &mut [f32],
-        scratch: &mut [f32],
-    ) {
-        match prologue {
-            Some(st) => self.input4::<true>(xs, imgs, st, tp, v, scratch),
-            None => self.input4::<false>(xs, imgs, &[], tp, v, scratch),
-        }
     }
 
     /// The kernel gradient [O, C, 3, 3] from the points' sums `p` (`[xi][o / 4][c / 4][o % 4]
@@ -329,7 +268,7 @@ impl Winograd {
     /// AVX-512 F; `xs` holds `imgs` images, `v` 36 * (C * tp + SKEW) values, tp >= imgs * th *
     /// tw; `scratch` `scratch_len4()` values.
     #[target_feature(enable = "avx512f")]
-    unsafe fn input4<const BN: bool>(
+    pub(super) unsafe fn input4<const BN: bool>(
         &self,
         xs: &[f32],
         imgs: usize,
@@ -486,7 +425,7 @@ impl Winograd {
     /// AVX-512 F; `m` [36][O][tp], `y` `imgs` output images.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // constant index ranges: the values stay in registers
-    unsafe fn output4(&self, m: &[f32], imgs: usize, tp: usize, y: &mut [f32]) {
+    pub(super) unsafe fn output4(&self, m: &[f32], imgs: usize, tp: usize, y: &mut [f32]) {
         let (o, oh, ow) = (self.o, self.oh, self.ow);
         let (th, tw) = self.lane_tiles_of(4);
         debug_assert!(m.len() >= POINTS * (o * tp + SKEW) && y.len() >= imgs * o * oh * ow);
@@ -615,103 +554,4 @@ fn shift4(hi: __m512, lo: __m512) -> __m512 {
         _mm512_castps_si512(hi),
         _mm512_castps_si512(lo),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::norm::bn_relu;
-    use crate::testing::{max_rel_err, rand_tensor};
-    use candle_core::{Device, Tensor};
-
-    fn shape(c: usize, h: usize, w: usize, o: usize, p: usize) -> Winograd {
-        let (oh, ow) = (h + 2 * p - 2, w + 2 * p - 2);
-        Winograd {
-            c,
-            h,
-            w,
-            o,
-            p,
-            oh,
-            ow,
-        }
-    }
-
-    /// Against candle's convolution, with and without the batch norm + ReLU prologue: rows of
-    /// 7 tiles (28 px, padded to 8 lanes, two tile rows per vector), of 4, 2 and 1 tile (packed
-    /// 4, 8 and 16 per vector), of more than 16 tiles (two vectors, the second partial), of 9
-    /// to 16 tiles (one vector, wide gathers), odd sizes (partial tiles), padding 0 to 2, and
-    /// groups of several images with a last group that is not full.
-    #[test]
-    fn matches_candle_with_and_without_the_prologue() {
-        if !crate::paths::cpu().avx512 {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        for (n, c, h, w, o, p) in [
-            (2, 32, 28, 28, 32, 1),
-            (5, 16, 14, 14, 32, 1),
-            (3, 16, 32, 32, 16, 1),
-            (2, 8, 8, 8, 16, 1),
-            (2, 8, 37, 45, 16, 1),
-            (2, 8, 70, 75, 8, 1),
-            (3, 8, 7, 9, 8, 1),
-            (1, 9, 5, 6, 24, 0),
-            (2, 3, 3, 3, 8, 2),
-            (1, 8, 1, 1, 8, 1),
-            (11, 32, 4, 4, 64, 1),
-        ] {
-            let wg = shape(c, h, w, o, p);
-            let x = rand_tensor(&[n, c, h, w], 1, candle_core::DType::F32);
-            let k = rand_tensor(&[o, c, 3, 3], 2, candle_core::DType::F32);
-            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let st: Vec<(f32, f32)> = (0..c)
-                .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
-                .collect();
-            for prologue in [None, Some(&st[..])] {
-                let a: Vec<f32> = match prologue {
-                    None => xs.clone(),
-                    Some(st) => xs
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &v)| bn_relu(v, st[i / (h * w) % c]))
-                        .collect(),
-                };
-                let a = Tensor::from_vec(a, (n, c, h, w), &Device::Cpu).unwrap();
-                let want = a.conv2d(&k, p, 1, 1, 1).unwrap();
-                let got = wg.forward4_avx512(n, &xs, &ks, prologue);
-                let got = Tensor::from_vec(got, want.shape(), &Device::Cpu).unwrap();
-                let err = max_rel_err(&got, &want);
-                let on = prologue.is_some();
-                assert!(err < 2e-5, "{n} {c} {h} {w} {o} p{p} prologue {on}: {err}");
-            }
-        }
-    }
-
-    /// An image's output is the same bits whatever images share its group, so the result does
-    /// not depend on the batch size or the split.
-    #[test]
-    fn an_image_does_not_depend_on_its_group() {
-        if !crate::paths::cpu().avx512 {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        let (n, c, h, w, o) = (7, 16, 14, 14, 16);
-        let wg = shape(c, h, w, o, 1);
-        assert!(
-            wg.group_of(4).0 > 1,
-            "the test needs groups of several images"
-        );
-        let x = rand_tensor(&[n, c, h, w], 3, candle_core::DType::F32);
-        let k = rand_tensor(&[o, c, 3, 3], 4, candle_core::DType::F32);
-        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let all = wg.forward4_avx512(n, &xs, &ks, None);
-        let (image, out) = (c * h * w, o * h * w);
-        for i in 0..n {
-            let one = wg.forward4_avx512(1, &xs[i * image..][..image], &ks, None);
-            assert_eq!(one, all[i * out..][..out], "image {i}");
-        }
-    }
 }

@@ -22,6 +22,9 @@
 //! - The input and output-gradient transforms prefetch the planes ahead of the one they read
 //!   (`prefetch_ahead`): without it `perf` put their time on the loads of each plane's rows.
 //!
+//! F(4x4, 3x3) (`winograd4_avx512.rs`) shares this file's layout, grouping and product tiles
+//! (`group_of`, `lane_tiles_of`, `products` with 36 points instead of 16) and its own transforms.
+//!
 //! The kernel gradient (`kernel_grad_avx512`) is the forward pass transposed: the same input
 //! transform, `A dy A^T` for the output gradient, and for each point the sum over tiles of
 //! their products by tiles of 4 x 4 channels, then `G^T . G` once per weight.
@@ -50,15 +53,22 @@ pub(super) const SKEW: usize = 16;
 
 pub(super) use crate::lane_mask;
 
+/// The points of a tile of `tile` x `tile` outputs: `(tile + 2)^2` (16 for F(2x2, 3x3), 36 for
+/// F(4x4, 3x3)).
+fn points_of(tile: usize) -> usize {
+    assert!(
+        tile == 2 || tile == 4,
+        "Winograd: F(2x2) or F(4x4), not F({tile}x{tile})"
+    );
+    (tile + 2) * (tile + 2)
+}
+
 impl Winograd {
     /// (images per group, tile lanes per group): the fewest padding lanes per image with both
     /// buffers under `MAX_BUFFER`, at most 8 images; groups under 48 tiles count 1/8 more
     /// (their products run one vector at a time, with 8 broadcasts per 8 multiplications).
-    fn group(&self) -> (usize, usize) {
-        self.group_of(2)
-    }
-
-    /// `group()` for output tiles of `m` x `m` (`(m + 2)^2` points).
+    /// `group()` for output tiles of `m` x `m` (`(m + 2)^2` points). One image where even one
+    /// exceeds the buffers' bound (F(4x4) at 28 px and 32 channels: 295 KB each).
     pub(super) fn group_of(&self, m: usize) -> (usize, usize) {
         let (th, tw) = self.lane_tiles_of(m);
         let t = th * tw;
@@ -100,19 +110,16 @@ impl Winograd {
         (image, self.o * self.oh * self.ow)
     }
 
-    /// A thread's buffers for groups of `tp` tile lanes: `V` [16][C][tp], `M` (or the output
-    /// gradient's `Z`) [16][O][tp], each matrix `SKEW` apart, and `input`'s scratch.
-    fn group_buffers(&self, tp: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        self.group_buffers_of(16, tp, self.scratch_len())
-    }
-
-    /// `group_buffers` for `points` matrices per buffer and `scratch` values of scratch.
-    pub(super) fn group_buffers_of(
-        &self,
-        points: usize,
-        tp: usize,
-        scratch: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    /// A thread's buffers for groups of `tp` tile lanes of `tile` x `tile` outputs: `V`
+    /// [points][C][tp], `M` (or the output gradient's `Z`) [points][O][tp], each matrix `SKEW`
+    /// apart, and the input transform's scratch.
+    fn group_buffers_of(&self, tile: usize, tp: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let points = points_of(tile);
+        let scratch = if tile == 4 {
+            self.scratch_len4()
+        } else {
+            self.scratch_len()
+        };
         (
             vec![0f32; points * (self.c * tp + SKEW)],
             vec![0f32; points * (self.o * tp + SKEW)],
@@ -138,9 +145,11 @@ impl Winograd {
 
     /// The convolution of `n` images [N, C, H, W] with a kernel [O, C, 3, 3], of
     /// `relu(x * s + t)` per input channel when a `prologue` [C] of (s, t) is given (bitwise the
-    /// batch norm's own arithmetic, `norm::bn_relu`). Needs `avx512()`.
+    /// batch norm's own arithmetic, `norm::bn_relu`), through output tiles of `tile` x `tile`:
+    /// F(2x2, 3x3), or F(4x4, 3x3) with 4 (`winograd4_avx512.rs`). Needs `avx512()`.
     pub(super) fn forward_avx512(
         &self,
+        tile: usize,
         n: usize,
         x: &[f32],
         k: &[f32],
@@ -152,23 +161,32 @@ impl Winograd {
         );
         let (image, out) = self.checked_sizes(n, x, prologue);
         assert_eq!(k.len(), self.o * self.c * 9, "Winograd: a 3x3 kernel");
-        let (group, tp) = self.group();
-        let (th, tw) = self.lane_tiles();
-        let u = self.kernel_tiles(k);
+        let points = points_of(tile);
+        let (group, tp) = self.group_of(tile);
+        let (th, tw) = self.lane_tiles_of(tile);
+        let u = if tile == 4 {
+            self.kernel_tiles4(k)
+        } else {
+            self.kernel_tiles(k)
+        };
         par_new_with(
             n * out,
             group * out,
             x.par_chunks(group * image),
-            || self.group_buffers(tp),
+            || self.group_buffers_of(tile, tp),
             |(v, m, scratch), y, xs| {
                 let imgs = xs.len() / image;
                 // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
                 // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
                 unsafe {
-                    self.input_with(prologue, xs, imgs, tp, v, scratch);
+                    self.input_of(tile, prologue, xs, imgs, tp, v, scratch);
                     let used = (imgs * th * tw).next_multiple_of(LANES);
-                    self.products(16, &u, v, m, used, tp);
-                    self.output(m, imgs, tp, y);
+                    self.products(points, &u, v, m, used, tp);
+                    if tile == 4 {
+                        self.output4(m, imgs, tp, y);
+                    } else {
+                        self.output(m, imgs, tp, y);
+                    }
                 }
             },
         )
@@ -180,12 +198,12 @@ impl Winograd {
     /// transform is the forward's). The images are summed in `groups` groups of `group`
     /// (`Geometry::kernel_groups`, a function of the shape) whose partial sums are added in
     /// order, each group a few images at a time (`group()`), so the result does not depend on
-    /// the thread count. Output tiles of `m` x `m`: 2, or 4 for F(4x4, 3x3)
+    /// the thread count. Output tiles of `tile` x `tile`: 2, or 4 for F(4x4, 3x3)
     /// (`winograd4_avx512.rs`). Needs `kernel_grad_on_avx512()`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn kernel_grad_avx512(
         &self,
-        m: usize,
+        tile: usize,
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -203,22 +221,13 @@ impl Winograd {
             group * groups >= n,
             "Winograd: {groups} groups of {group} for {n} images"
         );
-        assert!(
-            m == 2 || m == 4,
-            "Winograd: F(2x2) or F(4x4), not F({m}x{m})"
-        );
-        let points = (m + 2) * (m + 2);
-        let (sub, tp) = self.group_of(m);
-        let (th, tw) = self.lane_tiles_of(m);
+        let points = points_of(tile);
+        let (sub, tp) = self.group_of(tile);
+        let (th, tw) = self.lane_tiles_of(tile);
         let per = points * o * c;
         let mut partials = vec![0f32; groups * per];
-        let scratch = if m == 4 {
-            self.scratch_len4()
-        } else {
-            self.scratch_len()
-        };
         partials.par_chunks_mut(per).enumerate().for_each_init(
-            || self.group_buffers_of(points, tp, scratch),
+            || self.group_buffers_of(tile, tp),
             |(v, z, scratch), (gi, acc)| {
                 let end = ((gi + 1) * group).min(n);
                 let mut i = gi * group;
@@ -232,11 +241,10 @@ impl Winograd {
                     // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
                     // `gs` are `imgs` images.
                     unsafe {
-                        if m == 4 {
-                            self.input4_with(prologue, xs, imgs, tp, v, scratch);
+                        self.input_of(tile, prologue, xs, imgs, tp, v, scratch);
+                        if tile == 4 {
                             self.output_grad4(gs, imgs, tp, z);
                         } else {
-                            self.input_with(prologue, xs, imgs, tp, v, scratch);
                             self.output_grad(gs, imgs, tp, z);
                         }
                         // the lanes past the last tile are summed too: zero in both operands
@@ -256,7 +264,7 @@ impl Winograd {
         );
         // the groups' sums, added in order; then G^T p G of every (o, c)
         let p = sum_in_order(&partials, per);
-        if m == 4 {
+        if tile == 4 {
             return self.kernel_from_points4(&p);
         }
         let mut dk = vec![0f32; o * c * 9];
@@ -451,13 +459,16 @@ impl Winograd {
         (th + 1) * tw + LANES
     }
 
-    /// `input` with the prologue when one is given.
+    /// The input transform of tiles of `tile` x `tile` outputs (`input`, or `input4` with 4),
+    /// with the prologue when one is given.
     ///
     /// # Safety
-    /// As `input`.
+    /// As `input` (`input4`).
     #[target_feature(enable = "avx512f")]
-    unsafe fn input_with(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn input_of(
         &self,
+        tile: usize,
         prologue: Option<&[(f32, f32)]>,
         xs: &[f32],
         imgs: usize,
@@ -465,9 +476,11 @@ impl Winograd {
         v: &mut [f32],
         scratch: &mut [f32],
     ) {
-        match prologue {
-            Some(st) => self.input::<true>(xs, imgs, st, tp, v, scratch),
-            None => self.input::<false>(xs, imgs, &[], tp, v, scratch),
+        match (tile, prologue) {
+            (4, Some(st)) => self.input4::<true>(xs, imgs, st, tp, v, scratch),
+            (4, None) => self.input4::<false>(xs, imgs, &[], tp, v, scratch),
+            (_, Some(st)) => self.input::<true>(xs, imgs, st, tp, v, scratch),
+            (_, None) => self.input::<false>(xs, imgs, &[], tp, v, scratch),
         }
     }
 
@@ -936,11 +949,12 @@ mod tests {
         }
     }
 
-    /// Against candle's convolution, with and without the batch norm + ReLU prologue (applied
-    /// to the input first with the batch norm's own arithmetic): odd sizes (partial tiles),
-    /// rows wider than 32 columns (several 16-tile chunks), rows of 8, 4, 2 and 1 tiles (packed
-    /// several per vector), padding 0 to 2, groups of several images and a last group that is
-    /// not full.
+    /// F(2x2, 3x3) and F(4x4, 3x3) against candle's convolution, with and without the batch
+    /// norm + ReLU prologue (applied to the input first with the batch norm's own arithmetic):
+    /// odd sizes (partial tiles), rows of more than 16 tiles (several vectors, the last
+    /// partial), rows of 9 to 16 tiles (F(4x4)'s 16-lane gathers), rows of 8, 4, 2 and 1 tiles
+    /// (packed several per vector) and of 7, 5 and 3 (padded to 8 and 4 lanes; 28 px through
+    /// F(4x4)), padding 0 to 2, groups of several images and a last group that is not full.
     #[test]
     fn matches_candle_with_and_without_the_prologue() {
         if !crate::paths::cpu().avx512 {
@@ -960,6 +974,9 @@ mod tests {
             // 5 and 3 tiles, padded to 8 and 4 lanes, are the shapes above)
             (3, 16, 16, 16, 16, 1),
             (2, 8, 7, 8, 8, 1),
+            (2, 32, 28, 28, 32, 1),
+            (2, 8, 70, 75, 8, 1),
+            (11, 32, 4, 4, 64, 1),
         ] {
             let wg = shape(c, h, w, o, p);
             let x = rand_tensor(&[n, c, h, w], 1, candle_core::DType::F32);
@@ -969,7 +986,10 @@ mod tests {
             let st: Vec<(f32, f32)> = (0..c)
                 .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
                 .collect();
-            for prologue in [None, Some(&st[..])] {
+            for (tile, prologue) in [2, 4]
+                .into_iter()
+                .flat_map(|t| [(t, None), (t, Some(&st[..]))])
+            {
                 let a: Vec<f32> = match prologue {
                     None => xs.clone(),
                     Some(st) => xs
@@ -980,11 +1000,14 @@ mod tests {
                 };
                 let a = Tensor::from_vec(a, (n, c, h, w), &Device::Cpu).unwrap();
                 let want = a.conv2d(&k, p, 1, 1, 1).unwrap();
-                let got = wg.forward_avx512(n, &xs, &ks, prologue);
+                let got = wg.forward_avx512(tile, n, &xs, &ks, prologue);
                 let got = Tensor::from_vec(got, want.shape(), &Device::Cpu).unwrap();
                 let err = max_rel_err(&got, &want);
                 let on = prologue.is_some();
-                assert!(err < 1e-5, "{n} {c} {h} {w} {o} p{p} prologue {on}: {err}");
+                // F(4x4)'s larger transform coefficients round a few times more
+                let tol = if tile == 4 { 2e-5 } else { 1e-5 };
+                let shape = format!("F({tile}x{tile}) {n} {c} {h} {w} {o} p{p} prologue {on}");
+                assert!(err < tol, "{shape}: {err}");
             }
         }
     }
@@ -1022,7 +1045,10 @@ mod tests {
             let st: Vec<(f32, f32)> = (0..c)
                 .map(|i| (0.5 + 0.1 * i as f32, 0.2 - 0.05 * i as f32))
                 .collect();
-            for (m, prologue) in [(2, None), (2, Some(&st[..])), (4, None), (4, Some(&st[..]))] {
+            for (tile, prologue) in [2, 4]
+                .into_iter()
+                .flat_map(|t| [(t, None), (t, Some(&st[..]))])
+            {
                 let a = |ni: usize, ci: usize, y: isize, x: isize| -> f64 {
                     if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
                         return 0.0;
@@ -1046,8 +1072,8 @@ mod tests {
                         }
                     }
                 }
-                let got =
-                    wg.kernel_grad_avx512(m, n, &xs, &gs, prologue, (group, n.div_ceil(group)));
+                let groups = (group, n.div_ceil(group));
+                let got = wg.kernel_grad_avx512(tile, n, &xs, &gs, prologue, groups);
                 let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
                 let err = got
                     .iter()
@@ -1057,11 +1083,9 @@ mod tests {
                     / scale;
                 let on = prologue.is_some();
                 // F(4x4)'s larger transform coefficients round a few times more
-                let tol = if m == 4 { 2e-5 } else { 1e-5 };
-                assert!(
-                    err < tol,
-                    "F({m}x{m}) {n} {c} {h} {w} {o} p{p} group {group} prologue {on}: {err}"
-                );
+                let tol = if tile == 4 { 2e-5 } else { 1e-5 };
+                let shape = format!("F({tile}x{tile}) {n} {c} {h} {w} {o} p{p} group {group}");
+                assert!(err < tol, "{shape} prologue {on}: {err}");
             }
         }
     }
@@ -1079,15 +1103,15 @@ mod tests {
         let g = rand_tensor(&[n, o, h, w], 8, candle_core::DType::F32);
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let gs = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let on = |m: usize, threads: usize| {
+        let on = |tile: usize, threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| wg.kernel_grad_avx512(m, n, &xs, &gs, None, (2, 5)))
+            pool.install(|| wg.kernel_grad_avx512(tile, n, &xs, &gs, None, (2, 5)))
         };
-        for m in [2, 4] {
-            assert_eq!(on(m, 1), on(m, 3), "F({m}x{m}, 3x3)");
+        for tile in [2, 4] {
+            assert_eq!(on(tile, 1), on(tile, 3), "F({tile}x{tile}, 3x3)");
         }
     }
 
@@ -1124,16 +1148,22 @@ mod tests {
         }
         let (n, c, h, w, o) = (7, 16, 14, 14, 16);
         let wg = shape(c, h, w, o, 1);
-        assert!(wg.group().0 > 1, "the test needs groups of several images");
         let x = rand_tensor(&[n, c, h, w], 3, candle_core::DType::F32);
         let k = rand_tensor(&[o, c, 3, 3], 4, candle_core::DType::F32);
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ks = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let all = wg.forward_avx512(n, &xs, &ks, None);
         let (image, out) = (c * h * w, o * h * w);
-        for i in 0..n {
-            let one = wg.forward_avx512(1, &xs[i * image..][..image], &ks, None);
-            assert_eq!(one, all[i * out..][..out], "image {i}");
+        for tile in [2, 4] {
+            let several = wg.group_of(tile).0 > 1;
+            assert!(
+                several,
+                "F({tile}x{tile}): the test needs groups of several images"
+            );
+            let all = wg.forward_avx512(tile, n, &xs, &ks, None);
+            for i in 0..n {
+                let one = wg.forward_avx512(tile, 1, &xs[i * image..][..image], &ks, None);
+                assert_eq!(one, all[i * out..][..out], "F({tile}x{tile}) image {i}");
+            }
         }
     }
 }
