@@ -198,9 +198,11 @@ fn two_rank_runs_with_batch_norm_are_bitwise_repeatable_and_resume_exactly_after
         dir.path(),
         "dp.yaml",
         // With batch norm: its running statistics must be the same on every rank, at every
-        // batch, for the checkpoint (rank 0's) to be the whole job's state.
-        &DP.replace("max_duration: 40ba", "max_duration: 1000ba")
-            .replace("interval: 10ba", "interval: 100ba")
+        // batch, for the checkpoint (rank 0's) to be the whole job's state. Long enough after
+        // the first checkpoint (19 of 20 parts of the run) for the SIGTERM below to land before
+        // the end: with 1000 batches after one at 100, a faster build once finished first.
+        &DP.replace("max_duration: 40ba", "max_duration: 4000ba")
+            .replace("interval: 10ba", "interval: 200ba")
             .replace(
                 "name: mlp\n  hidden: [32]",
                 "name: small_cnn\n  channels: [4, 8]",

@@ -1,6 +1,7 @@
 //! Max and average pooling of any kernel, stride and padding, with backward passes (non-overlapping
-//! windows, the usual 2x2 pool, take a tiled path without per-cell bounds checks), and global
-//! average pooling. Other devices, and CPU tensors that are not f32 or f64, get the same pooling
+//! windows, the usual 2x2 pool, take a tiled path without per-cell bounds checks; the 2x2 max pool
+//! in f32 runs 16 windows at a time with AVX-512, `pool/max2_avx512.rs`), and global average
+//! pooling. Other devices, and CPU tensors that are not f32 or f64, get the same pooling
 //! composed of candle ops (`pool_composed`).
 
 use crate::{contiguous_slice, lane_sum, out_size, par_new};
@@ -533,7 +534,8 @@ mod tests {
     /// The 2x2 max pool's AVX-512 path against the scalar window scan (`tile_argmax`), bit for
     /// bit: values drawn from a few, so that windows tie; signed zeros (the first of equal
     /// values wins, `-0.0` before `0.0`); NaNs (never greater, never passed over by a greater
-    /// value after them); odd sizes; rows of more than 16 windows.
+    /// value after them); odd sizes; rows of more than 16 windows. (Without AVX-512 it checks the
+    /// scalar tiled path the same way.)
     #[test]
     fn max2_avx512_is_bitwise_the_window_scan() {
         let op = Pool {

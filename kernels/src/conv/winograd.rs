@@ -90,7 +90,7 @@ impl Winograd {
         on && self.avx512()
     }
 
-    /// Whether the kernel gradient runs F(4x4, 3x3) (`kernel_grad_avx512` with `m = 4`):
+    /// Whether the kernel gradient runs F(4x4, 3x3) (`kernel_grad_avx512` with `tile = 4`):
     /// where `f4()` holds and, by default, with at most 16 channels. With 32 channels (the small
     /// ResNet's 28 px layers) it measured slower than F(2x2, 3x3), with 64 (ResNet-50's 56 px
     /// layers) level (`benches/README.md`).

@@ -5,7 +5,8 @@
 //! to write and read again instead of 64. Its transforms cost more arithmetic per value (their
 //! coefficients are 1, 2, 4, 5 and 8, so each value is a few adds and one or two FMAs), and its
 //! rounding error is a few times F(2x2)'s (relative to the output's scale, up to 5e-6 in the
-//! tests below against 1e-6).
+//! tests against 1e-6). Both tile sizes run through `Winograd::forward_avx512` and
+//! `kernel_grad_avx512` (`tile` 2 or 4), whose tests in `winograd_avx512.rs` cover both.
 //!
 //! The layout is F(2x2, 3x3)'s: `V` and `M` are `[36][C or O][tile lanes]`, tiles numbered
 //! `(g * th + ty) * tw + tx`, rows of 8 tiles or fewer padded to a power of two and packed
@@ -13,7 +14,7 @@
 //! What differs is the gather of the input: tile `tx` reads the six columns from `4 tx - p`, so
 //! each of a row's six tap columns is a permute of the row's loaded vectors with stride 4.
 //!
-//! The kernel gradient (`kernel_grad_avx512` with `m = 4`) is the forward pass transposed, as
+//! The kernel gradient (`kernel_grad_avx512` with `tile = 4`) is the forward pass transposed, as
 //! for F(2x2, 3x3): `input4`, `A dy A^T` of each output-gradient tile (`output_grad4`), the
 //! products summed over tiles, then `G^T . G` once per weight (`kernel_from_points4`).
 
