@@ -137,8 +137,18 @@ impl Geometry {
     /// default up to 128 channels. With 256 (ResNet-50's 14 px stage) it measured level with the
     /// batched passes: each image's 49 tiles are summed from 64 KB matrices per point that no
     /// longer stay in L1.
+    ///
+    /// In bf16 (`amp_bf16`) too, where it would run in f32, with its operands rounded to bf16 as
+    /// the transforms read them (`kernel_grad_avx512` with `round`): the same function as the
+    /// bf16 products' kernel gradient (the convolution of the rounded operands, summed in f32),
+    /// and it measured faster there. The forward pass and the input gradient stay bf16
+    /// products, faster than Winograd in f32.
     pub(super) fn winograd_kernel<T: WithDType>(&self) -> Option<Winograd> {
-        let wg = self.winograd()?;
+        let f32_geometry = Geometry {
+            bf16: false,
+            ..*self
+        };
+        let wg = f32_geometry.winograd()?;
         let f32 = TypeId::of::<T>() == TypeId::of::<f32>();
         let on = match crate::paths::paths().winograd_kernel {
             Switch::Off => false,

@@ -556,7 +556,8 @@ mod tests {
         };
         for (n, c, h, w, o, k, s, p) in [
             (2, 16, 12, 12, 16, 3, 1, 1), // in place (16 output channels)
-            (2, 16, 8, 8, 32, 3, 1, 1),   // im2col
+            (2, 16, 8, 8, 32, 3, 1, 1),   // im2col; Winograd F(2x2) kernel gradient
+            (2, 16, 32, 32, 16, 3, 1, 1), // Winograd F(4x4) kernel gradient
             (3, 8, 9, 7, 16, 3, 2, 1),    // strided: phase planes, folded input gradient
             (2, 8, 6, 6, 24, 1, 1, 0),    // pointwise
             (2, 8, 9, 9, 16, 1, 2, 0),    // strided projection
@@ -730,7 +731,7 @@ mod tests {
     /// the batched passes there). F(4x4, 3x3) takes the forward pass and input gradient of
     /// outputs 21 px wide or more with at most 64 channels (ResNet-20's 32 px stage, the small
     /// ResNet's 28 px block, ResNet-50's 56 px stage), and the kernel gradient of those with
-    /// 16 channels.
+    /// 16 channels. In bf16 only the kernel gradient takes Winograd, where f32 does.
     #[test]
     fn winograd_runs_where_it_measured_faster() {
         if crate::paths::paths() != crate::paths::Paths::default() || !crate::paths::cpu().avx512 {
@@ -770,6 +771,12 @@ mod tests {
                 f4,
                 "F(4x4) input gradient of {shape}"
             );
+            // in bf16 the products run the forward pass and input gradient, and the kernel
+            // gradient takes Winograd (on rounded operands) where f32 takes it
+            let b = Geometry { bf16: true, ..g };
+            assert!(b.winograd().is_none(), "bf16 {shape}");
+            let bk = b.winograd_kernel::<f32>();
+            assert_eq!(bk.is_some(), kernel, "bf16 kernel gradient of {shape}");
         }
     }
 

@@ -430,7 +430,9 @@ impl Geometry {
             let st = prologue_f32(prologue);
             let groups = self.kernel_groups(n);
             let tile = if wg.f4_kernel() { 4 } else { 2 };
-            let dk = wg.kernel_grad_avx512(tile, n, f32s(x), f32s(dy), st.as_deref(), groups);
+            // bf16: the operands rounded as they are read, the sums f32 (`winograd_kernel`)
+            let how = (tile, self.bf16);
+            let dk = wg.kernel_grad_avx512(how, n, f32s(x), f32s(dy), st.as_deref(), groups);
             return f32s_into(dk);
         }
         if self.batched(Pass::Kernel) {

@@ -20,7 +20,7 @@
 
 use super::winograd::Winograd;
 use super::winograd_avx512::{
-    lane_mask, prefetch_ahead, rows_per_vector, TileVector, LANES, NK, SKEW,
+    lane_mask, prefetch_ahead, round_bf16_lanes, rows_per_vector, TileVector, LANES, NK, SKEW,
 };
 use std::arch::x86_64::*;
 
@@ -177,7 +177,13 @@ impl Winograd {
     /// imgs * th * tw.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)] // constant index ranges: the values stay in registers
-    pub(super) unsafe fn output_grad4(&self, dy: &[f32], imgs: usize, tp: usize, z: &mut [f32]) {
+    pub(super) unsafe fn output_grad4<const RND: bool>(
+        &self,
+        dy: &[f32],
+        imgs: usize,
+        tp: usize,
+        z: &mut [f32],
+    ) {
         let (o, oh, ow) = (self.o, self.oh, self.ow);
         let (th, tw) = self.lane_tiles_of(4);
         debug_assert!(z.len() >= POINTS * (o * tp + SKEW) && dy.len() >= imgs * o * oh * ow);
@@ -246,6 +252,11 @@ impl Winograd {
                             }
                         }
                     }
+                    if RND {
+                        for v in rows.iter_mut().flatten() {
+                            *v = round_bf16_lanes(*v);
+                        }
+                    }
                     // A along the columns of each row, then along the rows: 36 points
                     let cols: [[__m512; 6]; 4] = std::array::from_fn(|k| a6(rows[k]));
                     for s in 0..6 {
@@ -269,7 +280,7 @@ impl Winograd {
     /// AVX-512 F; `xs` holds `imgs` images, `v` 36 * (C * tp + SKEW) values, tp >= imgs * th *
     /// tw; `scratch` `scratch_len4()` values.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input4<const BN: bool>(
+    pub(super) unsafe fn input4<const BN: bool, const RND: bool>(
         &self,
         xs: &[f32],
         imgs: usize,
@@ -301,7 +312,7 @@ impl Winograd {
                 if per > 1 {
                     let row_mask = lane_mask(0, tw as isize);
                     for pr in 0..rows {
-                        let e = self.row_times_b4::<BN>(plane, pr, 0, false, bn);
+                        let e = self.row_times_b4::<BN, RND>(plane, pr, 0, false, bn);
                         let at = (pr % 4) * 6 * stride + pr / 4 * tw;
                         for (s, e) in e.into_iter().enumerate() {
                             _mm512_mask_storeu_ps(ep.add(at + s * stride), row_mask, e);
@@ -321,7 +332,7 @@ impl Winograd {
                     let keep = lane_mask(0, (tw - tx0) as isize);
                     let wide = tw - tx0 > LANES / 2;
                     for pr in 0..rows {
-                        let e = self.row_times_b4::<BN>(plane, pr, tx0, wide, bn);
+                        let e = self.row_times_b4::<BN, RND>(plane, pr, tx0, wide, bn);
                         for (s, e) in e.into_iter().enumerate() {
                             _mm512_storeu_ps(ep.add((pr * 6 + s) * LANES), e);
                         }
@@ -346,7 +357,7 @@ impl Winograd {
     /// AVX-512 F; `plane` is an H x W plane.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row_times_b4<const BN: bool>(
+    unsafe fn row_times_b4<const BN: bool, const RND: bool>(
         &self,
         plane: *const f32,
         pr: usize,
@@ -378,6 +389,9 @@ impl Winograd {
                 // relu(x * s + t), zero in the padding
                 let y = _mm512_add_ps(_mm512_mul_ps(*x, sv), tv);
                 *x = _mm512_maskz_max_ps(mask, y, zero);
+            }
+            if RND {
+                *x = round_bf16_lanes(*x);
             }
         }
         // the columns from base + 4: each vector moved down four lanes

@@ -179,7 +179,7 @@ impl Winograd {
                 // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per row,
                 // `imgs` images fill at most `tp` of them, and `xs` and `y` are `imgs` images.
                 unsafe {
-                    self.input_of(tile, prologue, xs, imgs, tp, v, scratch);
+                    self.input_of((tile, false), prologue, xs, imgs, tp, v, scratch);
                     let used = (imgs * th * tw).next_multiple_of(LANES);
                     self.products(points, &u, v, m, used, tp);
                     if tile == 4 {
@@ -199,11 +199,13 @@ impl Winograd {
     /// (`Geometry::kernel_groups`, a function of the shape) whose partial sums are added in
     /// order, each group a few images at a time (`group()`), so the result does not depend on
     /// the thread count. Output tiles of `tile` x `tile`: 2, or 4 for F(4x4, 3x3)
-    /// (`winograd4_avx512.rs`). Needs `kernel_grad_on_avx512()`.
+    /// (`winograd4_avx512.rs`). With `round`, the input (after the prologue) and the output
+    /// gradient are rounded to bf16 as they are read, so the result is the kernel gradient of a
+    /// bf16 convolution, summed in f32. Needs `kernel_grad_on_avx512()`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn kernel_grad_avx512(
         &self,
-        tile: usize,
+        (tile, round): (usize, bool),
         n: usize,
         x: &[f32],
         dy: &[f32],
@@ -241,11 +243,12 @@ impl Winograd {
                     // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
                     // `gs` are `imgs` images.
                     unsafe {
-                        self.input_of(tile, prologue, xs, imgs, tp, v, scratch);
-                        if tile == 4 {
-                            self.output_grad4(gs, imgs, tp, z);
-                        } else {
-                            self.output_grad(gs, imgs, tp, z);
+                        self.input_of((tile, round), prologue, xs, imgs, tp, v, scratch);
+                        match (tile, round) {
+                            (4, false) => self.output_grad4::<false>(gs, imgs, tp, z),
+                            (4, true) => self.output_grad4::<true>(gs, imgs, tp, z),
+                            (_, false) => self.output_grad::<false>(gs, imgs, tp, z),
+                            (_, true) => self.output_grad::<true>(gs, imgs, tp, z),
                         }
                         // the lanes past the last tile are summed too: zero in both operands
                         for (buf, rows) in [(&mut v[..], c), (&mut z[..], o)] {
@@ -293,7 +296,13 @@ impl Winograd {
     /// AVX-512 F; `dy` holds `imgs` output images, `z` 16 * (O * tp + SKEW) values, tp >=
     /// imgs * th * tw.
     #[target_feature(enable = "avx512f")]
-    unsafe fn output_grad(&self, dy: &[f32], imgs: usize, tp: usize, z: &mut [f32]) {
+    unsafe fn output_grad<const RND: bool>(
+        &self,
+        dy: &[f32],
+        imgs: usize,
+        tp: usize,
+        z: &mut [f32],
+    ) {
         let (o, oh, ow) = (self.o, self.oh, self.ow);
         let (th, tw) = self.lane_tiles();
         debug_assert!(z.len() >= 16 * (o * tp + SKEW) && dy.len() >= imgs * o * oh * ow);
@@ -361,7 +370,10 @@ impl Winograd {
                     // (even, odd) columns of the tiles' two rows
                     let mut r = [(zero, zero); 2];
                     for (k, r) in r.iter_mut().enumerate() {
-                        let (lo, hi) = row_pair(k);
+                        let (mut lo, mut hi) = row_pair(k);
+                        if RND {
+                            (lo, hi) = (round_bf16_lanes(lo), round_bf16_lanes(hi));
+                        }
                         *r = (
                             _mm512_permutex2var_ps(lo, even, hi),
                             _mm512_permutex2var_ps(lo, odd, hi),
@@ -460,7 +472,8 @@ impl Winograd {
     }
 
     /// The input transform of tiles of `tile` x `tile` outputs (`input`, or `input4` with 4),
-    /// with the prologue when one is given.
+    /// with the prologue when one is given, and each value rounded to bf16 as it is read when
+    /// `round` (`round_bf16_lanes`: the kernel gradient of a bf16 convolution).
     ///
     /// # Safety
     /// As `input` (`input4`).
@@ -468,7 +481,7 @@ impl Winograd {
     #[allow(clippy::too_many_arguments)]
     unsafe fn input_of(
         &self,
-        tile: usize,
+        (tile, round): (usize, bool),
         prologue: Option<&[(f32, f32)]>,
         xs: &[f32],
         imgs: usize,
@@ -476,11 +489,16 @@ impl Winograd {
         v: &mut [f32],
         scratch: &mut [f32],
     ) {
-        match (tile, prologue) {
-            (4, Some(st)) => self.input4::<true>(xs, imgs, st, tp, v, scratch),
-            (4, None) => self.input4::<false>(xs, imgs, &[], tp, v, scratch),
-            (_, Some(st)) => self.input::<true>(xs, imgs, st, tp, v, scratch),
-            (_, None) => self.input::<false>(xs, imgs, &[], tp, v, scratch),
+        let st = prologue.unwrap_or(&[]);
+        match (tile, prologue.is_some(), round) {
+            (4, true, false) => self.input4::<true, false>(xs, imgs, st, tp, v, scratch),
+            (4, false, false) => self.input4::<false, false>(xs, imgs, st, tp, v, scratch),
+            (4, true, true) => self.input4::<true, true>(xs, imgs, st, tp, v, scratch),
+            (4, false, true) => self.input4::<false, true>(xs, imgs, st, tp, v, scratch),
+            (_, true, false) => self.input::<true, false>(xs, imgs, st, tp, v, scratch),
+            (_, false, false) => self.input::<false, false>(xs, imgs, st, tp, v, scratch),
+            (_, true, true) => self.input::<true, true>(xs, imgs, st, tp, v, scratch),
+            (_, false, true) => self.input::<false, true>(xs, imgs, st, tp, v, scratch),
         }
     }
 
@@ -497,7 +515,7 @@ impl Winograd {
     /// AVX-512 F; `xs` holds `imgs` images, `v` 16 * (C * tp + SKEW) values, tp >= imgs * th *
     /// tw; `scratch` `scratch_len()` values.
     #[target_feature(enable = "avx512f")]
-    unsafe fn input<const BN: bool>(
+    unsafe fn input<const BN: bool, const RND: bool>(
         &self,
         xs: &[f32],
         imgs: usize,
@@ -540,7 +558,7 @@ impl Winograd {
                 if per > 1 {
                     let row_mask = lane_mask(0, tw as isize);
                     for pr in 0..rows {
-                        let e = self.row_times_b::<BN>(plane, pr, 0, (sv, tv));
+                        let e = self.row_times_b::<BN, RND>(plane, pr, 0, (sv, tv));
                         let at = (pr % 2) * 4 * stride + pr / 2 * tw;
                         for (s, e) in e.into_iter().enumerate() {
                             _mm512_mask_storeu_ps(ep.add(at + s * stride), row_mask, e);
@@ -568,7 +586,7 @@ impl Winograd {
                     let keep = lane_mask(0, (tw - tx0) as isize);
                     // e[pr][s]: padded row pr times B, once per row
                     for pr in 0..rows {
-                        let e = self.row_times_b::<BN>(plane, pr, tx0, (sv, tv));
+                        let e = self.row_times_b::<BN, RND>(plane, pr, tx0, (sv, tv));
                         for (s, e) in e.into_iter().enumerate() {
                             _mm512_storeu_ps(ep.add((pr * 4 + s) * LANES), e);
                         }
@@ -601,7 +619,7 @@ impl Winograd {
     /// AVX-512 F; `plane` is an H x W plane.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn row_times_b<const BN: bool>(
+    unsafe fn row_times_b<const BN: bool, const RND: bool>(
         &self,
         plane: *const f32,
         pr: usize,
@@ -633,6 +651,9 @@ impl Winograd {
                 // relu(x * s + t), zero in the padding
                 let y = _mm512_add_ps(_mm512_mul_ps(*x, sv), tv);
                 *x = _mm512_maskz_max_ps(mask, y, zero);
+            }
+            if RND {
+                *x = round_bf16_lanes(*x);
             }
         }
         // d[s]: columns 2 tx + s - p; from base + 2, the vectors moved down two lanes
@@ -855,6 +876,24 @@ pub(super) fn prefetch_ahead(plane: *const f32, len: usize) {
     }
 }
 
+/// Each lane rounded to bf16 (kept as an f32 value), bitwise `bf16::round_bf16`: to nearest,
+/// ties to even; subnormals to a zero of their sign; NaN kept. The Winograd kernel gradient of
+/// a bf16 convolution reads its operands through it.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn round_bf16_lanes(x: __m512) -> __m512 {
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    let r = _mm512_and_si512(up, _mm512_set1_epi32(0xffff_0000_u32 as i32));
+    // exponent zero (zeros and subnormals): the sign alone
+    let tiny = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7f80_0000));
+    let sign = _mm512_and_si512(b, _mm512_set1_epi32(i32::MIN));
+    let r = _mm512_mask_mov_epi32(r, tiny, sign);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, b))
+}
+
 /// Lanes 2..16 of `lo` followed by lanes 0..2 of `hi`: a row's vector two columns on.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -1073,7 +1112,7 @@ mod tests {
                     }
                 }
                 let groups = (group, n.div_ceil(group));
-                let got = wg.kernel_grad_avx512(tile, n, &xs, &gs, prologue, groups);
+                let got = wg.kernel_grad_avx512((tile, false), n, &xs, &gs, prologue, groups);
                 let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
                 let err = got
                     .iter()
@@ -1108,10 +1147,53 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| wg.kernel_grad_avx512(tile, n, &xs, &gs, None, (2, 5)))
+            pool.install(|| wg.kernel_grad_avx512((tile, false), n, &xs, &gs, None, (2, 5)))
         };
         for tile in [2, 4] {
             assert_eq!(on(tile, 1), on(tile, 3), "F({tile}x{tile}, 3x3)");
+        }
+    }
+
+    /// `round_bf16_lanes` is `bf16::round_bf16` bit for bit: ties both ways, the largest
+    /// values (to infinity), subnormals, signed zeros, infinities and NaNs.
+    #[test]
+    fn bf16_rounding_of_lanes_is_round_bf16() {
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000), // a tie, rounded down to even
+            f32::from_bits(0x3f81_8000), // a tie, rounded up to even
+            f32::from_bits(0x3f80_8001),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(0x0000_0001),
+            f32::from_bits(0x807f_ffff),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            -3.3e-20,
+        ];
+        values.extend((0..1000u32).map(|i| f32::from_bits(i.wrapping_mul(2654435761))));
+        for chunk in values.chunks(16) {
+            let mut lanes = [0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512 was checked above; both arrays hold 16 values.
+            unsafe {
+                let r = round_bf16_lanes(_mm512_loadu_ps(lanes.as_ptr()));
+                _mm512_storeu_ps(got.as_mut_ptr(), r);
+            }
+            for (&x, &g) in lanes.iter().zip(&got) {
+                let want = crate::bf16::round_bf16(x);
+                assert_eq!(g.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
         }
     }
 
