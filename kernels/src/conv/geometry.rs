@@ -25,8 +25,9 @@ pub(super) struct Geometry {
     pub(super) p: usize,
     pub(super) oh: usize,
     pub(super) ow: usize,
-    /// The products in bf16 (`Conv2dParams::bf16`): im2col or in place, never the direct or
-    /// Winograd paths, which compute in f32.
+    /// The products in bf16 (`Conv2dParams::bf16`): the direct tiles' and the packed products'
+    /// bf16 kernels; Winograd only for the kernel gradient, on rounded operands
+    /// (`winograd_kernel`).
     pub(super) bf16: bool,
 }
 

@@ -26,8 +26,9 @@
 //! the same passes with every product's operands rounded to bf16 and the sums in f32. The direct
 //! tiles read bf16 pairs of input channels (forward and stride-1 input gradient) or bf16 copies
 //! of 32 pixels (3x3 kernel gradient) and add with VDPBF16PS; the im2col and in-place paths run
-//! the packed bf16 product (`crate::bf16`); Winograd and the strided direct input gradient are
-//! not taken (the folded product runs instead).
+//! the packed bf16 product (`crate::bf16`); the strided direct input gradient is not taken (the
+//! folded product runs instead). Winograd runs only the kernel gradient, where it would in f32,
+//! on operands rounded to bf16 as its transforms read them: the same function, summed in f32.
 //!
 //! - this file: the public ops, their candle glue and the batch statistics of the output;
 //! - `geometry.rs`: one image's convolution shape, and the path it takes;
