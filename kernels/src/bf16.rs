@@ -49,6 +49,26 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
 }
 
+/// Each lane rounded to bf16 (kept as an f32 value), bitwise `round_bf16`: to nearest,
+/// ties to even; subnormals to a zero of their sign; NaN kept. The Winograd kernel gradient of
+/// a bf16 convolution reads its operands through it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn round_bf16_lanes(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let b = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    let r = _mm512_and_si512(up, _mm512_set1_epi32(0xffff_0000_u32 as i32));
+    // exponent zero (zeros and subnormals): the sign alone
+    let tiny = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7f80_0000));
+    let sign = _mm512_and_si512(b, _mm512_set1_epi32(i32::MIN));
+    let r = _mm512_mask_mov_epi32(r, tiny, sign);
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, b))
+}
+
 /// `lo` and `hi` rounded to bf16 (`round_bf16`) and packed as the low and high halves of one
 /// 32-bit pair, kept in an f32 slot (the layout the bf16 direct convolution reads).
 pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
@@ -607,6 +627,51 @@ mod tests {
                         .all(|(g, w)| g.to_bits() == w.to_bits());
                     assert!(same, "{m}x{n}x{k} on {threads} threads");
                 }
+            }
+        }
+    }
+
+    /// `round_bf16_lanes` is `round_bf16` bit for bit: ties both ways, the largest
+    /// values (to infinity), subnormals, signed zeros, infinities and NaNs.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn rounding_of_lanes_is_round_bf16() {
+        use std::arch::x86_64::*;
+        if !crate::paths::cpu().avx512 {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut values = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::from_bits(0x3f80_8000), // a tie, rounded down to even
+            f32::from_bits(0x3f81_8000), // a tie, rounded up to even
+            f32::from_bits(0x3f80_8001),
+            f32::MAX,
+            -f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(0x0000_0001),
+            f32::from_bits(0x807f_ffff),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            -3.3e-20,
+        ];
+        values.extend((0..1000u32).map(|i| f32::from_bits(i.wrapping_mul(2654435761))));
+        for chunk in values.chunks(16) {
+            let mut lanes = [0f32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512 was checked above; both arrays hold 16 values.
+            unsafe {
+                let r = round_bf16_lanes(_mm512_loadu_ps(lanes.as_ptr()));
+                _mm512_storeu_ps(got.as_mut_ptr(), r);
+            }
+            for (&x, &g) in lanes.iter().zip(&got) {
+                let want = round_bf16(x);
+                assert_eq!(g.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
             }
         }
     }

@@ -4,10 +4,10 @@
 //! The defaults pick the fastest path for the CPU (see `benches/README.md`). A program (a
 //! benchmark comparing two paths, a test) sets them with [`set_paths`]; the environment variables
 //! `RECIPE_DIRECT`, `RECIPE_WINOGRAD`, `RECIPE_WINOGRAD_KERNEL`, `RECIPE_WINOGRAD4`,
-//! `RECIPE_BATCHED` and `RECIPE_IM2COL` override the defaults when the first kernel runs, so a binary can be compared
-//! with itself without rebuilding. Every path computes the same function; they differ in
-//! rounding only (Winograd, and the order of the batched passes' sums) or not at all (direct,
-//! im2col).
+//! `RECIPE_BATCHED` and `RECIPE_IM2COL` override the defaults when the first kernel runs, so a
+//! binary can be compared with itself without rebuilding. Every path computes the same
+//! function; they differ in rounding only (Winograd, and the order of the batched passes' sums)
+//! or not at all (direct, im2col).
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
@@ -40,9 +40,10 @@ pub struct Paths {
     /// `Off`: the kernel gradient stays on the direct tiles or the batched passes. Environment:
     /// `RECIPE_WINOGRAD_KERNEL=0` / `=1`.
     pub winograd_kernel: Switch,
-    /// Winograd F(4x4, 3x3) (`conv/winograd4_avx512.rs`) instead of F(2x2, 3x3) for the
-    /// forward pass and input gradient, where those take Winograd on AVX-512. `Auto`: where it
-    /// measured faster (`Winograd::f4`); `On`: wherever the AVX-512 path runs; `Off`: never.
+    /// Winograd F(4x4, 3x3) (`conv/winograd4_avx512.rs`) instead of F(2x2, 3x3), where a pass
+    /// takes Winograd on AVX-512. `Auto`: where it measured faster (`Winograd::f4` for the
+    /// forward pass and input gradient, `Winograd::f4_kernel` for the kernel gradient); `On`:
+    /// wherever the AVX-512 path runs, all three passes; `Off`: never.
     /// Environment: `RECIPE_WINOGRAD4=0` / `=1`.
     pub winograd4: Switch,
     /// The whole batch in one product per pass (`Geometry::batched`): the images' unfolded

@@ -20,8 +20,9 @@
 
 use super::winograd::Winograd;
 use super::winograd_avx512::{
-    lane_mask, prefetch_ahead, round_bf16_lanes, rows_per_vector, TileVector, LANES, NK, SKEW,
+    lane_mask, prefetch_ahead, rows_per_vector, TileVector, LANES, NK, SKEW,
 };
+use crate::bf16::round_bf16_lanes;
 use std::arch::x86_64::*;
 
 /// Points of the transformed tile (6 x 6).

@@ -51,6 +51,7 @@ const MAX_BUFFER: usize = 1 << 16;
 /// set (measured 1.3-1.5x slower at 16 and 8 pixels).
 pub(super) const SKEW: usize = 16;
 
+use crate::bf16::round_bf16_lanes;
 pub(super) use crate::lane_mask;
 
 /// The points of a tile of `tile` x `tile` outputs: `(tile + 2)^2` (16 for F(2x2, 3x3), 36 for
@@ -64,15 +65,15 @@ fn points_of(tile: usize) -> usize {
 }
 
 impl Winograd {
-    /// (images per group, tile lanes per group): the fewest padding lanes per image with both
-    /// buffers under `MAX_BUFFER`, at most 8 images; groups under 48 tiles count 1/8 more
-    /// (their products run one vector at a time, with 8 broadcasts per 8 multiplications).
-    /// `group()` for output tiles of `m` x `m` (`(m + 2)^2` points). One image where even one
-    /// exceeds the buffers' bound (F(4x4) at 28 px and 32 channels: 295 KB each).
-    pub(super) fn group_of(&self, m: usize) -> (usize, usize) {
-        let (th, tw) = self.lane_tiles_of(m);
+    /// (images per group, tile lanes per group) for output tiles of `tile` x `tile`: the fewest
+    /// padding lanes per image with both buffers under `MAX_BUFFER`, at most 8 images (one
+    /// image where even one exceeds it: F(4x4) at 28 px and 32 channels, 295 KB each); groups
+    /// under 48 tiles count 1/8 more (their products run one vector at a time, with 8
+    /// broadcasts per 8 multiplications).
+    pub(super) fn group_of(&self, tile: usize) -> (usize, usize) {
+        let (th, tw) = self.lane_tiles_of(tile);
         let t = th * tw;
-        let rows = (m + 2) * (m + 2) * self.c.max(self.o);
+        let rows = points_of(tile) * self.c.max(self.o);
         let cost = |g: usize| {
             let tp = (g * t).next_multiple_of(LANES);
             let narrow = if tp < 3 * LANES { 9 } else { 8 };
@@ -197,7 +198,7 @@ impl Winograd {
     /// of the forward pass, `G^T [ sum over tiles of (A dy A^T) ⊙ (B^T x B) ] G` (the input
     /// transform is the forward's). The images are summed in `groups` groups of `group`
     /// (`Geometry::kernel_groups`, a function of the shape) whose partial sums are added in
-    /// order, each group a few images at a time (`group()`), so the result does not depend on
+    /// order, each group a few images at a time (`group_of`), so the result does not depend on
     /// the thread count. Output tiles of `tile` x `tile`: 2, or 4 for F(4x4, 3x3)
     /// (`winograd4_avx512.rs`). With `round`, the input (after the prologue) and the output
     /// gradient are rounded to bf16 as they are read, so the result is the kernel gradient of a
@@ -240,7 +241,7 @@ impl Winograd {
                     let tiles = imgs * th * tw;
                     let used = tiles.next_multiple_of(LANES);
                     // SAFETY: `avx512()` was checked above; the buffers hold `tp` lanes per
-                    // row, `imgs` images fill at most `tp` of them (`group()`), and `xs` and
+                    // row, `imgs` images fill at most `tp` of them (`group_of`), and `xs` and
                     // `gs` are `imgs` images.
                     unsafe {
                         self.input_of((tile, round), prologue, xs, imgs, tp, v, scratch);
@@ -811,9 +812,9 @@ impl Winograd {
         self.lane_tiles_of(2)
     }
 
-    /// `lane_tiles` for output tiles of `m` x `m`.
-    pub(super) fn lane_tiles_of(&self, m: usize) -> (usize, usize) {
-        let (th, tw) = (self.oh.div_ceil(m), self.ow.div_ceil(m));
+    /// `lane_tiles` for output tiles of `tile` x `tile`.
+    pub(super) fn lane_tiles_of(&self, tile: usize) -> (usize, usize) {
+        let (th, tw) = (self.oh.div_ceil(tile), self.ow.div_ceil(tile));
         if tw <= LANES / 2 {
             (th, tw.next_power_of_two())
         } else {
@@ -826,9 +827,9 @@ impl Winograd {
         self.tile_vectors_of(2)
     }
 
-    /// `tile_vectors` for output tiles of `m` x `m`.
-    pub(super) fn tile_vectors_of(&self, m: usize) -> Vec<TileVector> {
-        let (th, tw) = self.lane_tiles_of(m);
+    /// `tile_vectors` for output tiles of `tile` x `tile`.
+    pub(super) fn tile_vectors_of(&self, tile: usize) -> Vec<TileVector> {
+        let (th, tw) = self.lane_tiles_of(tile);
         let per = rows_per_vector(tw);
         let mut vectors = Vec::new();
         for ty in (0..th).step_by(per) {
@@ -874,24 +875,6 @@ pub(super) fn prefetch_ahead(plane: *const f32, len: usize) {
         // dereferenced
         _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(i) as *const i8);
     }
-}
-
-/// Each lane rounded to bf16 (kept as an f32 value), bitwise `bf16::round_bf16`: to nearest,
-/// ties to even; subnormals to a zero of their sign; NaN kept. The Winograd kernel gradient of
-/// a bf16 convolution reads its operands through it.
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(super) fn round_bf16_lanes(x: __m512) -> __m512 {
-    let b = _mm512_castps_si512(x);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-    let up = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    let r = _mm512_and_si512(up, _mm512_set1_epi32(0xffff_0000_u32 as i32));
-    // exponent zero (zeros and subnormals): the sign alone
-    let tiny = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7f80_0000));
-    let sign = _mm512_and_si512(b, _mm512_set1_epi32(i32::MIN));
-    let r = _mm512_mask_mov_epi32(r, tiny, sign);
-    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-    _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, b))
 }
 
 /// Lanes 2..16 of `lo` followed by lanes 0..2 of `hi`: a row's vector two columns on.
@@ -1151,49 +1134,6 @@ mod tests {
         };
         for tile in [2, 4] {
             assert_eq!(on(tile, 1), on(tile, 3), "F({tile}x{tile}, 3x3)");
-        }
-    }
-
-    /// `round_bf16_lanes` is `bf16::round_bf16` bit for bit: ties both ways, the largest
-    /// values (to infinity), subnormals, signed zeros, infinities and NaNs.
-    #[test]
-    fn bf16_rounding_of_lanes_is_round_bf16() {
-        if !crate::paths::cpu().avx512 {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        let mut values = vec![
-            0.0f32,
-            -0.0,
-            1.0,
-            f32::from_bits(0x3f80_8000), // a tie, rounded down to even
-            f32::from_bits(0x3f81_8000), // a tie, rounded up to even
-            f32::from_bits(0x3f80_8001),
-            f32::MAX,
-            -f32::MAX,
-            f32::MIN_POSITIVE,
-            f32::from_bits(0x0000_0001),
-            f32::from_bits(0x807f_ffff),
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            f32::from_bits(0x7f80_0001),
-            -3.3e-20,
-        ];
-        values.extend((0..1000u32).map(|i| f32::from_bits(i.wrapping_mul(2654435761))));
-        for chunk in values.chunks(16) {
-            let mut lanes = [0f32; 16];
-            lanes[..chunk.len()].copy_from_slice(chunk);
-            let mut got = [0f32; 16];
-            // SAFETY: AVX-512 was checked above; both arrays hold 16 values.
-            unsafe {
-                let r = round_bf16_lanes(_mm512_loadu_ps(lanes.as_ptr()));
-                _mm512_storeu_ps(got.as_mut_ptr(), r);
-            }
-            for (&x, &g) in lanes.iter().zip(&got) {
-                let want = crate::bf16::round_bf16(x);
-                assert_eq!(g.to_bits(), want.to_bits(), "{x:e} ({:#x})", x.to_bits());
-            }
         }
     }
 
